@@ -1,0 +1,454 @@
+"""Write the Hugging Face tokenizer files for a Meta tokenizer.model, built offline with `tokenizers`.
+
+Outputs `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json` (and copies nothing else).
+Every id is computed from the file (Llama 3's bos = number of ranks, ...), so tiny test tokenizers work.
+
+Design against the root causes measured for issue 4 (see docs/tokenizers.md):
+- sentencepiece merges are ordered by the merged piece's score (not by id): Llama's 16 whitespace pieces
+  have score -1e9 and must merge last.
+- the dummy prefix is a `Prepend("▁")` normaliser (sentencepiece always adds it; the Metaspace
+  pre-tokenizer skips it when the text already starts with a space).
+- `tokenizer_class` is `PreTrainedTokenizerFast` (transformers 5: `TokenizersBackend`), which loads
+  tokenizer.json as written. `LlamaTokenizer(Fast)` makes transformers 5 rebuild the pipeline.
+- `clean_up_tokenization_spaces` is false (it breaks decode round trips).
+- Meta cuts runs longer than 25,000 characters before encoding; tokenizer.json cannot express that
+  (documented as a measured, reported difference).
+
+This module does not import `reference_model/` (the judge stays independent).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+FAMILIES = ("llama1", "llama2", "codellama", "llama3", "llama3.1", "llama3.2", "llama3.3", "llama-guard-3")
+SENTENCEPIECE_FAMILIES = ("llama1", "llama2", "codellama")
+TIKTOKEN_FAMILIES = ("llama3", "llama3.1", "llama3.2", "llama3.3", "llama-guard-3")
+
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+N_LLAMA3_SPECIAL = 256
+
+
+@dataclass(frozen=True)
+class HFTokenizerInfo:
+    vocab_size: int  # number of ids the tokenizer defines (n_words)
+    bos_token_id: int
+    eos_token_id: int  # base end-of-text (</s> = 2, <|end_of_text|>)
+    stop_token_ids: tuple[int, ...]  # instruct stop ids in generation_config order
+
+
+# --- Llama 3 special-token names, per version (offset from the number of ranks) ------------------------
+
+def _llama3_special_names(family: str) -> list[str]:
+    """Meta's names for the 256 special tokens of each Llama 3 version."""
+    if family == "llama3":
+        named = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>",
+                 7: "<|end_header_id|>", 9: "<|eot_id|>"}
+        reserved = iter(range(N_LLAMA3_SPECIAL))
+    else:
+        named = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>",
+                 5: "<|step_id|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>", 8: "<|eom_id|>",
+                 9: "<|eot_id|>", 10: "<|python_tag|>"}
+        if family != "llama3.1":
+            named[11] = "<|image|>"
+        reserved = iter(range(N_LLAMA3_SPECIAL))
+    names = []
+    for i in range(N_LLAMA3_SPECIAL):
+        names.append(named[i] if i in named else f"<|reserved_special_token_{next(reserved)}|>")
+    return names
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tokenizer family {family!r}; expected one of {', '.join(FAMILIES)}")
+
+
+def _file_kind(path: Path) -> str:
+    head = path.read_bytes()[:256]
+    if head[:1] == b"\x0a":
+        return "sentencepiece"
+    try:
+        first = head.decode("ascii").splitlines()[0].split()
+        base64.b64decode(first[0], validate=True)
+        int(first[1])
+        return "tiktoken"
+    except (UnicodeDecodeError, IndexError, ValueError):
+        raise ValueError(f"{path}: not a sentencepiece model nor a tiktoken rank file") from None
+
+
+# --- reading --------------------------------------------------------------------------------------------
+
+def _read_ranks(path: Path) -> dict[bytes, int]:
+    ranks = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok)] = int(rank)
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: tiktoken ranks are not 0..n-1")
+    return ranks
+
+
+def _stop_ids(family: str, instruct: bool, eos: int, special: dict[str, int]) -> tuple[int, ...]:
+    if family in SENTENCEPIECE_FAMILIES or not (instruct or family == "llama-guard-3"):
+        return (eos,)
+    if family == "llama3":
+        return (eos, special["<|eot_id|>"])
+    return (eos, special["<|eom_id|>"], special["<|eot_id|>"])
+
+
+def read_tokenizer_info(tokenizer_model: Path, *, family: str, instruct: bool) -> HFTokenizerInfo:
+    """The facts `write_hf_tokenizer` would record, without writing anything."""
+    _check_family(family)
+    tokenizer_model = Path(tokenizer_model)
+    kind = _file_kind(tokenizer_model)
+    expected = "sentencepiece" if family in SENTENCEPIECE_FAMILIES else "tiktoken"
+    if kind != expected:
+        raise ValueError(f"{tokenizer_model} is a {kind} file but family {family!r} needs {expected}")
+    if kind == "sentencepiece":
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+        return HFTokenizerInfo(sp.get_piece_size(), sp.bos_id(), sp.eos_id(), (sp.eos_id(),))
+    n = len(_read_ranks(tokenizer_model))
+    names = _llama3_special_names(family)
+    special = {name: n + i for i, name in enumerate(names)}
+    eos = special["<|end_of_text|>"]
+    return HFTokenizerInfo(n + N_LLAMA3_SPECIAL, special["<|begin_of_text|>"], eos,
+                           _stop_ids(family, instruct, eos, special))
+
+
+# --- building tokenizer.json ---------------------------------------------------------------------------
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (used by the ByteLevel pre-tokenizer)."""
+    printable = [b for b in range(256) if (33 <= b <= 126) or (161 <= b <= 172) or (174 <= b <= 255)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _added(content: str, i: int, special: bool = True) -> dict:
+    return {"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": special}
+
+
+def _sentencepiece_tokenizer_json(path: Path) -> tuple[dict, dict]:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    n = sp.get_piece_size()
+    probe = sp.encode("a", out_type=str)
+    add_dummy_prefix = bool(probe) and probe[0].startswith("▁")
+    if sp.decode(sp.encode("a  b\tﬁ")) != "a  b\tﬁ":
+        raise NotImplementedError(f"{path}: normaliser is not identity/no-whitespace-collapse (not a Llama file)")
+    vocab: dict[str, int] = {}
+    normal: dict[str, tuple[int, float]] = {}
+    added = []
+    for i in range(n):
+        piece = sp.id_to_piece(i)
+        vocab[piece] = i
+        if sp.is_control(i) or sp.is_unknown(i):
+            added.append(_added(piece, i))
+        elif not sp.is_byte(i) and not sp.is_unused(i):
+            normal[piece] = (i, sp.get_score(i))
+    # merges: every split of a normal piece into two normal pieces; priority = merged piece's score
+    # (sentencepiece merges the best-scored pair first, leftmost on ties). Ties: lower id first.
+    merges = []
+    for piece, (i, score) in normal.items():
+        if len(piece) < 2:
+            continue
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in normal and right in normal:
+                merges.append((-score, _tie_key(left, right, i), normal[left][0], normal[right][0], left, right))
+    merges.sort()
+    unk = sp.id_to_piece(sp.unk_id())
+    bos, eos = sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id())
+    normalizer = (
+        {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                             {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+        if add_dummy_prefix
+        else {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    )
+    decoders = [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+    ]
+    if add_dummy_prefix:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    tok = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": None,
+        "post_processor": _template(bos, sp.bos_id()),
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": unk,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [[m[4], m[5]] for m in merges],
+        },
+    }
+    facts = {"bos": bos, "eos": eos, "unk": unk, "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
+             "unk_id": sp.unk_id(), "n": n, "add_dummy_prefix": add_dummy_prefix, "added": added}
+    return tok, facts
+
+
+def _tie_key(left: str, right: str, merged_id: int) -> tuple:
+    """Order of merges whose pieces have the same score.
+
+    sentencepiece breaks score ties by position (leftmost first); a BPE merge list cannot. Ties that
+    matter are Llama's whitespace-only pieces (all -1e9). On a run of "▁" sentencepiece grows the
+    leftmost symbol to 16, then the next: runs end as [16, 16, ..., r]. The same result comes from
+    doubling merges first (▁+▁, ▁▁+▁▁, ...), then merges with a longer left part (longest left first),
+    then the rest. Other ties: by the merged piece's id.
+    """
+    if set(left) == {"▁"} and set(right) == {"▁"}:
+        a, b = len(left), len(right)
+        if a == b:
+            return (0, a, 0, merged_id)
+        if a > b:
+            return (1, -a, -b, merged_id)
+        return (2, a, b, merged_id)
+    return (3, 0, 0, merged_id)
+
+
+def _template(bos: str, bos_id: int) -> dict:
+    return {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+
+
+def _tiktoken_tokenizer_json(path: Path, family: str) -> tuple[dict, dict]:
+    ranks = _read_ranks(path)
+    b2u = _byte_to_unicode()
+
+    def u(b: bytes) -> str:
+        return "".join(b2u[x] for x in b)
+
+    vocab = {u(tok): r for tok, r in ranks.items()}
+    merges = []
+    for tok, r in ranks.items():
+        if len(tok) < 2:
+            continue
+        for k in range(1, len(tok)):
+            left, right = tok[:k], tok[k:]
+            if left in ranks and right in ranks:
+                merges.append((r, ranks[left], ranks[right], u(left), u(right)))
+    merges.sort()
+    n = len(ranks)
+    names = _llama3_special_names(family)
+    added = [_added(name, n + i) for i, name in enumerate(names)]
+    bos, eos = names[0], names[1]
+    tok = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
+        "post_processor": _template(bos, n),
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            # tiktoken takes a whole pre-token that is in the vocabulary as one token, merges or not
+            "ignore_merges": True,
+            "vocab": vocab,
+            "merges": [[m[3], m[4]] for m in merges],
+        },
+    }
+    facts = {"bos": bos, "eos": eos, "bos_id": n, "eos_id": n + 1, "n": n + N_LLAMA3_SPECIAL, "names": names,
+             "added": added}
+    return tok, facts
+
+
+# --- chat templates (generated here, never downloaded) --------------------------------------------------
+
+LLAMA2_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages | length < 2 -%}{{ raise_exception('a system message must be followed by a user message') }}{%- endif -%}"
+    "{%- set loop_messages = [{'role': messages[1]['role'], 'content': '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' + messages[1]['content']}] + messages[2:] -%}"
+    "{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('roles must alternate user/assistant/user/...') }}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ '<s>' + '[INST] ' + message['content'] | trim + ' [/INST]' }}"
+    "{%- else -%}"
+    "{{ ' ' + message['content'] | trim + ' </s>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+# Meta's ChatFormat: header = <|start_header_id|> role <|end_header_id|> "\n\n"; content untrimmed; then
+# <|eot_id|> (or <|eom_id|> for an assistant message that ends with a tool call / end_of_message).
+# 3.1+: role "tool" is written "ipython"; assistant messages may carry `python_tag` (a <|python_tag|>
+# before the content) and `tool_calls` of Meta's builtin tools, written `<name>.call(query="...")`.
+# A `builtin_tools` variable (apply_chat_template kwarg) puts Meta's tool header into the system prompt.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- '<|begin_of_text|>' -}}"
+    "{%- set msgs = messages -%}"
+    "{%- if builtin_tools is defined and builtin_tools -%}"
+    "{%- set header = 'Environment: ipython\\n' -%}"
+    "{%- set shown = builtin_tools | reject('equalto', 'code_interpreter') | list -%}"
+    "{%- if shown -%}{%- set header = header + 'Tools: ' + shown | join(', ') + '\\n' -%}{%- endif -%}"
+    "{%- set header = header + 'Cutting Knowledge Date: ' + (knowledge_date | default('December 2023')) + '\\n' -%}"
+    "{%- if date_string is defined -%}{%- set header = header + 'Today Date: ' + date_string + '\\n' -%}{%- endif -%}"
+    "{%- set header = header + '\\n' -%}"
+    "{%- if msgs and msgs[0]['role'] == 'system' -%}"
+    "{%- set msgs = [{'role': 'system', 'content': header + msgs[0]['content']}] + msgs[1:] -%}"
+    "{%- else -%}"
+    "{%- set msgs = [{'role': 'system', 'content': header}] + msgs -%}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+    "{%- for message in msgs -%}"
+    "{%- set role = 'ipython' if message['role'] in ('tool', 'ipython') else message['role'] -%}"
+    "{{- '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' -}}"
+    "{%- if message.get('python_tag') -%}{{- '<|python_tag|>' -}}{%- endif -%}"
+    "{{- message['content'] if message['content'] is string else '' -}}"
+    "{%- set eom = namespace(v=message.get('end_of_message', False)) -%}"
+    "{%- for call in message.get('tool_calls') or [] -%}"
+    "{%- set fn = call['function'] if 'function' in call else call -%}"
+    "{%- if fn['name'] == 'code_interpreter' -%}{{- fn['arguments']['code'] -}}"
+    "{%- else -%}{{- fn['name'] + '.call(query=\"' + fn['arguments']['query'] + '\")' -}}{%- endif -%}"
+    "{%- set eom.v = True -%}"
+    "{%- endfor -%}"
+    "{{- '<|eom_id|>' if eom.v else '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
+
+LLAMA3_0_CHAT_TEMPLATE = (
+    "{{- '<|begin_of_text|>' -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
+
+
+def chat_template_for(family: str, instruct: bool) -> str | None:
+    """The chat template written for a family (None: base models of Llama 1/2/Code Llama have no chat format)."""
+    _check_family(family)
+    if family == "llama1":
+        return None
+    if family in ("llama2", "codellama"):
+        return LLAMA2_CHAT_TEMPLATE if instruct else None
+    if family == "llama3":
+        return LLAMA3_0_CHAT_TEMPLATE if instruct else None
+    return LLAMA3_CHAT_TEMPLATE if (instruct or family == "llama-guard-3") else None
+
+
+# --- writing -------------------------------------------------------------------------------------------
+
+def _build(tokenizer_model: Path, family: str, instruct: bool) -> tuple[dict, dict, dict, HFTokenizerInfo]:
+    info = read_tokenizer_info(tokenizer_model, family=family, instruct=instruct)
+    if family in SENTENCEPIECE_FAMILIES:
+        tok, f = _sentencepiece_tokenizer_json(tokenizer_model)
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": f["bos"],
+            "eos_token": f["eos"],
+            "unk_token": f["unk"],
+            "pad_token": None,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "add_prefix_space": None,  # the dummy prefix lives in tokenizer.json's normaliser
+            "legacy": True,
+            "clean_up_tokenization_spaces": False,
+            "spaces_between_special_tokens": False,
+            "split_special_tokens": False,
+            "model_max_length": 4096 if family != "llama1" else 2048,
+        }
+        special_map = {"bos_token": f["bos"], "eos_token": f["eos"], "unk_token": f["unk"]}
+    else:
+        tok, f = _tiktoken_tokenizer_json(tokenizer_model, family)
+        eos_name = f["eos"]
+        if instruct or family == "llama-guard-3":
+            eos_name = "<|eot_id|>"  # as in Meta's official instruct tokenizer configs
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": f["bos"],
+            "eos_token": eos_name,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False,
+            "split_special_tokens": False,
+            "model_max_length": 131072 if family != "llama3" else 8192,
+            "model_input_names": ["input_ids", "attention_mask"],
+        }
+        special_map = {"bos_token": f["bos"], "eos_token": eos_name}
+    config["added_tokens_decoder"] = {
+        str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+        for a in f["added"]
+    }
+    template = chat_template_for(family, instruct)
+    if template is not None:
+        config["chat_template"] = template
+    return tok, config, special_map, info
+
+
+def write_hf_tokenizer(tokenizer_model: Path, out_dir: Path, *, family: str, instruct: bool) -> HFTokenizerInfo:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`."""
+    tokenizer_model, out_dir = Path(tokenizer_model), Path(out_dir)
+    tok, config, special_map, info = _build(tokenizer_model, family, instruct)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "tokenizer.json": json.dumps(tok, ensure_ascii=False, indent=None),
+        "tokenizer_config.json": json.dumps(config, ensure_ascii=False, indent=2),
+        "special_tokens_map.json": json.dumps(special_map, ensure_ascii=False, indent=2),
+    }
+    for name, text in files.items():
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.write("\n")
+        os.replace(tmp, out_dir / name)
+    return info
+
+
+def copy_tokenizer_model(tokenizer_model: Path, out_dir: Path) -> None:
+    """Optionally keep Meta's original file next to the HF files (not needed to load them)."""
+    shutil.copyfile(tokenizer_model, Path(out_dir) / "original_tokenizer.model")
