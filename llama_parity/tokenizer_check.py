@@ -1,0 +1,407 @@
+"""Tokenizer parity: Meta's tokenizer (reference_model) against an HF tokenizer directory.
+
+`check_tokenizer(tokenizer_model, hf_dir)` loads the HF side exactly as users do
+(`transformers.AutoTokenizer.from_pretrained(hf_dir)`) and compares, on a fixed corpus of known trouble
+(plus the caller's strings):
+
+exact checks (bound 0 mismatches):
+- encode with bos / without bos, decode, special-token text in strict mode (`split_special_tokens=True`),
+  special-token ids and names, vocabulary size, chat template vs Meta's chat format (dialogs whose
+  contents do not start with a newline-bearing whitespace run).
+
+measured classes (reported with counts, never hidden, not a failure):
+- special-token text with HF's default parsing (HF reads "<|eot_id|>" typed by a user as the control token;
+  Meta reads it as text; chat templates rely on HF's parsing),
+- runs longer than 25,000 characters (Meta cuts them before encoding; tokenizer.json cannot),
+- chat boundary: content starting with whitespace holding a newline ("\\nhi"): Meta encodes header and
+  content separately, a rendered template joins them.
+
+Run `python -m llama_parity.tokenizer_check` to measure transformers' default loading against ours on the
+real Llama 2 / Llama 3 tokenizers (the numbers in docs/tokenizers.md).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reference_model.chat_format import dialog_tokens
+from reference_model.tokenizer import (
+    LLAMA3_SPECIAL_TOKENS,
+    MAX_NO_WHITESPACES_CHARS,
+    SentencePieceTokenizer,
+    TiktokenTokenizer,
+    detect_tokenizer_kind,
+    load_meta_tokenizer,
+)
+
+MAX_EXAMPLES = 5  # mismatches kept per check in the report (counts are always complete)
+
+# --- built-in corpus of known trouble ------------------------------------------------------------------
+
+CURATED_CORPUS: tuple[str, ...] = (
+    "", " ", "  ", "   ", "\n", "\n\n", "\n\n\n", "\t", "\r\n", " \n", "\n ", "\t\t\n",
+    "Hello", " Hello", "  Hello", "Hello ", "Hello  ", " Hello ", "Hello world", "Hello  world", "Hello\nworld",
+    "Hello\n\nworld", "Hello\n\n\nworld", "Hello\tworld", "Hello\r\nworld", "hello\u00a0world", "a b  c   d    e",
+    "line1\n line2\n  line3", "    def f():\n        return 1\n", "\tindented", "trailing\n", "trailing\n\n",
+    "1", "12", "123", "1234", "12345678901234567890", "3.14159", "1,000,000", "2024-07-23", "v1.2.3",
+    "x = 10 ** 9 + 7", "0x7fff_ffff", "½ ¼ ⅓", "١٢٣ ٤٥٦", "१२३",
+    "don't", "I'm", "we'll", "they're", "you've", "she'd", "it's", "DON'T", "I'M", "it’s", "'s", " 's",
+    "日本語", "中文文本", "한국어 텍스트", "日本語のテキスト 中文 한국어", "こんにちは世界",
+    "🙂", "🚀🚀🚀", "👍🏽", "👨‍👩‍👧‍👦", "🇫🇷🇩🇪", " 🙂", "emoji🙂inside",
+    "e\u0301", "a\u0300\u0301\u0302", "Zalgo: Z\u0351\u0352\u0353a\u0354l\u0355g\u0356o", "ﬁ ﬂ ﬀ", "Å Å",
+    "שלום עולם", "مرحبا بالعالم", "\u202eRTL override\u202c", "mixed English עברית العربية",
+    "Привет, мир!", "Ελληνικά", "ᚠᛇᚻ", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "𓀀𓀁", "\U0010fffd", "\ufeffBOM", "zero\u200bwidth", "\u3000ideographic space",
+    "line\u2028separator", "tab\u000bvertical", "form\u000cfeed", "nul\x00char", "bell\x07", "\x7f",
+    "▁", "▁▁", "▁hi", " ▁ ", "<0x41>", "<unk>",
+    "supercalifragilisticexpialidocious", "Pneumonoultramicroscopicsilicovolcanoconiosis" * 3,
+    "a" * 100, "ab" * 200, "-" * 64, "=" * 80, "." * 33, " " * 17 + "x", " " * 100, "\n" * 30, "\t" * 20,
+    "https://example.com/a/b?c=d&e=f#g", "user@example.com", "C:\\Windows\\System32", "$HOME/.bashrc",
+    "{\"key\": [1, 2, {\"nested\": null}]}", "<html><body>hi</body></html>", "SELECT * FROM t WHERE x='y';",
+    "[INST] hi [/INST]", "<<SYS>>\nsys\n<</SYS>>\n\n", "[/INST]", " [INST]", "Q: what?\nA: that.",
+    "The quick brown fox jumps over the lazy dog. " * 5,
+    "Ünïcödé wïth äccénts", "ÀÉÎÕÜ àéîõü", "ß ẞ", "İstanbul ı I i", "ǅ ǈ ǋ",
+)
+
+
+def special_text_corpus(specials: list[str]) -> tuple[str, ...]:
+    """Strings that contain special-token text (the class Meta and HF's default parsing treat differently)."""
+    picks = specials[:12] + specials[-2:]
+    out = []
+    for s in picks:
+        out += [s, f" {s}", f"hi {s} there", f"{s}{s}", f"x{s}\n\n"]
+    return tuple(out)
+
+
+def long_run_corpus() -> tuple[str, ...]:
+    """Runs longer than Meta's 25,000-character cut."""
+    n = MAX_NO_WHITESPACES_CHARS
+    return ("a" * (n + 7), " " * (n + 3) + "x", "ab" * (n // 2 + 11))
+
+
+CHAT_DIALOGS: tuple[tuple[dict[str, Any], ...], ...] = (
+    ({"role": "user", "content": "Hello!"},),
+    ({"role": "user", "content": " padded with spaces "},),
+    ({"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}),
+    ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello, how can I help?"},
+     {"role": "user", "content": "Tell me a joke."}),
+    ({"role": "system", "content": "Be nice.\n"}, {"role": "user", "content": "日本語で答えて"},
+     {"role": "assistant", "content": "はい。"}, {"role": "user", "content": "🙂"}),
+    ({"role": "user", "content": ""},),
+    ({"role": "user", "content": "code:\n```python\nprint(1)\n```"}, {"role": "assistant", "content": "ok\n\n"}),
+    ({"role": "user", "content": "trailing newline\n"}, {"role": "assistant", "content": " spaced answer "}),
+)
+
+TOOL_DIALOGS: tuple[tuple[dict[str, Any], ...], ...] = (
+    ({"role": "user", "content": "Price of gold?"},
+     {"role": "assistant", "content": "", "python_tag": True,
+      "tool_calls": [{"function": {"name": "brave_search", "arguments": {"query": "gold price"}}}]},
+     {"role": "tool", "content": "{\"price\": 2400}"}),
+    ({"role": "user", "content": "Is 7 prime?"},
+     {"role": "assistant", "content": "def is_prime(n):\n    return n > 1", "python_tag": True,
+      "end_of_message": True},
+     {"role": "ipython", "content": "True"}),
+)
+
+BOUNDARY_DIALOGS: tuple[tuple[dict[str, Any], ...], ...] = (
+    ({"role": "user", "content": "\nhi"},),
+    ({"role": "user", "content": "\n\nhi"},),
+    ({"role": "user", "content": " \nhi"},),
+    ({"role": "user", "content": "\r\nhi"},),
+    ({"role": "system", "content": "\nsys"}, {"role": "user", "content": "ok"}),
+)
+
+
+def fuzz_corpus(n: int = 300, seed: int = 0) -> list[str]:
+    """Deterministic random strings drawn from classes of known trouble (used for the measured numbers)."""
+    rng = random.Random(seed)
+    pools = [
+        " ", "  ", "\n", "\n\n", "\t", "\r\n", "\u00a0", "\u3000",
+        "a", "the", "Hello", "world", "Llama", "tokenizer", "x" * 12, "don't", "'s",
+        "0", "7", "42", "1234567", "3.14",
+        "日本", "語", "中文", "한국어", "🙂", "👍🏽", "🇫🇷", "e\u0301", "\u0301", "שלום", "مرحبا", "Привет",
+        ".", ",", "!", "?", "(", ")", "{", "}", "[", "]", "<", ">", "/", "\\", "-", "_", "=", "*", "#", "@",
+        "▁", "\u200b", "\ufeff", "𝔘", "ß", "İ",
+    ]
+    out = []
+    for _ in range(n):
+        k = rng.randint(0, 12)
+        out.append("".join(rng.choice(pools) for _ in range(k)))
+    return out
+
+
+# --- report --------------------------------------------------------------------------------------------
+
+@dataclass
+class Mismatch:
+    text: str
+    meta: Any
+    hf: Any
+    first_diff: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CheckResult:
+    name: str
+    total: int
+    mismatches: int
+    bound: int | None  # None: measured and reported, not a failure
+    examples: list[Mismatch] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.bound is None or self.mismatches <= self.bound
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+@dataclass
+class TokenizerReport:
+    tokenizer_model: str
+    hf_dir: str
+    kind: str
+    checks: list[CheckResult]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokenizer_model": self.tokenizer_model, "hf_dir": self.hf_dir, "kind": self.kind, "ok": self.ok,
+                "checks": [c.to_dict() for c in self.checks]}
+
+    def rows(self) -> list[tuple[str, str, str, bool]]:
+        """(check, measured, bound, ok) for a human table."""
+        out = []
+        for c in self.checks:
+            measured = f"{c.mismatches}/{c.total} mismatches"
+            bound = "measured" if c.bound is None else f"<= {c.bound}"
+            out.append((f"tokenizer: {c.name}", measured, bound, c.ok))
+        return out
+
+    def mismatch_lines(self) -> list[str]:
+        lines = []
+        for c in self.checks:
+            for m in c.examples:
+                lines.append(f"[{c.name}] {m.text!r}: meta={m.meta} hf={m.hf} first diff at {m.first_diff}")
+        return lines
+
+
+def first_diff(a, b) -> int:
+    if isinstance(a, str) and isinstance(b, str):
+        n = min(len(a), len(b))
+    else:
+        a, b = list(a), list(b)
+        n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n if len(a) != len(b) else -1
+
+
+class _Acc:
+    def __init__(self, name: str, bound: int | None, note: str = ""):
+        self.r = CheckResult(name, 0, 0, bound, note=note)
+
+    def add(self, text: Any, meta: Any, hf: Any) -> None:
+        self.r.total += 1
+        if meta != hf:
+            self.r.mismatches += 1
+            if len(self.r.examples) < MAX_EXAMPLES:
+                shown = text if isinstance(text, str) and len(text) <= 200 else _short(text)
+                self.r.examples.append(Mismatch(shown, _short(meta), _short(hf), first_diff(meta, hf)))
+
+
+def _short(x: Any) -> Any:
+    if isinstance(x, str) and len(x) > 200:
+        return x[:100] + f"...<{len(x)} chars>..." + x[-20:]
+    if isinstance(x, list) and len(x) > 60:
+        return x[:30] + ["..."] + x[-10:]
+    if isinstance(x, (list, tuple)) and x and isinstance(x[0], dict):
+        return json.dumps(x, ensure_ascii=False)
+    return x
+
+
+# --- the check -----------------------------------------------------------------------------------------
+
+def _infer_version(tokenizer_model: Path, hf) -> str:
+    """Which of Meta's Llama 3 special-token tables the HF side claims (the closest by names)."""
+    from reference_model.tokenizer import read_tiktoken_ranks
+
+    n = len(read_tiktoken_ranks(tokenizer_model))
+    hf_names = hf.convert_ids_to_tokens(list(range(n, n + 256)))
+    best = max(LLAMA3_SPECIAL_TOKENS, key=lambda v: sum(a == b for a, b in zip(LLAMA3_SPECIAL_TOKENS[v], hf_names)))
+    return best
+
+
+def _ids(x) -> list[int]:
+    if isinstance(x, dict) or hasattr(x, "keys"):
+        x = x["input_ids"]
+    return list(x)
+
+
+def _starts_with_newline_ws(s: str) -> bool:
+    i = 0
+    while i < len(s) and s[i].isspace():
+        if s[i] in "\r\n":
+            return True
+        i += 1
+    return False
+
+
+def check_tokenizer(
+    tokenizer_model: Path,
+    hf_dir: Path,
+    *,
+    corpus: list[str] | None = None,
+    chat: bool = True,
+    version: str | None = None,
+    hf_tokenizer: Any = None,
+) -> TokenizerReport:
+    """Compare Meta's tokenizer for `tokenizer_model` with the HF tokenizer saved in `hf_dir`."""
+    from transformers import AutoTokenizer
+
+    tokenizer_model, hf_dir = Path(tokenizer_model), Path(hf_dir)
+    hf = hf_tokenizer if hf_tokenizer is not None else AutoTokenizer.from_pretrained(str(hf_dir))
+    kind = detect_tokenizer_kind(tokenizer_model)
+    if kind == "tiktoken" and version is None:
+        version = _infer_version(tokenizer_model, hf)
+    meta = load_meta_tokenizer(tokenizer_model, version=version or "3.2")
+    sp = isinstance(meta, SentencePieceTokenizer)
+    specials = list(meta.special_tokens)
+
+    checks: list[CheckResult] = []
+
+    # vocabulary and special ids
+    acc = _Acc("vocab size", 0)
+    acc.add("len(tokenizer)", meta.n_words, len(hf))
+    checks.append(acc.r)
+    acc = _Acc("special-token ids and names", 0)
+    for name, i in meta.special_tokens.items():
+        acc.add(name, [i, name], [hf.convert_tokens_to_ids(name), hf.convert_ids_to_tokens(i)])
+    acc.add("bos_token_id", meta.bos_id, hf.bos_token_id)
+    checks.append(acc.r)
+
+    texts = list(CURATED_CORPUS) + list(corpus or [])
+    special_texts = [t for t in texts if any(s in t for s in specials)] + list(special_text_corpus(specials))
+    plain = [t for t in texts if not any(s in t for s in specials)]
+
+    enc_bos = _Acc("encode with bos", 0)
+    enc_nobos = _Acc("encode without bos", 0)
+    dec = _Acc("decode", 0, note="HF decode(skip_special_tokens=True) for sentencepiece (Meta drops control "
+                                 "tokens); skip_special_tokens=False for tiktoken (Meta prints them)")
+    for t in plain:
+        m_bos = meta.encode(t, bos=True, eos=False)
+        enc_bos.add(t, m_bos, _ids(hf(t, add_special_tokens=True)))
+        m = meta.encode(t, bos=False, eos=False)
+        enc_nobos.add(t, m, _ids(hf(t, add_special_tokens=False)))
+        dec.add(t, meta.decode(m_bos), hf.decode(m_bos, skip_special_tokens=sp))
+    checks += [enc_bos.r, enc_nobos.r, dec.r]
+
+    strict = _Acc("special-token text, strict (split_special_tokens=True)", 0,
+                  note="Meta encodes special-token text typed by a user as plain text")
+    default = _Acc("special-token text, HF default parsing", None,
+                   note="HF parses it as the control token (chat templates rely on this); reported, not hidden")
+    for t in special_texts:
+        m = meta.encode(t, bos=True, eos=False)
+        strict.add(t, m, _ids(hf(t, add_special_tokens=True, split_special_tokens=True)))
+        default.add(t, m, _ids(hf(t, add_special_tokens=True)))
+    checks += [strict.r, default.r]
+
+    runs = _Acc("runs longer than 25,000 chars", None,
+                note="Meta cuts them before encoding; tokenizer.json cannot express the cut")
+    for t in long_run_corpus():
+        runs.add(t, meta.encode(t, bos=True, eos=False), _ids(hf(t, add_special_tokens=True)))
+    checks.append(runs.r)
+
+    if chat and getattr(hf, "chat_template", None):
+        exact = _Acc("chat template == Meta chat format", 0)
+        boundary = _Acc("chat boundary (content starts with newline whitespace)", None,
+                        note="Meta encodes header and content separately; a rendered template joins them")
+        dialogs = list(CHAT_DIALOGS)
+        if not sp and meta.eom_id is not None:
+            dialogs += list(TOOL_DIALOGS)
+        for d in dialogs + list(BOUNDARY_DIALOGS):
+            gps = (False,) if sp else (True, False)
+            for gp in gps:
+                if sp and d[-1]["role"] != "user" and len(d) % 2 == 1:
+                    continue
+                try:
+                    m = dialog_tokens(meta, list(d), add_generation_prompt=gp)
+                except ValueError:
+                    continue
+                h = _ids(hf.apply_chat_template(list(d), tokenize=True, add_generation_prompt=gp))
+                is_boundary = (not sp) and any(_starts_with_newline_ws(x["content"]) for x in d)
+                (boundary if is_boundary else exact).add(_short(list(d)), m, h)
+        checks += [exact.r, boundary.r]
+    return TokenizerReport(str(tokenizer_model), str(hf_dir), kind, checks)
+
+
+# --- measuring transformers' default loading against ours (docs/tokenizers.md) -------------------------
+
+def load_default_hf(tokenizer_model: Path, workdir: Path):
+    """transformers' default way to load a bare Meta tokenizer.model (what users of the stock script get)."""
+    from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
+
+    kind = detect_tokenizer_kind(tokenizer_model)
+    if kind == "sentencepiece":
+        return LlamaTokenizer(vocab_file=str(tokenizer_model))
+    d = Path(workdir) / "default_tiktoken"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "tokenizer.model").write_bytes(Path(tokenizer_model).read_bytes())
+    del AutoTokenizer
+    return PreTrainedTokenizerFast.from_pretrained(str(d))
+
+
+def measure_encode(meta, hf, texts: list[str]) -> dict[str, int]:
+    sp = isinstance(meta, SentencePieceTokenizer)
+    out = {"strings": len(texts), "encode_bos": 0, "encode_nobos": 0, "decode": 0}
+    for t in texts:
+        m = meta.encode(t, bos=True, eos=False)
+        if m != _ids(hf(t, add_special_tokens=True)):
+            out["encode_bos"] += 1
+        if meta.encode(t, bos=False, eos=False) != _ids(hf(t, add_special_tokens=False)):
+            out["encode_nobos"] += 1
+        if meta.decode(m) != hf.decode(m, skip_special_tokens=sp):
+            out["decode"] += 1
+    return out
+
+
+def measure_default_vs_ours(n_fuzz: int = 1000) -> dict[str, Any]:
+    from converter.tokenizer_files import write_hf_tokenizer
+    from fixtures.tokenizers import real_llama2_tokenizer, real_llama3_tokenizer
+    from transformers import AutoTokenizer
+
+    fuzz = fuzz_corpus(n_fuzz, seed=0)
+    curated = [t for t in CURATED_CORPUS]
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, path, family in (("llama2", real_llama2_tokenizer(), "llama2"),
+                                    ("llama3", real_llama3_tokenizer(), "llama3.1")):
+            if path is None:
+                continue
+            meta = load_meta_tokenizer(path, version="3.1")
+            ours_dir = Path(tmp) / f"ours_{label}"
+            write_hf_tokenizer(path, ours_dir, family=family, instruct=False)
+            ours = AutoTokenizer.from_pretrained(str(ours_dir))
+            default = load_default_hf(path, Path(tmp) / label)
+            results[label] = {
+                name: {"curated": measure_encode(meta, tok, curated), "fuzzed": measure_encode(meta, tok, fuzz)}
+                for name, tok in (("transformers_default", default), ("ours", ours))
+            }
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure_default_vs_ours(), indent=2))
