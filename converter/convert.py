@@ -1,0 +1,190 @@
+"""Meta -> HF conversion: files -> MetaCheckpoint -> Variant -> plan -> streaming writer.
+
+Output is built in a hidden sibling directory and renamed into place only when complete, so a
+failure (bad input, full disk, Ctrl-C) never leaves a half-written model where a user expects one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .detect import Variant, detect
+from .errors import ConversionError
+from .hf_config import write_configs
+from .meta_checkpoint import MetaCheckpoint
+from .plan import ReplicaCheck, TensorPlan, build_plan, materialize
+from .safetensors_writer import OutTensor, write_shards
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default "5GB"
+
+
+@dataclass
+class ConvertOptions:
+    dtype: torch.dtype | None = None  # None: keep the checkpoint's dtype (bf16 stays bf16 bit for bit)
+    variant_id: str | None = None
+    instruct: bool | None = None
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    overwrite: bool = False
+    write_tokenizer: bool = True
+    progress: bool | None = None  # None: only when stderr is a terminal
+    verify_md5: bool = False
+
+
+@dataclass
+class ConversionReport:
+    variant: Variant
+    output_dir: Path
+    files: list[str]
+    n_tensors: int
+    n_bytes: int
+    seconds: float
+    replicated_max_abs_diff: float
+    replicated_worst_key: str
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        v = self.variant
+        return {
+            "variant": v.label, "registry_id": v.registry_id, "family": v.family, "instruct": v.instruct,
+            "output_dir": str(self.output_dir), "files": self.files, "tensors": self.n_tensors,
+            "bytes": self.n_bytes, "seconds": round(self.seconds, 3),
+            "replicated_tensors_max_abs_diff": self.replicated_max_abs_diff,
+            "replicated_tensors_worst_key": self.replicated_worst_key,
+            "evidence": list(v.evidence), "warnings": self.warnings,
+        }
+
+
+def _dtype_arg(name: str | None) -> torch.dtype | None:
+    if name in (None, "", "auto"):
+        return None
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if name not in table:
+        raise ConversionError(f"unknown --dtype {name!r}; use one of auto, bfloat16, float16, float32")
+    return table[name]
+
+
+def _prepare_output(output_dir: Path, overwrite: bool) -> Path:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConversionError(f"output path {output_dir} exists and is not a directory")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ConversionError(f"output directory {output_dir} is not empty; pass --overwrite to replace it")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+
+
+def _commit_output(staging: Path, output_dir: Path) -> None:
+    if output_dir.exists():
+        trash = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        output_dir.rename(trash)
+        staging.rename(output_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        staging.rename(output_dir)
+
+
+class _Progress:
+    def __init__(self, total_bytes: int, enabled: bool | None):
+        self.bar = None
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc="converting", dynamic_ncols=True)
+
+    def update(self, n: int, name: str) -> None:
+        if self.bar:
+            self.bar.set_postfix_str(name[-40:], refresh=False)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def inspect(input_dir: str | Path, options: ConvertOptions | None = None) -> tuple[Variant, list[TensorPlan]]:
+    """Detection and plan only: nothing written, no tensor data read except the tie/kv checks."""
+    options = options or ConvertOptions()
+    ckpt = MetaCheckpoint(input_dir)
+    variant = detect(ckpt, variant_id=options.variant_id, instruct=options.instruct)
+    return variant, build_plan(variant, ckpt, options.dtype)
+
+
+def convert_meta_to_hf(input_dir: str | Path, output_dir: str | Path,
+                       options: ConvertOptions | None = None) -> ConversionReport:
+    options = options or ConvertOptions()
+    t0 = time.perf_counter()
+    output_dir = Path(output_dir)
+    ckpt = MetaCheckpoint(input_dir)
+    warnings = ckpt.checklist_problems(options.verify_md5)
+    if any("md5" in w for w in warnings):
+        raise ConversionError("checksum mismatch: " + "; ".join(warnings))
+    variant = detect(ckpt, variant_id=options.variant_id, instruct=options.instruct)
+    plan = build_plan(variant, ckpt, options.dtype)
+    out_dtype = options.dtype or variant.dtype
+    if ckpt.has("rope.freqs"):
+        warnings += _check_rope_freqs(ckpt, variant)
+    if variant.tokenizer_path is None and options.write_tokenizer:
+        raise ConversionError(f"tokenizer.model not found in {ckpt.dir} or its parent; it is needed for the HF "
+                              "tokenizer files (pass --no-tokenizer to convert the weights alone)")
+
+    staging = _prepare_output(output_dir, options.overwrite)
+    try:
+        replicas = ReplicaCheck()
+        by_name = {e.hf_name: e for e in plan}
+        specs = [OutTensor(e.hf_name, e.shape, e.dtype) for e in plan]
+        progress = _Progress(sum(s.nbytes for s in specs), options.progress)
+        try:
+            files = write_shards(
+                staging, specs, lambda s: materialize(by_name[s.name], ckpt, replicas),
+                max_shard_bytes=options.max_shard_bytes, on_tensor=lambda s: progress.update(s.nbytes, s.name))
+        finally:
+            progress.close()
+        write_configs(staging, variant, out_dtype)
+        if options.write_tokenizer:
+            from .tokenizer_files import write_hf_tokenizer
+
+            info = write_hf_tokenizer(variant.tokenizer_path, staging, family=variant.family, instruct=variant.instruct)
+            if info.vocab_size > variant.vocab_size:
+                raise ConversionError(f"the tokenizer defines {info.vocab_size} ids but the model's vocab is "
+                                      f"{variant.vocab_size}: wrong tokenizer.model for this checkpoint?")
+            if info.vocab_size < variant.vocab_size:
+                warnings.append(f"tokenizer defines {info.vocab_size} ids, embedding has {variant.vocab_size} rows "
+                                "(padding rows are normal for some releases)")
+        if replicas.max_abs_diff > 0:
+            warnings.append(f"replicated tensors differ between shards (max |diff| {replicas.max_abs_diff:g} in "
+                            f"{replicas.worst_key}); shard 00's copy was written")
+        _commit_output(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ConversionReport(variant, output_dir, files, len(plan), sum(s.nbytes for s in specs),
+                            time.perf_counter() - t0, replicas.max_abs_diff, replicas.worst_key, warnings)
+
+
+def _check_rope_freqs(ckpt: MetaCheckpoint, variant: Variant) -> list[str]:
+    """Llama 1/2 files carry precomputed RoPE frequencies: they must match params.json's theta."""
+    raw = ckpt.tensor("rope.freqs", 0)
+    stored = raw.float()
+    d = variant.head_dim
+    expected = 1.0 / (variant.rope_theta ** (torch.arange(0, d, 2)[: d // 2].float() / d))
+    if stored.shape != expected.shape:
+        return [f"rope.freqs has shape {list(stored.shape)}, expected {[d // 2]}"]
+    rel = float(((stored - expected).abs() / expected).max())
+    # stored in the checkpoint dtype (fp16/bf16): agreement to that precision is what we can ask
+    tol = 1e-2 if raw.dtype != torch.float32 else 1e-6
+    if not math.isfinite(rel) or rel > tol:
+        return [f"rope.freqs in the checkpoint does not match rope_theta {variant.rope_theta:g} from params.json "
+                f"(max relative difference {rel:.3g}); HF will use params.json's theta"]
+    return []

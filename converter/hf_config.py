@@ -1,0 +1,135 @@
+"""config.json and generation_config.json, written the way Meta's official HF repos have them.
+
+The official file of the matched release (fixtures/official/<id>/, recorded facts) is the template:
+it fixes which keys exist and the sampling defaults. Every architecture value is computed from the
+detected `Variant`, never copied, and tests compare the result with the official file, so a wrong
+rope factor, eos list or head count cannot pass. Token ids are taken from the template by meaning:
+Llama 3 special tokens sit right after the BPE ranks, so an id is re-based onto the actual
+tokenizer (the same for real tokenizers, shifted for the tiny test tokenizers).
+
+Written in the official format (`rope_theta` + `rope_scaling`, `torch_dtype`), which transformers
+4.43+ and 5.x both read; transformers 5's own `rope_parameters` format is not readable by 4.x.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .detect import Variant
+
+# Keys that record who wrote a file, not what the model is.
+STAMP_KEYS = ("_name_or_path", "transformers_version", "torch_dtype")
+
+# The representative release of each family, for checkpoints whose shape the registry does not know.
+_FAMILY_TEMPLATE = {
+    ("llama1", False): "llama1-7b", ("llama1", True): "llama1-7b",
+    ("llama2", False): "llama2-7b", ("llama2", True): "llama2-7b-chat",
+    ("codellama", False): "codellama-7b", ("codellama", True): "codellama-7b",
+    ("llama3", False): "llama3-8b", ("llama3", True): "llama3-8b-instruct",
+    ("llama3.1", False): "llama3.1-8b", ("llama3.1", True): "llama3.1-8b-instruct",
+    ("llama3.2", False): "llama3.2-1b", ("llama3.2", True): "llama3.2-1b-instruct",
+    ("llama3.3", False): "llama3.3-70b-instruct", ("llama3.3", True): "llama3.3-70b-instruct",
+    ("llama-guard-3", False): "llama-guard-3-8b", ("llama-guard-3", True): "llama-guard-3-8b",
+}
+_REAL_LLAMA3_WORDS = 128256
+
+
+def official_file(variant_id: str, name: str) -> dict:
+    path = resources.files("fixtures") / "official" / variant_id / name
+    return json.loads(path.read_text())
+
+
+def template_id(variant: Variant) -> str:
+    if variant.registry_id:
+        rid = variant.registry_id
+        # The MP16 layout is the same HF model as the MP8 one.
+        return rid.replace("-mp16", "")
+    return _FAMILY_TEMPLATE[(variant.family, variant.instruct)]
+
+
+def _rebase(ids, vocab_size: int):
+    """Map an official token id onto this checkpoint's tokenizer (Llama 3 specials follow the ranks)."""
+    shift = vocab_size - _REAL_LLAMA3_WORDS
+
+    def one(i: int) -> int:
+        return i + shift if i >= 128000 else i
+
+    return [one(i) for i in ids] if isinstance(ids, list) else (None if ids is None else one(ids))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def build_config(variant: Variant, dtype: torch.dtype) -> dict:
+    tpl = official_file(template_id(variant), "config.json")
+    rs = variant.rope_scaling
+    values = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": variant.dim,
+        "intermediate_size": variant.intermediate_size,
+        "num_attention_heads": variant.n_heads,
+        "num_hidden_layers": variant.n_layers,
+        "num_key_value_heads": variant.hf_num_kv_heads,
+        "head_dim": variant.head_dim,
+        "rms_norm_eps": variant.norm_eps,
+        "vocab_size": variant.vocab_size,
+        "max_position_embeddings": variant.max_position_embeddings,
+        "max_sequence_length": variant.max_position_embeddings,
+        "tie_word_embeddings": variant.tie_word_embeddings,
+        "rope_scaling": None if rs is None else {
+            "factor": rs.factor, "low_freq_factor": rs.low_freq_factor, "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_position_embeddings, "rope_type": "llama3"},
+        # Code Llama's official config writes the integer 1000000; the others a float.
+        "rope_theta": int(variant.rope_theta) if isinstance(tpl.get("rope_theta"), int) else variant.rope_theta,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "bos_token_id": _rebase(tpl.get("bos_token_id"), variant.vocab_size),
+        "eos_token_id": _rebase(tpl.get("eos_token_id"), variant.vocab_size),
+        "torch_dtype": _dtype_name(dtype),
+        "use_cache": True,
+    }
+    if isinstance(tpl.get("rope_scaling"), dict) and rs is not None:
+        # keep the template's key order inside rope_scaling (it differs between releases)
+        values["rope_scaling"] = {k: values["rope_scaling"][k] for k in tpl["rope_scaling"]}
+    out = {}
+    for key, official_value in tpl.items():
+        if key == "_name_or_path":
+            continue
+        if key == "transformers_version":
+            import transformers
+
+            out[key] = transformers.__version__
+        else:
+            # initializer_range, pretraining_tp, pad_token_id: fixed facts of the release
+            out[key] = values.get(key, official_value)
+    if "head_dim" not in tpl and variant.head_dim * variant.n_heads != variant.dim:
+        out["head_dim"] = variant.head_dim  # cannot happen for Meta shapes; never silently wrong
+    return out
+
+
+def build_generation_config(variant: Variant) -> dict:
+    tpl = official_file(template_id(variant), "generation_config.json")
+    out = {}
+    for key, value in tpl.items():
+        if key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            out[key] = _rebase(value, variant.vocab_size)
+        elif key == "transformers_version":
+            import transformers
+
+            out[key] = transformers.__version__
+        else:
+            out[key] = value
+    return out
+
+
+def write_configs(out_dir: Path, variant: Variant, dtype: torch.dtype) -> None:
+    (out_dir / "config.json").write_text(json.dumps(build_config(variant, dtype), indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(build_generation_config(variant), indent=2) + "\n")
