@@ -1,0 +1,219 @@
+"""converter.tokenizer_files: what the converter writes, and that the parity check catches each known way
+of writing it wrong (mutations applied to a correct output, never to the reference)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from converter.tokenizer_files import FAMILIES, HFTokenizerInfo, read_tokenizer_info, write_hf_tokenizer
+from fixtures.tokenizers import hf_tokenizer, meta_tokenizer, tokenizer_cases
+from llama_parity.tokenizer_check import check_tokenizer
+from reference_model.tokenizer import LLAMA3_SPECIAL_TOKENS, detect_tokenizer_kind
+
+
+@pytest.fixture(scope="session")
+def tok_cases(tmp_path_factory):
+    return tokenizer_cases(tmp_path_factory.mktemp("tokenizers"))
+
+
+def _src(tok_cases, kind):
+    name = {"sp": "tiny-llama2-chat", "codellama": "tiny-codellama-instruct", "tiktoken": "tiny-llama3.1-instruct"}[kind]
+    return tok_cases[name].model_path
+
+
+FAMILY_SOURCE = {"llama1": "sp", "llama2": "sp", "codellama": "codellama", "llama3": "tiktoken",
+                 "llama3.1": "tiktoken", "llama3.2": "tiktoken", "llama3.3": "tiktoken", "llama-guard-3": "tiktoken"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("instruct", [False, True])
+def test_info_computed_from_file(tok_cases, tmp_path, family, instruct):
+    """Bug class: hard-coded ids (Llama 3 bos = 128000 on a tiny file), wrong stop ids per version, or
+    read_tokenizer_info disagreeing with what write_hf_tokenizer records."""
+    src = _src(tok_cases, FAMILY_SOURCE[family])
+    info = write_hf_tokenizer(src, tmp_path / "hf", family=family, instruct=instruct)
+    assert info == read_tokenizer_info(src, family=family, instruct=instruct)
+    assert isinstance(info, HFTokenizerInfo)
+    if FAMILY_SOURCE[family] == "tiktoken":
+        n = sum(1 for line in src.read_text().splitlines() if line.strip())
+        assert (info.vocab_size, info.bos_token_id, info.eos_token_id) == (n + 256, n, n + 1)
+        if family == "llama-guard-3" or (instruct and family != "llama3"):
+            assert info.stop_token_ids == (n + 1, n + 8, n + 9)
+        elif instruct:
+            assert info.stop_token_ids == (n + 1, n + 9)
+        else:
+            assert info.stop_token_ids == (n + 1,)
+    else:
+        assert (info.bos_token_id, info.eos_token_id, info.stop_token_ids) == (1, 2, (2,))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "hf" / f).is_file()
+
+
+def test_real_ids(tok_cases):
+    """Bug class: wrong vocab size / special ids on the real files (Llama 2: 32000, 1, 2; Llama 3.1:
+    128256, 128000, 128001, stop ids 128001, 128008, 128009)."""
+    assert read_tokenizer_info(tok_cases["real-llama2-chat"].model_path, family="llama2", instruct=True) == \
+        HFTokenizerInfo(32000, 1, 2, (2,))
+    if "real-llama3.1-instruct" not in tok_cases:
+        pytest.skip("llama-models is not importable, so the real Llama 3 tokenizer.model is unavailable")
+    p = tok_cases["real-llama3.1-instruct"].model_path
+    assert read_tokenizer_info(p, family="llama3.1", instruct=True) == \
+        HFTokenizerInfo(128256, 128000, 128001, (128001, 128008, 128009))
+    assert read_tokenizer_info(p, family="llama3", instruct=True).stop_token_ids == (128001, 128009)
+    assert read_tokenizer_info(p, family="llama3.2", instruct=False).stop_token_ids == (128001,)
+
+
+def test_wrong_family_or_file_rejected(tok_cases, tmp_path):
+    """Bug class: a tiktoken file converted as sentencepiece (or the reverse), an unknown family name, or a
+    file that is neither: must fail loudly, not write a broken tokenizer."""
+    with pytest.raises(ValueError):
+        write_hf_tokenizer(_src(tok_cases, "tiktoken"), tmp_path / "a", family="llama2", instruct=False)
+    with pytest.raises(ValueError):
+        write_hf_tokenizer(_src(tok_cases, "sp"), tmp_path / "b", family="llama3.1", instruct=False)
+    with pytest.raises(ValueError):
+        read_tokenizer_info(_src(tok_cases, "sp"), family="llama4", instruct=False)
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"\x00\x01 not a tokenizer")
+    with pytest.raises(ValueError):
+        read_tokenizer_info(junk, family="llama2", instruct=False)
+    with pytest.raises(ValueError):
+        detect_tokenizer_kind(junk)
+
+
+def test_detect_kind(tok_cases):
+    """Bug class: tokenizer kind guessed from a version flag instead of the file content."""
+    assert detect_tokenizer_kind(_src(tok_cases, "sp")) == "sentencepiece"
+    assert detect_tokenizer_kind(_src(tok_cases, "tiktoken")) == "tiktoken"
+    assert detect_tokenizer_kind(tok_cases["real-llama2-chat"].model_path) == "sentencepiece"
+
+
+def test_config_explicit_and_class_keeps_pipeline(tok_cases):
+    """Bug class: tokenizer_class LlamaTokenizer(Fast) makes transformers 5 rebuild the pipeline and drop
+    our normaliser; implicit cleanup/prefix-space defaults changing between transformers versions."""
+    for name in ("tiny-llama2-chat", "tiny-llama3.1-instruct"):
+        case = tok_cases[name]
+        cfg = json.loads((case.hf_dir / "tokenizer_config.json").read_text())
+        assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+        for key in ("bos_token", "eos_token", "add_bos_token", "add_eos_token", "add_prefix_space",
+                    "clean_up_tokenization_spaces", "chat_template"):
+            assert key in cfg, key
+        assert cfg["clean_up_tokenization_spaces"] is False and cfg["add_bos_token"] is True
+        hf = hf_tokenizer(case)
+        assert type(hf).__name__ == "TokenizersBackend"
+        saved = json.loads((case.hf_dir / "tokenizer.json").read_text())
+        loaded = json.loads(hf.backend_tokenizer.to_str())
+        assert loaded["normalizer"] == saved["normalizer"]
+        assert loaded["pre_tokenizer"] == saved["pre_tokenizer"]
+        assert loaded["model"]["merges"][:50] == saved["model"]["merges"][:50]
+    sp_cfg = json.loads((tok_cases["tiny-llama2-chat"].hf_dir / "tokenizer_config.json").read_text())
+    assert sp_cfg["legacy"] is True
+    assert "chat_template" not in json.loads((tok_cases["tiny-llama1"].hf_dir / "tokenizer_config.json").read_text())
+
+
+def test_writing_needs_no_network(tok_cases, tmp_path, monkeypatch):
+    """Bug class: a chat template or tokenizer file fetched from the Hub at conversion time."""
+
+    def refuse(*a, **k):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for fam, kind in (("llama2", "sp"), ("llama3.3", "tiktoken"), ("codellama", "codellama")):
+        write_hf_tokenizer(_src(tok_cases, kind), tmp_path / fam, family=fam, instruct=True)
+        assert json.loads((tmp_path / fam / "tokenizer_config.json").read_text())["chat_template"]
+
+
+def test_special_token_names_match_meta(tok_cases):
+    """Bug class: a version's special-token names or order wrong (e.g. Llama 3.0's reserved_4 at the
+    eom position); the converter's table and reference_model's table are written independently."""
+    for name in ("tiny-llama3-instruct", "tiny-llama3.1-instruct", "tiny-llama3.2-instruct",
+                 "tiny-llama3.3-instruct", "tiny-llama-guard-3"):
+        case = tok_cases[name]
+        meta, hf = meta_tokenizer(case), hf_tokenizer(case)
+        assert list(LLAMA3_SPECIAL_TOKENS[case.version]) == hf.convert_ids_to_tokens(
+            list(range(meta.n_words - 256, meta.n_words)))
+
+
+def test_reference_matches_llama_models_names(tok_cases):
+    """Bug class: our port's 3.2 table drifting from Meta's own llama-models package."""
+    pytest.importorskip("llama_models", reason="llama-models is not importable")
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    case = tok_cases["real-llama3.1-instruct"]
+    theirs = Tokenizer(case.model_path).special_tokens
+    assert theirs == {n: 128000 + i for i, n in enumerate(LLAMA3_SPECIAL_TOKENS["3.2"])}
+
+
+# --- mutations: the check must catch each known wrong conversion ----------------------------------------
+
+def _mutate(src: Path, dst: Path, tok=None, cfg=None) -> Path:
+    shutil.copytree(src, dst)
+    if tok:
+        t = json.loads((dst / "tokenizer.json").read_text())
+        tok(t)
+        (dst / "tokenizer.json").write_text(json.dumps(t, ensure_ascii=False))
+    if cfg:
+        c = json.loads((dst / "tokenizer_config.json").read_text())
+        cfg(c)
+        (dst / "tokenizer_config.json").write_text(json.dumps(c, ensure_ascii=False))
+    return dst
+
+
+def _merges_by_id(t):
+    v = t["model"]["vocab"]
+    t["model"]["merges"].sort(key=lambda m: v[m[0] + m[1]])
+
+
+def _metaspace(t):
+    t["normalizer"] = None
+    t["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+
+
+def _llama_class(c):
+    c["tokenizer_class"] = "LlamaTokenizerFast"
+
+
+def _no_bos(t):
+    t["post_processor"] = None
+
+
+def _trim_template(c):
+    c["chat_template"] = c["chat_template"].replace("message['content'] if", "message['content'] | trim if")
+
+
+def _llama3_0_names(t):
+    for a in t["added_tokens"]:
+        if a["content"] == "<|eom_id|>":
+            a["content"] = "<|reserved_special_token_4|>"
+
+
+MUTATIONS = [
+    # (case, mutation, failing checks expected)
+    ("real-llama2-chat", dict(tok=_merges_by_id), {"encode with bos", "encode without bos"}),
+    ("tiny-llama2-chat", dict(tok=_merges_by_id), {"encode with bos", "encode without bos"}),
+    ("real-llama2-chat", dict(tok=_metaspace), {"encode with bos", "chat template == Meta chat format"}),
+    ("tiny-llama2-chat", dict(cfg=_llama_class), {"encode with bos", "encode without bos"}),
+    ("tiny-llama3.1-instruct", dict(tok=_no_bos), {"encode with bos"}),
+    ("tiny-llama3.1-instruct", dict(cfg=_trim_template), {"chat template == Meta chat format"}),
+    ("tiny-llama3.1-instruct", dict(tok=_llama3_0_names), {"special-token ids and names"}),
+]
+
+
+@pytest.mark.parametrize("case_name,mutation,expected", MUTATIONS,
+                         ids=[f"{c}-{next(iter(m.values())).__name__}" for c, m, _ in MUTATIONS])
+def test_check_catches_mutation(tok_cases, tmp_path, case_name, mutation, expected):
+    """Bug classes (one per mutation): sentencepiece merges ordered by id (transformers 5's default), the
+    Metaspace pre-tokenizer instead of a Prepend normaliser, LlamaTokenizerFast class (pipeline rebuilt),
+    Llama 3 without BOS, a trimming chat template, Llama 3.0 special names on a 3.1 tokenizer."""
+    case = tok_cases[case_name]
+    bad = _mutate(case.hf_dir, tmp_path / "bad", **mutation)
+    report = check_tokenizer(case.model_path, bad)
+    assert not report.ok
+    failing = {c.name for c in report.checks if not c.ok}
+    assert expected <= failing, failing
