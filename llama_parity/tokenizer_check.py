@@ -13,8 +13,8 @@ measured classes (reported with counts, never hidden, not a failure):
 - special-token text with HF's default parsing (HF reads "<|eot_id|>" typed by a user as the control token;
   Meta reads it as text; chat templates rely on HF's parsing),
 - runs longer than 25,000 characters (Meta cuts them before encoding; tokenizer.json cannot),
-- chat boundary: content starting with whitespace holding a newline ("\\nhi"): Meta encodes header and
-  content separately, a rendered template joins them.
+- chat boundary: content starting with whitespace holding a newline ("\\nhi"), or content followed by a
+  tool call: Meta encodes header, content and tool call separately, a rendered template joins them.
 
 Run `python -m llama_parity.tokenizer_check` to measure transformers' default loading against ours on the
 real Llama 2 / Llama 3 tokenizers (the numbers in docs/tokenizers.md).
@@ -113,6 +113,9 @@ BOUNDARY_DIALOGS: tuple[tuple[dict[str, Any], ...], ...] = (
     ({"role": "user", "content": " \nhi"},),
     ({"role": "user", "content": "\r\nhi"},),
     ({"role": "system", "content": "\nsys"}, {"role": "user", "content": "ok"}),
+    ({"role": "user", "content": "search"},
+     {"role": "assistant", "content": "Let me search. ",
+      "tool_calls": [{"function": {"name": "brave_search", "arguments": {"query": "gold"}}}]}),
 )
 
 
@@ -327,7 +330,7 @@ def check_tokenizer(
 
     if chat and getattr(hf, "chat_template", None):
         exact = _Acc("chat template == Meta chat format", 0)
-        boundary = _Acc("chat boundary (content starts with newline whitespace)", None,
+        boundary = _Acc("chat boundary (newline-led content, content + tool call)", None,
                         note="Meta encodes header and content separately; a rendered template joins them")
         dialogs = list(CHAT_DIALOGS)
         if not sp and meta.eom_id is not None:
@@ -342,7 +345,8 @@ def check_tokenizer(
                 except ValueError:
                     continue
                 h = _ids(hf.apply_chat_template(list(d), tokenize=True, add_generation_prompt=gp))
-                is_boundary = (not sp) and any(_starts_with_newline_ws(x["content"]) for x in d)
+                is_boundary = (not sp) and any(
+                    _starts_with_newline_ws(x["content"]) or (x.get("tool_calls") and x["content"]) for x in d)
                 (boundary if is_boundary else exact).add(_short(list(d)), m, h)
         checks += [exact.r, boundary.r]
     return TokenizerReport(str(tokenizer_model), str(hf_dir), kind, checks)
