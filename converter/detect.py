@@ -150,7 +150,8 @@ def _kv_replication(ckpt: MetaCheckpoint, n_kv_heads: int, head_dim: int) -> int
     """How many times each kv head is stored. Meta replicates when shards outnumber kv heads; the
     params then state the stored count. Found from the data: the smallest r (>1) for which
     layer 0's kv heads come in r identical consecutive copies across the merged shards."""
-    if ckpt.num_shards < 2 or n_kv_heads < 2:
+    # Meta replicates only so that each shard owns exactly one kv head.
+    if ckpt.num_shards < 2 or n_kv_heads != ckpt.num_shards:
         return 1
     wk = torch.cat([ckpt.tensor("layers.0.attention.wk.weight", s) for s in range(ckpt.num_shards)], 0)
     wv = torch.cat([ckpt.tensor("layers.0.attention.wv.weight", s) for s in range(ckpt.num_shards)], 0)

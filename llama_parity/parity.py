@@ -50,9 +50,27 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) / scale
 
 
+def _quiet_transformers() -> None:
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` in 5.x; use whichever this version takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def load_hf_model(hf_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from transformers import LlamaForCausalLM
 
+    _quiet_transformers()
     model = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, attn_implementation="eager")
     return model.to(device).eval()
 
@@ -91,14 +109,14 @@ def check_kv_cache(ref: Transformer, hf, tokens: list[int], device: str, *, spli
     for i in range(split, len(tokens)):
         r.append(ref.forward(torch.tensor([[tokens[i]]]), i)[0])
     r = torch.cat(r)
-    cache = DynamicCache()
+    kw = {_cache_kwarg(hf): DynamicCache()}  # filled in place by each call
     ids = torch.tensor([tokens], device=device)
-    out = hf(input_ids=ids[:, :split], past_key_values=cache, use_cache=True,
-             attention_mask=torch.ones(1, split, dtype=torch.long, device=device))
+    out = hf(input_ids=ids[:, :split], use_cache=True,
+             attention_mask=torch.ones(1, split, dtype=torch.long, device=device), **kw)
     h = [out.logits[0].float()]
     for i in range(split, len(tokens)):
-        out = hf(input_ids=ids[:, i:i + 1], past_key_values=out.past_key_values, use_cache=True,
-                 attention_mask=torch.ones(1, i + 1, dtype=torch.long, device=device))
+        out = hf(input_ids=ids[:, i:i + 1], use_cache=True,
+                 attention_mask=torch.ones(1, i + 1, dtype=torch.long, device=device), **kw)
         h.append(out.logits[0].float())
     h = torch.cat(h)
     ref.cache_k = None
@@ -121,14 +139,13 @@ def check_far_positions(ref: Transformer, hf, tokens: list[int], device: str, *,
     ref.forward(torch.tensor([tokens[:prefix]]), 0)
     r = ref.forward(torch.tensor([chunk]), start)[0]
     ref.cache_k = None
-    cache = DynamicCache()
+    kw = {_cache_kwarg(hf): DynamicCache()}
     ids = torch.tensor([tokens[:prefix]], device=device)
-    out = hf(input_ids=ids, past_key_values=cache, use_cache=True, attention_mask=torch.ones_like(ids))
+    hf(input_ids=ids, use_cache=True, attention_mask=torch.ones_like(ids), **kw)
     # transformers 5 treats a jump in position_ids as a packed-sequence boundary unless an explicit
     # attention_mask says every earlier token is visible: pass one.
     pos = torch.arange(start, start + len(chunk), device=device)[None]
-    out = hf(input_ids=torch.tensor([chunk], device=device), position_ids=pos, past_key_values=out.past_key_values,
-             use_cache=True, attention_mask=torch.ones(1, prefix + len(chunk), dtype=torch.long, device=device))
+    out = hf(input_ids=torch.tensor([chunk], device=device), position_ids=pos, use_cache=True, **kw, attention_mask=torch.ones(1, prefix + len(chunk), dtype=torch.long, device=device))
     h = out.logits[0].float()
     d = _rel_diff(r, h)
     return Check("far positions", "missing or wrong RoPE scaling (factor 8 vs 32, scaling on a model without it), "
@@ -142,7 +159,7 @@ def check_greedy(ref: Transformer, hf, tokens: list[int], device: str, *, n_new:
     ref.cache_k = None
     ids = torch.tensor([tokens], device=device)
     out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
-                      do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None,
+                      max_length=None, do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None,
                       temperature=None, top_p=None, top_k=None)
     h = out[0, len(tokens):].tolist()
     first = next((i for i, (a, b) in enumerate(zip(r, h)) if a != b), None)

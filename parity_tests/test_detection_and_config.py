@@ -1,0 +1,183 @@
+"""Detection and config.json on REAL shapes, without real weights.
+
+A `ShapeOnlyCheckpoint` has every release's real params.json and tensor shapes but no data (its
+tensors are constant, broadcast views costing no memory), so detection and the written configs
+are tested for all 33 releases: 405B included, in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from converter import hf_config
+from converter.detect import detect
+from converter.plan import build_plan
+from fixtures import variants as registry
+from fixtures.variants import FAMILY_FACTS, VARIANTS, intermediate_size
+
+# Where our output deliberately differs from the official HF file, and why.
+KNOWN_DEVIATIONS = {
+    # The official Llama-Guard-3-1B config carries factor 8 (transformers' script hard-codes 8 for
+    # "Guard-3"), but the model is a Llama 3.2 1B fine-tune trained with factor 32: we write 32.
+    ("llama-guard-3-1b", "rope_scaling.factor"): 32.0,
+}
+
+
+class ShapeOnlyCheckpoint:
+    """Duck-types MetaCheckpoint: real names and shapes, constant data."""
+
+    def __init__(self, spec, directory: Path):
+        p = spec.params
+        self.dir, self.params, self.num_shards = directory, dict(p), spec.num_shards
+        n = self.num_shards
+        dim, heads = p["dim"], p["n_heads"]
+        kv = p.get("n_kv_heads") or heads
+        hd = dim // heads
+        ffn = intermediate_size(dim, p.get("multiple_of", 256), p.get("ffn_dim_multiplier"))
+        self.rep = (kv // spec.hf_num_kv_heads) if spec.hf_num_kv_heads else 1
+        emb_dim = FAMILY_FACTS[spec.family].embedding_shard_dim
+        vocab = spec.vocab_size
+        self.shapes = {"tok_embeddings.weight": (vocab // n, dim) if emb_dim == 0 else (vocab, dim // n),
+                       "norm.weight": (dim,), "output.weight": (vocab // n, dim)}
+        for i in range(p["n_layers"]):
+            self.shapes.update({
+                f"layers.{i}.attention.wq.weight": (heads * hd // n, dim),
+                f"layers.{i}.attention.wk.weight": (kv * hd // n, dim),
+                f"layers.{i}.attention.wv.weight": (kv * hd // n, dim),
+                f"layers.{i}.attention.wo.weight": (dim, heads * hd // n),
+                f"layers.{i}.feed_forward.w1.weight": (ffn // n, dim),
+                f"layers.{i}.feed_forward.w2.weight": (dim, ffn // n),
+                f"layers.{i}.feed_forward.w3.weight": (ffn // n, dim),
+                f"layers.{i}.attention_norm.weight": (dim,),
+                f"layers.{i}.ffn_norm.weight": (dim,)})
+        self.tied = spec.tie_word_embeddings
+        self.tokenizer_path = None
+        self.tokenizer_kind = FAMILY_FACTS[spec.family].tokenizer
+        self.hd = hd
+
+    def has(self, key):
+        return key in self.shapes
+
+    def info(self, key, shard=0):
+        from converter.meta_checkpoint import TensorInfo
+
+        return TensorInfo(self.shapes[key], torch.bfloat16)
+
+    def tensor(self, key, shard):
+        shape = self.shapes[key]
+        if key.endswith(("wk.weight", "wv.weight")):
+            # every stored kv head gets its real head's number: replicas equal, distinct heads differ
+            local = shape[0] // self.hd
+            real = (shard * local + torch.arange(local)) // self.rep
+            return real.to(torch.bfloat16).repeat_interleave(self.hd)[:, None].expand(shape)
+        value = 1.0 if key == "tok_embeddings.weight" or (key == "output.weight" and self.tied) else 2.0
+        return torch.full((), value, dtype=torch.bfloat16).expand(shape)
+
+
+@pytest.fixture
+def shape_only(tmp_path, monkeypatch):
+    """Build a ShapeOnlyCheckpoint; its (absent) tokenizer reports the release's real size."""
+    def make(spec) -> ShapeOnlyCheckpoint:
+        d = tmp_path / spec.meta_dir_name
+        d.mkdir(parents=True, exist_ok=True)
+        ckpt = ShapeOnlyCheckpoint(spec, d)
+        ckpt.tokenizer_path = d / "tokenizer.model"
+        monkeypatch.setattr("converter.detect.tokenizer_n_words", lambda path, kind: spec.vocab_size)
+        return ckpt
+    return make
+
+
+@pytest.mark.parametrize("spec", VARIANTS, ids=[v.id for v in VARIANTS])
+def test_detects_every_release(spec, shape_only):
+    """Bug class: a release mistaken for another (3.2 1B for Guard 3 1B, 3.1 for 3.2, base for
+    instruct, MP16 for MP8), which silently changes rope scaling, tying or eos ids."""
+    v = detect(shape_only(spec))
+    assert v.registry_id == spec.id, v.evidence
+    assert v.family == spec.family
+    assert v.tie_word_embeddings == spec.tie_word_embeddings
+    assert (v.rope_scaling.factor if v.rope_scaling else None) == (spec.rope_scaling.factor if spec.rope_scaling else None)
+    assert v.hf_num_kv_heads == (spec.hf_num_kv_heads or spec.params.get("n_kv_heads") or spec.params["n_heads"])
+
+
+def _compare(ours: dict, official: dict, variant_id: str, what: str):
+    problems = []
+    for key in sorted(set(ours) | set(official)):
+        if key in hf_config.STAMP_KEYS:
+            continue
+        a, b = ours.get(key, "<absent>"), official.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k2 in sorted(set(a) | set(b)):
+                dev = KNOWN_DEVIATIONS.get((variant_id, f"{key}.{k2}"))
+                if a.get(k2) != b.get(k2) and not (dev is not None and a.get(k2) == dev):
+                    problems.append(f"{what} {key}.{k2}: ours {a.get(k2)!r} official {b.get(k2)!r}")
+        elif a != b or type(a) is not type(b):
+            problems.append(f"{what} {key}: ours {a!r} official {b!r}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("spec", VARIANTS, ids=[v.id for v in VARIANTS])
+def test_config_matches_official(spec, shape_only):
+    """Bug class: config.json values that differ from Meta's official HF repo (rope scaling, eos
+    list, max_position_embeddings, tie_word_embeddings, head_dim, kv heads, theta as int/float)."""
+    v = detect(shape_only(spec), variant_id=spec.id)
+    official_id = spec.id.replace("-mp16", "")
+    _compare(hf_config.build_config(v, torch.bfloat16), hf_config.official_file(official_id, "config.json"),
+             spec.id, "config.json")
+    _compare(hf_config.build_generation_config(v), hf_config.official_file(official_id, "generation_config.json"),
+             spec.id, "generation_config.json")
+
+
+@pytest.mark.parametrize("spec", [v for v in VARIANTS if v.num_shards > 1 or v.tie_word_embeddings],
+                         ids=lambda v: v.id)
+def test_plan_has_real_shapes(spec, shape_only):
+    """Bug class: merged shapes that are not HF's (embedding merged on the wrong dim, kv heads
+    not de-duplicated, lm_head written for a tied model)."""
+    ckpt = shape_only(spec)
+    v = detect(ckpt, variant_id=spec.id)
+    plan = {e.hf_name: e.shape for e in build_plan(v, ckpt)}
+    p = spec.params
+    dim, heads = p["dim"], p["n_heads"]
+    kv = spec.hf_num_kv_heads or p.get("n_kv_heads") or heads
+    hd = dim // heads
+    assert plan["model.embed_tokens.weight"] == (spec.vocab_size, dim)
+    assert plan["model.layers.0.self_attn.k_proj.weight"] == (kv * hd, dim)
+    assert plan["model.layers.0.self_attn.o_proj.weight"] == (dim, dim)
+    assert ("lm_head.weight" in plan) == (not spec.tie_word_embeddings)
+
+
+@pytest.mark.parametrize("variant_id", [v.id for v in registry.architecture_variants()])
+def test_tiny_checkpoints_detected(tiny, variant_id):
+    """Bug class: detection that only works on real shapes (fine-tunes, custom sizes): the tiny
+    checkpoint, named like Meta's download folder, must resolve to its release's facts."""
+    from converter.convert import inspect
+
+    spec = registry.get(variant_id)
+    v, _plan = inspect(tiny.meta(variant_id))
+    assert v.family == spec.family
+    assert v.registry_id == spec.id
+    assert v.tie_word_embeddings == spec.tie_word_embeddings
+    assert v.rope_scaling == spec.rope_scaling
+    assert v.kv_replication == (2 if variant_id.endswith("mp16") else 1)
+
+
+def test_official_files_are_recorded_for_every_release():
+    """Bug class: a release added to the registry without its official facts (config untested)."""
+    for spec in VARIANTS:
+        for name in ("config.json", "generation_config.json"):
+            assert hf_config.official_file(spec.id.replace("-mp16", ""), name), (spec.id, name)
+
+
+def test_written_config_loads_in_transformers(tiny):
+    """Bug class: a config.json transformers cannot read back as the same rope setup."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(tiny.hf("llama3.2-1b")))
+    raw = json.loads((tiny.hf("llama3.2-1b") / "config.json").read_text())
+    rope = getattr(cfg, "rope_parameters", None) or cfg.rope_scaling
+    assert rope["rope_type"] == "llama3" and rope["factor"] == 32.0
+    assert raw["rope_scaling"]["factor"] == 32.0 and "rope_parameters" not in raw
+    assert cfg.tie_word_embeddings is True
