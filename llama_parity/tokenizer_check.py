@@ -202,6 +202,9 @@ class TokenizerReport:
 
 
 def first_diff(a, b) -> int:
+    """First differing position (-1 when equal); 0 for differing scalars."""
+    if not (isinstance(a, (str, list, tuple)) and isinstance(b, (str, list, tuple))):
+        return -1 if a == b else 0
     if isinstance(a, str) and isinstance(b, str):
         n = min(len(a), len(b))
     else:
@@ -354,18 +357,47 @@ def check_tokenizer(
 
 # --- measuring transformers' default loading against ours (docs/tokenizers.md) -------------------------
 
-def load_default_hf(tokenizer_model: Path, workdir: Path):
-    """transformers' default way to load a bare Meta tokenizer.model (what users of the stock script get)."""
+def default_loaders(tokenizer_model: Path, workdir: Path, anchor_script: Path | None = None) -> dict[str, Any]:
+    """transformers' default ways to get an HF tokenizer from a bare Meta tokenizer.model.
+
+    - `AutoTokenizer.from_pretrained(dir holding only tokenizer.model)` (automatic conversion);
+    - sentencepiece: `LlamaTokenizer.from_pretrained(dir)` and `LlamaTokenizer(vocab_file=...)`;
+    - tiktoken: `PreTrainedTokenizerFast.from_pretrained(dir)` (automatic tiktoken conversion);
+    - both: the output of transformers' conversion script (base model, offline), reloaded with AutoTokenizer,
+      when `anchor_script` (a runnable copy of convert_llama_weights_to_hf.py) is given.
+    """
+    import importlib.util
+
     from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 
+    workdir = Path(workdir)
+    out: dict[str, Any] = {}
     kind = detect_tokenizer_kind(tokenizer_model)
+    bare = workdir / "bare"
+    bare.mkdir(parents=True, exist_ok=True)
+    (bare / "tokenizer.model").write_bytes(Path(tokenizer_model).read_bytes())
+    out["AutoTokenizer.from_pretrained(dir with tokenizer.model)"] = AutoTokenizer.from_pretrained(str(bare))
     if kind == "sentencepiece":
-        return LlamaTokenizer(vocab_file=str(tokenizer_model))
-    d = Path(workdir) / "default_tiktoken"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "tokenizer.model").write_bytes(Path(tokenizer_model).read_bytes())
-    del AutoTokenizer
-    return PreTrainedTokenizerFast.from_pretrained(str(d))
+        out["LlamaTokenizer.from_pretrained(dir)"] = LlamaTokenizer.from_pretrained(str(bare))
+        out["LlamaTokenizer(vocab_file=...)"] = LlamaTokenizer(vocab_file=str(tokenizer_model))
+    else:
+        out["PreTrainedTokenizerFast.from_pretrained(dir)"] = PreTrainedTokenizerFast.from_pretrained(str(bare))
+    if anchor_script is not None and Path(anchor_script).is_file():
+        spec = importlib.util.spec_from_file_location("anchor_convert_llama", str(anchor_script))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        d = workdir / "anchor"
+        try:
+            if kind == "sentencepiece":
+                mod.write_tokenizer(str(d), str(tokenizer_model), llama_version="2")
+            else:
+                names = list(LLAMA3_SPECIAL_TOKENS["3.1"])
+                mod.write_tokenizer(str(d), str(tokenizer_model), llama_version="3.1", special_tokens=names)
+            out["conversion script output (AutoTokenizer)"] = AutoTokenizer.from_pretrained(str(d))
+        except Exception as e:  # recorded as a measured fact, not hidden
+            cause = e.__cause__ or e.__context__ or e
+            out["conversion script output (AutoTokenizer)"] = f"failed: {type(cause).__name__}: {cause}"
+    return out
 
 
 def measure_encode(meta, hf, texts: list[str]) -> dict[str, int]:
@@ -382,13 +414,15 @@ def measure_encode(meta, hf, texts: list[str]) -> dict[str, int]:
     return out
 
 
-def measure_default_vs_ours(n_fuzz: int = 1000) -> dict[str, Any]:
+def measure_default_vs_ours(n_fuzz: int = 2000, anchor_script: Path | None = None) -> dict[str, Any]:
+    """Mismatch counts of transformers' default loading vs ours, same fuzzed and curated strings."""
     from converter.tokenizer_files import write_hf_tokenizer
     from fixtures.tokenizers import real_llama2_tokenizer, real_llama3_tokenizer
     from transformers import AutoTokenizer
 
-    fuzz = fuzz_corpus(n_fuzz, seed=0)
-    curated = [t for t in CURATED_CORPUS]
+    specials = ("<s>", "</s>", "<unk>", "<|")  # special-token text is its own class (see check_tokenizer)
+    fuzz = [t for t in fuzz_corpus(n_fuzz, seed=0) if not any(x in t for x in specials)]
+    curated = [t for t in CURATED_CORPUS if not any(x in t for x in specials)]
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, path, family in (("llama2", real_llama2_tokenizer(), "llama2"),
@@ -398,14 +432,18 @@ def measure_default_vs_ours(n_fuzz: int = 1000) -> dict[str, Any]:
             meta = load_meta_tokenizer(path, version="3.1")
             ours_dir = Path(tmp) / f"ours_{label}"
             write_hf_tokenizer(path, ours_dir, family=family, instruct=False)
-            ours = AutoTokenizer.from_pretrained(str(ours_dir))
-            default = load_default_hf(path, Path(tmp) / label)
+            loaders = default_loaders(path, Path(tmp) / label, anchor_script)
+            loaders["ours (llama-parity)"] = AutoTokenizer.from_pretrained(str(ours_dir))
             results[label] = {
-                name: {"curated": measure_encode(meta, tok, curated), "fuzzed": measure_encode(meta, tok, fuzz)}
-                for name, tok in (("transformers_default", default), ("ours", ours))
+                name: (tok if isinstance(tok, str) else
+                       {"curated": measure_encode(meta, tok, curated), "fuzzed": measure_encode(meta, tok, fuzz)})
+                for name, tok in loaders.items()
             }
     return results
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure_default_vs_ours(), indent=2))
+    import sys
+
+    anchor = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+    print(json.dumps(measure_default_vs_ours(anchor_script=anchor), indent=2))
