@@ -21,7 +21,7 @@ from .detect import Variant, detect
 from .errors import ConversionError
 from .hf_config import write_configs
 from .meta_checkpoint import MetaCheckpoint
-from .plan import ReplicaCheck, TensorPlan, build_plan, materialize
+from .plan import CHUNK_BYTES, ReplicaCheck, Scratch, TensorPlan, build_plan, iter_chunks
 from .safetensors_writer import OutTensor, write_shards
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default "5GB"
@@ -93,6 +93,12 @@ def _commit_output(staging: Path, output_dir: Path) -> None:
 
 
 class _Progress:
+    """Bytes written, rate and time left on stderr; silent unless stderr is a terminal (or forced).
+
+    Updated per written chunk (64 MB), not per tensor: the 1 GB embedding would otherwise freeze
+    the bar for seconds and make the rate jump.
+    """
+
     def __init__(self, total_bytes: int, enabled: bool | None):
         self.bar = None
         if enabled is None:
@@ -101,7 +107,7 @@ class _Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc="converting", dynamic_ncols=True)
+                            desc="converting", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
 
     def update(self, n: int, name: str) -> None:
         if self.bar:
@@ -146,11 +152,14 @@ def convert_meta_to_hf(input_dir: str | Path, output_dir: str | Path,
         specs = [OutTensor(e.hf_name, e.shape, e.dtype) for e in plan]
         progress = _Progress(sum(s.nbytes for s in specs), options.progress)
         try:
+            scratch = Scratch()  # used by the writer's producer thread only
             files = write_shards(
-                staging, specs, lambda s: materialize(by_name[s.name], ckpt, replicas),
-                max_shard_bytes=options.max_shard_bytes, on_tensor=lambda s: progress.update(s.nbytes, s.name))
+                staging, specs,
+                lambda s, take: iter_chunks(by_name[s.name], ckpt, replicas, take=take, scratch=scratch),
+                max_shard_bytes=options.max_shard_bytes, chunk_bytes=CHUNK_BYTES, on_bytes=progress.update)
         finally:
             progress.close()
+            ckpt.close()
         write_configs(staging, variant, out_dtype)
         if options.write_tokenizer:
             from .tokenizer_files import write_hf_tokenizer

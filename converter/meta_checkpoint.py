@@ -1,14 +1,29 @@
 """A lazy view of a Meta checkpoint directory: what files are there, their keys, shapes and dtypes.
 
 Shards are opened memory-mapped (`torch.load(mmap=True)`), so listing keys and shapes reads only
-the pickled metadata; tensor bytes are paged in when a tensor is actually used.
+the pickled metadata; tensor bytes are paged in when a tensor is actually used (`tensor()`).
+
+The converter reads tensor data differently (`read_rows`): pages of a memory-mapped file count in
+the process's RSS for as long as they stay mapped, so streaming a 16 GB shard through the mapping
+makes RSS grow to 16 GB even though no tensor is kept. A `.pth` file is an uncompressed zip whose
+`data/N` records hold each storage's raw bytes, and its pickle says which record, offset, shape
+and stride each key uses; `raw_index` reads that (without executing the pickle) and `read_rows`
+copies exactly the rows asked for with plain positioned reads into a caller's buffer, then tells
+the kernel it may drop those pages from its cache. Files that do not fit this pattern (compressed
+records, legacy formats, strided tensors) fall back to copying from the memory-mapped tensor.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import os
+import pickle
 import re
+import struct
+import threading
+import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +49,142 @@ def sniff_tokenizer_kind(path: Path) -> str:
     if len(parts) == 2 and parts[1].strip().isdigit() and re.fullmatch(rb"[A-Za-z0-9+/=]+", parts[0] or b"-"):
         return "tiktoken"
     return "sentencepiece"
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """Where one contiguous tensor's bytes sit inside a .pth file."""
+    offset: int  # file offset of element 0
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def row_bytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape[1:]:
+            n *= d
+        return n
+
+
+_STORAGE_DTYPES = {
+    "BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16, "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+
+
+class _Unsupported(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    record: str
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    record: str
+    dtype: torch.dtype
+    storage_offset: int
+    shape: tuple[int, ...]
+
+
+def _rebuild_tensor_ref(storage, storage_offset, size, stride, *_ignored):
+    expected, acc = [], 1
+    for d in reversed(size):
+        expected.insert(0, acc)
+        acc *= d
+    if any(s != e for s, e, d in zip(stride, expected, size) if d > 1):
+        raise _Unsupported("non-contiguous tensor")
+    return _TensorRef(storage.record, storage.dtype, int(storage_offset), tuple(int(d) for d in size))
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Reads torch.save's pickle into (record, offset, shape, dtype) records; executes nothing else.
+
+    Only the handful of globals a state dict of plain tensors uses are resolved; anything else
+    raises _Unsupported and the caller falls back to torch.load.
+    """
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor_ref
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise _Unsupported(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise _Unsupported(f"persistent id {pid!r:.80}")
+        return _StorageRef(str(pid[2]), pid[1])
+
+
+def index_pth(path: Path) -> dict[str, RawTensor] | None:
+    """key -> RawTensor for a torch.save zip of contiguous tensors; None if the file is not one."""
+    try:
+        with zipfile.ZipFile(path) as zf, path.open("rb") as fh:
+            infos = {zi.filename: zi for zi in zf.infolist()}
+            pkl = next((n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1), None)
+            if pkl is None:
+                return None
+            prefix = pkl[: -len("data.pkl")]
+            state = _IndexUnpickler(zf.open(pkl)).load()
+            if not isinstance(state, dict):
+                return None
+            data_start: dict[str, int] = {}
+            out = {}
+            for key, ref in state.items():
+                if not isinstance(ref, _TensorRef):
+                    return None
+                if ref.record not in data_start:
+                    zi = infos.get(f"{prefix}data/{ref.record}")
+                    if zi is None or zi.compress_type != zipfile.ZIP_STORED:
+                        return None
+                    fh.seek(zi.header_offset)
+                    local = fh.read(30)
+                    if local[:4] != b"PK\x03\x04":
+                        return None
+                    name_len, extra_len = struct.unpack("<HH", local[26:30])
+                    data_start[ref.record] = zi.header_offset + 30 + name_len + extra_len
+                out[key] = RawTensor(data_start[ref.record] + ref.storage_offset * ref.dtype.itemsize,
+                                     ref.shape, ref.dtype)
+            return out
+    except (_Unsupported, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError,
+            AttributeError, KeyError, IndexError, OSError):
+        return None
+
+
+_fadvise = getattr(os, "posix_fadvise", None)
+
+
+def drop_cache(fd: int, offset: int, length: int) -> None:
+    """Tell the kernel these file pages will not be needed again (no-op where unsupported).
+
+    Not about our RSS (page cache is not RSS): a 16 GB conversion should not push 16 GB of
+    other programs' cached files out of memory. On dirty pages it also starts their writeback early.
+    """
+    if _fadvise is not None and length > 0:
+        try:
+            _fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(buf):
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [buf[done:]], offset + done)
+        else:  # pragma: no cover - platforms without preadv (Windows)
+            os.lseek(fd, offset + done, os.SEEK_SET)
+            n = os.readv(fd, [buf[done:]])
+        if n <= 0:
+            raise ConversionError(f"unexpected end of file at byte {offset + done} (truncated shard?)")
+        done += n
 
 
 class MetaCheckpoint:
@@ -76,6 +227,8 @@ class MetaCheckpoint:
             (p for p in (self.dir / "tokenizer.model", self.dir.parent / "tokenizer.model") if p.is_file()), None)
         chk = self.dir / "checklist.chk"
         self.checklist_path: Path | None = chk if chk.is_file() else None
+        self._fds: dict[int, int] = {}
+        self._fd_lock = threading.Lock()
 
     @property
     def num_shards(self) -> int:
@@ -116,6 +269,65 @@ class MetaCheckpoint:
         if t is None:
             raise ConversionError(f"{self.shard_paths[shard].name} lacks tensor {key!r}")
         return t
+
+    @cached_property
+    def raw_index(self) -> list[dict[str, RawTensor] | None]:
+        """Per shard: where each tensor's bytes are in the file (None: use the mmap fallback)."""
+        return [index_pth(p) for p in self.shard_paths]
+
+    def _fd(self, shard: int) -> int:
+        with self._fd_lock:
+            fd = self._fds.get(shard)
+            if fd is None:
+                fd = os.open(self.shard_paths[shard], os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                if _fadvise is not None:
+                    try:  # we read front to back in large pieces: let readahead be generous
+                        _fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                    except OSError:
+                        pass
+                self._fds[shard] = fd
+            return fd
+
+    def close(self) -> None:
+        """Close file descriptors opened by read_rows (the memory-mapped view stays usable)."""
+        with self._fd_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def read_rows(self, key: str, shard: int, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Copy rows [start, stop) (along dim 0) of `key` in `shard` into `out` and return it.
+
+        `out` must be contiguous with the tensor's dtype and shape [stop - start, *shape[1:]].
+        Bytes come straight from the file into `out` (no mapping, no intermediate copy), and the
+        pages read are dropped from the page cache, so memory use is `out` and nothing else.
+        """
+        info = self.info(key, shard)
+        rows = info.shape[0] if info.shape else 1
+        if not (0 <= start <= stop <= rows) or not out.is_contiguous() or out.dtype != info.dtype:
+            raise ValueError(f"read_rows({key!r}, {shard}, {start}, {stop}): bad range or buffer")
+        if out.numel() * out.dtype.itemsize == 0:
+            return out
+        idx = self.raw_index[shard]
+        raw = idx.get(key) if idx is not None else None
+        if raw is None or raw.shape != info.shape or raw.dtype != info.dtype:
+            # Fallback through the memory map: correct, but its pages stay in RSS while mapped.
+            t = self.tensor(key, shard)
+            out.copy_((t[start:stop] if t.dim() else t.reshape(1)).reshape(out.shape))
+            return out
+        fd = self._fd(shard)
+        row_bytes = raw.row_bytes
+        offset = raw.offset + start * row_bytes
+        nbytes = (stop - start) * row_bytes
+        _pread_into(fd, memoryview(out.reshape(-1).view(torch.uint8).numpy()), offset)
+        drop_cache(fd, offset, nbytes)
+        return out
 
     def dtype(self) -> torch.dtype:
         return self.info("tok_embeddings.weight").dtype

@@ -4,12 +4,21 @@
 it is an 8-byte little-endian header length, a JSON header (dtype, shape, byte offsets of each
 tensor), then the raw bytes in offset order. The plan knows every shape and dtype up front, so we
 write the header first and then each tensor as soon as it is produced, holding one at a time.
+
+Tensors arrive as row chunks (converter/plan.py `iter_chunks`). A producer thread reads and
+transforms the next chunks while the main thread writes the previous ones: both spend their time
+in system calls (pread/write) or torch copies, which release the GIL, so reading and writing
+overlap. Chunks live in a small pool of recycled buffers, which bounds memory (the producer waits
+when all are in flight) and avoids re-faulting fresh pages for every chunk.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -67,31 +76,151 @@ def _header(tensors: Sequence[OutTensor]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_tensor_bytes(fh, t: torch.Tensor) -> None:
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    # A uint8 view of the tensor's own memory: no copy, whatever the dtype (bf16 included).
     t = t.contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_all(fd: int, mv: memoryview) -> None:
+    while len(mv):
+        n = os.write(fd, mv)
+        mv = mv[n:]
+
+
+def write_tensor_bytes(fh, t: torch.Tensor) -> None:
     if t.numel():
-        # A uint8 view of the tensor's own memory: no copy, whatever the dtype (bf16 included).
-        fh.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        fh.write(_as_bytes(t))
 
 
-def write_shards(out_dir: Path, tensors: Sequence[OutTensor], produce: Callable[[OutTensor], torch.Tensor],
-                 *, max_shard_bytes: int, on_tensor: Callable[[OutTensor], None] | None = None) -> list[str]:
-    """Write `tensors` (in order) into safetensors files in out_dir, plus the index when sharded."""
+_fadvise = getattr(os, "posix_fadvise", None)
+
+
+class BufferPool:
+    """`count` recycled byte buffers of `size` bytes; `take` blocks while all are in flight."""
+
+    def __init__(self, count: int, size: int, stop: threading.Event):
+        self.size = size
+        self._stop = stop
+        self._free: queue.Queue = queue.Queue()
+        self._owned: dict[int, torch.Tensor] = {}
+        for _ in range(count):
+            b = torch.empty(size, dtype=torch.uint8)
+            self._owned[b.data_ptr()] = b
+            self._free.put(b)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if nbytes > self.size:  # a single row group larger than a chunk: a one-off buffer
+            return torch.empty(nbytes, dtype=torch.uint8)
+        while True:
+            try:
+                return self._free.get(timeout=0.2)[:nbytes]
+            except queue.Empty:
+                if self._stop.is_set():
+                    raise _Stopped() from None
+
+    def recycle(self, chunk: torch.Tensor) -> None:
+        b = self._owned.get(chunk.untyped_storage().data_ptr())
+        if b is not None:
+            self._free.put(b)
+
+
+class _Stopped(Exception):
+    pass
+
+
+_END = object()
+
+
+def write_shards(out_dir: Path, tensors: Sequence[OutTensor], produce: Callable, *, max_shard_bytes: int,
+                 on_tensor: Callable[[OutTensor], None] | None = None,
+                 on_bytes: Callable[[int, str], None] | None = None,
+                 chunk_bytes: int = 64 << 20, buffers: int = 3) -> list[str]:
+    """Write `tensors` (in order) into safetensors files in out_dir, plus the index when sharded.
+
+    `produce(spec, take)` returns the tensor's bytes as an iterable of contiguous tensors (row
+    chunks, in order), or one whole tensor; `take(nbytes)` lends it a pooled buffer to fill.
+    """
     groups = assign_files(tensors, max_shard_bytes)
     names = file_names(len(groups))
+    stop = threading.Event()
+    pool = BufferPool(buffers, chunk_bytes, stop)
+    # Bounded: non-pooled chunks (small tensors, one-offs) must not pile up either.
+    q: queue.Queue = queue.Queue(maxsize=buffers + 2)
+
+    def put(item) -> None:
+        while True:
+            try:
+                q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if stop.is_set():
+                    raise _Stopped() from None
+
+    def producer() -> None:
+        try:
+            for spec in tensors:
+                out = produce(spec, pool.take)
+                for chunk in ([out] if isinstance(out, torch.Tensor) else out):
+                    if chunk.dtype != spec.dtype:
+                        raise AssertionError(f"{spec.name}: produced {chunk.dtype}, planned {spec.dtype}")
+                    put((spec, chunk))
+                put((spec, _END))
+        except _Stopped:
+            return
+        except BaseException as e:  # handed to the writer, which re-raises it in the caller's thread
+            try:
+                put((None, e))
+            except _Stopped:
+                pass
+
+    thread = threading.Thread(target=producer, name="safetensors-producer", daemon=True)
+    thread.start()
     weight_map = {}
-    for name, group in zip(names, groups):
-        with (out_dir / name).open("wb") as fh:
-            fh.write(_header(group))
-            for spec in group:
-                t = produce(spec)
-                if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
-                    raise AssertionError(f"{spec.name}: produced {tuple(t.shape)} {t.dtype}, planned {spec.shape} {spec.dtype}")
-                write_tensor_bytes(fh, t)
-                del t
-                weight_map[spec.name] = name
-                if on_tensor:
-                    on_tensor(spec)
+    try:
+        for name, group in zip(names, groups):
+            fd = os.open(out_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
+            try:
+                _write_all(fd, memoryview(_header(group)))
+                pos = dropped = 0
+                for spec in group:
+                    done = 0
+                    while True:
+                        got, chunk = q.get()
+                        if got is None:
+                            raise chunk
+                        if chunk is _END:
+                            break
+                        if got is not spec:
+                            raise AssertionError(f"producer out of order: {got.name} while writing {spec.name}")
+                        n = chunk.numel() * chunk.element_size()
+                        if n:
+                            _write_all(fd, _as_bytes(chunk))
+                        pool.recycle(chunk)
+                        del chunk
+                        done += n
+                        pos += n
+                        if on_bytes:
+                            on_bytes(n, spec.name)
+                        # Start writeback of what we just wrote and drop what earlier calls already
+                        # flushed, so a 16 GB output neither evicts everyone else's page cache nor
+                        # leaves gigabytes of dirty pages for the final sync.
+                        if _fadvise is not None and pos - dropped >= chunk_bytes:
+                            try:
+                                _fadvise(fd, 0, pos, os.POSIX_FADV_DONTNEED)
+                            except OSError:
+                                pass
+                            dropped = pos
+                    if done != spec.nbytes:
+                        raise AssertionError(f"{spec.name}: produced {done} bytes, planned {spec.nbytes} {spec.shape}")
+                    weight_map[spec.name] = name
+                    if on_tensor:
+                        on_tensor(spec)
+            finally:
+                os.close(fd)
+    finally:
+        stop.set()
+        thread.join()
     if len(names) > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
