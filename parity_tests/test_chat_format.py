@@ -13,7 +13,7 @@ from llama_parity.tokenizer_check import first_diff
 from reference_model.chat_format import Llama3ChatFormat, Message, dialog_tokens, llama2_dialog_tokens
 from reference_model.tokenizer import SentencePieceTokenizer
 
-HYPO = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+HYPO = settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
 
 LLAMA2_CASES = ["tiny-llama2-chat", "tiny-codellama-instruct", "real-llama2-chat"]
 LLAMA3_CASES = ["tiny-llama3-instruct", "tiny-llama3.1-instruct", "tiny-llama3.2-instruct",

@@ -19,7 +19,7 @@ ALL_CASES = [name for name, *_ in __import__("fixtures.tokenizers", fromlist=["x
     "real-llama2-chat",
     "real-llama3.1-instruct",
 ]
-HYPO = settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+HYPO = settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="session")
