@@ -7,10 +7,14 @@ the real pair is added to the parametrization, nothing is skipped in its absence
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Tests never reach a model hub: everything they load is made locally or shipped by a package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_addoption(parser):

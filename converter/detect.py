@@ -118,7 +118,9 @@ def tokenizer_n_words(path: Path, kind: str) -> int:
 
 
 def structural_family(params: dict, tokenizer_kind: str | None, vocab_size: int) -> str:
-    if tokenizer_kind == "tiktoken" or (tokenizer_kind is None and vocab_size >= 100000):
+    # Without a tokenizer, Llama 3's params give it away: theta 5e5 (or scaled RoPE), explicit vocab.
+    llama3_params = float(params.get("rope_theta", 10000.0)) == 500000.0 or bool(params.get("use_scaled_rope"))
+    if tokenizer_kind == "tiktoken" or (tokenizer_kind is None and (llama3_params or vocab_size >= 100000)):
         return "llama3.1" if params.get("use_scaled_rope") else "llama3"
     if float(params.get("rope_theta", 10000.0)) == 1e6:
         return "codellama"
@@ -180,12 +182,21 @@ def detect(ckpt: MetaCheckpoint, *, variant_id: str | None = None, instruct: boo
     if dim % n_heads or n_heads % n_kv:
         raise ConversionError(f"params.json is inconsistent: dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv}")
     vocab = int(p.get("vocab_size", -1))
+    tok_words = tokenizer_n_words(ckpt.tokenizer_path, kind) if ckpt.tokenizer_path else None
     if vocab == -1:
-        if ckpt.tokenizer_path is None:
+        if tok_words is None:
             raise ConversionError(f"params.json says vocab_size -1 (take it from the tokenizer) but no "
                                   f"tokenizer.model is in {ckpt.dir} or its parent")
-        vocab = tokenizer_n_words(ckpt.tokenizer_path, kind)
+        vocab = tok_words
         ev.append(f"vocab_size {vocab} from tokenizer.model (params.json says -1)")
+    llama3_params = float(p.get("rope_theta", 10000.0)) == 500000.0 or bool(p.get("use_scaled_rope"))
+    if kind is not None and (kind == "tiktoken") != llama3_params:
+        raise ConversionError(
+            f"{ckpt.tokenizer_path} is a {kind} tokenizer but params.json describes a "
+            f"{'Llama 3.x' if llama3_params else 'Llama 1/2 or Code Llama'} model: the tokenizer belongs to another model")
+    if tok_words is not None and tok_words != vocab:
+        raise ConversionError(f"{ckpt.tokenizer_path} defines {tok_words} tokens but params.json says vocab_size "
+                              f"{vocab}: the tokenizer belongs to another model")
     emb = ckpt.info("tok_embeddings.weight")
     n = ckpt.num_shards
 

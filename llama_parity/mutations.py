@@ -127,7 +127,10 @@ class Mutation:
 
 
 def _gqa(c: dict) -> bool:
-    return c["num_key_value_heads"] != c["num_attention_heads"]
+    # A silent bug only where the wrong head count still divides k's rows (else it crashes loudly).
+    heads, kv = c["num_attention_heads"], c["num_key_value_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    return kv != heads and (kv * head_dim) % (2 * heads) == 0
 
 
 def _scaled(c: dict) -> bool:
