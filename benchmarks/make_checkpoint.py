@@ -22,6 +22,7 @@ import json
 import pickle
 import shutil
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -60,8 +61,9 @@ def full_shapes(spec: variants.VariantSpec) -> list[tuple[str, tuple[int, ...], 
                 (pre + "attention_norm.weight", (dim,), None),
                 (pre + "ffn_norm.weight", (dim,), None)]
     out.append(("norm.weight", (dim,), None))
-    if not spec.tie_word_embeddings:
-        out.append(("output.weight", (vocab, dim), 0))
+    # Meta's files carry output.weight even for the tied 3.2 models (a copy of the embedding; the
+    # converter checks they are equal and writes one), so the file is larger than the HF model.
+    out.append(("output.weight", (vocab, dim), 0))
     return out
 
 
@@ -145,14 +147,19 @@ def make_checkpoint(variant_id: str, out: Path, num_shards: int = 1, dtype: torc
     """Write consolidated.NN.pth + params.json (+ tokenizer.model) for the real shape of variant_id."""
     spec = variants.get(variant_id)
     out.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
+    gens: dict[str, torch.Generator] = {}
 
     def fill(key: str, n: int) -> torch.Tensor:
-        # Norm-like scale; values do not matter for a conversion benchmark, only their bytes.
-        return torch.randn(n, generator=g) * 0.02
+        # One random stream per (shard, tensor); a tied output replays the embedding's stream, so
+        # its bytes are identical, as in Meta's 3.2 files. Values only need plausible bytes.
+        if key not in gens:
+            src = "tok_embeddings.weight" if (key == "output.weight" and spec.tie_word_embeddings) else key
+            gens[key] = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{shard}:{src}".encode()))
+        return torch.randn(n, generator=gens[key]) * 0.02
 
     shapes = full_shapes(spec)
-    for s in range(num_shards):
+    for shard in range(num_shards):
+        gens.clear()
         part_shapes = []
         for key, shape, split in shapes:
             shape = list(shape)
@@ -161,7 +168,7 @@ def make_checkpoint(variant_id: str, out: Path, num_shards: int = 1, dtype: torc
                     raise ValueError(f"{key}: dim {split} of {shape} does not split into {num_shards}")
                 shape[split] //= num_shards
             part_shapes.append((key, tuple(shape)))
-        write_meta_shard(out / f"consolidated.{s:02d}.pth", part_shapes, dtype, fill)
+        write_meta_shard(out / f"consolidated.{shard:02d}.pth", part_shapes, dtype, fill)
     params = dict(spec.params)
     (out / "params.json").write_text(json.dumps(params))
     if tokenizer is not None:
