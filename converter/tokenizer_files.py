@@ -184,13 +184,12 @@ def _sentencepiece_tokenizer_json(path: Path) -> tuple[dict, dict]:
         if add_dummy_prefix
         else {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
     )
-    decoders = [
-        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-        {"type": "ByteFallback"},
-        {"type": "Fuse"},
-    ]
+    # Keep "▁" until the pieces are fused, so that only the dummy prefix "▁" is stripped, never a real
+    # space decoded from the byte piece <0x20> (sentencepiece keeps that one).
+    decoders = [{"type": "ByteFallback"}, {"type": "Fuse"}]
     if add_dummy_prefix:
-        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+        decoders.append({"type": "Strip", "content": "▁", "start": 1, "stop": 0})
+    decoders.append({"type": "Replace", "pattern": {"String": "▁"}, "content": " "})
     tok = {
         "version": "1.0",
         "truncation": None,

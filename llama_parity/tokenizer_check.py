@@ -13,6 +13,8 @@ measured classes (reported with counts, never hidden, not a failure):
 - special-token text with HF's default parsing (HF reads "<|eot_id|>" typed by a user as the control token;
   Meta reads it as text; chat templates rely on HF's parsing),
 - runs longer than 25,000 characters (Meta cuts them before encoding; tokenizer.json cannot),
+- decode of ids whose sentencepiece byte pieces are not valid UTF-8 (sentencepiece replaces each invalid
+  byte, HF's ByteFallback the whole run): only ids not produced by encoding text (e.g. sampled) reach it,
 - chat boundary: content starting with whitespace holding a newline ("\\nhi"), or content followed by a
   tool call: Meta encodes header, content and tool call separately, a rendered template joins them.
 
@@ -239,6 +241,40 @@ def _short(x: Any) -> Any:
     return x
 
 
+def random_id_sequences(meta, n: int, seed: int = 0) -> list[list[int]]:
+    """Deterministic random sequences of non-special ids (half of them byte pieces for sentencepiece)."""
+    rng = random.Random(seed)
+    specials = set(meta.special_tokens.values())
+    n_normal = meta.n_words - (256 if isinstance(meta, TiktokenTokenizer) else 0)
+    pool = [i for i in range(n_normal) if i not in specials]
+    byte_ids = []
+    if isinstance(meta, SentencePieceTokenizer):
+        byte_ids = [i for i in pool if meta.sp_model.is_byte(i)]
+    out = []
+    for k in range(n):
+        src = byte_ids if byte_ids and k % 2 else pool
+        out.append([rng.choice(src) for _ in range(rng.randint(1, 8))])
+    return out
+
+
+def has_invalid_byte_run(meta, ids) -> bool:
+    """True when consecutive sentencepiece byte pieces in `ids` do not form valid UTF-8."""
+    if not isinstance(meta, SentencePieceTokenizer):
+        return False
+    run = bytearray()
+    for i in list(ids) + [None]:
+        if i is not None and meta.sp_model.is_byte(i):
+            run.append(int(meta.sp_model.id_to_piece(i)[3:5], 16))
+            continue
+        if run:
+            try:
+                run.decode("utf-8")
+            except UnicodeDecodeError:
+                return True
+            run = bytearray()
+    return False
+
+
 # --- the check -----------------------------------------------------------------------------------------
 
 def _infer_version(tokenizer_model: Path, hf) -> str:
@@ -249,6 +285,10 @@ def _infer_version(tokenizer_model: Path, hf) -> str:
     hf_names = hf.convert_ids_to_tokens(list(range(n, n + 256)))
     best = max(LLAMA3_SPECIAL_TOKENS, key=lambda v: sum(a == b for a, b in zip(LLAMA3_SPECIAL_TOKENS[v], hf_names)))
     return best
+
+
+def _is_reserved_name(name: str) -> bool:
+    return name.startswith("<|reserved_special_token_") or name in ("<|step_id|>", "<|image|>")
 
 
 def _ids(x) -> list[int]:
@@ -294,10 +334,14 @@ def check_tokenizer(
     acc.add("len(tokenizer)", meta.n_words, len(hf))
     checks.append(acc.r)
     acc = _Acc("special-token ids and names", 0)
+    reserved = _Acc("reserved special-token names", None,
+                    note="ids Meta's code names <|reserved_special_token_N|>, <|step_id|> or <|image|>; other "
+                         "tools (Meta's official HF repos) name some differently; no text encodes to them")
     for name, i in meta.special_tokens.items():
-        acc.add(name, [i, name], [hf.convert_tokens_to_ids(name), hf.convert_ids_to_tokens(i)])
+        target = reserved if _is_reserved_name(name) else acc
+        target.add(name, [i, name], [hf.convert_tokens_to_ids(name), hf.convert_ids_to_tokens(i)])
     acc.add("bos_token_id", meta.bos_id, hf.bos_token_id)
-    checks.append(acc.r)
+    checks += [acc.r, reserved.r]
 
     texts = list(CURATED_CORPUS) + list(corpus or [])
     special_texts = [t for t in texts if any(s in t for s in specials)] + list(special_text_corpus(specials))
@@ -314,6 +358,15 @@ def check_tokenizer(
         enc_nobos.add(t, m, _ids(hf(t, add_special_tokens=False)))
         dec.add(t, meta.decode(m_bos), hf.decode(m_bos, skip_special_tokens=sp))
     checks += [enc_bos.r, enc_nobos.r, dec.r]
+
+    rnd = _Acc("decode of random ids", 0)
+    bad_utf8 = _Acc("decode of random ids with invalid UTF-8 byte pieces", None,
+                    note="sentencepiece replaces each invalid byte with U+FFFD; HF's ByteFallback decoder "
+                         "replaces the whole run of byte pieces")
+    for ids in random_id_sequences(meta, 400):
+        target = bad_utf8 if has_invalid_byte_run(meta, ids) else rnd
+        target.add(str(ids), meta.decode(ids), hf.decode(ids, skip_special_tokens=sp))
+    checks += [rnd.r, bad_utf8.r]
 
     strict = _Acc("special-token text, strict (split_special_tokens=True)", 0,
                   note="Meta encodes special-token text typed by a user as plain text")

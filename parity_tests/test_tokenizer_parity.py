@@ -169,3 +169,34 @@ def test_real_llama3_known_strings(tok_cases):
                                      "<|python_tag|>", "<|start_header_id|>"]) == [
         128000, 128001, 128008, 128009, 128010, 128006]
     assert len(hf) == 128256
+
+
+@pytest.mark.parametrize("name", ["tiny-llama2-chat", "tiny-codellama-instruct", "tiny-llama3.1-instruct",
+                                  "real-llama2-chat", "real-llama3.1-instruct"])
+def test_decode_random_ids(tok_cases, name):
+    """Bug class: decoder chain wrong for ids a model can sample but encoding never yields (byte pieces,
+    leading "▁", odd merges): HF decode == Meta decode on random non-special id sequences, except runs of
+    sentencepiece byte pieces that are not valid UTF-8 (sentencepiece replaces each bad byte, HF's
+    ByteFallback the whole run), a class the report counts separately."""
+    from llama_parity.tokenizer_check import has_invalid_byte_run
+
+    case = _case(tok_cases, name)
+    meta, hf = meta_tokenizer(case), hf_tokenizer(case)
+    sp = isinstance(meta, SentencePieceTokenizer)
+    specials = set(meta.special_tokens.values())
+    top = meta.n_words - (0 if sp else 256)
+    ids_st = st.lists(st.integers(0, top - 1).filter(lambda i: i not in specials), min_size=1, max_size=10)
+
+    @HYPO
+    @given(ids_st)
+    def run(ids):
+        if has_invalid_byte_run(meta, ids):
+            return
+        assert hf.decode(ids, skip_special_tokens=sp) == meta.decode(ids), ids
+
+    run()
+    report = check_tokenizer(case.model_path, case.hf_dir, hf_tokenizer=hf, chat=False)
+    by = {c.name: c for c in report.checks}
+    assert by["decode of random ids"].ok
+    if sp:
+        assert by["decode of random ids with invalid UTF-8 byte pieces"].mismatches > 0
