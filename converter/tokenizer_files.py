@@ -398,7 +398,7 @@ def _build(tokenizer_model: Path, family: str, instruct: bool) -> tuple[dict, di
             "clean_up_tokenization_spaces": False,
             "spaces_between_special_tokens": False,
             "split_special_tokens": False,
-            "model_max_length": 4096 if family != "llama1" else 2048,
+            "model_max_length": {"llama1": 2048, "llama2": 4096, "codellama": 16384}[family],
         }
         special_map = {"bos_token": f["bos"], "eos_token": f["eos"], "unk_token": f["unk"]}
     else:

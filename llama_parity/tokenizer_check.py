@@ -287,6 +287,14 @@ def _infer_version(tokenizer_model: Path, hf) -> str:
     return best
 
 
+def _hf(fn):
+    """Run one HF call; an exception becomes a value that differs from Meta's (reported, not raised)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - any failure of the judged tokenizer is a mismatch
+        return f"error: {type(e).__name__}: {e}"
+
+
 def _is_reserved_name(name: str) -> bool:
     return name.startswith("<|reserved_special_token_") or name in ("<|step_id|>", "<|image|>")
 
@@ -353,10 +361,10 @@ def check_tokenizer(
                                  "tokens); skip_special_tokens=False for tiktoken (Meta prints them)")
     for t in plain:
         m_bos = meta.encode(t, bos=True, eos=False)
-        enc_bos.add(t, m_bos, _ids(hf(t, add_special_tokens=True)))
+        enc_bos.add(t, m_bos, _hf(lambda: _ids(hf(t, add_special_tokens=True))))
         m = meta.encode(t, bos=False, eos=False)
-        enc_nobos.add(t, m, _ids(hf(t, add_special_tokens=False)))
-        dec.add(t, meta.decode(m_bos), hf.decode(m_bos, skip_special_tokens=sp))
+        enc_nobos.add(t, m, _hf(lambda: _ids(hf(t, add_special_tokens=False))))
+        dec.add(t, meta.decode(m_bos), _hf(lambda: hf.decode(m_bos, skip_special_tokens=sp)))
     checks += [enc_bos.r, enc_nobos.r, dec.r]
 
     rnd = _Acc("decode of random ids", 0)
@@ -365,7 +373,7 @@ def check_tokenizer(
                          "replaces the whole run of byte pieces")
     for ids in random_id_sequences(meta, 400):
         target = bad_utf8 if has_invalid_byte_run(meta, ids) else rnd
-        target.add(str(ids), meta.decode(ids), hf.decode(ids, skip_special_tokens=sp))
+        target.add(str(ids), meta.decode(ids), _hf(lambda: hf.decode(ids, skip_special_tokens=sp)))
     checks += [rnd.r, bad_utf8.r]
 
     strict = _Acc("special-token text, strict (split_special_tokens=True)", 0,
@@ -374,14 +382,14 @@ def check_tokenizer(
                    note="HF parses it as the control token (chat templates rely on this); reported, not hidden")
     for t in special_texts:
         m = meta.encode(t, bos=True, eos=False)
-        strict.add(t, m, _ids(hf(t, add_special_tokens=True, split_special_tokens=True)))
-        default.add(t, m, _ids(hf(t, add_special_tokens=True)))
+        strict.add(t, m, _hf(lambda: _ids(hf(t, add_special_tokens=True, split_special_tokens=True))))
+        default.add(t, m, _hf(lambda: _ids(hf(t, add_special_tokens=True))))
     checks += [strict.r, default.r]
 
     runs = _Acc("runs longer than 25,000 chars", None,
                 note="Meta cuts them before encoding; tokenizer.json cannot express the cut")
     for t in long_run_corpus():
-        runs.add(t, meta.encode(t, bos=True, eos=False), _ids(hf(t, add_special_tokens=True)))
+        runs.add(t, meta.encode(t, bos=True, eos=False), _hf(lambda: _ids(hf(t, add_special_tokens=True))))
     checks.append(runs.r)
 
     if chat and getattr(hf, "chat_template", None):
@@ -400,7 +408,7 @@ def check_tokenizer(
                     m = dialog_tokens(meta, list(d), add_generation_prompt=gp)
                 except ValueError:
                     continue
-                h = _ids(hf.apply_chat_template(list(d), tokenize=True, add_generation_prompt=gp))
+                h = _hf(lambda: _ids(hf.apply_chat_template(list(d), tokenize=True, add_generation_prompt=gp)))
                 is_boundary = (not sp) and any(
                     _starts_with_newline_ws(x["content"]) or (x.get("tool_calls") and x["content"]) for x in d)
                 (boundary if is_boundary else exact).add(_short(list(d)), m, h)

@@ -187,6 +187,10 @@ def _trim_template(c):
     c["chat_template"] = c["chat_template"].replace("message['content'] if", "message['content'] | trim if")
 
 
+def _raising_template(c):
+    c["chat_template"] = "{{ raise_exception('this template refuses every dialog') }}"
+
+
 def _llama3_0_names(t):
     for a in t["added_tokens"]:
         if a["content"] == "<|eom_id|>":
@@ -202,6 +206,7 @@ MUTATIONS = [
     ("tiny-llama3.1-instruct", dict(tok=_no_bos), {"encode with bos"}),
     ("tiny-llama3.1-instruct", dict(cfg=_trim_template), {"chat template == Meta chat format"}),
     ("tiny-llama3.1-instruct", dict(tok=_llama3_0_names), {"special-token ids and names"}),
+    ("tiny-llama2-chat", dict(cfg=_raising_template), {"chat template == Meta chat format"}),
 ]
 
 
@@ -210,7 +215,8 @@ MUTATIONS = [
 def test_check_catches_mutation(tok_cases, tmp_path, case_name, mutation, expected):
     """Bug classes (one per mutation): sentencepiece merges ordered by id (transformers 5's default), the
     Metaspace pre-tokenizer instead of a Prepend normaliser, LlamaTokenizerFast class (pipeline rebuilt),
-    Llama 3 without BOS, a trimming chat template, Llama 3.0 special names on a 3.1 tokenizer."""
+    Llama 3 without BOS, a trimming chat template, Llama 3.0 special names on a 3.1 tokenizer, a template
+    that raises (reported as mismatches, never a crash of verify)."""
     case = tok_cases[case_name]
     bad = _mutate(case.hf_dir, tmp_path / "bad", **mutation)
     report = check_tokenizer(case.model_path, bad)
