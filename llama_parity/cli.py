@@ -162,6 +162,18 @@ def cmd_demo(args) -> int:
     return EXIT_OK if rep.ok else EXIT_PARITY
 
 
+def cmd_to_meta(args) -> int:
+    from converter.hf_to_meta import convert_hf_to_meta
+
+    rep = convert_hf_to_meta(args.hf_dir, args.output_dir, num_shards=args.num_shards, overwrite=args.overwrite,
+                             tokenizer=args.tokenizer)
+    print(f"converted {args.hf_dir} -> {rep.output_dir} ({rep.num_shards} shard(s), {rep.family})")
+    for n in rep.notes:
+        print(f"  - {n}")
+    print(f"next: llama-parity verify --meta-dir {rep.output_dir} --hf-dir {args.hf_dir}")
+    return EXIT_OK
+
+
 def cmd_variants(args) -> int:
     from fixtures.variants import VARIANTS
 
@@ -199,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", metavar="DIR", help="keep the tiny checkpoints in DIR")
     p.add_argument("--json", metavar="PATH")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("to-meta", help="Hugging Face folder -> Meta checkpoint (params.json + consolidated.NN.pth)")
+    p.add_argument("--hf-dir", required=True)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--num-shards", type=int, help="model-parallel shards (default: the release's, else 1)")
+    p.add_argument("--tokenizer", help="tokenizer.model to place next to the shards")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_to_meta)
     p = sub.add_parser("variants", help="list the known releases")
     p.set_defaults(func=cmd_variants)
     return ap

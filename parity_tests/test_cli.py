@@ -148,3 +148,18 @@ def test_dtype_option(tiny, tmp_path, capsys):
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_multi_file_output_loads_and_verifies(tiny, tmp_path, capsys):
+    """Bug class: a sharded safetensors output (index + model-0000N-of-0000M files) that
+    transformers cannot load, or that loads with tensors missing."""
+    code, _, _ = run(capsys, "convert", "--input-dir", tiny.meta("llama3-70b"), "--output-dir", tmp_path / "hf",
+                     "--max-shard-size", "300KB")
+    assert code == 0
+    files = sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(files)
+    code, out, _ = run(capsys, "verify", "--meta-dir", tiny.meta("llama3-70b"), "--hf-dir", tmp_path / "hf",
+                       "--no-bf16", "--no-tokenizer")
+    assert code == 0, out
