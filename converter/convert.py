@@ -79,7 +79,11 @@ def _prepare_output(output_dir: Path, overwrite: bool) -> Path:
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ConversionError(f"output directory {output_dir} is not empty; pass --overwrite to replace it")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
+    return staging
 
 
 def _commit_output(staging: Path, output_dir: Path) -> None:

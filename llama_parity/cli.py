@@ -148,6 +148,21 @@ def cmd_verify(args) -> int:
     return EXIT_OK if rep.ok else EXIT_PARITY
 
 
+def cmd_diagnose(args) -> int:
+    from .diagnose import diagnose
+    from .verify import InputError, _check_dirs
+
+    try:
+        _check_dirs(Path(args.meta_dir), Path(args.hf_dir), "cpu")
+    except InputError as e:
+        return _err(str(e))
+    d = diagnose(args.meta_dir, args.hf_dir, variant_id=args.variant)
+    print(d.render())
+    if args.json:
+        _write_json(args.json, d.to_dict())
+    return EXIT_OK if d.parity else EXIT_PARITY
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -205,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tokenizer", action="store_true", help="skip tokenizer parity")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout)")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("diagnose", help="first divergent layer and the known bug that explains it")
+    p.add_argument("--meta-dir", required=True)
+    p.add_argument("--hf-dir", required=True)
+    p.add_argument("--variant")
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(func=cmd_diagnose)
     p = sub.add_parser("demo", help="build, convert and verify a tiny checkpoint (no download needed)")
     p.add_argument("--variant", default="llama3.2-1b-instruct")
     p.add_argument("--device", default="cpu")

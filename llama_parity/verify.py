@@ -98,9 +98,7 @@ def config_checks(meta_dir: Path, hf_dir: Path, rope) -> list[Check]:
     return checks
 
 
-def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", variant_id: str | None = None,
-           bf16: bool = True, tokenizer: bool = True) -> VerifyReport:
-    meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
+def _check_dirs(meta_dir: Path, hf_dir: Path, device: str) -> None:
     for d, what in ((meta_dir, "Meta checkpoint"), (hf_dir, "HF model")):
         if not d.is_dir():
             raise InputError(f"{what} directory {d} does not exist")
@@ -110,6 +108,12 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", var
         raise InputError(f"config.json missing in {hf_dir}: not a Hugging Face model directory")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda requested but torch sees no CUDA device")
+
+
+def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", variant_id: str | None = None,
+           bf16: bool = True, tokenizer: bool = True) -> VerifyReport:
+    meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
+    _check_dirs(meta_dir, hf_dir, device)
     report = VerifyReport(str(meta_dir), str(hf_dir), device)
     try:
         rope = expected_rope_scaling(meta_dir, variant_id)

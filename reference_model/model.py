@@ -237,11 +237,16 @@ class Transformer:
         return torch.cat(outs, dim=-1).float()
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Logits (fp32) for `tokens` placed at positions start_pos.. ; uses the KV cache if reset."""
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, trace: list | None = None) -> torch.Tensor:
+        """Logits (fp32) for `tokens` placed at positions start_pos.. ; uses the KV cache if reset.
+
+        `trace`, when given, receives (stage, tensor) for the embedding and every attention and
+        feed-forward output: what `llama-parity diagnose` compares stage by stage."""
         tokens = tokens.to(self.device)
         bsz, seqlen = tokens.shape
         h = self._embed(tokens)
+        if trace is not None:
+            trace.append(("embedding", h))
         positions = torch.arange(start_pos, start_pos + seqlen, device=self.device)
         rot = rope_rotations(self.args, positions)
         if self.cache_k is not None:
@@ -255,8 +260,12 @@ class Transformer:
             mask = torch.triu(torch.full((seqlen, seqlen), float("-inf"), device=self.device), 1)
         mask = mask.type_as(h)
         for layer in range(self.args.n_layers):
-            h = h + self._attention(layer, h, rot, start_pos, mask)
-            h = h + self._feed_forward(layer, h)
+            a = self._attention(layer, h, rot, start_pos, mask)
+            h = h + a
+            f = self._feed_forward(layer, h)
+            h = h + f
+            if trace is not None:
+                trace += [(f"layer {layer} attention", a), (f"layer {layer} feed-forward", f)]
         return self._output(h)
 
     @torch.inference_mode()

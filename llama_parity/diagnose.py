@@ -1,0 +1,211 @@
+"""`llama-parity diagnose`: where a conversion first diverges, and which known bug explains it.
+
+1. Stage by stage (embedding, then each layer's attention and feed-forward output, then logits),
+   the reference and the HF model run the same prompt; the first stage whose output differs beyond
+   the fp32 bound is reported. Inputs to that stage agree, so the fault is inside it.
+2. Each known bug has a repair (the inverse of its entry in the mutation catalog). Repairs are
+   tried on a scratch copy of the HF folder; those that restore parity name the bug.
+Works on models that fit in memory twice (tiny checkpoints, small releases).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from reference_model.model import load_meta_checkpoint
+
+from . import mutations as m
+from .verify import config_checks
+from .parity import FP32_REL_BOUND, check_far_positions, check_logits, expected_rope_scaling, fixed_prompt, load_hf_model
+
+
+@dataclass
+class Stage:
+    name: str
+    rel_diff: float
+    ok: bool
+
+
+@dataclass
+class Hypothesis:
+    bug: str
+    restores_parity: bool
+    logits_after: float
+    far_after: float
+
+
+@dataclass
+class Diagnosis:
+    parity: bool
+    stages: list[Stage] = field(default_factory=list)
+    first_divergence: str | None = None
+    explained_by: list[str] = field(default_factory=list)
+    tried: list[Hypothesis] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def render(self) -> str:
+        lines = [f"{'stage':<28}  {'rel diff':>9}  result"]
+        for s in self.stages:
+            lines.append(f"{s.name:<28}  {s.rel_diff:9.2e}  {'ok' if s.ok else 'DIVERGES'}")
+        if self.parity:
+            lines.append("no divergence: the conversion is at parity")
+            return "\n".join(lines)
+        lines.append(f"first divergence: {self.first_divergence}")
+        for h in self.tried:
+            lines.append(f"  tried: {h.bug:<62} -> logits {h.logits_after:.2e}, far {h.far_after:.2e}"
+                         f"{'  RESTORES PARITY' if h.restores_parity else ''}")
+        if self.explained_by:
+            lines.append("diagnosis: " + "; ".join(self.explained_by))
+        else:
+            lines.append("diagnosis: no known bug explains it (not in the catalog); see the first divergent stage")
+        return "\n".join(lines)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max()) / max(float(a.abs().max()), 1e-6)
+
+
+@torch.inference_mode()
+def compare_stages(ref, hf, tokens: list[int]) -> list[Stage]:
+    trace: list = []
+    ref.cache_k = None
+    ref_logits = ref.forward(torch.tensor([tokens]), 0, trace=trace)
+    captured: list = []
+    hooks = [hf.model.embed_tokens.register_forward_hook(lambda mod, i, o: captured.append(o))]
+    for layer in hf.model.layers:
+        hooks.append(layer.self_attn.register_forward_hook(lambda mod, i, o: captured.append(o[0] if isinstance(o, tuple) else o)))
+        hooks.append(layer.mlp.register_forward_hook(lambda mod, i, o: captured.append(o)))
+    try:
+        ids = torch.tensor([tokens])
+        logits = hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    stages = [Stage(name, d, d <= FP32_REL_BOUND) for (name, r), h in zip(trace, captured)
+              for d in [_rel(r[0], h[0])]]
+    d = _rel(ref_logits[0], logits[0])
+    stages.append(Stage("logits", d, d <= FP32_REL_BOUND))
+    return stages
+
+
+def _meta_params(meta_dir: Path) -> dict:
+    return json.loads((meta_dir / "params.json").read_text())
+
+
+# Repairs: (bug, applies(config), repair(hf_copy, meta_dir, rope)). Each undoes one catalog bug.
+def _repair_k_heads(hf: Path, meta: Path, rope) -> None:
+    def edit(k, v, cfg):
+        if k.endswith("k_proj.weight"):
+            return m._rows_meta_to_hf(m._rows_hf_to_meta(v, cfg["num_attention_heads"]), cfg["num_key_value_heads"])
+    m._edit_tensors(hf, edit)
+
+
+def _repair_q_unpermuted(hf: Path, meta: Path, rope) -> None:
+    m._edit_tensors(hf, lambda k, v, cfg: m._rows_meta_to_hf(v, cfg["num_attention_heads"])
+                    if k.endswith("q_proj.weight") else None)
+
+
+def _repair_k_unpermuted(hf: Path, meta: Path, rope) -> None:
+    m._edit_tensors(hf, lambda k, v, cfg: m._rows_meta_to_hf(v, cfg["num_key_value_heads"])
+                    if k.endswith("k_proj.weight") else None)
+
+
+def _repair_theta(hf: Path, meta: Path, rope) -> None:
+    m._edit_config(hf, lambda c: c.__setitem__("rope_theta", float(_meta_params(meta).get("rope_theta", 10000.0))))
+
+
+def _repair_scaling(hf: Path, meta: Path, rope) -> None:
+    def edit(c):
+        c["rope_scaling"] = None if rope is None else {
+            "factor": rope.factor, "low_freq_factor": rope.low_freq_factor, "high_freq_factor": rope.high_freq_factor,
+            "original_max_position_embeddings": rope.original_max_position_embeddings, "rope_type": "llama3"}
+    m._edit_config(hf, edit)
+
+
+def _repair_eps(hf: Path, meta: Path, rope) -> None:
+    m._edit_config(hf, lambda c: c.__setitem__("rms_norm_eps", float(_meta_params(meta).get("norm_eps", 1e-5))))
+
+
+def _repair_tie(hf: Path, meta: Path, rope) -> None:
+    m._edit_config(hf, lambda c: c.__setitem__("tie_word_embeddings", True))
+
+
+def _gqa_divisible(c: dict) -> bool:
+    return m._gqa(c)
+
+
+REPAIRS: tuple[tuple[str, Callable[[dict], bool], Callable], ...] = (
+    ("wk permuted with n_heads instead of n_kv_heads", _gqa_divisible, _repair_k_heads),
+    ("wq left in Meta's interleaved rotary layout (not permuted)", lambda c: True, _repair_q_unpermuted),
+    ("wk left in Meta's interleaved rotary layout (not permuted)", lambda c: True, _repair_k_unpermuted),
+    ("w1/w3 (gate/up) swapped", lambda c: True, lambda hf, meta, rope: m._swap_gate_up(hf)),
+    ("attention_norm/ffn_norm swapped", lambda c: True, lambda hf, meta, rope: m._swap_norms(hf)),
+    ("rope_theta differs from params.json", lambda c: True, _repair_theta),
+    ("RoPE scaling missing or with the wrong factor for this release", lambda c: True, _repair_scaling),
+    ("rms_norm_eps differs from params.json", lambda c: True, _repair_eps),
+    ("tie_word_embeddings lost (lm_head not the embedding)", lambda c: "lm_head.weight" not in _names(c), _repair_tie),
+)
+
+
+def _names(cfg: dict) -> set:
+    return cfg.get("__tensor_names__", set())
+
+
+def _quick(ref, hf_dir: Path, tokens: list[int]) -> tuple[float, float]:
+    model = load_hf_model(hf_dir)
+    return (check_logits(ref, model, tokens, "cpu").measured, check_far_positions(ref, model, tokens, "cpu").measured)
+
+
+def diagnose(meta_dir: str | Path, hf_dir: str | Path, *, variant_id: str | None = None) -> Diagnosis:
+    from converter.safetensors_writer import read_index
+
+    meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
+    rope = expected_rope_scaling(meta_dir, variant_id)
+    ref = load_meta_checkpoint(meta_dir, rope_scaling=rope)
+    hf = load_hf_model(hf_dir)
+    tokens = fixed_prompt(min(hf.config.vocab_size, ref.args.vocab_size))
+    stages = compare_stages(ref, hf, tokens)
+    far = check_far_positions(ref, hf, tokens, "cpu")
+    first = next((s.name for s in stages if not s.ok), None)
+    if first is None and not far.ok:
+        first = f"far positions only (rel diff {far.measured:.2e}): RoPE frequencies"
+    config_faults = [f"{c.name}: {c.detail}" for c in config_checks(meta_dir, hf_dir, rope) if not c.ok]
+    diag = Diagnosis(parity=first is None and not config_faults, stages=stages, first_divergence=first)
+    if diag.parity:
+        return diag
+    if first is None:
+        # Numerically within bounds on this prompt, but the config contradicts the checkpoint
+        # (e.g. a norm eps whose effect is below the bound): the config check is the diagnosis.
+        diag.first_divergence = "config.json"
+        diag.explained_by = config_faults
+        return diag
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["__tensor_names__"] = set(read_index(hf_dir))
+    with tempfile.TemporaryDirectory() as tmp:
+        for bug, applies, repair in REPAIRS:
+            if not applies(cfg):
+                continue
+            scratch = Path(tmp) / "repair"
+            if scratch.exists():
+                shutil.rmtree(scratch)
+            shutil.copytree(hf_dir, scratch)
+            try:
+                repair(scratch, meta_dir, rope)
+                lg, fp = _quick(ref, scratch, tokens)
+            except Exception:  # a repair that does not fit this model (shapes) is simply not the bug
+                continue
+            ok = lg <= FP32_REL_BOUND and fp <= FP32_REL_BOUND
+            diag.tried.append(Hypothesis(bug, ok, lg, fp))
+            if ok:
+                diag.explained_by.append(bug)
+    return diag
