@@ -144,8 +144,9 @@ def _output_tied(ckpt: MetaCheckpoint) -> tuple[bool, bool]:
     emb, out = ckpt.info("tok_embeddings.weight"), ckpt.info("output.weight")
     if emb.shape != out.shape or emb.dtype != out.dtype:
         return True, False
-    return True, all(torch.equal(ckpt.tensor("tok_embeddings.weight", s), ckpt.tensor("output.weight", s))
-                     for s in range(ckpt.num_shards))
+    # Compared in chunks read from the files, not through the memory map (which would leave both
+    # whole matrices resident). Bit equality: a fine-tuned untied output must never be tied.
+    return True, all(ckpt.tensors_equal("tok_embeddings.weight", "output.weight", s) for s in range(ckpt.num_shards))
 
 
 def _kv_replication(ckpt: MetaCheckpoint, n_kv_heads: int, head_dim: int) -> int:

@@ -67,6 +67,9 @@ class ShapeOnlyCheckpoint:
 
         return TensorInfo(self.shapes[key], torch.bfloat16)
 
+    def tensors_equal(self, key_a, key_b, shard):
+        return torch.equal(self.tensor(key_a, shard), self.tensor(key_b, shard))
+
     def tensor(self, key, shard):
         shape = self.shapes[key]
         if key.endswith(("wk.weight", "wv.weight")):
