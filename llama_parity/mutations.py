@@ -75,37 +75,29 @@ def _drop_rope_theta(hf_dir: Path) -> None:
     _edit_config(hf_dir, lambda c: c.pop("rope_theta", None))
 
 
-def _swap_gate_up(hf_dir: Path) -> None:
-    stash = {}
-
-    def edit(k, v, cfg):
-        if k.endswith(("gate_proj.weight", "up_proj.weight")):
-            stash[k] = v
-        return None
-    _edit_tensors(hf_dir, edit)
-
-    def swap(k, v, cfg):
-        if k.endswith("gate_proj.weight"):
-            return stash[k.replace("gate_proj", "up_proj")]
-        if k.endswith("up_proj.weight"):
-            return stash[k.replace("up_proj", "gate_proj")]
-    _edit_tensors(hf_dir, swap)
-
-
-def _swap_norms(hf_dir: Path) -> None:
+def _swap_pair(hf_dir: Path, a: str, b: str) -> None:
+    """Exchange every tensor named *a* with its twin named *b* (same layer)."""
     stash = {}
 
     def grab(k, v, cfg):
-        if k.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+        if a in k or b in k:
             stash[k] = v
     _edit_tensors(hf_dir, grab)
 
     def swap(k, v, cfg):
-        if k.endswith("input_layernorm.weight"):
-            return stash[k.replace("input_layernorm", "post_attention_layernorm")]
-        if k.endswith("post_attention_layernorm.weight"):
-            return stash[k.replace("post_attention_layernorm", "input_layernorm")]
+        if a in k:
+            return stash[k.replace(a, b)]
+        if b in k:
+            return stash[k.replace(b, a)]
     _edit_tensors(hf_dir, swap)
+
+
+def _swap_gate_up(hf_dir: Path) -> None:
+    _swap_pair(hf_dir, "mlp.gate_proj", "mlp.up_proj")
+
+
+def _swap_norms(hf_dir: Path) -> None:
+    _swap_pair(hf_dir, ".input_layernorm", ".post_attention_layernorm")
 
 
 def _wrong_norm_eps(hf_dir: Path) -> None:
