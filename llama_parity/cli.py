@@ -89,6 +89,26 @@ def _cross_check(args, variant) -> list[str]:
     return notes
 
 
+def _print_plan(input_dir, variant, plan, notes: list[str]) -> None:
+    print(f"{input_dir}:")
+    print(_table(variant.summary_rows()))
+    for e in variant.evidence:
+        print(f"  - {e}")
+    for n in notes:
+        print(f"  ! {n}")
+    print(f"plan ({len(plan)} tensors, {sum(e.nbytes for e in plan) / 1e9:.3f} GB):")
+    for e in plan:
+        print("  " + e.describe())
+
+
+def cmd_inspect(args) -> int:
+    from converter.convert import ConvertOptions, inspect
+
+    variant, plan = inspect(args.input_dir, ConvertOptions(variant_id=args.variant))
+    _print_plan(args.input_dir, variant, plan, [])
+    return EXIT_OK
+
+
 def cmd_convert(args) -> int:
     from converter.convert import ConvertOptions, _dtype_arg, convert_meta_to_hf, inspect
 
@@ -99,15 +119,7 @@ def cmd_convert(args) -> int:
                           verify_md5=args.verify_md5)
     if args.dry_run:
         variant, plan = inspect(args.input_dir, opts)
-        print(f"{args.input_dir}:")
-        print(_table(variant.summary_rows()))
-        for e in variant.evidence:
-            print(f"  - {e}")
-        for n in _cross_check(args, variant):
-            print(f"  ! {n}")
-        print(f"plan ({len(plan)} tensors, {sum(e.nbytes for e in plan) / 1e9:.3f} GB):")
-        for e in plan:
-            print("  " + e.describe())
+        _print_plan(args.input_dir, variant, plan, _cross_check(args, variant))
         return EXIT_OK
     report = convert_meta_to_hf(args.input_dir, args.output_dir, opts)
     notes = _cross_check(args, report.variant)
@@ -207,10 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="what a Meta checkpoint is and what conversion would write")
     p.add_argument("--input-dir", "--input_dir", dest="input_dir", required=True)
     p.add_argument("--variant")
-    p.set_defaults(func=lambda a: cmd_convert(argparse.Namespace(
-        **vars(a), output_dir="-", dtype="auto", instruct=None, max_shard_size=5 * 10**9, overwrite=False,
-        no_tokenizer=False, verify_md5=False, dry_run=True, json=None, no_progress=True, model_size=None,
-        llama_version=None, num_shards=None, push_to_hub=False)))
+    p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("verify", help="judge an HF folder against the Meta checkpoint (exit 0 ok, 1 parity failure, 2 bad input)")
     p.add_argument("--meta-dir", required=True)
     p.add_argument("--hf-dir", required=True)
