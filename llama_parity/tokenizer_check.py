@@ -18,8 +18,10 @@ measured classes (reported with counts, never hidden, not a failure):
 - chat boundary: content starting with whitespace holding a newline ("\\nhi"), or content followed by a
   tool call: Meta encodes header, content and tool call separately, a rendered template joins them.
 
-Run `python -m llama_parity.tokenizer_check` to measure transformers' default loading against ours on the
-real Llama 2 / Llama 3 tokenizers (the numbers in docs/tokenizers.md).
+Run `python -m llama_parity.tokenizer_check [convert_llama_weights_to_hf.py]` to measure transformers'
+default loading against ours on the real Llama 2 / Llama 3 tokenizers, and
+`python -m llama_parity.tokenizer_check --sweep` for every code point in five contexts (the numbers in
+docs/tokenizers.md).
 """
 
 from __future__ import annotations
@@ -503,8 +505,50 @@ def measure_default_vs_ours(n_fuzz: int = 2000, anchor_script: Path | None = Non
     return results
 
 
+SWEEP_TEMPLATES = ("a{c}b", "{c}{c} x", " {c}1", "x\n{c} ", "{c}")
+
+
+def codepoint_sweep(tokenizer_model: Path, hf_dir: Path, *, templates=SWEEP_TEMPLATES, batch: int = 20000,
+                    version: str = "3.1") -> dict[str, list[str]]:
+    """Every Unicode scalar value in each template, Meta vs HF (no bos): the mismatching strings per template.
+
+    Minutes, not seconds (about 5.5 million strings): a one-off measurement, not part of the test suite.
+    """
+    from transformers import AutoTokenizer
+
+    meta = load_meta_tokenizer(tokenizer_model, version=version)
+    tk = AutoTokenizer.from_pretrained(str(hf_dir)).backend_tokenizer
+    cps = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    bad: dict[str, list[str]] = {}
+    for tmpl in templates:
+        strs = [tmpl.format(c=chr(c)) for c in cps]
+        for i in range(0, len(strs), batch):
+            chunk = strs[i : i + batch]
+            hs = [e.ids for e in tk.encode_batch(chunk, add_special_tokens=False)]
+            if isinstance(meta, TiktokenTokenizer):
+                ms = meta.model.encode_ordinary_batch(chunk)
+            else:
+                ms = meta.sp_model.encode(chunk)
+            bad.setdefault(tmpl, []).extend(s for s, m, h in zip(chunk, ms, hs) if m != h)
+    return bad
+
+
 if __name__ == "__main__":
     import sys
 
-    anchor = Path(sys.argv[1]) if len(sys.argv) > 1 else None
-    print(json.dumps(measure_default_vs_ours(anchor_script=anchor), indent=2))
+    if sys.argv[1:2] == ["--sweep"]:
+        from converter.tokenizer_files import write_hf_tokenizer
+        from fixtures.tokenizers import real_llama2_tokenizer, real_llama3_tokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for label, path, family in (("llama2", real_llama2_tokenizer(), "llama2"),
+                                        ("llama3", real_llama3_tokenizer(), "llama3.1")):
+                if path is None:
+                    continue
+                write_hf_tokenizer(path, Path(tmp) / label, family=family, instruct=False)
+                res = codepoint_sweep(path, Path(tmp) / label)
+                print(label, {k: len(v) for k, v in res.items()},
+                      {k: [hex(ord(c)) for s in v[:10] for c in s if ord(c) > 127] for k, v in res.items() if v})
+    else:
+        anchor = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+        print(json.dumps(measure_default_vs_ours(anchor_script=anchor), indent=2))

@@ -46,10 +46,12 @@ _PIECES = st.sampled_from([
     ".", ",", "!", "?", "-", "_", "=", "*", "#", "{", "}", "(", ")", "/", "\\", "\"", "'",
 ])
 _CHARS = st.characters(blacklist_categories=("Cs",))
+_WS = st.text(st.sampled_from(" \n\t\r\u00a0\u3000\u2028\u0085\u000b\u000c"), min_size=1, max_size=30)
 TEXT = st.one_of(
     st.lists(_PIECES, max_size=12).map("".join),
     st.text(_CHARS, max_size=40),
-    st.lists(st.one_of(_PIECES, st.text(_CHARS, max_size=4)), max_size=10).map("".join),
+    st.lists(st.one_of(_PIECES, st.text(_CHARS, max_size=4), _WS), max_size=10).map("".join),
+    st.lists(st.one_of(_PIECES, _WS), min_size=20, max_size=80).map("".join),  # longer texts
 )
 
 
