@@ -184,3 +184,27 @@ def test_written_config_loads_in_transformers(tiny):
     assert rope["rope_type"] == "llama3" and rope["factor"] == 32.0
     assert raw["rope_scaling"]["factor"] == 32.0 and "rope_parameters" not in raw
     assert cfg.tie_word_embeddings is True
+
+
+@pytest.mark.parametrize("variant_id", ["llama3.1-8b", "llama3.3-70b-instruct", "llama3.2-1b", "llama-guard-3-8b",
+                                        "llama3-8b", "llama2-7b", "codellama-7b"])
+def test_generation_config_ids_name_the_right_tokens(tiny, variant_id):
+    """Bug class: eos/bos ids in config.json or generation_config.json that point at the wrong
+    token of the converted tokenizer (ids copied from the real vocabulary onto another one,
+    <|eot_id|> missing from an instruct model's stop list)."""
+    hf = tiny.hf(variant_id)
+    tok = json.loads((hf / "tokenizer.json").read_text())
+    names = {t["id"]: t["content"] for t in tok["added_tokens"]}
+    official = hf_config.official_file(variant_id, "generation_config.json")
+    real_names = {1: "<s>", 2: "</s>", 0: "<unk>", 128000: "<|begin_of_text|>", 128001: "<|end_of_text|>",
+                  128008: "<|eom_id|>", 128009: "<|eot_id|>"}
+    for fname in ("config.json", "generation_config.json"):
+        ours = json.loads((hf / fname).read_text())
+        off = hf_config.official_file(variant_id, fname)
+        for key in ("bos_token_id", "eos_token_id"):
+            want = off.get(key)
+            got = ours.get(key)
+            want_l = want if isinstance(want, list) else [want]
+            got_l = got if isinstance(got, list) else [got]
+            assert [names.get(i) for i in got_l] == [real_names[i] for i in want_l], (fname, key, got, want)
+    assert official  # recorded
