@@ -151,7 +151,7 @@ def cmd_verify(args) -> int:
 
     try:
         rep = verify(args.meta_dir, args.hf_dir, device=args.device, variant_id=args.variant,
-                     bf16=not args.no_bf16, tokenizer=not args.no_tokenizer)
+                     bf16=not args.no_bf16, tokenizer=not args.no_tokenizer, memory=args.memory)
     except InputError as e:
         return _err(str(e))
     print(rep.render())
@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--variant", help="registry id, when the folder name and params cannot tell")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 logits check")
+    p.add_argument("--memory", choices=["auto", "full", "streaming"], default="auto",
+                   help="full: both models in memory; streaming: one layer at a time (real 70B+ weights); "
+                        "auto: stream when the models would not fit comfortably")
     p.add_argument("--no-tokenizer", action="store_true", help="skip tokenizer parity")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout)")
     p.set_defaults(func=cmd_verify)

@@ -8,6 +8,7 @@ and the registry's facts. Output from any converter (ours, transformers' script)
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,15 +111,42 @@ def _check_dirs(meta_dir: Path, hf_dir: Path, device: str) -> None:
         raise InputError("--device cuda requested but torch sees no CUDA device")
 
 
+def _available_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def choose_memory_mode(hf_dir: Path, mode: str) -> str:
+    """'full' holds both models in fp32 (and bf16); 'streaming' one layer at a time. 'auto' streams
+    when the two fp32 models would take more than half the memory available now."""
+    if mode != "auto":
+        return mode
+    from .streaming import model_bytes_fp32
+
+    return "streaming" if 2 * model_bytes_fp32(hf_dir) > _available_bytes() // 2 else "full"
+
+
 def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", variant_id: str | None = None,
-           bf16: bool = True, tokenizer: bool = True) -> VerifyReport:
+           bf16: bool = True, tokenizer: bool = True, memory: str = "auto") -> VerifyReport:
     meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
     _check_dirs(meta_dir, hf_dir, device)
     report = VerifyReport(str(meta_dir), str(hf_dir), device)
     try:
         rope = expected_rope_scaling(meta_dir, variant_id)
         report.checks += config_checks(meta_dir, hf_dir, rope)
-        report.checks += run_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device, bf16=bf16)
+        if choose_memory_mode(hf_dir, memory) == "streaming":
+            from .streaming import streaming_model_checks
+
+            report.checks += streaming_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device)
+            report.notes.append("streamed one layer at a time (bounded memory): kv-cache, greedy and bf16 "
+                                "checks need the whole model and were not run (use --memory full)")
+        else:
+            report.checks += run_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device, bf16=bf16)
     except (OSError, json.JSONDecodeError, KeyError) as e:
         raise InputError(f"cannot load the models: {type(e).__name__}: {e}") from None
     tok = _meta_tokenizer(meta_dir)

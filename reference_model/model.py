@@ -139,7 +139,8 @@ class Transformer:
     """Meta's Transformer over unmerged shards. `shards[s]` is shard s's state dict."""
 
     def __init__(self, args: ModelArgs, shards: list[dict[str, torch.Tensor]], *,
-                 embedding_dim: int, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+                 embedding_dim: int, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 lazy: bool = False):
         self.args = args
         self.mp = len(shards)
         self.embedding_dim = embedding_dim
@@ -149,14 +150,22 @@ class Transformer:
         self.n_local_kv_heads = args.n_kv_heads // self.mp
         self.device = torch.device(device)
         conv = (lambda t: t.to(device=self.device, dtype=dtype)) if dtype else (lambda t: t.to(self.device))
-        self.w = [{k: conv(v) for k, v in sd.items() if k != "rope.freqs"} for sd in shards]
+        self.lazy = lazy
+        if lazy:
+            # Bounded memory for real weights: tensors stay memory-mapped in the checkpoint's dtype
+            # and are converted when a layer uses them, then dropped; the embedding is read by row
+            # and the output matrix in vocab chunks.
+            self.w = [_Converted(sd, conv) for sd in shards]
+        else:
+            self.w = [{k: conv(v) for k, v in sd.items() if k != "rope.freqs"} for sd in shards]
+        self._dtype = dtype or shards[0]["tok_embeddings.weight"].dtype
         self.cache_k: list[list[torch.Tensor]] | None = None
         self.cache_v: list[list[torch.Tensor]] | None = None
         self.cache_valid: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.w[0]["tok_embeddings.weight"].dtype
+        return self._dtype
 
     # --- KV cache -------------------------------------------------------------------------
     def reset_cache(self, max_batch: int, max_seq_len: int) -> None:
@@ -172,7 +181,15 @@ class Transformer:
 
     # --- layers ---------------------------------------------------------------------------
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        parts = [sd["tok_embeddings.weight"] for sd in self.w]
+        if self.lazy:  # gather the rows from the mapped file, convert only those
+            parts = [sd.raw["tok_embeddings.weight"] for sd in self.w]
+            return self._convert(self._embed_parts(tokens.cpu(), parts))
+        return self._embed_parts(tokens, [sd["tok_embeddings.weight"] for sd in self.w])
+
+    def _convert(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=self.device, dtype=self.dtype)
+
+    def _embed_parts(self, tokens: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
         if self.embedding_dim == 1:  # ParallelEmbedding: each shard holds a slice of the hidden dim
             return torch.cat([F.embedding(tokens, p) for p in parts], dim=-1)
         out, start = None, 0  # VocabParallelEmbedding: each shard holds a slice of the vocab
@@ -225,6 +242,8 @@ class Transformer:
         return out
 
     def _output(self, h: torch.Tensor) -> torch.Tensor:
+        if self.lazy:
+            return self._output_chunked(h)
         outs = []
         for sd in self.w:
             hn = rms_norm(h, sd["norm.weight"], self.args.norm_eps)
@@ -236,19 +255,35 @@ class Transformer:
             outs.append(F.linear(hn, w))
         return torch.cat(outs, dim=-1).float()
 
+    def _output_chunked(self, h: torch.Tensor, rows: int = 8192) -> torch.Tensor:
+        outs = []
+        for sd in self.w:
+            hn = rms_norm(h, sd["norm.weight"], self.args.norm_eps)
+            w = sd.raw.get("output.weight")
+            if w is None:  # tied: the (vocab-parallel) embedding shards are the output
+                w = sd.raw["tok_embeddings.weight"]
+            outs += [F.linear(hn, self._convert(w[a:a + rows])) for a in range(0, w.shape[0], rows)]
+        return torch.cat(outs, dim=-1).float()
+
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, trace: list | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, trace: list | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (fp32) for `tokens` placed at positions start_pos.. ; uses the KV cache if reset.
 
         `trace`, when given, receives (stage, tensor) for the embedding and every attention and
-        feed-forward output: what `llama-parity diagnose` compares stage by stage."""
+        feed-forward output: what `llama-parity diagnose` compares stage by stage.
+        `positions` (no cache) places the tokens at arbitrary positions, e.g. 0..7 then 12000..:
+        the long relative distances of a far-position check in one causal pass."""
         tokens = tokens.to(self.device)
         bsz, seqlen = tokens.shape
         h = self._embed(tokens)
         if trace is not None:
             trace.append(("embedding", h))
-        positions = torch.arange(start_pos, start_pos + seqlen, device=self.device)
-        rot = rope_rotations(self.args, positions)
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + seqlen, device=self.device)
+        elif self.cache_k is not None:
+            raise ValueError("explicit positions are for cache-less passes")
+        rot = rope_rotations(self.args, positions.to(self.device))
         if self.cache_k is not None:
             self.cache_valid[start_pos:start_pos + seqlen] = True
             total = start_pos + seqlen
@@ -284,6 +319,19 @@ class Transformer:
         return out
 
 
+class _Converted:
+    """A shard's state dict whose tensors are converted (dtype, device) on each access."""
+
+    def __init__(self, raw: dict[str, torch.Tensor], conv):
+        self.raw, self.conv = raw, conv
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.conv(self.raw[key])
+
+    def get(self, key: str, default=None):
+        return self.conv(self.raw[key]) if key in self.raw else default
+
+
 def find_shards(meta_dir: Path) -> list[Path]:
     paths = sorted(meta_dir.glob("consolidated.*.pth"), key=lambda p: int(p.name.split(".")[1]))
     if not paths:
@@ -293,7 +341,8 @@ def find_shards(meta_dir: Path) -> list[Path]:
 
 def load_meta_checkpoint(meta_dir: str | Path, *, rope_scaling: RopeScalingArgs | None,
                          tokenizer_n_words: int | None = None, embedding_dim: int | None = None,
-                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                         lazy: bool = False) -> Transformer:
     """Build the reference from a Meta directory, shards kept apart.
 
     `embedding_dim` (how tok_embeddings is split) is inferred from the shard shapes when not given:
@@ -314,4 +363,4 @@ def load_meta_checkpoint(meta_dir: str | Path, *, rope_scaling: RopeScalingArgs 
     if embedding_dim is None:
         emb = shards[0]["tok_embeddings.weight"]
         embedding_dim = 1 if (len(shards) > 1 and emb.shape[1] != args.dim) else 0
-    return Transformer(args, shards, embedding_dim=embedding_dim, device=device, dtype=dtype)
+    return Transformer(args, shards, embedding_dim=embedding_dim, device=device, dtype=dtype, lazy=lazy)
