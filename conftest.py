@@ -16,6 +16,17 @@ import torch
 # Tests never reach a model hub: everything they load is made locally or shipped by a package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Property tests are reproducible by default (the same examples every run, so CI cannot turn red
+# by chance); `HYPOTHESIS_PROFILE=explore pytest parity_tests` draws fresh, more numerous examples.
+try:
+    from hypothesis import settings
+
+    settings.register_profile("repro", derandomize=True, deadline=None, print_blob=True)
+    settings.register_profile("explore", deadline=None, max_examples=500, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repro"))
+except ImportError:  # hypothesis is a test extra
+    pass
+
 
 def pytest_addoption(parser):
     g = parser.getgroup("llama-parity")
