@@ -15,9 +15,11 @@ generation need every layer per token and are left to the full checks.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from reference_model.model import RopeScalingArgs, load_meta_checkpoint
 
@@ -107,7 +109,8 @@ def streaming_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeSc
     # HF: one decoder layer in memory at a time, applied to both runs.
     hs = {name: hf.embed(toks) for name, (toks, _pos) in runs.items()}
     layer_diffs = []
-    for i in range(hf.config.num_hidden_layers):
+    for i in tqdm(range(hf.config.num_hidden_layers), desc="verifying layers", unit="layer",
+                  disable=not sys.stderr.isatty()):
         layer = hf.layer(i)
         for name, (_toks, pos) in runs.items():
             hs[name] = hf.run_layer(layer, hs[name], pos)
