@@ -301,7 +301,8 @@ class MetaCheckpoint:
         except Exception:
             pass
 
-    def read_rows(self, key: str, shard: int, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    def read_rows(self, key: str, shard: int, start: int, stop: int, out: torch.Tensor, *,
+                  keep_cached: bool = False) -> torch.Tensor:
         """Copy rows [start, stop) (along dim 0) of `key` in `shard` into `out` and return it.
 
         `out` must be contiguous with the tensor's dtype and shape [stop - start, *shape[1:]].
@@ -326,7 +327,8 @@ class MetaCheckpoint:
         offset = raw.offset + start * row_bytes
         nbytes = (stop - start) * row_bytes
         _pread_into(fd, memoryview(out.reshape(-1).view(torch.uint8).numpy()), offset)
-        drop_cache(fd, offset, nbytes)
+        if not keep_cached:
+            drop_cache(fd, offset, nbytes)
         return out
 
     def tensors_equal(self, key_a: str, key_b: str, shard: int, chunk_bytes: int = 64 << 20) -> bool:
@@ -346,8 +348,10 @@ class MetaCheckpoint:
         for a in range(0, rows, step):
             b = min(rows, a + step)
             shape = (b - a,) + tuple(ia.shape[1:])
-            ta = self.read_rows(key_a, shard, a, b, torch.empty(shape, dtype=ia.dtype))
-            tb = self.read_rows(key_b, shard, a, b, torch.empty(shape, dtype=ia.dtype))
+            # Kept in the page cache: the conversion reads the embedding again right after this
+            # check (detection of tied weights), and would otherwise fetch it from disk twice.
+            ta = self.read_rows(key_a, shard, a, b, torch.empty(shape, dtype=ia.dtype), keep_cached=True)
+            tb = self.read_rows(key_b, shard, a, b, torch.empty(shape, dtype=ia.dtype), keep_cached=True)
             if not torch.equal(ta.view(-1).view(torch.uint8), tb.view(-1).view(torch.uint8)):
                 return False
         return True
