@@ -166,6 +166,25 @@ def _quick(ref, hf_dir: Path, tokens: list[int]) -> tuple[float, float]:
     return (check_logits(ref, model, tokens, "cpu").measured, check_far_positions(ref, model, tokens, "cpu").measured)
 
 
+def _dtype_narrowing(meta_dir: Path, hf_dir: Path) -> str | None:
+    """Weights stored in another float format than the checkpoint's: rounding, not a layout bug.
+    Recognised when the final norm (replicated, never permuted) equals Meta's rounded to it."""
+    from converter.safetensors_writer import iter_hf_tensors
+
+    shard = torch.load(sorted(meta_dir.glob("consolidated.*.pth"))[0], map_location="cpu", mmap=True,
+                       weights_only=True)
+    meta_norm = shard["norm.weight"]
+    _, hf_norm = next(iter_hf_tensors(hf_dir, ["model.norm.weight"]))
+    if hf_norm.dtype == meta_norm.dtype or not torch.equal(meta_norm.to(hf_norm.dtype), hf_norm):
+        return None
+    if torch.equal(meta_norm, hf_norm.to(meta_norm.dtype)):
+        return None  # these values survive the round trip; no evidence of lost bits
+    name = lambda d: str(d).replace("torch.", "")
+    return (f"weights stored as {name(hf_norm.dtype)} while the checkpoint is {name(meta_norm.dtype)}: "
+            "differences are rounding from the dtype change, not a layout bug (compare at that precision, "
+            "or convert with --dtype matching the checkpoint)")
+
+
 def diagnose(meta_dir: str | Path, hf_dir: str | Path, *, variant_id: str | None = None) -> Diagnosis:
     from converter.safetensors_writer import read_index
 
@@ -188,6 +207,10 @@ def diagnose(meta_dir: str | Path, hf_dir: str | Path, *, variant_id: str | None
         # (e.g. a norm eps whose effect is below the bound): the config check is the diagnosis.
         diag.first_divergence = "config.json"
         diag.explained_by = config_faults
+        return diag
+    narrowed = _dtype_narrowing(meta_dir, hf_dir)
+    if narrowed:
+        diag.explained_by.append(narrowed)
         return diag
     cfg = json.loads((hf_dir / "config.json").read_text())
     cfg["__tensor_names__"] = set(read_index(hf_dir))

@@ -7,6 +7,7 @@ researcher the wrong way. Each mutation is applied to a correct conversion and m
 from __future__ import annotations
 
 import pytest
+import torch
 
 from llama_parity.diagnose import diagnose
 from llama_parity.mutations import BY_NAME, mutate_copy
@@ -41,3 +42,15 @@ def test_diagnose_clean_conversion(tiny):
     """Bug class: false alarms on a correct conversion."""
     d = diagnose(tiny.meta("llama3.1-8b"), tiny.hf("llama3.1-8b"))
     assert d.parity and d.first_divergence is None
+
+
+def test_diagnose_names_dtype_narrowing(tiny, tmp_path):
+    """Bug class: rounding from a dtype change (fp32 -> bf16, bf16 -> fp16) blamed on the layout."""
+    from converter.convert import ConvertOptions, convert_meta_to_hf
+
+    meta = tiny.meta("llama3.2-1b")  # tiny checkpoints are fp32
+    out = tmp_path / "bf16"
+    convert_meta_to_hf(meta, out, ConvertOptions(dtype=torch.bfloat16, progress=False))
+    d = diagnose(meta, out)
+    assert not d.parity and d.first_divergence == "embedding"
+    assert len(d.explained_by) == 1 and "stored as bfloat16 while the checkpoint is float32" in d.explained_by[0]
