@@ -113,15 +113,31 @@ def _read_output(hf_dir) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    """(variant, shards) -> a tiny bf16 Meta checkpoint, built once per module: building one
+    learns a tiny tokenizer, which costs more than the conversion under test."""
+    built = {}
+
+    def get(variant_id: str, shards: int):
+        if (variant_id, shards) not in built:
+            root = tmp_path_factory.mktemp(f"{variant_id}-mp{shards}")
+            built[variant_id, shards] = make_tiny_checkpoint(variants.get(variant_id), root, num_shards=shards,
+                                                             dtype=torch.bfloat16)
+        return built[variant_id, shards]
+
+    return get
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view(torch.uint8)
 
 
 @pytest.mark.parametrize("variant_id,shards", CASES, ids=[f"{v}-mp{n}" for v, n in CASES])
 @pytest.mark.parametrize("chunk", ["default", "tiny"])
-def test_streamed_output_is_bit_identical(tmp_path, monkeypatch, variant_id, shards, chunk):
+def test_streamed_output_is_bit_identical(tmp_path, monkeypatch, bf16_checkpoint, variant_id, shards, chunk):
     spec = variants.get(variant_id)
-    folder = make_tiny_checkpoint(spec, tmp_path / "meta", num_shards=shards, dtype=torch.bfloat16)
+    folder = bf16_checkpoint(variant_id, shards)
     opts = ConvertOptions(write_tokenizer=False)
     if chunk == "tiny":
         # Chunks of a few rows (not a multiple of anything natural) and several output files:
@@ -142,10 +158,10 @@ def test_streamed_output_is_bit_identical(tmp_path, monkeypatch, variant_id, sha
         assert len(list(hf.glob("*.safetensors"))) > 1
 
 
-def test_requested_dtype_converts_once(tmp_path):
+def test_requested_dtype_converts_once(tmp_path, bf16_checkpoint):
     """--dtype float32 from bf16 widens exactly (bf16 -> fp32 is lossless), no other rounding."""
     spec = variants.get("llama3.2-1b")
-    folder = make_tiny_checkpoint(spec, tmp_path / "meta", num_shards=1, dtype=torch.bfloat16)
+    folder = bf16_checkpoint("llama3.2-1b", 1)
     convert_meta_to_hf(folder, tmp_path / "hf", ConvertOptions(write_tokenizer=False, dtype=torch.float32))
     got = _read_output(tmp_path / "hf")
     for name, w in expected_tensors(folder, spec).items():
