@@ -61,6 +61,16 @@ def _rebase(ids, vocab_size: int):
     return [one(i) for i in ids] if isinstance(ids, list) else (None if ids is None else one(ids))
 
 
+def _transformers_version() -> str:
+    """The installed transformers' version, read from package metadata (importing it costs ~1 s)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -104,9 +114,7 @@ def build_config(variant: Variant, dtype: torch.dtype) -> dict:
         if key == "_name_or_path":
             continue
         if key == "transformers_version":
-            import transformers
-
-            out[key] = transformers.__version__
+            out[key] = _transformers_version()
         else:
             # initializer_range, pretraining_tp, pad_token_id: fixed facts of the release
             out[key] = values.get(key, official_value)
@@ -122,9 +130,7 @@ def build_generation_config(variant: Variant) -> dict:
         if key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             out[key] = _rebase(value, variant.vocab_size)
         elif key == "transformers_version":
-            import transformers
-
-            out[key] = transformers.__version__
+            out[key] = _transformers_version()
         else:
             out[key] = value
     return out
