@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +88,12 @@ def _prepare_output(output_dir: Path, overwrite: bool) -> Path:
 
 
 def _commit_output(staging: Path, output_dir: Path) -> None:
+    # Files written through temporary files are private (0600); the result is an ordinary folder.
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in staging.iterdir():
+        if p.is_file():
+            p.chmod(0o666 & ~umask)
     if output_dir.exists():
         trash = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
         output_dir.rename(trash)
@@ -150,7 +157,16 @@ def convert_meta_to_hf(input_dir: str | Path, output_dir: str | Path,
                               "tokenizer files (pass --no-tokenizer to convert the weights alone)")
 
     staging = _prepare_output(output_dir, options.overwrite)
+    pool = ThreadPoolExecutor(max_workers=1)
     try:
+        # The tokenizer files (1-1.5 s of Python for a 128k vocab) are built while the weights
+        # stream out: that thread mostly computes, the writer mostly waits on the disk.
+        tokenizer_job = None
+        if options.write_tokenizer:
+            from .tokenizer_files import write_hf_tokenizer
+
+            tokenizer_job = pool.submit(write_hf_tokenizer, variant.tokenizer_path, staging,
+                                        family=variant.family, instruct=variant.instruct)
         replicas = ReplicaCheck()
         by_name = {e.hf_name: e for e in plan}
         specs = [OutTensor(e.hf_name, e.shape, e.dtype) for e in plan]
@@ -165,10 +181,8 @@ def convert_meta_to_hf(input_dir: str | Path, output_dir: str | Path,
             progress.close()
             ckpt.close()
         write_configs(staging, variant, out_dtype)
-        if options.write_tokenizer:
-            from .tokenizer_files import write_hf_tokenizer
-
-            info = write_hf_tokenizer(variant.tokenizer_path, staging, family=variant.family, instruct=variant.instruct)
+        if tokenizer_job is not None:
+            info = tokenizer_job.result()
             if info.vocab_size > variant.vocab_size:
                 raise ConversionError(f"the tokenizer defines {info.vocab_size} ids but the model's vocab is "
                                       f"{variant.vocab_size}: wrong tokenizer.model for this checkpoint?")
@@ -180,8 +194,10 @@ def convert_meta_to_hf(input_dir: str | Path, output_dir: str | Path,
                             f"{replicas.worst_key}); shard 00's copy was written")
         _commit_output(staging, output_dir)
     except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    pool.shutdown(wait=True)
     return ConversionReport(variant, output_dir, files, len(plan), sum(s.nbytes for s in specs),
                             time.perf_counter() - t0, replicas.max_abs_diff, replicas.worst_key, warnings)
 

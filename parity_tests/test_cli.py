@@ -37,6 +37,14 @@ def test_convert_and_verify_exit_zero(tiny, tmp_path, capsys):
     code, out, _ = run(capsys, "convert", "--input-dir", src, "--output-dir", tmp_path / "hf", "--json", tmp_path / "r.json")
     assert code == 0 and "Llama 3.1 8B" in out
     assert json.loads((tmp_path / "r.json").read_text())["registry_id"] == "llama3.1-8b"
+    # an ordinary folder, not the private mode of temporary files
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [tmp_path / "hf", *sorted((tmp_path / "hf").iterdir())]:
+        want = (0o777 if p.is_dir() else 0o666) & ~mask
+        assert p.stat().st_mode & 0o777 == want, p
     code, out, _ = run(capsys, "verify", "--meta-dir", src, "--hf-dir", tmp_path / "hf", "--json", tmp_path / "v.json")
     assert code == 0 and "PARITY OK" in out
     assert json.loads((tmp_path / "v.json").read_text())["ok"] is True
