@@ -14,6 +14,7 @@ from .detect import Variant
 from .errors import ConversionError
 from .keymap import meta_keys
 from .meta_checkpoint import MetaCheckpoint
+from .safetensors_writer import tensor_nbytes
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,7 @@ class TensorPlan:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
+        return tensor_nbytes(self.shape, self.dtype)
 
     def describe(self) -> str:
         steps = [f"merge dim {self.concat_dim}" if self.concat_dim is not None else "replicated"]

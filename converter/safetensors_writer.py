@@ -32,6 +32,13 @@ _DTYPES = {
 }
 
 
+def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
 @dataclass(frozen=True)
 class OutTensor:
     name: str
@@ -40,10 +47,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 def assign_files(tensors: Sequence[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
