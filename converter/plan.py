@@ -15,6 +15,7 @@ from .errors import ConversionError
 from .keymap import meta_keys
 from .meta_checkpoint import MetaCheckpoint
 from .safetensors_writer import tensor_nbytes
+from .transforms import dedupe_replicated_heads, permute_for_hf_rotary
 
 
 @dataclass(frozen=True)
@@ -191,18 +192,11 @@ def iter_chunks(entry: TensorPlan, ckpt: MetaCheckpoint, replicas: ReplicaCheck 
                 yield dst
                 continue
             src = src.reshape((sb - sa,) + rest)
+        # Chunks hold whole heads, so the per-head transforms of transforms.py apply to each chunk.
         if rep > 1:
-            g = src.view((sb - sa) // (rep * unit), rep, unit, *rest)
-            if not torch.equal(g, g[:, :1].expand_as(g)):
-                raise ConversionError(
-                    f"{entry.meta_key}: the {rep} stored copies of each kv head differ; "
-                    "they should be replicas (shards > kv heads). Refusing to guess which copy is right.")
-            src = g[:, 0]  # [heads, unit, cols]: the first copy of each head
+            src = dedupe_replicated_heads(src, (sb - sa) // unit, rep, name=entry.meta_key)
         if entry.rotary_heads:
-            # Meta rotates interleaved row pairs (0,1), (2,3), ... of each head; HF pairs row i with
-            # row i + head_dim/2: within each head, take even rows then odd rows.
-            h = (b - a) // unit
-            dst.view(h, 2, unit // 2, *rest).copy_(src.reshape(h, unit // 2, 2, *rest).transpose(1, 2))
+            permute_for_hf_rotary(src, (b - a) // unit, out=dst)
         else:
             dst.copy_(src.reshape(dst.shape))  # dtype conversion, if --dtype asked for one, happens here
         yield dst

@@ -10,18 +10,25 @@ import torch
 from .errors import ConversionError
 
 
-def permute_for_hf_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def permute_for_hf_rotary(w: torch.Tensor, n_heads: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Reorder the output rows of wq/wk from Meta's rotary layout to HF's.
 
     Meta rotates interleaved pairs (x0, x1), (x2, x3), ... of each head as complex numbers; HF's
     `rotate_half` pairs x_i with x_{i + head_dim/2}. Within each head, rows [0, 2, 4, ..., 1, 3, ...].
     `n_heads` must be the number of heads the rows belong to: n_heads for wq, n_kv_heads for wk.
+    The permutation is per head, so it applies to any block of whole heads (the streaming
+    converter's chunks); `out`, when given, receives the result (with a dtype conversion if it
+    has another dtype) instead of a new tensor.
     """
     out_features, in_features = w.shape
     head_dim = out_features // n_heads
     if head_dim * n_heads != out_features or head_dim % 2:
         raise ValueError(f"{out_features} rows do not split into {n_heads} heads of even size")
-    return w.view(n_heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+    permuted = w.reshape(n_heads, head_dim // 2, 2, in_features).transpose(1, 2)
+    if out is not None:
+        out.view(n_heads, 2, head_dim // 2, in_features).copy_(permuted)
+        return out
+    return permuted.reshape(out_features, in_features)
 
 
 def unpermute_from_hf_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -55,7 +62,7 @@ def dedupe_replicated_heads(w: torch.Tensor, n_stored_heads: int, replication: i
         return w
     out_features, in_features = w.shape
     head_dim = out_features // n_stored_heads
-    grouped = w.view(n_stored_heads // replication, replication, head_dim, in_features)
+    grouped = w.reshape(n_stored_heads // replication, replication, head_dim, in_features)
     first = grouped[:, :1]
     if not torch.equal(grouped, first.expand_as(grouped)):
         raise ConversionError(
