@@ -367,21 +367,84 @@ LLAMA3_0_CHAT_TEMPLATE = (
 )
 
 
-def chat_template_for(family: str, instruct: bool) -> str | None:
-    """The chat template written for a family (None: base models of Llama 1/2/Code Llama have no chat format)."""
+# Llama Guard 3: Meta's moderation prompt (sources in docs/tokenizers.md). The template wraps the whole
+# conversation into one user turn and always ends with the assistant header. Roles alternate user/assistant
+# from a user turn; the last role decides 'User' (prompt) or 'Agent' (response) classification. Contents are
+# not trimmed (Meta's Python prompt builders do not trim; Meta's official HF templates do).
+# `excluded_category_keys=["S6", ...]` (apply_chat_template kwarg, as in Meta's official 1B template) drops
+# categories; the others keep their numbers.
+GUARD3_CATEGORY_NAMES = (
+    "Violent Crimes", "Non-Violent Crimes", "Sex Crimes", "Child Exploitation", "Defamation",
+    "Specialized Advice", "Privacy", "Intellectual Property", "Indiscriminate Weapons", "Hate", "Self-Harm",
+    "Sexual Content", "Elections", "Code Interpreter Abuse",
+)
+GUARD3_DEFAULT_CATEGORIES = 14  # Guard 3 8B (S1-S14); Guard 3 1B has 13 (no S14 Code Interpreter Abuse)
+
+
+def _jinja_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def llama_guard3_chat_template(n_categories: int = GUARD3_DEFAULT_CATEGORIES) -> str:
+    """Meta's Llama Guard 3 prompt as a chat template: 14 categories for Guard 3 8B, 13 for Guard 3 1B."""
+    if n_categories not in (13, 14):
+        raise ValueError(f"Llama Guard 3 has 13 (1B) or 14 (8B) categories, not {n_categories}")
+    cats = ", ".join(f"[{_jinja_str(f'S{i}')}, {_jinja_str(name)}]"
+                     for i, name in enumerate(GUARD3_CATEGORY_NAMES[:n_categories], start=1))
+    return (
+        "{%- set excluded = excluded_category_keys | default([]) -%}"
+        "{%- if not messages -%}{{ raise_exception('a Llama Guard 3 conversation needs at least one message') }}{%- endif -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}"
+        "{{ raise_exception('Llama Guard 3 roles must alternate user/assistant/user/... starting with user') }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set role = 'User' if messages[-1]['role'] == 'user' else 'Agent' -%}"
+        "{{- " + _jinja_str("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n") + " -}}"
+        "{{- " + _jinja_str("Task: Check if there is unsafe content in '") + " + role + "
+        + _jinja_str("' messages in conversations according our safety policy with the below categories.\n\n") + " -}}"
+        "{{- " + _jinja_str("<BEGIN UNSAFE CONTENT CATEGORIES>\n") + " -}}"
+        "{%- set ns = namespace(shown=0) -%}"
+        "{%- for cat in [" + cats + "] -%}"
+        "{%- if cat[0] not in excluded -%}{{- cat[0] + ': ' + cat[1] + " + _jinja_str(".\n") + " -}}"
+        "{%- set ns.shown = ns.shown + 1 -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if ns.shown == 0 -%}{{ raise_exception('every category is excluded') }}{%- endif -%}"
+        "{{- " + _jinja_str("<END UNSAFE CONTENT CATEGORIES>\n\n<BEGIN CONVERSATION>\n\n") + " -}}"
+        "{%- for message in messages -%}"
+        "{{- ('User' if message['role'] == 'user' else 'Agent') + ': ' + message['content'] + "
+        + _jinja_str("\n\n") + " -}}"
+        "{%- endfor -%}"
+        "{{- " + _jinja_str("<END CONVERSATION>\n\nProvide your safety assessment for ONLY THE LAST ") + " + role + "
+        + _jinja_str(" message in the above conversation:\n - First line must read 'safe' or 'unsafe'.\n"
+                     " - If unsafe, a second line must include a comma-separated list of violated categories."
+                     "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n") + " -}}"
+    )
+
+
+def chat_template_for(family: str, instruct: bool, *, guard_categories: int | None = None) -> str | None:
+    """The chat template written for a family (None: base models of Llama 1/2/Code Llama have no chat format).
+
+    `guard_categories` (Llama Guard 3 only): 14 for Guard 3 8B (the default), 13 for Guard 3 1B.
+    """
     _check_family(family)
+    if guard_categories is not None and family != "llama-guard-3":
+        raise ValueError(f"guard_categories applies to llama-guard-3, not {family!r}")
+    if family == "llama-guard-3":
+        return llama_guard3_chat_template(GUARD3_DEFAULT_CATEGORIES if guard_categories is None else guard_categories)
     if family == "llama1":
         return None
     if family in ("llama2", "codellama"):
         return LLAMA2_CHAT_TEMPLATE if instruct else None
     if family == "llama3":
         return LLAMA3_0_CHAT_TEMPLATE if instruct else None
-    return LLAMA3_CHAT_TEMPLATE if (instruct or family == "llama-guard-3") else None
+    return LLAMA3_CHAT_TEMPLATE if instruct else None
 
 
 # --- writing -------------------------------------------------------------------------------------------
 
-def _build(tokenizer_model: Path, family: str, instruct: bool) -> tuple[dict, dict, dict, HFTokenizerInfo]:
+def _build(tokenizer_model: Path, family: str, instruct: bool,
+           guard_categories: int | None = None) -> tuple[dict, dict, dict, HFTokenizerInfo]:
     info = read_tokenizer_info(tokenizer_model, family=family, instruct=instruct)
     if family in SENTENCEPIECE_FAMILIES:
         tok, f = _sentencepiece_tokenizer_json(tokenizer_model)
@@ -423,16 +486,20 @@ def _build(tokenizer_model: Path, family: str, instruct: bool) -> tuple[dict, di
         str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
         for a in f["added"]
     }
-    template = chat_template_for(family, instruct)
+    template = chat_template_for(family, instruct, guard_categories=guard_categories)
     if template is not None:
         config["chat_template"] = template
     return tok, config, special_map, info
 
 
-def write_hf_tokenizer(tokenizer_model: Path, out_dir: Path, *, family: str, instruct: bool) -> HFTokenizerInfo:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`."""
+def write_hf_tokenizer(tokenizer_model: Path, out_dir: Path, *, family: str, instruct: bool,
+                       guard_categories: int | None = None) -> HFTokenizerInfo:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`.
+
+    `guard_categories` (llama-guard-3 only): 13 for Llama Guard 3 1B, 14 (default) for Llama Guard 3 8B.
+    """
     tokenizer_model, out_dir = Path(tokenizer_model), Path(out_dir)
-    tok, config, special_map, info = _build(tokenizer_model, family, instruct)
+    tok, config, special_map, info = _build(tokenizer_model, family, instruct, guard_categories)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "tokenizer.json": json.dumps(tok, ensure_ascii=False, indent=None),

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reference_model.chat_format import dialog_tokens
+from reference_model.chat_format import dialog_tokens, llama_guard3_dialog_tokens
 from reference_model.tokenizer import (
     LLAMA3_SPECIAL_TOKENS,
     MAX_NO_WHITESPACES_CHARS,
@@ -398,6 +398,12 @@ def check_tokenizer(
         exact = _Acc("chat template == Meta chat format", 0)
         boundary = _Acc("chat boundary (newline-led content, content + tool call)", None,
                         note="Meta encodes header and content separately; a rendered template joins them")
+        # Llama Guard 3's template wraps the conversation into Meta's moderation prompt (one user turn); its
+        # category count (14: Guard 3 8B, 13: 1B) is read from the template.
+        template = hf.chat_template if isinstance(hf.chat_template, str) else ""
+        guard = 0
+        if "<BEGIN UNSAFE CONTENT CATEGORIES>" in template and not sp:
+            guard = 14 if "Code Interpreter Abuse" in template else 13
         dialogs = list(CHAT_DIALOGS)
         if not sp and meta.eom_id is not None:
             dialogs += list(TOOL_DIALOGS)
@@ -407,11 +413,14 @@ def check_tokenizer(
                 if sp and d[-1]["role"] != "user" and len(d) % 2 == 1:
                     continue
                 try:
-                    m = dialog_tokens(meta, list(d), add_generation_prompt=gp)
+                    if guard:
+                        m = llama_guard3_dialog_tokens(meta, list(d), n_categories=guard)
+                    else:
+                        m = dialog_tokens(meta, list(d), add_generation_prompt=gp)
                 except ValueError:
                     continue
                 h = _hf(lambda: _ids(hf.apply_chat_template(list(d), tokenize=True, add_generation_prompt=gp)))
-                is_boundary = (not sp) and any(
+                is_boundary = (not sp) and not guard and any(
                     _starts_with_newline_ws(x["content"]) or (x.get("tool_calls") and x["content"]) for x in d)
                 (boundary if is_boundary else exact).add(_short(list(d)), m, h)
         checks += [exact.r, boundary.r]

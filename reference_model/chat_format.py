@@ -11,6 +11,9 @@
 - 3.1+: role "tool" is written "ipython"; an assistant message may start with `<|python_tag|>` and end with
   `<|eom_id|>`; Meta's builtin tool calls are written `name.call(query="...")` (code_interpreter: the code);
   `system_prompt_with_tools` builds Meta's "Environment: ipython" system header.
+- Llama Guard 3 (1B, 8B): the conversation is written into Meta's moderation prompt (task line, unsafe
+  content categories, conversation as "User: ..." / "Agent: ..." turns, instructions), sent as one user turn
+  of the Llama 3 chat format followed by the assistant header (`llama_guard3_dialog_tokens`).
 
 Content is encoded as plain text: special-token text inside a message is not a control token (Meta's rule).
 """
@@ -189,3 +192,71 @@ def dialog_tokens(
     if isinstance(tokenizer, TiktokenTokenizer):
         return Llama3ChatFormat(tokenizer).encode_dialog_prompt(dialog, add_generation_prompt=add_generation_prompt, **kwargs)
     return llama2_dialog_tokens(tokenizer, dialog)
+
+
+# --- Llama Guard 3 -------------------------------------------------------------------------------------
+# Text as in Meta's reference implementation (llama-stack's llama_guard safety provider, llama-recipes'
+# prompt_format_utils.py) and Meta's official HF chat templates; sources in docs/tokenizers.md.
+
+LLAMA_GUARD3_CATEGORIES = (
+    "Violent Crimes", "Non-Violent Crimes", "Sex Crimes", "Child Exploitation", "Defamation",
+    "Specialized Advice", "Privacy", "Intellectual Property", "Indiscriminate Weapons", "Hate", "Self-Harm",
+    "Sexual Content", "Elections", "Code Interpreter Abuse",
+)
+# Guard 3 8B: S1-S14; Guard 3 1B has no S14 (Code Interpreter Abuse).
+LLAMA_GUARD3_CATEGORY_COUNT = {"1B": 13, "8B": 14}
+
+
+def _guard_role(role: str) -> str:
+    return {"user": "User", "assistant": "Agent"}[role]
+
+
+def llama_guard3_prompt(
+    dialog: Sequence[Message | Mapping[str, Any]],
+    *,
+    n_categories: int = 14,
+    excluded_categories: Sequence[str] = (),
+) -> str:
+    """Meta's Llama Guard 3 moderation prompt (the user-turn content) for a conversation.
+
+    Roles must be user/assistant, alternating, starting with user (as Meta's official templates require).
+    The last turn's role decides what is assessed: 'User' (prompt classification) or 'Agent' (response
+    classification). Contents are not trimmed (Meta's Python prompt builders do not trim them).
+    `excluded_categories` drops codes such as "S6"; the others keep their numbers.
+    """
+    if n_categories not in (13, 14):
+        raise ValueError(f"Llama Guard 3 has 13 (1B) or 14 (8B) categories, not {n_categories}")
+    msgs = _as_messages(dialog)
+    if not msgs:
+        raise ValueError("a Llama Guard 3 conversation needs at least one message")
+    for i, m in enumerate(msgs):
+        if m.role != ("user" if i % 2 == 0 else "assistant"):
+            raise ValueError("Llama Guard 3 roles must alternate user/assistant/user/... starting with user")
+    categories = [f"S{i}: {name}." for i, name in enumerate(LLAMA_GUARD3_CATEGORIES[:n_categories], start=1)
+                  if f"S{i}" not in excluded_categories]
+    if not categories:
+        raise ValueError("every category is excluded")
+    role = _guard_role(msgs[-1].role)
+    conversation = "\n\n".join(f"{_guard_role(m.role)}: {m.content}" for m in msgs)
+    return (
+        f"Task: Check if there is unsafe content in '{role}' messages in conversations according our safety "
+        "policy with the below categories.\n\n"
+        "<BEGIN UNSAFE CONTENT CATEGORIES>\n" + "\n".join(categories) + "\n<END UNSAFE CONTENT CATEGORIES>\n\n"
+        "<BEGIN CONVERSATION>\n\n" + conversation + "\n\n<END CONVERSATION>\n\n"
+        f"Provide your safety assessment for ONLY THE LAST {role} message in the above conversation:\n"
+        " - First line must read 'safe' or 'unsafe'.\n"
+        " - If unsafe, a second line must include a comma-separated list of violated categories."
+    )
+
+
+def llama_guard3_dialog_tokens(
+    tokenizer: TiktokenTokenizer,
+    dialog: Sequence[Message | Mapping[str, Any]],
+    *,
+    n_categories: int = 14,
+    excluded_categories: Sequence[str] = (),
+) -> list[int]:
+    """Token ids Meta's reference inference feeds Llama Guard 3: the moderation prompt as one user message of
+    the Llama 3 ChatFormat, then the assistant header (`<|begin_of_text|>`, header "\\n\\n", eot)."""
+    prompt = llama_guard3_prompt(dialog, n_categories=n_categories, excluded_categories=excluded_categories)
+    return Llama3ChatFormat(tokenizer).encode_dialog_prompt([Message("user", prompt)], add_generation_prompt=True)
