@@ -166,7 +166,8 @@ def convert_meta_to_hf(input_dir: str | Path, output_dir: str | Path,
             from .tokenizer_files import write_hf_tokenizer
 
             tokenizer_job = pool.submit(write_hf_tokenizer, variant.tokenizer_path, staging,
-                                        family=variant.family, instruct=variant.instruct)
+                                        family=variant.family, instruct=variant.instruct,
+                                        guard_categories=_guard_categories(variant))
         replicas = ReplicaCheck()
         by_name = {e.hf_name: e for e in plan}
         specs = [OutTensor(e.hf_name, e.shape, e.dtype) for e in plan]
@@ -200,6 +201,14 @@ def convert_meta_to_hf(input_dir: str | Path, output_dir: str | Path,
     pool.shutdown(wait=True)
     return ConversionReport(variant, output_dir, files, len(plan), sum(s.nbytes for s in specs),
                             time.perf_counter() - t0, replicas.max_abs_diff, replicas.worst_key, warnings)
+
+
+def _guard_categories(variant: Variant) -> int | None:
+    """Llama Guard 3 1B (a Llama 3.2 model, RoPE factor 32) was trained on 13 hazard categories;
+    the 8B (a Llama 3.1 model) on 14, adding Code Interpreter Abuse."""
+    if variant.family != "llama-guard-3":
+        return None
+    return 13 if variant.rope_scaling is not None and variant.rope_scaling.factor == 32.0 else 14
 
 
 def _check_rope_freqs(ckpt: MetaCheckpoint, variant: Variant) -> list[str]:

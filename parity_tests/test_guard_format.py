@@ -182,3 +182,11 @@ def test_guard_report_uses_guard_format(guard, size):
     assert report.ok, "\n".join(report.mismatch_lines())
     chat = {c.name: c for c in report.checks}["chat template == Meta chat format"]
     assert chat.total >= 6 and chat.mismatches == 0
+
+
+@pytest.mark.parametrize("variant_id,n", [("llama-guard-3-1b", 13), ("llama-guard-3-8b", 14)])
+def test_converter_writes_each_guard_size_its_categories(tiny, variant_id, n):
+    """Bug class: Guard 3 1B converted with the 8B's 14 categories (S14 it was never trained on)."""
+    tok = AutoTokenizer.from_pretrained(str(tiny.hf(variant_id)))
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert ("S14: Code Interpreter Abuse" in text) == (n == 14) and "S13: Elections" in text
