@@ -200,17 +200,3 @@ def iter_chunks(entry: TensorPlan, ckpt: MetaCheckpoint, replicas: ReplicaCheck 
         else:
             dst.copy_(src.reshape(dst.shape))  # dtype conversion, if --dtype asked for one, happens here
         yield dst
-
-
-def materialize(entry: TensorPlan, ckpt: MetaCheckpoint, replicas: ReplicaCheck | None = None) -> torch.Tensor:
-    """The whole converted tensor at once (for tools and tests; the converter streams chunks)."""
-    out = torch.empty(entry.shape, dtype=entry.dtype)
-    flat = out.view(-1) if out.dim() else out.view(1)
-    pos = 0
-    for chunk in iter_chunks(entry, ckpt, replicas):
-        k = chunk.numel()
-        flat[pos:pos + k].copy_(chunk.reshape(-1))
-        pos += k
-    if pos != out.numel():
-        raise ConversionError(f"{entry.meta_key}: produced {pos} elements, planned {out.numel()}")
-    return out

@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -513,8 +512,3 @@ def write_hf_tokenizer(tokenizer_model: Path, out_dir: Path, *, family: str, ins
             fh.write("\n")
         os.replace(tmp, out_dir / name)
     return info
-
-
-def copy_tokenizer_model(tokenizer_model: Path, out_dir: Path) -> None:
-    """Optionally keep Meta's original file next to the HF files (not needed to load them)."""
-    shutil.copyfile(tokenizer_model, Path(out_dir) / "original_tokenizer.model")

@@ -140,12 +140,8 @@ def _repair_tie(hf: Path, meta: Path, rope) -> None:
     m._edit_config(hf, lambda c: c.__setitem__("tie_word_embeddings", True))
 
 
-def _gqa_divisible(c: dict) -> bool:
-    return m._gqa(c)
-
-
 REPAIRS: tuple[tuple[str, Callable[[dict], bool], Callable], ...] = (
-    ("wk permuted with n_heads instead of n_kv_heads", _gqa_divisible, _repair_k_heads),
+    ("wk permuted with n_heads instead of n_kv_heads", m._gqa, _repair_k_heads),
     ("wq left in Meta's interleaved rotary layout (not permuted)", lambda c: True, _repair_q_unpermuted),
     ("wk left in Meta's interleaved rotary layout (not permuted)", lambda c: True, _repair_k_unpermuted),
     ("w1/w3 (gate/up) swapped", lambda c: True, lambda hf, meta, rope: m._swap_gate_up(hf)),

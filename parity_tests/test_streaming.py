@@ -65,7 +65,6 @@ def expected_tensors(folder, spec) -> dict[str, torch.Tensor]:
     params = json.loads((folder / "params.json").read_text())
     shards = [torch.load(p, map_location="cpu", weights_only=True) for p in sorted(folder.glob("consolidated.*.pth"))]
     n_heads = params["n_heads"]
-    stored_kv = params.get("n_kv_heads") or n_heads
     head_dim = params["dim"] // n_heads
     llama3 = variants.FAMILY_FACTS[spec.family].tokenizer == "tiktoken"
     out = {}

@@ -123,18 +123,6 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, :, None, :].expand(bs, slen, n_kv, n_rep, hd).reshape(bs, slen, n_kv * n_rep, hd)
 
 
-# Meta's shard layout: which dim each key is split along, per family. None = replicated.
-def shard_dim(key: str, embedding_dim: int) -> int | None:
-    if key == "tok_embeddings.weight":
-        return embedding_dim
-    if key.endswith(("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-                     "feed_forward.w1.weight", "feed_forward.w3.weight")) or key == "output.weight":
-        return 0
-    if key.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-        return 1
-    return None
-
-
 class Transformer:
     """Meta's Transformer over unmerged shards. `shards[s]` is shard s's state dict."""
 
