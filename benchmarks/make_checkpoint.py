@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from fixtures import variants
+from llama_parity.fixtures import variants
 
 _ALIGN = 64
 _STORAGE_TYPES = {torch.bfloat16: "BFloat16Storage", torch.float16: "HalfStorage", torch.float32: "FloatStorage"}
@@ -194,7 +194,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     tok = None
     if not a.no_tokenizer:
-        from fixtures.tokenizers import real_llama3_tokenizer
+        from llama_parity.fixtures.tokenizers import real_llama3_tokenizer
 
         tok = real_llama3_tokenizer()
     make_checkpoint(a.variant, a.out, a.shards, tokenizer=tok)

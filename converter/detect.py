@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from fixtures import variants as registry
-from fixtures.variants import FAMILY_FACTS, RopeScaling, VariantSpec
+from llama_parity.fixtures import variants as registry
+from llama_parity.fixtures.variants import FAMILY_FACTS, RopeScaling, VariantSpec
 
 from .errors import ConversionError
 from .meta_checkpoint import MetaCheckpoint

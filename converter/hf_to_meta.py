@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from fixtures import variants as registry
-from fixtures.variants import FAMILY_FACTS, intermediate_size
+from llama_parity.fixtures import variants as registry
+from llama_parity.fixtures.variants import FAMILY_FACTS, intermediate_size
 
 from .convert import _commit_output, _prepare_output
 from .errors import ConversionError

@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from converter.errors import ConversionError
+from llama_parity.converter.errors import ConversionError
 
 EXIT_OK, EXIT_PARITY, EXIT_INPUT = 0, 1, 2
 
@@ -77,7 +77,7 @@ def _cross_check(args, variant) -> list[str]:
                          f"(using {variant.family}'s facts, e.g. rope scaling "
                          f"{variant.rope_scaling.factor if variant.rope_scaling else 'none'})")
     if args.model_size and variant.registry_id:
-        from fixtures.variants import get
+        from llama_parity.fixtures.variants import get
 
         size = get(variant.registry_id).size
         if args.model_size.upper().rstrip("B") not in (size.rstrip("B"), "30" if size == "33B" else "-"):
@@ -102,7 +102,7 @@ def _print_plan(input_dir, variant, plan, notes: list[str]) -> None:
 
 
 def cmd_inspect(args) -> int:
-    from converter.convert import ConvertOptions, inspect
+    from llama_parity.converter.convert import ConvertOptions, inspect
 
     variant, plan = inspect(args.input_dir, ConvertOptions(variant_id=args.variant))
     _print_plan(args.input_dir, variant, plan, [])
@@ -110,7 +110,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from converter.convert import ConvertOptions, _dtype_arg, convert_meta_to_hf, inspect
+    from llama_parity.converter.convert import ConvertOptions, _dtype_arg, convert_meta_to_hf, inspect
 
     opts = ConvertOptions(dtype=_dtype_arg(args.dtype), variant_id=args.variant, instruct=args.instruct,
                           max_shard_bytes=args.max_shard_size if isinstance(args.max_shard_size, int)
@@ -190,7 +190,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_to_meta(args) -> int:
-    from converter.hf_to_meta import convert_hf_to_meta
+    from llama_parity.converter.hf_to_meta import convert_hf_to_meta
 
     rep = convert_hf_to_meta(args.hf_dir, args.output_dir, num_shards=args.num_shards, overwrite=args.overwrite,
                              tokenizer=args.tokenizer)
@@ -202,7 +202,7 @@ def cmd_to_meta(args) -> int:
 
 
 def cmd_variants(args) -> int:
-    from fixtures.variants import VARIANTS
+    from llama_parity.fixtures.variants import VARIANTS
 
     for v in VARIANTS:
         rs = f"rope x{v.rope_scaling.factor:g}" if v.rope_scaling else ""

@@ -10,9 +10,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from converter.convert import ConversionReport, ConvertOptions, convert_meta_to_hf
-from fixtures import variants as registry
-from fixtures.factory import make_tiny_checkpoint
+from llama_parity.converter.convert import ConversionReport, ConvertOptions, convert_meta_to_hf
+from llama_parity.fixtures import variants as registry
+from llama_parity.fixtures.factory import make_tiny_checkpoint
 
 from .verify import VerifyReport, verify
 

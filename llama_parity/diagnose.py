@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from reference_model.model import load_meta_checkpoint
+from llama_parity.reference_model.model import load_meta_checkpoint
 
 from . import mutations as m
 from .verify import config_checks
@@ -165,7 +165,7 @@ def _quick(ref, hf_dir: Path, tokens: list[int]) -> tuple[float, float]:
 def _dtype_narrowing(meta_dir: Path, hf_dir: Path) -> str | None:
     """Weights stored in another float format than the checkpoint's: rounding, not a layout bug.
     Recognised when the final norm (replicated, never permuted) equals Meta's rounded to it."""
-    from converter.safetensors_writer import iter_hf_tensors
+    from llama_parity.converter.safetensors_writer import iter_hf_tensors
 
     shard = torch.load(sorted(meta_dir.glob("consolidated.*.pth"))[0], map_location="cpu", mmap=True,
                        weights_only=True)
@@ -182,7 +182,7 @@ def _dtype_narrowing(meta_dir: Path, hf_dir: Path) -> str | None:
 
 
 def diagnose(meta_dir: str | Path, hf_dir: str | Path, *, variant_id: str | None = None) -> Diagnosis:
-    from converter.safetensors_writer import read_index
+    from llama_parity.converter.safetensors_writer import read_index
 
     meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
     rope = expected_rope_scaling(meta_dir, variant_id)

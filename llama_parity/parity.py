@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from reference_model.model import RopeScalingArgs, Transformer, load_meta_checkpoint
+from llama_parity.reference_model.model import RopeScalingArgs, Transformer, load_meta_checkpoint
 
 FP32_REL_BOUND = 1e-4
 BF16_REL_BOUND = 5e-2
@@ -195,7 +195,7 @@ def expected_rope_scaling(meta_dir: Path, variant_id: str | None = None) -> Rope
     converter: params.json's use_scaled_rope says whether; the release (exact params match, or
     the folder's name) says the factor; failing both, tied output means Llama 3.2 (32), else 8.
     """
-    from fixtures import variants as registry
+    from llama_parity.fixtures import variants as registry
 
     params = json.loads((Path(meta_dir) / "params.json").read_text())
     if not params.get("use_scaled_rope"):

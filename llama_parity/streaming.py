@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from reference_model.model import RopeScalingArgs, load_meta_checkpoint
+from llama_parity.reference_model.model import RopeScalingArgs, load_meta_checkpoint
 
 from .parity import FAR_START, FP32_REL_BOUND, Check, _rel_diff, fixed_prompt
 
@@ -34,7 +34,7 @@ class StreamingHF:
         from transformers import AutoConfig
         from transformers.models.llama import modeling_llama
 
-        from converter.safetensors_writer import read_index
+        from llama_parity.converter.safetensors_writer import read_index
 
         self.m = modeling_llama
         self.config = AutoConfig.from_pretrained(str(hf_dir))

@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reference_model.chat_format import dialog_tokens, llama_guard3_dialog_tokens
-from reference_model.tokenizer import (
+from llama_parity.reference_model.chat_format import dialog_tokens, llama_guard3_dialog_tokens
+from llama_parity.reference_model.tokenizer import (
     LLAMA3_SPECIAL_TOKENS,
     MAX_NO_WHITESPACES_CHARS,
     SentencePieceTokenizer,
@@ -281,7 +281,7 @@ def has_invalid_byte_run(meta, ids) -> bool:
 
 def _infer_version(tokenizer_model: Path, hf) -> str:
     """Which of Meta's Llama 3 special-token tables the HF side claims (the closest by names)."""
-    from reference_model.tokenizer import read_tiktoken_ranks
+    from llama_parity.reference_model.tokenizer import read_tiktoken_ranks
 
     n = len(read_tiktoken_ranks(tokenizer_model))
     hf_names = hf.convert_ids_to_tokens(list(range(n, n + 256)))
@@ -488,8 +488,8 @@ def measure_encode(meta, hf, texts: list[str]) -> dict[str, int]:
 
 def measure_default_vs_ours(n_fuzz: int = 2000, anchor_script: Path | None = None) -> dict[str, Any]:
     """Mismatch counts of transformers' default loading vs ours, same fuzzed and curated strings."""
-    from converter.tokenizer_files import write_hf_tokenizer
-    from fixtures.tokenizers import real_llama2_tokenizer, real_llama3_tokenizer
+    from llama_parity.converter.tokenizer_files import write_hf_tokenizer
+    from llama_parity.fixtures.tokenizers import real_llama2_tokenizer, real_llama3_tokenizer
     from transformers import AutoTokenizer
 
     specials = ("<s>", "</s>", "<unk>", "<|")  # special-token text is its own class (see check_tokenizer)
@@ -546,8 +546,8 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] == ["--sweep"]:
-        from converter.tokenizer_files import write_hf_tokenizer
-        from fixtures.tokenizers import real_llama2_tokenizer, real_llama3_tokenizer
+        from llama_parity.converter.tokenizer_files import write_hf_tokenizer
+        from llama_parity.fixtures.tokenizers import real_llama2_tokenizer, real_llama3_tokenizer
 
         with tempfile.TemporaryDirectory() as tmp:
             for label, path, family in (("llama2", real_llama2_tokenizer(), "llama2"),

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fixtures.tokenizers import hf_tokenizer, meta_tokenizer, tokenizer_cases
+from llama_parity.fixtures.tokenizers import hf_tokenizer, meta_tokenizer, tokenizer_cases
 from llama_parity.tokenizer_check import first_diff
-from reference_model.chat_format import Llama3ChatFormat, Message, dialog_tokens, llama2_dialog_tokens
-from reference_model.tokenizer import SentencePieceTokenizer
+from llama_parity.reference_model.chat_format import Llama3ChatFormat, Message, dialog_tokens, llama2_dialog_tokens
+from llama_parity.reference_model.tokenizer import SentencePieceTokenizer
 
 HYPO = settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
 

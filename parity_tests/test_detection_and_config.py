@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from converter import hf_config
-from converter.detect import detect
-from converter.plan import build_plan
-from fixtures import variants as registry
-from fixtures.variants import FAMILY_FACTS, VARIANTS, intermediate_size
+from llama_parity.converter import hf_config
+from llama_parity.converter.detect import detect
+from llama_parity.converter.plan import build_plan
+from llama_parity.fixtures import variants as registry
+from llama_parity.fixtures.variants import FAMILY_FACTS, VARIANTS, intermediate_size
 
 # Where our output deliberately differs from the official HF file, and why.
 KNOWN_DEVIATIONS = {
@@ -63,7 +63,7 @@ class ShapeOnlyCheckpoint:
         return key in self.shapes
 
     def info(self, key, shard=0):
-        from converter.meta_checkpoint import TensorInfo
+        from llama_parity.converter.meta_checkpoint import TensorInfo
 
         return TensorInfo(self.shapes[key], torch.bfloat16)
 
@@ -89,7 +89,7 @@ def shape_only(tmp_path, monkeypatch):
         d.mkdir(parents=True, exist_ok=True)
         ckpt = ShapeOnlyCheckpoint(spec, d)
         ckpt.tokenizer_path = d / "tokenizer.model"
-        monkeypatch.setattr("converter.detect.tokenizer_n_words", lambda path, kind: spec.vocab_size)
+        monkeypatch.setattr("llama_parity.converter.detect.tokenizer_n_words", lambda path, kind: spec.vocab_size)
         return ckpt
     return make
 
@@ -156,7 +156,7 @@ def test_plan_has_real_shapes(spec, shape_only):
 def test_tiny_checkpoints_detected(tiny, variant_id):
     """Bug class: detection that only works on real shapes (fine-tunes, custom sizes): the tiny
     checkpoint, named like Meta's download folder, must resolve to its release's facts."""
-    from converter.convert import inspect
+    from llama_parity.converter.convert import inspect
 
     spec = registry.get(variant_id)
     v, _plan = inspect(tiny.meta(variant_id))

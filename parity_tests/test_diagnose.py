@@ -46,7 +46,7 @@ def test_diagnose_clean_conversion(tiny):
 
 def test_diagnose_names_dtype_narrowing(tiny, tmp_path):
     """Bug class: rounding from a dtype change (fp32 -> bf16, bf16 -> fp16) blamed on the layout."""
-    from converter.convert import ConvertOptions, convert_meta_to_hf
+    from llama_parity.converter.convert import ConvertOptions, convert_meta_to_hf
 
     meta = tiny.meta("llama3.2-1b")  # tiny checkpoints are fp32
     out = tmp_path / "bf16"

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from llama_parity import parity
-from reference_model.fairscale_mp import fairscale_logits
-from reference_model.model import load_meta_checkpoint
+from llama_parity.reference_model.fairscale_mp import fairscale_logits
+from llama_parity.reference_model.model import load_meta_checkpoint
 
 CASES = [pytest.param("llama2-13b", None, id="llama2-13b-mp2-parallel-embedding"),
          pytest.param("llama3.1-70b", 2, id="llama3.1-70b-mp2-vocab-parallel-embedding")]

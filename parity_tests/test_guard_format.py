@@ -11,12 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from converter.tokenizer_files import chat_template_for, llama_guard3_chat_template, write_hf_tokenizer
-from fixtures.tokenizers import real_llama3_tokenizer, tokenizer_cases
+from llama_parity.converter.tokenizer_files import chat_template_for, llama_guard3_chat_template, write_hf_tokenizer
+from llama_parity.fixtures.tokenizers import real_llama3_tokenizer, tokenizer_cases
 from llama_parity.tokenizer_check import check_tokenizer, first_diff
-from reference_model.chat_format import (LLAMA_GUARD3_CATEGORY_COUNT, llama_guard3_dialog_tokens,
+from llama_parity.reference_model.chat_format import (LLAMA_GUARD3_CATEGORY_COUNT, llama_guard3_dialog_tokens,
                                          llama_guard3_prompt)
-from reference_model.tokenizer import load_meta_tokenizer
+from llama_parity.reference_model.tokenizer import load_meta_tokenizer
 
 HYPO = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
 SIZES = ["1B", "8B"]

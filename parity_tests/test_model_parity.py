@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llama_parity import parity
-from reference_model.model import load_meta_checkpoint
+from llama_parity.reference_model.model import load_meta_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -24,8 +24,8 @@ VARIANTS = ["llama2-13b", "codellama-34b", "llama3-8b", "llama3.1-8b", "llama3.2
 
 def _tiny_config(variant_id: str) -> dict:
     """The config keys mutations look at, known at collection time from the tiny shape."""
-    from fixtures.factory import HEAD_DIM, tiny_shape
-    from fixtures.variants import get
+    from llama_parity.fixtures.factory import HEAD_DIM, tiny_shape
+    from llama_parity.fixtures.variants import get
 
     spec = get(variant_id)
     shape = tiny_shape(spec, spec.num_shards)

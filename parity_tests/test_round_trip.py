@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 
-from converter.hf_to_meta import convert_hf_to_meta
-from fixtures.variants import architecture_variants
-from reference_model.model import ModelArgs, RopeScalingArgs
+from llama_parity.converter.hf_to_meta import convert_hf_to_meta
+from llama_parity.fixtures.variants import architecture_variants
+from llama_parity.reference_model.model import ModelArgs, RopeScalingArgs
 
 
 @pytest.mark.parametrize("variant_id", [v.id for v in architecture_variants()])

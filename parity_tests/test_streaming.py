@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from converter import plan as plan_mod
-from converter.convert import ConvertOptions, convert_meta_to_hf
-from fixtures import variants
-from fixtures.factory import make_tiny_checkpoint
+from llama_parity.converter import plan as plan_mod
+from llama_parity.converter.convert import ConvertOptions, convert_meta_to_hf
+from llama_parity.fixtures import variants
+from llama_parity.fixtures.factory import make_tiny_checkpoint
 
 # (variant, shards): single file, Llama 3 vocab-parallel embedding (dim 0), Llama 2 hidden-parallel
 # embedding (dim 1), and more shards than kv heads (kv heads stored twice).
@@ -174,7 +174,7 @@ def test_mmap_fallback_gives_the_same_bytes(tmp_path, monkeypatch, bf16_checkpoi
     Bug class: the fallback path (compressed records, legacy or foreign .pth layouts) rotting
     unnoticed because every fixture takes the fast path.
     """
-    from converter.meta_checkpoint import MetaCheckpoint
+    from llama_parity.converter.meta_checkpoint import MetaCheckpoint
 
     spec = variants.get("llama2-70b")
     folder = bf16_checkpoint("llama2-70b", 8)

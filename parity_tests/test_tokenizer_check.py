@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from fixtures.tokenizers import hf_tokenizer, tokenizer_cases
+from llama_parity.fixtures.tokenizers import hf_tokenizer, tokenizer_cases
 from llama_parity.tokenizer_check import TokenizerReport, check_tokenizer, first_diff
 
 

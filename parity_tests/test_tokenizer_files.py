@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from converter.tokenizer_files import FAMILIES, HFTokenizerInfo, read_tokenizer_info, write_hf_tokenizer
-from fixtures.tokenizers import hf_tokenizer, meta_tokenizer, tokenizer_cases
+from llama_parity.converter.tokenizer_files import FAMILIES, HFTokenizerInfo, read_tokenizer_info, write_hf_tokenizer
+from llama_parity.fixtures.tokenizers import hf_tokenizer, meta_tokenizer, tokenizer_cases
 from llama_parity.tokenizer_check import check_tokenizer
-from reference_model.tokenizer import LLAMA3_SPECIAL_TOKENS, detect_tokenizer_kind
+from llama_parity.reference_model.tokenizer import LLAMA3_SPECIAL_TOKENS, detect_tokenizer_kind
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fixtures.tokenizers import TINY_CASE_SPECS, hf_tokenizer, meta_tokenizer, tokenizer_cases
+from llama_parity.fixtures.tokenizers import TINY_CASE_SPECS, hf_tokenizer, meta_tokenizer, tokenizer_cases
 from llama_parity.tokenizer_check import CURATED_CORPUS, check_tokenizer, first_diff
-from reference_model.tokenizer import SentencePieceTokenizer
+from llama_parity.reference_model.tokenizer import SentencePieceTokenizer
 
 ALL_CASES = [name for name, *_ in TINY_CASE_SPECS] + [
     "real-llama2-chat",

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fixtures.tokenizers import (
+from llama_parity.fixtures.tokenizers import (
     CODELLAMA_INFILL_PIECES,
     make_tiny_sentencepiece,
     make_tiny_tiktoken,
@@ -17,7 +17,7 @@ from fixtures.tokenizers import (
     real_llama3_tokenizer,
     tokenizer_cases,
 )
-from reference_model.tokenizer import (
+from llama_parity.reference_model.tokenizer import (
     SentencePieceTokenizer,
     TiktokenTokenizer,
     load_meta_tokenizer,

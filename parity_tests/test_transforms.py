@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from converter.transforms import (dedupe_replicated_heads, merge_shards, permute_for_hf_rotary, replicate_heads,
+from llama_parity.converter.transforms import (dedupe_replicated_heads, merge_shards, permute_for_hf_rotary, replicate_heads,
                                   split_shards, unpermute_from_hf_rotary)
 
 shapes = st.tuples(st.integers(1, 6), st.sampled_from([2, 4, 8, 16]), st.integers(1, 9))

@@ -1,0 +1,106 @@
+"""The parity suite's pytest plugin: options, tiny checkpoints built once per run, devices, real weights.
+
+Registered through the `pytest11` entry point, so an installed llama-parity runs its suite on a
+user's checkpoint without a source checkout:
+
+    pytest --pyargs llama_parity.parity_tests --meta-dir /path/to/Llama3.2-1B [--hf-dir /path/to/hf]
+
+Loading it costs nothing in other projects' test runs: torch and the rest are imported lazily.
+
+`pytest parity_tests` runs every check on tiny random checkpoints of every architecture variant.
+Pointed at real weights (`--meta-dir DIR [--hf-dir DIR]`), the same model checks run on them too:
+the real pair is added to the parametrization, nothing is skipped in its absence.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+def pytest_addoption(parser):
+    g = parser.getgroup("llama-parity")
+    g.addoption("--meta-dir", action="append", default=[],
+                help="a real Meta checkpoint folder to run the parity checks on (repeatable)")
+    g.addoption("--hf-dir", action="append", default=[],
+                help="its HF conversion to judge (same order as --meta-dir); converted by us when omitted")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def devices() -> list:
+    return [
+        pytest.param("cpu", id="cpu"),
+        pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
+            not _cuda_available(), reason="no CUDA device on this machine; the same test runs on GPU machines")),
+    ]
+
+
+def cpu_budget() -> int:
+    """Cores this process may use (affinity and cgroup quota), so torch never runs more threads than that."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+class TinyCheckpoints:
+    """Lazily builds and converts tiny checkpoints; each (variant, shards) once per session."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._meta: dict[tuple[str, int | None], Path] = {}
+        self._hf: dict[tuple[str, int | None], Path] = {}
+
+    def meta(self, variant_id: str, num_shards: int | None = None) -> Path:
+        from llama_parity.fixtures import variants
+        from llama_parity.fixtures.factory import make_tiny_checkpoint
+
+        key = (variant_id, num_shards)
+        if key not in self._meta:
+            spec = variants.get(variant_id)
+            self._meta[key] = make_tiny_checkpoint(spec, self.root / f"{variant_id}-mp{num_shards or spec.num_shards}",
+                                                   num_shards=num_shards)
+        return self._meta[key]
+
+    def hf(self, variant_id: str, num_shards: int | None = None) -> Path:
+        from llama_parity.converter.convert import ConvertOptions, convert_meta_to_hf
+
+        key = (variant_id, num_shards)
+        if key not in self._hf:
+            meta = self.meta(variant_id, num_shards)
+            out = meta.parent / "hf"
+            convert_meta_to_hf(meta, out, ConvertOptions(progress=False))
+            self._hf[key] = out
+        return self._hf[key]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> TinyCheckpoints:
+    return TinyCheckpoints(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def real_pairs(request, tmp_path_factory) -> list[tuple[Path, Path]]:
+    metas = [Path(p) for p in request.config.getoption("--meta-dir")]
+    hfs = [Path(p) for p in request.config.getoption("--hf-dir")]
+    pairs = []
+    for i, m in enumerate(metas):
+        if i < len(hfs):
+            pairs.append((m, hfs[i]))
+        else:
+            from llama_parity.converter.convert import ConvertOptions, convert_meta_to_hf
+
+            out = tmp_path_factory.mktemp("real") / m.name
+            convert_meta_to_hf(m, out, ConvertOptions())
+            pairs.append((m, out))
+    return pairs

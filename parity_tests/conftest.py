@@ -1,0 +1,41 @@
+"""Settings for the parity suite alone (never for other projects that have the plugin installed)."""
+
+import os
+
+from pathlib import Path
+
+import pytest
+
+from llama_parity.pytest_plugin import cpu_budget, devices
+
+# torch (OpenMP) otherwise starts a thread per core it sees and spins when the machine is busy or
+# the cgroup allows fewer cores: cap it before torch is imported by the test modules.
+os.environ.setdefault("OMP_NUM_THREADS", str(cpu_budget()))
+
+# Tests never reach a model hub: everything they load is made locally or shipped by a package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Property tests are reproducible by default (the same examples every run, so CI cannot turn red
+# by chance); `HYPOTHESIS_PROFILE=explore pytest parity_tests` draws fresh, more numerous examples.
+try:
+    from hypothesis import settings
+
+    settings.register_profile("repro", derandomize=True, deadline=None, print_blob=True)
+    settings.register_profile("explore", deadline=None, max_examples=500, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repro"))
+except ImportError:  # hypothesis is a test extra
+    pass
+
+
+def pytest_generate_tests(metafunc):
+    # Tests taking `checkpoint` run on every tiny architecture variant, plus any real checkpoint given.
+    if "checkpoint" in metafunc.fixturenames:
+        from llama_parity.fixtures.variants import architecture_variants
+
+        params = [pytest.param(("tiny", v.id), id=v.id) for v in architecture_variants()]
+        params += [pytest.param(("real", i), id=f"real{i}:{Path(p).name}")
+                   for i, p in enumerate(metafunc.config.getoption("--meta-dir"))]
+        metafunc.parametrize("checkpoint", params, scope="module")  # group tests by checkpoint
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", devices(), scope="module")
+
