@@ -39,7 +39,7 @@ _REAL_LLAMA3_WORDS = 128256
 
 
 def official_file(variant_id: str, name: str) -> dict:
-    path = resources.files("fixtures") / "official" / variant_id / name
+    path = resources.files("llama_parity.fixtures") / "official" / variant_id / name
     return json.loads(path.read_text())
 
 
