@@ -8,9 +8,12 @@ import pytest
 
 from llama_parity.pytest_plugin import cpu_budget, devices
 
-# torch (OpenMP) otherwise starts a thread per core it sees and spins when the machine is busy or
-# the cgroup allows fewer cores: cap it before torch is imported by the test modules.
+# torch (OpenMP) otherwise starts a thread per core it sees, and its idle threads spin: on a busy
+# machine that quadrupled the suite's CPU time (3 model-parity modules beside other work: 177 s wall,
+# 42 s CPU with spinning threads; 50 s wall, 10 s CPU passive). Cap the threads to the cores this
+# process may use and let idle ones sleep, before the test modules import torch.
 os.environ.setdefault("OMP_NUM_THREADS", str(cpu_budget()))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Tests never reach a model hub: everything they load is made locally or shipped by a package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
