@@ -204,11 +204,16 @@ def convert_meta_to_hf(input_dir: str | Path, output_dir: str | Path,
 
 
 def _guard_categories(variant: Variant) -> int | None:
-    """Llama Guard 3 1B (a Llama 3.2 model, RoPE factor 32) was trained on 13 hazard categories;
-    the 8B (a Llama 3.1 model) on 14, adding Code Interpreter Abuse."""
+    """Llama Guard 3's category count (1B: 13, 8B: 14) is a release fact: fixtures.variants decides it."""
     if variant.family != "llama-guard-3":
         return None
-    return 13 if variant.rope_scaling is not None and variant.rope_scaling.factor == 32.0 else 14
+    from llama_parity.fixtures.variants import guard_categories
+
+    n = guard_categories(variant.registry_id)
+    if n is None:
+        raise ConversionError("a Llama Guard 3 checkpoint that is neither the released 1B nor 8B: pass "
+                              "--variant llama-guard-3-1b or llama-guard-3-8b")
+    return n
 
 
 def _check_rope_freqs(ckpt: MetaCheckpoint, variant: Variant) -> list[str]:

@@ -300,144 +300,102 @@ def _tiktoken_tokenizer_json(path: Path, family: str) -> tuple[dict, dict]:
     return tok, facts
 
 
-# --- chat templates (generated here, never downloaded) --------------------------------------------------
+# --- chat templates (package data in chat_templates/*.jinja, never downloaded) ---------------------------
+# Official: the chat_template of Meta's official HF repo for the release (what users and tools expect from
+# apply_chat_template; sources and exactness in docs/tokenizers.md). Meta: Meta's own ChatFormat as a
+# template (equal to reference_model.chat_format's ids), shipped for users who want Meta's exact prompt.
 
-LLAMA2_CHAT_TEMPLATE = (
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- if messages | length < 2 -%}{{ raise_exception('a system message must be followed by a user message') }}{%- endif -%}"
-    "{%- set loop_messages = [{'role': messages[1]['role'], 'content': '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' + messages[1]['content']}] + messages[2:] -%}"
-    "{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{ raise_exception('roles must alternate user/assistant/user/...') }}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{ '<s>' + '[INST] ' + message['content'] | trim + ' [/INST]' }}"
-    "{%- else -%}"
-    "{{ ' ' + message['content'] | trim + ' </s>' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
-
-# Meta's ChatFormat: header = <|start_header_id|> role <|end_header_id|> "\n\n"; content untrimmed; then
-# <|eot_id|> (or <|eom_id|> for an assistant message that ends with a tool call / end_of_message).
-# 3.1+: role "tool" is written "ipython"; assistant messages may carry `python_tag` (a <|python_tag|>
-# before the content) and `tool_calls` of Meta's builtin tools, written `<name>.call(query="...")`.
-# A `builtin_tools` variable (apply_chat_template kwarg) puts Meta's tool header into the system prompt.
-LLAMA3_CHAT_TEMPLATE = (
-    "{{- '<|begin_of_text|>' -}}"
-    "{%- set msgs = messages -%}"
-    "{%- if builtin_tools is defined and builtin_tools -%}"
-    "{%- set header = 'Environment: ipython\\n' -%}"
-    "{%- set shown = builtin_tools | reject('equalto', 'code_interpreter') | list -%}"
-    "{%- if shown -%}{%- set header = header + 'Tools: ' + shown | join(', ') + '\\n' -%}{%- endif -%}"
-    "{%- set header = header + 'Cutting Knowledge Date: ' + (knowledge_date | default('December 2023')) + '\\n' -%}"
-    "{%- if date_string is defined -%}{%- set header = header + 'Today Date: ' + date_string + '\\n' -%}{%- endif -%}"
-    "{%- set header = header + '\\n' -%}"
-    "{%- if msgs and msgs[0]['role'] == 'system' -%}"
-    "{%- set msgs = [{'role': 'system', 'content': header + msgs[0]['content']}] + msgs[1:] -%}"
-    "{%- else -%}"
-    "{%- set msgs = [{'role': 'system', 'content': header}] + msgs -%}"
-    "{%- endif -%}"
-    "{%- endif -%}"
-    "{%- for message in msgs -%}"
-    "{%- set role = 'ipython' if message['role'] in ('tool', 'ipython') else message['role'] -%}"
-    "{{- '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' -}}"
-    "{%- if message.get('python_tag') -%}{{- '<|python_tag|>' -}}{%- endif -%}"
-    "{{- message['content'] if message['content'] is string else '' -}}"
-    "{%- set eom = namespace(v=message.get('end_of_message', False)) -%}"
-    "{%- for call in message.get('tool_calls') or [] -%}"
-    "{%- set fn = call['function'] if 'function' in call else call -%}"
-    "{%- if fn['name'] == 'code_interpreter' -%}{{- fn['arguments']['code'] -}}"
-    "{%- else -%}{{- fn['name'] + '.call(query=\"' + fn['arguments']['query'] + '\")' -}}{%- endif -%}"
-    "{%- set eom.v = True -%}"
-    "{%- endfor -%}"
-    "{{- '<|eom_id|>' if eom.v else '<|eot_id|>' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
-)
-
-LLAMA3_0_CHAT_TEMPLATE = (
-    "{{- '<|begin_of_text|>' -}}"
-    "{%- for message in messages -%}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
-)
+TEMPLATE_DIR = Path(__file__).resolve().parent / "chat_templates"
+OFFICIAL_TEMPLATES = {"llama2": "llama2-chat", "codellama": "codellama-instruct", "llama3": "llama3-instruct",
+                      "llama3.1": "llama3.1-instruct", "llama3.2": "llama3.2-instruct",
+                      "llama3.3": "llama3.1-instruct"}  # Llama 3.3 70B ships the 3.1 template
+META_TEMPLATES = {"llama2": "llama2-chat", "codellama": "codellama-instruct", "llama3": "meta-llama3",
+                  "llama3.1": "meta-llama3.1", "llama3.2": "meta-llama3.1", "llama3.3": "meta-llama3.1"}
+GUARD3_CATEGORIES = (13, 14)  # Guard 3 1B, Guard 3 8B (the release decides: fixtures.variants.guard_categories)
 
 
-# Llama Guard 3: Meta's moderation prompt (sources in docs/tokenizers.md). The template wraps the whole
-# conversation into one user turn and always ends with the assistant header. Roles alternate user/assistant
-# from a user turn; the last role decides 'User' (prompt) or 'Agent' (response) classification. Contents are
-# not trimmed (Meta's Python prompt builders do not trim; Meta's official HF templates do).
-# `excluded_category_keys=["S6", ...]` (apply_chat_template kwarg, as in Meta's official 1B template) drops
-# categories; the others keep their numbers.
-GUARD3_CATEGORY_NAMES = (
-    "Violent Crimes", "Non-Violent Crimes", "Sex Crimes", "Child Exploitation", "Defamation",
-    "Specialized Advice", "Privacy", "Intellectual Property", "Indiscriminate Weapons", "Hate", "Self-Harm",
-    "Sexual Content", "Elections", "Code Interpreter Abuse",
-)
-GUARD3_DEFAULT_CATEGORIES = 14  # Guard 3 8B (S1-S14); Guard 3 1B has 13 (no S14 Code Interpreter Abuse)
+def load_chat_template(name: str) -> str:
+    """The text of chat_templates/<name>.jinja."""
+    return (TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8")
 
 
-def _jinja_str(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-
-def llama_guard3_chat_template(n_categories: int = GUARD3_DEFAULT_CATEGORIES) -> str:
+def llama_guard3_chat_template(n_categories: int) -> str:
     """Meta's Llama Guard 3 prompt as a chat template: 14 categories for Guard 3 8B, 13 for Guard 3 1B."""
-    if n_categories not in (13, 14):
+    if n_categories not in GUARD3_CATEGORIES:
         raise ValueError(f"Llama Guard 3 has 13 (1B) or 14 (8B) categories, not {n_categories}")
-    cats = ", ".join(f"[{_jinja_str(f'S{i}')}, {_jinja_str(name)}]"
-                     for i, name in enumerate(GUARD3_CATEGORY_NAMES[:n_categories], start=1))
-    return (
-        "{%- set excluded = excluded_category_keys | default([]) -%}"
-        "{%- if not messages -%}{{ raise_exception('a Llama Guard 3 conversation needs at least one message') }}{%- endif -%}"
-        "{%- for message in messages -%}"
-        "{%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}"
-        "{{ raise_exception('Llama Guard 3 roles must alternate user/assistant/user/... starting with user') }}"
-        "{%- endif -%}"
-        "{%- endfor -%}"
-        "{%- set role = 'User' if messages[-1]['role'] == 'user' else 'Agent' -%}"
-        "{{- " + _jinja_str("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n") + " -}}"
-        "{{- " + _jinja_str("Task: Check if there is unsafe content in '") + " + role + "
-        + _jinja_str("' messages in conversations according our safety policy with the below categories.\n\n") + " -}}"
-        "{{- " + _jinja_str("<BEGIN UNSAFE CONTENT CATEGORIES>\n") + " -}}"
-        "{%- set ns = namespace(shown=0) -%}"
-        "{%- for cat in [" + cats + "] -%}"
-        "{%- if cat[0] not in excluded -%}{{- cat[0] + ': ' + cat[1] + " + _jinja_str(".\n") + " -}}"
-        "{%- set ns.shown = ns.shown + 1 -%}{%- endif -%}"
-        "{%- endfor -%}"
-        "{%- if ns.shown == 0 -%}{{ raise_exception('every category is excluded') }}{%- endif -%}"
-        "{{- " + _jinja_str("<END UNSAFE CONTENT CATEGORIES>\n\n<BEGIN CONVERSATION>\n\n") + " -}}"
-        "{%- for message in messages -%}"
-        "{{- ('User' if message['role'] == 'user' else 'Agent') + ': ' + message['content'] + "
-        + _jinja_str("\n\n") + " -}}"
-        "{%- endfor -%}"
-        "{{- " + _jinja_str("<END CONVERSATION>\n\nProvide your safety assessment for ONLY THE LAST ") + " + role + "
-        + _jinja_str(" message in the above conversation:\n - First line must read 'safe' or 'unsafe'.\n"
-                     " - If unsafe, a second line must include a comma-separated list of violated categories."
-                     "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n") + " -}}"
-    )
+    return "{%- set n_categories = " + str(n_categories) + " -%}\n" + load_chat_template("llama-guard-3")
 
 
 def chat_template_for(family: str, instruct: bool, *, guard_categories: int | None = None) -> str | None:
-    """The chat template written for a family (None: base models of Llama 1/2/Code Llama have no chat format).
+    """The official chat template written for a release (None: base models have none).
 
-    `guard_categories` (Llama Guard 3 only): 14 for Guard 3 8B (the default), 13 for Guard 3 1B.
+    Llama Guard 3 gets Meta's moderation prompt with `guard_categories` (13: 1B, 14: 8B; required).
     """
     _check_family(family)
-    if guard_categories is not None and family != "llama-guard-3":
-        raise ValueError(f"guard_categories applies to llama-guard-3, not {family!r}")
     if family == "llama-guard-3":
-        return llama_guard3_chat_template(GUARD3_DEFAULT_CATEGORIES if guard_categories is None else guard_categories)
-    if family == "llama1":
+        if guard_categories is None:
+            raise ValueError("Llama Guard 3 needs guard_categories: 13 (Guard 3 1B) or 14 (Guard 3 8B)")
+        return llama_guard3_chat_template(guard_categories)
+    if guard_categories is not None:
+        raise ValueError(f"guard_categories applies to llama-guard-3, not {family!r}")
+    if not instruct or family not in OFFICIAL_TEMPLATES:
         return None
-    if family in ("llama2", "codellama"):
-        return LLAMA2_CHAT_TEMPLATE if instruct else None
-    if family == "llama3":
-        return LLAMA3_0_CHAT_TEMPLATE if instruct else None
-    return LLAMA3_CHAT_TEMPLATE if instruct else None
+    return load_chat_template(OFFICIAL_TEMPLATES[family])
+
+
+def meta_chat_template(family: str) -> str | None:
+    """Meta's ChatFormat as a chat template (`apply_chat_template(..., chat_template=...)`), or None."""
+    _check_family(family)
+    return load_chat_template(META_TEMPLATES[family]) if family in META_TEMPLATES else None
+
+
+def render_chat_template(template: str, messages: list[dict], *, bos_token: str, eos_token: str,
+                         add_generation_prompt: bool = False, **kwargs) -> str:
+    """Render a chat template with jinja2 as transformers does (trim_blocks, lstrip_blocks, sandboxed,
+    `raise_exception`, `strftime_now`, a `tojson` that keeps key order and non-ASCII text)."""
+    import datetime
+
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
+                                            add_generation_prompt=add_generation_prompt, **kwargs)
+
+
+# --- Code Llama infilling with the converted tokenizer ------------------------------------------------------
+
+CODELLAMA_INFILL_PIECES = {"prefix": "▁<PRE>", "suffix": "▁<SUF>", "middle": "▁<MID>", "eot": "▁<EOT>"}
+
+
+def infilling_ids(hf_tokenizer, prefix: str, suffix: str, *, suffix_first: bool = False) -> list[int]:
+    """Code Llama's infilling prompt built with a converted HF tokenizer, ids equal to Meta's codellama
+    `infilling_prompt_tokens`: `<s> ▁<PRE>` prefix `▁<SUF>` suffix `▁<MID>` (or, suffix first,
+    `<s> ▁<PRE> ▁<SUF>` suffix `▁<MID>` prefix). The suffix is encoded without the dummy-prefix space as
+    Meta's `encode_infilling` does: encode "☺" + suffix and drop the first two ids ("▁", "☺").
+    Generation of the middle stops at `▁<EOT>` (`hf_tokenizer.convert_tokens_to_ids("▁<EOT>")`)."""
+    ids = {k: hf_tokenizer.convert_tokens_to_ids(p) for k, p in CODELLAMA_INFILL_PIECES.items()}
+    if any(i is None or i == hf_tokenizer.unk_token_id for i in ids.values()):
+        raise ValueError("this tokenizer has no Code Llama infilling pieces (▁<PRE> ▁<SUF> ▁<MID> ▁<EOT>)")
+
+    def encode(s: str) -> list[int]:
+        return list(hf_tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    suf = encode("☺" + suffix)[2:]
+    bos = hf_tokenizer.bos_token_id
+    if suffix_first:
+        return [bos, ids["prefix"], ids["suffix"]] + suf + [ids["middle"]] + encode(prefix)
+    return [bos, ids["prefix"]] + encode(prefix) + [ids["suffix"]] + suf + [ids["middle"]]
 
 
 # --- writing -------------------------------------------------------------------------------------------
@@ -495,7 +453,7 @@ def write_hf_tokenizer(tokenizer_model: Path, out_dir: Path, *, family: str, ins
                        guard_categories: int | None = None) -> HFTokenizerInfo:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`.
 
-    `guard_categories` (llama-guard-3 only): 13 for Llama Guard 3 1B, 14 (default) for Llama Guard 3 8B.
+    `guard_categories` (llama-guard-3 only, required there): 13 for Llama Guard 3 1B, 14 for Guard 3 8B.
     """
     tokenizer_model, out_dir = Path(tokenizer_model), Path(out_dir)
     tok, config, special_map, info = _build(tokenizer_model, family, instruct, guard_categories)

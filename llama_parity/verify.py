@@ -157,7 +157,8 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", var
             report.checks.append(Check("tokenizer files", "HF directory without a tokenizer", 1.0, 0.0, False,
                                        f"no tokenizer.json in {hf_dir}"))
         else:
-            from .tokenizer_check import check_tokenizer
+            from .tokenizer_check import check_tokenizer, tokenizer_release
 
-            report.tokenizer = check_tokenizer(tok, hf_dir)
+            report.tokenizer = check_tokenizer(tok, hf_dir, release=tokenizer_release(meta_dir, variant_id))
+            report.notes += report.tokenizer.notes
     return report

@@ -13,14 +13,19 @@ from transformers import AutoTokenizer
 
 from llama_parity.converter.tokenizer_files import chat_template_for, llama_guard3_chat_template, write_hf_tokenizer
 from llama_parity.fixtures.tokenizers import real_llama3_tokenizer, tokenizer_cases
-from llama_parity.tokenizer_check import check_tokenizer, first_diff
-from llama_parity.reference_model.chat_format import (LLAMA_GUARD3_CATEGORY_COUNT, llama_guard3_dialog_tokens,
-                                         llama_guard3_prompt)
+from llama_parity.fixtures.variants import guard_categories
+from llama_parity.tokenizer_check import TokenizerRelease, check_tokenizer, first_diff
+from llama_parity.reference_model.chat_format import llama_guard3_dialog_tokens, llama_guard3_prompt
 from llama_parity.reference_model.tokenizer import load_meta_tokenizer
 
 HYPO = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
 SIZES = ["1B", "8B"]
 SOURCES = ["tiny", "real"]
+
+
+def n_categories(size: str) -> int:
+    """The release fact (fixtures.variants): Guard 3 1B has 13 categories, 8B 14."""
+    return guard_categories(f"llama-guard-3-{size.lower()}")
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +48,7 @@ def guard(tok_cases, tmp_path_factory):
                 pytest.skip("llama-models is not importable, so the real Llama 3 tokenizer.model is unavailable")
             out = tmp_path_factory.mktemp(f"guard-{source}-{size}")
             write_hf_tokenizer(src, out, family="llama-guard-3", instruct=False,
-                               guard_categories=LLAMA_GUARD3_CATEGORY_COUNT[size])
+                               guard_categories=n_categories(size))
             _GUARD[key] = (src, out, load_meta_tokenizer(src, version="3.2"), AutoTokenizer.from_pretrained(str(out)))
         return _GUARD[key]
 
@@ -86,7 +91,7 @@ def test_guard_template_equals_meta(guard, source, size):
     instructions, one user turn, assistant header last, exactly one BOS. User-only (prompt classification)
     and user+assistant (response classification) conversations, fixed and generated."""
     _, _, meta, hf = guard(source, size)
-    n = LLAMA_GUARD3_CATEGORY_COUNT[size]
+    n = n_categories(size)
 
     def check(dialog):
         m = llama_guard3_dialog_tokens(meta, dialog, n_categories=n)
@@ -117,7 +122,7 @@ def test_guard_prompt_text(guard, size):
     both = user_only + [{"role": "assistant", "content": "hello"}]
     for dialog, role in ((user_only, "User"), (both, "Agent")):
         text = hf.apply_chat_template(dialog, tokenize=False)
-        prompt = llama_guard3_prompt(dialog, n_categories=LLAMA_GUARD3_CATEGORY_COUNT[size])
+        prompt = llama_guard3_prompt(dialog, n_categories=n_categories(size))
         assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n" + prompt
                         + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
         assert text.count(f"'{role}'") == 1 and f"ONLY THE LAST {role} message" in text
@@ -142,46 +147,68 @@ def test_guard_roles_and_exclusions(guard):
                 [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
                 [{"role": "assistant", "content": "a"}]):
         with pytest.raises(ValueError):
-            llama_guard3_dialog_tokens(meta, bad)
+            llama_guard3_dialog_tokens(meta, bad, n_categories=14)
         with pytest.raises(Exception):
             hf.apply_chat_template(bad, tokenize=True)
     d = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     for excl in (["S6"], ["S1", "S14"], ["S2", "S3", "S13"]):
-        m = llama_guard3_dialog_tokens(meta, d, excluded_categories=excl)
+        m = llama_guard3_dialog_tokens(meta, d, n_categories=14, excluded_categories=excl)
         h = _ids(hf.apply_chat_template(d, tokenize=True, excluded_category_keys=excl))
         assert m == h
         text = hf.apply_chat_template(d, tokenize=False, excluded_category_keys=excl)
         assert not any(f"\n{c}: " in text for c in excl) and "\nS5: Defamation.\n" in text
     with pytest.raises(ValueError):
-        llama_guard3_dialog_tokens(meta, d, excluded_categories=[f"S{i}" for i in range(1, 15)])
+        llama_guard3_dialog_tokens(meta, d, n_categories=14, excluded_categories=[f"S{i}" for i in range(1, 15)])
 
 
 def test_guard_template_selection(tok_cases, tmp_path):
-    """Bug class: Llama Guard 3 converted with the Llama 3.1 chat template, or the 1B/8B category lists
-    swapped: the family always gets the moderation template (instruct or not), 14 categories by default."""
+    """Bug class: Llama Guard 3 converted with the Llama 3.1 chat template, the 1B/8B category lists swapped,
+    or a silent default count: the family always gets the moderation template (instruct or not), and the
+    category count must be given (the release decides it, fixtures.variants.guard_categories)."""
     for instruct in (False, True):
-        t = chat_template_for("llama-guard-3", instruct)
+        t = chat_template_for("llama-guard-3", instruct, guard_categories=14)
         assert t == llama_guard3_chat_template(14) and "<BEGIN UNSAFE CONTENT CATEGORIES>" in t
-    assert "Code Interpreter Abuse" not in chat_template_for("llama-guard-3", False, guard_categories=13)
-    assert "S14" in chat_template_for("llama-guard-3", False, guard_categories=14)
+        with pytest.raises(ValueError):
+            chat_template_for("llama-guard-3", instruct)
+    assert guard_categories("llama-guard-3-1b") == 13 and guard_categories("llama-guard-3-8b") == 14
+    assert guard_categories("llama3.1-8b-instruct") is None
     assert "UNSAFE" not in chat_template_for("llama3.1", True)
     with pytest.raises(ValueError):
         chat_template_for("llama-guard-3", False, guard_categories=12)
     with pytest.raises(ValueError):
         chat_template_for("llama3.1", True, guard_categories=13)
-    write_hf_tokenizer(tok_cases["tiny-llama-guard-3"].model_path, tmp_path, family="llama-guard-3", instruct=False)
-    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"] == llama_guard3_chat_template()
+    write_hf_tokenizer(tok_cases["tiny-llama-guard-3"].model_path, tmp_path, family="llama-guard-3", instruct=False,
+                       guard_categories=13)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"] == \
+        llama_guard3_chat_template(13)
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_guard_report_uses_guard_format(guard, size):
     """Bug class: `verify` judging a Guard tokenizer against the ordinary Llama 3 chat format (false failures)
-    or skipping its template: check_tokenizer recognises the Guard template and its category count."""
+    or skipping its template: with the release known, check_tokenizer judges the Guard template with the
+    release's category count, against Meta's prompt and against the release's template."""
     src, out, _, hf = guard("tiny", size)
-    report = check_tokenizer(src, out, hf_tokenizer=hf)
+    rel = TokenizerRelease("llama-guard-3", True, n_categories(size), f"llama-guard-3-{size.lower()}")
+    report = check_tokenizer(src, out, hf_tokenizer=hf, release=rel)
     assert report.ok, "\n".join(report.mismatch_lines())
-    chat = {c.name: c for c in report.checks}["chat template == Meta chat format"]
-    assert chat.total >= 6 and chat.mismatches == 0
+    by_name = {c.name: c for c in report.checks}
+    chat = by_name[f"chat template == Meta chat format (Llama Guard 3, {n_categories(size)} categories)"]
+    assert chat.total >= 3 and chat.mismatches == 0
+
+
+@pytest.mark.parametrize("size,other", [("1B", "8B"), ("8B", "1B")])
+def test_guard_other_size_template_fails(guard, size, other):
+    """Bug class: the expected category count read from the template under test: a Guard 3 1B folder
+    carrying the 8B's 14-category template passed verify. The count comes from the release, so the
+    other size's template fails both the official-template and the Meta-prompt checks."""
+    src, _, _, _ = guard("tiny", size)
+    _, wrong_dir, _, wrong_hf = guard("tiny", other)
+    rel = TokenizerRelease("llama-guard-3", True, n_categories(size), f"llama-guard-3-{size.lower()}")
+    report = check_tokenizer(src, wrong_dir, hf_tokenizer=wrong_hf, release=rel)
+    failing = {c.name for c in report.checks if not c.ok}
+    assert failing == {f"chat template == official template (llama-guard-3-{size.lower()})",
+                       f"chat template == Meta chat format (Llama Guard 3, {n_categories(size)} categories)"}
 
 
 @pytest.mark.parametrize("variant_id,n", [("llama-guard-3-1b", 13), ("llama-guard-3-8b", 14)])

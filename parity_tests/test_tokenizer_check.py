@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from llama_parity.fixtures.tokenizers import hf_tokenizer, tokenizer_cases
-from llama_parity.tokenizer_check import TokenizerReport, check_tokenizer, first_diff
+from llama_parity.tokenizer_check import TokenizerRelease, TokenizerReport, check_tokenizer, first_diff
 
 
 @pytest.fixture(scope="session")
@@ -18,26 +18,48 @@ def tok_cases(tmp_path_factory):
 
 def test_report_shape_and_classes(tok_cases):
     """Bug class: a report that hides measured classes inside exact ones, or cannot be printed/serialized
-    by verify (rows, to_dict), or loses the mismatch details (string, both id lists, first diff)."""
+    by verify (rows, to_dict), or loses the mismatch details (string, both id lists, first diff); measured
+    rows that read like pass/fail counts."""
     case = tok_cases["tiny-llama3.1-instruct"]
+    rel = TokenizerRelease(case.family, case.instruct, None, "llama3.1-8b-instruct")
     report = check_tokenizer(case.model_path, case.hf_dir, corpus=["extra string", "\n\nextra"],
-                             hf_tokenizer=hf_tokenizer(case))
-    assert isinstance(report, TokenizerReport) and report.ok
+                             hf_tokenizer=hf_tokenizer(case), release=rel)
+    assert isinstance(report, TokenizerReport) and report.ok and not report.notes
     d = json.loads(json.dumps(report.to_dict()))
     assert d["ok"] is True and d["kind"] == "tiktoken"
     names = [c["name"] for c in d["checks"]]
-    for expected in ("encode with bos", "encode without bos", "decode",
-                     "special-token text, strict (split_special_tokens=True)",
+    for expected in ("vocab size", "whole vocabulary (every id's bytes / piece)", "added tokens: special flags",
+                     "special tokens in tokenizer_config.json / special_tokens_map.json",
+                     "BOS from tokenizer.json post_processor (exactly once)", "encode with bos", "encode without bos",
+                     "decode", "special-token text, strict (split_special_tokens=True)",
                      "special-token text, HF default parsing", "runs longer than 25,000 chars",
-                     "chat template == Meta chat format"):
+                     "chat template == official template (llama3.1-8b-instruct)", "chat template vs Meta ChatFormat"):
         assert expected in names
     rows = report.rows()
     assert all(len(r) == 4 and isinstance(r[3], bool) for r in rows)
-    boundary = next(c for c in report.checks if c.name.startswith("chat boundary"))
-    assert boundary.bound is None and boundary.mismatches > 0
-    ex = boundary.examples[0]
+    measured = next(c for c in report.checks if c.name == "chat template vs Meta ChatFormat")
+    assert measured.bound is None and measured.mismatches > 0 and "Cutting Knowledge" in measured.note
+    row = next(r for r in rows if r[0] == "tokenizer: chat template vs Meta ChatFormat")
+    assert "differ" in row[1] and row[2].startswith("measured")
+    ex = measured.examples[0]
     assert ex.first_diff == first_diff(ex.meta, ex.hf) >= 0 and ex.meta != ex.hf
     assert any("first diff at" in line for line in report.mismatch_lines())
+    unknown = check_tokenizer(case.model_path, case.hf_dir, hf_tokenizer=hf_tokenizer(case))
+    assert unknown.ok and unknown.notes and not any(n.startswith("chat template == official") for n in
+                                                    (c.name for c in unknown.checks))
+
+
+def test_failing_checks_listed_first(tok_cases, tmp_path):
+    """Bug class: verify's 20 printed mismatch lines filled by measured classes, hiding what failed."""
+    case = tok_cases["tiny-llama3.1-instruct"]
+    shutil.copytree(case.hf_dir, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = "<|end_of_text|>"
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    report = check_tokenizer(case.model_path, tmp_path / "hf",
+                             release=TokenizerRelease("llama3.1", True, None, "llama3.1-8b-instruct"))
+    lines = report.mismatch_lines()
+    assert lines[0].startswith("[special tokens in tokenizer_config.json") and "eos_token" in lines[0]
 
 
 def test_report_fails_on_a_wrong_tokenizer(tok_cases, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from llama_parity.converter.tokenizer_files import FAMILIES, HFTokenizerInfo, read_tokenizer_info, write_hf_tokenizer
 from llama_parity.fixtures.tokenizers import hf_tokenizer, meta_tokenizer, tokenizer_cases
-from llama_parity.tokenizer_check import check_tokenizer
+from llama_parity.tokenizer_check import TokenizerRelease, check_tokenizer
 from llama_parity.reference_model.tokenizer import LLAMA3_SPECIAL_TOKENS, detect_tokenizer_kind
 
 
@@ -36,7 +36,8 @@ def test_info_computed_from_file(tok_cases, tmp_path, family, instruct):
     """Bug class: hard-coded ids (Llama 3 bos = 128000 on a tiny file), wrong stop ids per version, or
     read_tokenizer_info disagreeing with what write_hf_tokenizer records."""
     src = _src(tok_cases, FAMILY_SOURCE[family])
-    info = write_hf_tokenizer(src, tmp_path / "hf", family=family, instruct=instruct)
+    guard = 14 if family == "llama-guard-3" else None
+    info = write_hf_tokenizer(src, tmp_path / "hf", family=family, instruct=instruct, guard_categories=guard)
     assert info == read_tokenizer_info(src, family=family, instruct=instruct)
     assert isinstance(info, HFTokenizerInfo)
     if FAMILY_SOURCE[family] == "tiktoken":
@@ -129,6 +130,7 @@ def test_writing_needs_no_network(tok_cases, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for fam, kind in (("llama2", "sp"), ("llama3.3", "tiktoken"), ("codellama", "codellama")):
         write_hf_tokenizer(_src(tok_cases, kind), tmp_path / fam, family=fam, instruct=True)
+        assert (tmp_path / fam / "tokenizer_config.json").stat().st_size > 0
         assert json.loads((tmp_path / fam / "tokenizer_config.json").read_text())["chat_template"]
 
 
@@ -186,8 +188,14 @@ def _no_bos(t):
     t["post_processor"] = None
 
 
-def _trim_template(c):
-    c["chat_template"] = c["chat_template"].replace("message['content'] if", "message['content'] | trim if")
+def _no_knowledge_header(c):
+    c["chat_template"] = c["chat_template"].replace('{{- "Cutting Knowledge Date: December 2023\\n" }}', "")
+
+
+def _meta_format_template(c):
+    from llama_parity.converter.tokenizer_files import meta_chat_template
+
+    c["chat_template"] = meta_chat_template("llama3.1")  # Meta's ChatFormat, not the official template
 
 
 def _raising_template(c):
@@ -200,17 +208,72 @@ def _llama3_0_names(t):
             a["content"] = "<|reserved_special_token_4|>"
 
 
+def _vocab_entry_changed(t):
+    v = t["model"]["vocab"]
+    a, b = sorted(v, key=v.get)[300:302]  # two ordinary tokens swap ids
+    v[a], v[b] = v[b], v[a]
+
+
+def _special_flag_flipped(t):
+    for a in t["added_tokens"]:
+        if a["content"] in ("<|eot_id|>", "</s>"):
+            a["special"] = False
+
+
+def _normalized_flag_flipped(c):
+    for a in c["added_tokens_decoder"].values():
+        if a["content"] in ("<|begin_of_text|>", "<s>"):
+            a["normalized"] = True
+
+
+def _bos_doubled(t):
+    single = t["post_processor"]["single"]
+    t["post_processor"]["single"] = [single[0]] + single
+
+
+def _base_eos_on_instruct(c):
+    c["eos_token"] = "<|end_of_text|>"
+
+
+def _pad_token_set(c):
+    c["pad_token"] = c["eos_token"]
+
+
+def _infill_pieces_swapped(t):
+    v = t["model"]["vocab"]
+    v["▁<PRE>"], v["▁<SUF>"] = v["▁<SUF>"], v["▁<PRE>"]
+
+
+VOCAB, FLAGS, SPECIAL, BOS = ("whole vocabulary", "added tokens: special flags", "special tokens in tokenizer_config",
+                              "BOS from tokenizer.json post_processor")
+OFFICIAL, META = "chat template == official template", "chat template == Meta chat format"
 MUTATIONS = [
-    # (case, mutation, failing checks expected)
+    # (case, mutation, failing checks expected: each names the start of a failing check's name)
     ("real-llama2-chat", dict(tok=_merges_by_id), {"encode with bos", "encode without bos"}),
     ("tiny-llama2-chat", dict(tok=_merges_by_id), {"encode with bos", "encode without bos"}),
-    ("real-llama2-chat", dict(tok=_metaspace), {"encode with bos", "chat template == Meta chat format"}),
+    ("real-llama2-chat", dict(tok=_metaspace), {"encode with bos", META}),
     ("tiny-llama2-chat", dict(cfg=_llama_class), {"encode with bos", "encode without bos"}),
-    ("tiny-llama3.1-instruct", dict(tok=_no_bos), {"encode with bos"}),
-    ("tiny-llama3.1-instruct", dict(cfg=_trim_template), {"chat template == Meta chat format"}),
-    ("tiny-llama3.1-instruct", dict(tok=_llama3_0_names), {"special-token ids and names"}),
-    ("tiny-llama2-chat", dict(cfg=_raising_template), {"chat template == Meta chat format"}),
+    ("tiny-llama3.1-instruct", dict(tok=_no_bos), {"encode with bos", BOS}),
+    ("tiny-llama3.1-instruct", dict(tok=_bos_doubled), {"encode with bos", BOS}),
+    ("tiny-llama2-chat", dict(tok=_bos_doubled), {"encode with bos", BOS}),
+    ("tiny-llama3.1-instruct", dict(cfg=_no_knowledge_header), {OFFICIAL}),
+    ("tiny-llama3.2-instruct", dict(cfg=_meta_format_template), {OFFICIAL}),
+    ("tiny-llama3.1-instruct", dict(tok=_llama3_0_names), {"special-token ids and names", VOCAB, FLAGS}),
+    ("tiny-llama2-chat", dict(cfg=_raising_template), {OFFICIAL, META}),
+    ("tiny-llama3.1-instruct", dict(tok=_vocab_entry_changed), {VOCAB}),
+    ("tiny-llama2-chat", dict(tok=_vocab_entry_changed), {VOCAB}),
+    ("tiny-llama3.1-instruct", dict(tok=_special_flag_flipped), {FLAGS}),
+    ("tiny-llama2-chat", dict(tok=_special_flag_flipped), {FLAGS}),
+    ("tiny-llama3.1-instruct", dict(cfg=_normalized_flag_flipped), {FLAGS}),
+    ("tiny-llama3.1-instruct", dict(cfg=_base_eos_on_instruct), {SPECIAL}),
+    ("tiny-llama3.1-base", dict(cfg=_pad_token_set), {SPECIAL}),
+    ("tiny-codellama-instruct", dict(tok=_infill_pieces_swapped), {"Code Llama infilling prompt", VOCAB}),
 ]
+
+
+def case_release(case) -> TokenizerRelease:
+    """The release a tokenizer case stands for (the tiny Guard case is written as Guard 3 8B)."""
+    return TokenizerRelease(case.family, case.instruct, 14 if case.family == "llama-guard-3" else None, case.name)
 
 
 @pytest.mark.parametrize("case_name,mutation,expected", MUTATIONS,
@@ -218,11 +281,29 @@ MUTATIONS = [
 def test_check_catches_mutation(tok_cases, tmp_path, case_name, mutation, expected):
     """Bug classes (one per mutation): sentencepiece merges ordered by id (transformers 5's default), the
     Metaspace pre-tokenizer instead of a Prepend normaliser, LlamaTokenizerFast class (pipeline rebuilt),
-    Llama 3 without BOS, a trimming chat template, Llama 3.0 special names on a 3.1 tokenizer, a template
-    that raises (reported as mismatches, never a crash of verify)."""
+    BOS missing or doubled in the post-processor, a 3.1 template without the official "Cutting Knowledge
+    Date" header, Meta's ChatFormat shipped instead of the official template, Llama 3.0 special names on a
+    3.1 tokenizer, a template that raises (reported as mismatches, never a crash of verify), a vocabulary
+    entry moved to another id, a special flag or a normalized flag flipped, the base eos on an instruct
+    release, a pad token the official repos do not set, Code Llama's infilling pieces at the wrong ids.
+    Each failure names the check (and, in its examples, the file and field)."""
     case = tok_cases[case_name]
     bad = _mutate(case.hf_dir, tmp_path / "bad", **mutation)
-    report = check_tokenizer(case.model_path, bad)
+    report = check_tokenizer(case.model_path, bad, release=case_release(case))
     assert not report.ok
     failing = {c.name for c in report.checks if not c.ok}
-    assert expected <= failing, failing
+    assert all(any(f.startswith(e) for f in failing) for e in expected), failing
+
+
+@pytest.mark.parametrize("case_name", ["tiny-llama2-chat", "tiny-codellama-instruct", "tiny-llama3-instruct",
+                                       "tiny-llama3.1-instruct", "tiny-llama3.2-instruct", "tiny-llama3.3-instruct",
+                                       "tiny-llama-guard-3", "tiny-llama3.1-base", "tiny-llama1"])
+def test_check_passes_our_output_with_release(tok_cases, case_name):
+    """Bug class: false failures of the release-aware checks (whole vocabulary, added-token flags, config
+    special tokens, post-processor BOS, official template, Guard categories, infilling) on a right folder."""
+    case = tok_cases[case_name]
+    report = check_tokenizer(case.model_path, case.hf_dir, release=case_release(case), hf_tokenizer=hf_tokenizer(case))
+    assert report.ok, "\n".join(report.mismatch_lines()[:10])
+    names = {c.name for c in report.checks}
+    assert {"whole vocabulary (every id's bytes / piece)", "added tokens: special flags"} <= names
+    assert any(n.startswith(OFFICIAL) for n in names) == (case.instruct or case.family == "llama-guard-3")

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from llama_parity.fixtures.tokenizers import TINY_CASE_SPECS, hf_tokenizer, meta_tokenizer, tokenizer_cases
 from llama_parity.tokenizer_check import CURATED_CORPUS, check_tokenizer, first_diff
-from llama_parity.reference_model.tokenizer import SentencePieceTokenizer
+from llama_parity.converter.tokenizer_files import infilling_ids
+from llama_parity.reference_model.tokenizer import SentencePieceTokenizer, infilling_prompt_tokens
 
 ALL_CASES = [name for name, *_ in TINY_CASE_SPECS] + [
     "real-llama2-chat",
@@ -202,3 +203,32 @@ def test_decode_random_ids(tok_cases, name):
     assert by["decode of random ids"].ok
     if sp:
         assert by["decode of random ids with invalid UTF-8 byte pieces"].mismatches > 0
+
+
+def test_codellama_infilling_equals_meta(tok_cases):
+    """Bug class: Code Llama infilling prompts built with the converted tokenizer unlike Meta's codellama
+    `infilling_prompt_tokens`: a dummy-prefix space before the suffix, the ▁<PRE>/▁<SUF>/▁<MID> pieces at
+    other ids or encoded as text, BOS missing or doubled, the suffix-first order wrong. Generated prefixes and
+    suffixes, both orders, on the tiny Code Llama tokenizer (infill pieces in Code Llama's order)."""
+    case = tok_cases["tiny-codellama-instruct"]
+    meta, hf = meta_tokenizer(case), hf_tokenizer(case)
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(TEXT, TEXT, st.booleans())
+    def run(prefix, suffix, suffix_first):
+        if _no_special(meta, prefix + suffix):
+            m = infilling_prompt_tokens(meta, prefix, suffix, suffix_first=suffix_first)
+            _assert_same((prefix, suffix), m, infilling_ids(hf, prefix, suffix, suffix_first=suffix_first))
+
+    run()
+    pre, suf = meta.encode("def f(x):", bos=False, eos=False), meta.encode_infilling("\n    return x")
+    assert infilling_prompt_tokens(meta, "def f(x):", "\n    return x") == \
+        [meta.bos_id, meta.prefix_id] + pre + [meta.suffix_id] + suf + [meta.middle_id]
+    assert infilling_prompt_tokens(meta, "def f(x):", "\n    return x", suffix_first=True) == \
+        [meta.bos_id, meta.prefix_id, meta.suffix_id] + suf + [meta.middle_id] + pre
+    assert meta.id_to_piece(pre[0]).startswith("▁") and not meta.id_to_piece(suf[0]).startswith("▁")
+    llama2 = tok_cases["tiny-llama2-chat"]
+    with pytest.raises(ValueError):
+        infilling_ids(hf_tokenizer(llama2), "a", "b")
+    with pytest.raises(ValueError):
+        infilling_prompt_tokens(meta_tokenizer(llama2), "a", "b")

@@ -10,7 +10,8 @@
   piece encoded separately; the assistant header last when a generation prompt is wanted.
 - 3.1+: role "tool" is written "ipython"; an assistant message may start with `<|python_tag|>` and end with
   `<|eom_id|>`; Meta's builtin tool calls are written `name.call(query="...")` (code_interpreter: the code);
-  `system_prompt_with_tools` builds Meta's "Environment: ipython" system header.
+  `system_prompt_with_tools` builds Meta's "Environment: ipython" system header; other (custom) tool calls
+  are Meta's JSON (`json.dumps({"type": "function", "name": ..., "parameters": ...})`).
 - Llama Guard 3 (1B, 8B): the conversation is written into Meta's moderation prompt (task line, unsafe
   content categories, conversation as "User: ..." / "Agent: ..." turns, instructions), sent as one user turn
   of the Llama 3 chat format followed by the assistant header (`llama_guard3_dialog_tokens`).
@@ -20,6 +21,7 @@ Content is encoded as plain text: special-token text inside a message is not a c
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,12 +125,14 @@ def system_prompt_with_tools(
 
 
 def encode_tool_call(call: ToolCall) -> str:
-    """Meta's text for a builtin tool call."""
+    """Meta's text for a tool call (llama-models `ToolUtils.encode_tool_call`, json tool-prompt format):
+    builtin tools as `name.call(query="...")` (code_interpreter: the code itself), any other tool as
+    `json.dumps({"type": "function", "name": ..., "parameters": ...})` with json.dumps' defaults."""
     if call.name == "code_interpreter":
         return str(call.arguments["code"])
-    if call.name in BUILTIN_QUERY_TOOLS or "query" in call.arguments:
+    if call.name in BUILTIN_QUERY_TOOLS:
         return f'{call.name}.call(query="{call.arguments["query"]}")'
-    raise ValueError(f"only Meta's builtin tool calls are supported, not {call.name!r}")
+    return json.dumps({"type": "function", "name": call.name, "parameters": call.arguments})
 
 
 class Llama3ChatFormat:
@@ -203,8 +207,8 @@ LLAMA_GUARD3_CATEGORIES = (
     "Specialized Advice", "Privacy", "Intellectual Property", "Indiscriminate Weapons", "Hate", "Self-Harm",
     "Sexual Content", "Elections", "Code Interpreter Abuse",
 )
-# Guard 3 8B: S1-S14; Guard 3 1B has no S14 (Code Interpreter Abuse).
-LLAMA_GUARD3_CATEGORY_COUNT = {"1B": 13, "8B": 14}
+# Guard 3 8B: S1-S14; Guard 3 1B has no S14 (Code Interpreter Abuse). Which release has which count is a
+# release fact: fixtures.variants.guard_categories; callers pass it.
 
 
 def _guard_role(role: str) -> str:
@@ -214,7 +218,7 @@ def _guard_role(role: str) -> str:
 def llama_guard3_prompt(
     dialog: Sequence[Message | Mapping[str, Any]],
     *,
-    n_categories: int = 14,
+    n_categories: int,
     excluded_categories: Sequence[str] = (),
 ) -> str:
     """Meta's Llama Guard 3 moderation prompt (the user-turn content) for a conversation.
@@ -253,7 +257,7 @@ def llama_guard3_dialog_tokens(
     tokenizer: TiktokenTokenizer,
     dialog: Sequence[Message | Mapping[str, Any]],
     *,
-    n_categories: int = 14,
+    n_categories: int,
     excluded_categories: Sequence[str] = (),
 ) -> list[int]:
     """Token ids Meta's reference inference feeds Llama Guard 3: the moderation prompt as one user message of

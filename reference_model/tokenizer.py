@@ -286,6 +286,25 @@ class SentencePieceTokenizer:
         return self.sp_model.decode([self.sp_model.piece_to_id("☺")] + list(ids))[1:]
 
 
+def infilling_prompt_tokens(tokenizer: SentencePieceTokenizer, prefix: str, suffix: str, *,
+                            suffix_first: bool = False) -> list[int]:
+    """Code Llama's infilling prompt, as Meta's codellama `generation.infilling_prompt_tokens` builds it.
+
+    Prefix-suffix-middle: `<s> ▁<PRE>` encode(prefix) `▁<SUF>` encode_infilling(suffix) `▁<MID>`;
+    suffix first (`suffix_first=True`): `<s> ▁<PRE> ▁<SUF>` encode_infilling(suffix) `▁<MID>` encode(prefix).
+    The model then writes the middle and stops at `▁<EOT>`. encode() adds the dummy-prefix space,
+    encode_infilling() does not.
+    """
+    if not tokenizer.has_infill:
+        raise ValueError(f"{tokenizer.path} has no Code Llama infilling pieces (▁<PRE> ▁<SUF> ▁<MID> ▁<EOT>)")
+    t = tokenizer
+    if suffix_first:
+        return ([t.bos_id, t.prefix_id, t.suffix_id] + t.encode_infilling(suffix) + [t.middle_id]
+                + t.encode(prefix, bos=False, eos=False))
+    return ([t.bos_id, t.prefix_id] + t.encode(prefix, bos=False, eos=False) + [t.suffix_id]
+            + t.encode_infilling(suffix) + [t.middle_id])
+
+
 def detect_tokenizer_kind(path: Path | str) -> str:
     """'tiktoken' for a base64-rank text file, 'sentencepiece' for a sentencepiece protobuf."""
     data = Path(path).read_bytes()
