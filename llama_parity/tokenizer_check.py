@@ -1,13 +1,20 @@
-"""Tokenizer parity: Meta's tokenizer (reference_model) against an HF tokenizer directory.
+"""Tokenizer parity: Meta's tokenizer (reference_model) and the release's facts against an HF tokenizer folder.
 
-`check_tokenizer(tokenizer_model, hf_dir)` loads the HF side exactly as users do
-(`transformers.AutoTokenizer.from_pretrained(hf_dir)`) and compares, on a fixed corpus of known trouble
-(plus the caller's strings):
+`check_tokenizer(tokenizer_model, hf_dir, release=tokenizer_release(meta_dir))` trusts nothing in the HF
+folder. It loads it as users do (`transformers.AutoTokenizer.from_pretrained(hf_dir)`), reads its JSON files,
+and runs named steps, each a list of checks:
 
-exact checks (bound 0 mismatches):
-- encode with bos / without bos, decode, special-token text in strict mode (`split_special_tokens=True`),
-  special-token ids and names, vocabulary size, chat template vs Meta's chat format (dialogs whose
-  contents do not start with a newline-bearing whitespace run).
+exact checks (bound 0 mismatches), each mismatch naming the file and field or the id:
+- vocab_checks: vocabulary size, every id's bytes or piece (tokenizer.json), the added tokens and their
+  flags (special, not normalized, no lstrip/rstrip/single_word) in tokenizer.json and tokenizer_config.json,
+  special-token ids and names;
+- special_token_checks: bos/eos/unk/pad in tokenizer_config.json and special_tokens_map.json as the release
+  implies, and the post-processor adding BOS exactly once;
+- encode_checks / decode_checks / special_text_checks: encode with and without bos, decode, random ids,
+  special-token text in strict mode (`split_special_tokens=True`);
+- chat_checks: the folder's chat template rendered on fixed dialogs == the release's official template;
+  Llama 2 / Code Llama / Llama Guard 3 templates == Meta's format (Guard's category count from the release);
+- infill_checks (Code Llama): the infilling prompt == Meta's `infilling_prompt_tokens`.
 
 measured classes (reported with counts, never hidden, not a failure):
 - special-token text with HF's default parsing (HF reads "<|eot_id|>" typed by a user as the control token;
@@ -15,8 +22,8 @@ measured classes (reported with counts, never hidden, not a failure):
 - runs longer than 25,000 characters (Meta cuts them before encoding; tokenizer.json cannot),
 - decode of ids whose sentencepiece byte pieces are not valid UTF-8 (sentencepiece replaces each invalid
   byte, HF's ByteFallback the whole run): only ids not produced by encoding text (e.g. sampled) reach it,
-- chat boundary: content starting with whitespace holding a newline ("\\nhi"), or content followed by a
-  tool call: Meta encodes header, content and tool call separately, a rendered template joins them.
+- reserved special-token names (other tools name some reserved ids as Meta's official HF repos do),
+- the official Llama 3.x templates against Meta's ChatFormat (they add a dated system header and trim).
 
 Run `python -m llama_parity.tokenizer_check [convert_llama_weights_to_hf.py]` to measure transformers'
 default loading against ours on the real Llama 2 / Llama 3 tokenizers, and
