@@ -147,8 +147,13 @@ def _write_json(dest: str, data: dict) -> None:
 
 
 def cmd_verify(args) -> int:
+    from . import distributed
     from .verify import InputError, verify
 
+    if args.nproc:  # launch N ranks here; each runs this command without --nproc
+        return distributed.launch(args, args.verify_parser)
+    if distributed.under_torchrun():
+        return distributed.run_rank(args)
     try:
         rep = verify(args.meta_dir, args.hf_dir, device=args.device, variant_id=args.variant,
                      bf16=not args.no_bf16, tokenizer=not args.no_tokenizer, memory=args.memory)
@@ -231,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto: stream when the models would not fit comfortably")
     p.add_argument("--no-tokenizer", action="store_true", help="skip tokenizer parity")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout)")
-    p.set_defaults(func=cmd_verify)
+    p.add_argument("--nproc", type=int, metavar="N", help="run across N processes on this machine (torchrun; "
+                   "one rank per shard group, N must divide the shard count); under torchrun, ranks come from it")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                   help="distributed runs: seconds a rank waits for the others before giving up (default 600)")
+    p.set_defaults(func=cmd_verify, verify_parser=p)
     p = sub.add_parser("diagnose", help="first divergent layer and the known bug that explains it")
     p.add_argument("--meta-dir", required=True)
     p.add_argument("--hf-dir", required=True)

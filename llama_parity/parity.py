@@ -170,20 +170,23 @@ def check_greedy(ref: Transformer, hf, tokens: list[int], device: str, *, n_new:
 
 
 def run_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeScalingArgs | None, device: str = "cpu",
-                     n_words: int | None = None, bf16: bool = True, prompt: list[int] | None = None) -> list[Check]:
-    """All numerical checks on one Meta/HF pair; models loaded once per dtype."""
-    ref = load_meta_checkpoint(meta_dir, rope_scaling=rope_scaling, tokenizer_n_words=n_words, device=device,
-                               dtype=torch.float32)
-    hf = load_hf_model(hf_dir, device=device, dtype=torch.float32)
+                     n_words: int | None = None, bf16: bool = True, prompt: list[int] | None = None,
+                     loader=None) -> list[Check]:
+    """All numerical checks on one Meta/HF pair; models loaded once per dtype.
+
+    `loader(dtype) -> (reference, hf model)` replaces the in-process loading: distributed.py passes
+    models split across ranks that speak the same interface, so every check runs unchanged."""
+    load = loader or (lambda dtype: (load_meta_checkpoint(meta_dir, rope_scaling=rope_scaling, tokenizer_n_words=n_words,
+                                                          device=device, dtype=dtype),
+                                     load_hf_model(hf_dir, device=device, dtype=dtype)))
+    ref, hf = load(torch.float32)
     vocab = hf.config.vocab_size
     tokens = prompt or fixed_prompt(min(vocab, ref.args.vocab_size))
     checks = [check_logits(ref, hf, tokens, device), check_kv_cache(ref, hf, tokens, device),
               check_far_positions(ref, hf, tokens, device), check_greedy(ref, hf, tokens[:8], device)]
     del ref, hf
     if bf16:
-        ref = load_meta_checkpoint(meta_dir, rope_scaling=rope_scaling, tokenizer_n_words=n_words, device=device,
-                                   dtype=torch.bfloat16)
-        hf = load_hf_model(hf_dir, device=device, dtype=torch.bfloat16)
+        ref, hf = load(torch.bfloat16)
         checks.append(check_logits(ref, hf, tokens, device, bf16=True))
     return checks
 

@@ -132,14 +132,18 @@ def choose_memory_mode(hf_dir: Path, mode: str) -> str:
 
 
 def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", variant_id: str | None = None,
-           bf16: bool = True, tokenizer: bool = True, memory: str = "auto") -> VerifyReport:
+           bf16: bool = True, tokenizer: bool = True, memory: str = "auto", model_checks=None) -> VerifyReport:
+    """`model_checks`, when given, runs the numerical checks instead of the memory modes below
+    (distributed.py: the same checks with the models split across ranks)."""
     meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
     _check_dirs(meta_dir, hf_dir, device)
     report = VerifyReport(str(meta_dir), str(hf_dir), device)
     try:
         rope = expected_rope_scaling(meta_dir, variant_id)
         report.checks += config_checks(meta_dir, hf_dir, rope)
-        if choose_memory_mode(hf_dir, memory) == "streaming":
+        if model_checks is not None:
+            report.checks += model_checks(meta_dir, hf_dir, rope_scaling=rope, bf16=bf16)
+        elif choose_memory_mode(hf_dir, memory) == "streaming":
             from .streaming import streaming_model_checks
 
             report.checks += streaming_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device)

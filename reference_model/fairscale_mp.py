@@ -1,11 +1,17 @@
-"""Meta's model run the way Meta ran it: one process per shard, fairscale's model-parallel layers.
+"""Meta's model run the way Meta ran it: one process per shard group, fairscale's model-parallel layers.
 
 `reference_model.model.Transformer` emulates model parallelism in one process; this module is the
-real thing, on CPU with the gloo backend over loopback: each rank loads only its own
-`consolidated.NN.pth` into fairscale's ParallelEmbedding / VocabParallelEmbedding,
-ColumnParallelLinear and RowParallelLinear, and the collectives do the merging. It judges the
-emulation (and through it the converter's merging) with nothing shared but the math helpers.
-Slow to start (a process per shard), so the tests use it on a few layouts only.
+real thing: each rank loads only its own `consolidated.NN.pth` files into fairscale's
+ParallelEmbedding / VocabParallelEmbedding, ColumnParallelLinear and RowParallelLinear, and the
+collectives do the merging (gloo on CPU, NCCL on GPUs). It judges the emulation (and through it the
+converter's merging) with nothing shared but the math helpers, and it is the reference side of
+`verify` across processes (llama_parity/distributed.py).
+
+Shard groups: with S shard files and a model-parallel world of N ranks, N must divide S; rank r
+holds shards r*S/N .. (r+1)*S/N - 1 concatenated on each tensor's split dim (consecutive shards of
+a column- or row-parallel layer are one contiguous slice, exactly what fairscale gives rank r of N).
+Kv heads that Meta replicated across shards (MP16 405B) stay replicated inside a group: each copy
+serves the query heads of its own shard, as it did in the original layout.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ import io
 import json
 import math
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -23,7 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import ModelArgs, RopeScalingArgs, apply_rotary, repeat_kv, rms_norm, rope_rotations
+from .model import (ModelArgs, RopeScalingArgs, Transformer, apply_rotary, find_shards, repeat_kv, rms_norm,
+                    rope_rotations)
+
+# How fairscale splits each weight of Meta's model: 0 column-parallel, 1 row-parallel, absent: replicated.
+_SPLIT_DIM = {"attention.wq": 0, "attention.wk": 0, "attention.wv": 0, "attention.wo": 1,
+              "feed_forward.w1": 0, "feed_forward.w3": 0, "feed_forward.w2": 1, "output": 0}
 
 
 class _RMSNorm(nn.Module):
@@ -41,22 +51,26 @@ def _no_init(w: torch.Tensor) -> torch.Tensor:
 
 
 class _Attention(nn.Module):
-    def __init__(self, a: ModelArgs, mp: int):
+    def __init__(self, a: ModelArgs, mp: int, n_local_kv: int):
         super().__init__()
         from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-        self.a, self.n_local_heads, self.n_local_kv = a, a.n_heads // mp, a.n_kv_heads // mp
-        hd = a.head_dim
+        self.a, self.n_local_heads, self.n_local_kv = a, a.n_heads // mp, n_local_kv
+        hd, kv_rows = a.head_dim, n_local_kv * mp * a.head_dim
         self.wq = ColumnParallelLinear(a.dim, a.n_heads * hd, bias=False, gather_output=False, init_method=_no_init)
-        self.wk = ColumnParallelLinear(a.dim, a.n_kv_heads * hd, bias=False, gather_output=False, init_method=_no_init)
-        self.wv = ColumnParallelLinear(a.dim, a.n_kv_heads * hd, bias=False, gather_output=False, init_method=_no_init)
+        self.wk = ColumnParallelLinear(a.dim, kv_rows, bias=False, gather_output=False, init_method=_no_init)
+        self.wv = ColumnParallelLinear(a.dim, kv_rows, bias=False, gather_output=False, init_method=_no_init)
         self.wo = RowParallelLinear(a.n_heads * hd, a.dim, bias=False, input_is_parallel=True, init_method=_no_init)
 
-    def forward(self, x, rot, mask):
+    def forward(self, x, rot, mask, cache, start_pos: int):
         b, s, hd = x.shape[0], x.shape[1], self.a.head_dim
         q = apply_rotary(self.wq(x).view(b, s, self.n_local_heads, hd), rot)
         k = apply_rotary(self.wk(x).view(b, s, self.n_local_kv, hd), rot)
         v = self.wv(x).view(b, s, self.n_local_kv, hd)
+        if cache is not None:  # Meta's cache: written at start_pos.., read from 0
+            ck, cv = cache
+            ck[:b, start_pos:start_pos + s], cv[:b, start_pos:start_pos + s] = k, v
+            k, v = ck[:b, :start_pos + s], cv[:b, :start_pos + s]
         rep = self.n_local_heads // self.n_local_kv
         q, k, v = q.transpose(1, 2), repeat_kv(k, rep).transpose(1, 2), repeat_kv(v, rep).transpose(1, 2)
         scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(hd) + mask
@@ -79,88 +93,173 @@ class _FeedForward(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, a: ModelArgs, mp: int):
+    def __init__(self, a: ModelArgs, mp: int, n_local_kv: int):
         super().__init__()
-        self.attention, self.feed_forward = _Attention(a, mp), _FeedForward(a)
+        self.attention, self.feed_forward = _Attention(a, mp, n_local_kv), _FeedForward(a)
         self.attention_norm, self.ffn_norm = _RMSNorm(a.dim, a.norm_eps), _RMSNorm(a.dim, a.norm_eps)
-
-    def forward(self, x, rot, mask):
-        h = x + self.attention(self.attention_norm(x), rot, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class FairscaleTransformer(nn.Module):
-    """Module names equal Meta's checkpoint keys, so a shard loads with strict=True."""
+    """Module names equal Meta's checkpoint keys, so a shard group loads with strict=True.
 
-    def __init__(self, a: ModelArgs, mp: int, vocab_parallel_embedding: bool):
+    Speaks the same interface as `model.Transformer` (forward with start_pos / positions / trace,
+    reset_cache, cache_k, generate_greedy), so parity.py's checks run on it unchanged; every rank
+    calls it with the same tokens and gets the same full logits (the output layer gathers)."""
+
+    def __init__(self, a: ModelArgs, mp: int, vocab_parallel_embedding: bool, n_local_kv: int | None = None):
         super().__init__()
         from fairscale.nn.model_parallel.layers import (ColumnParallelLinear, ParallelEmbedding,
                                                         VocabParallelEmbedding)
 
         emb = VocabParallelEmbedding if vocab_parallel_embedding else ParallelEmbedding
-        self.a = a
+        self.a, self.args, self.mp = a, a, mp
+        self.n_local_kv = n_local_kv or a.n_kv_heads // mp
         self.tok_embeddings = emb(a.vocab_size, a.dim, init_method=_no_init)
-        self.layers = nn.ModuleList(_Block(a, mp) for _ in range(a.n_layers))
+        self.layers = nn.ModuleList(_Block(a, mp, self.n_local_kv) for _ in range(a.n_layers))
         self.norm = _RMSNorm(a.dim, a.norm_eps)
         self.output = ColumnParallelLinear(a.dim, a.vocab_size, bias=False, init_method=_no_init)
+        self.cache_k: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.cache_valid: torch.Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    def reset_cache(self, max_batch: int, max_seq_len: int) -> None:
+        shape = (max_batch, max_seq_len, self.n_local_kv, self.a.head_dim)
+        mk = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.cache_k = [(mk(), mk()) for _ in range(self.a.n_layers)]
+        self.cache_valid = torch.zeros(max_seq_len, dtype=torch.bool, device=self.device)
+
+    def _mask(self, seqlen: int, start_pos: int) -> torch.Tensor:
+        """Causal among the new tokens; earlier cache slots visible when written (as model.Transformer)."""
+        causal = torch.triu(torch.full((seqlen, seqlen), float("-inf"), device=self.device), 1)
+        if self.cache_k is None:
+            return causal
+        self.cache_valid[start_pos:start_pos + seqlen] = True
+        mask = torch.zeros(seqlen, start_pos + seqlen, device=self.device)
+        mask[:, :start_pos][:, ~self.cache_valid[:start_pos]] = float("-inf")
+        mask[:, start_pos:] = causal
+        return mask
 
     @torch.inference_mode()
-    def forward(self, tokens):
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, trace: list | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = tokens.to(self.device)
         s = tokens.shape[1]
         h = self.tok_embeddings(tokens)
-        rot = rope_rotations(self.a, torch.arange(s))
-        mask = torch.triu(torch.full((s, s), float("-inf")), 1)
-        for layer in self.layers:
-            h = layer(h, rot, mask)
+        if trace is not None:
+            trace.append(("embedding", h))
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + s, device=self.device)
+        elif self.cache_k is not None:
+            raise ValueError("explicit positions are for cache-less passes")
+        rot = rope_rotations(self.a, positions.to(self.device))
+        mask = self._mask(s, start_pos).type_as(h)
+        for i, layer in enumerate(self.layers):
+            cache = None if self.cache_k is None else self.cache_k[i]
+            att = layer.attention(layer.attention_norm(h), rot, mask, cache, start_pos)
+            h = h + att
+            ff = layer.feed_forward(layer.ffn_norm(h))
+            h = h + ff
+            if trace is not None:
+                trace += [(f"layer {i} attention", att), (f"layer {i} feed-forward", ff)]
         return self.output(self.norm(h)).float()
 
+    generate_greedy = Transformer.generate_greedy  # the same loop over this class's forward and cache
 
-def _worker(rank: int, world: int, port: int, meta_dir: str, args: ModelArgs, vocab_parallel: bool,
-            tokens: list[int], out_path: str) -> None:
-    import torch.distributed as dist
+
+def _split_dim(key: str, embedding_dim: int) -> int | None:
+    if key.startswith("tok_embeddings."):
+        return embedding_dim
+    name = key.removesuffix(".weight")
+    if name.startswith("layers."):
+        name = name.split(".", 2)[2]
+    return _SPLIT_DIM.get(name)
+
+
+def load_shard_group(meta_dir: str | Path, rank: int, world: int, embedding_dim: int) -> dict[str, torch.Tensor]:
+    """Rank `rank` of `world`'s slice of every tensor: its consecutive shards joined on the split dims."""
+    paths = find_shards(Path(meta_dir))
+    if len(paths) % world:
+        raise ValueError(f"{len(paths)} shard files cannot be split over {world} ranks (the rank count must divide it)")
+    g = len(paths) // world
+    group = []
+    for p in paths[rank * g:(rank + 1) * g]:
+        try:
+            group.append(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:  # noqa: BLE001 (torch raises many kinds for a damaged file)
+            raise OSError(f"cannot read {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    sd = {}
+    for k, t in group[0].items():
+        dim = _split_dim(k, embedding_dim)
+        sd[k] = t if g == 1 or dim is None else torch.cat([s[k] for s in group], dim=dim)
+    sd.pop("rope.freqs", None)
+    if "output.weight" not in sd:  # tied checkpoints may omit it: the output is the (vocab-parallel) embedding
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    return sd
+
+
+def build_rank_model(meta_dir: str | Path, args: ModelArgs, rank: int, world: int, *, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> FairscaleTransformer:
+    """This rank's part of Meta's model; fairscale's model parallel groups must be initialised."""
+    first = torch.load(find_shards(Path(meta_dir))[0], map_location="cpu", mmap=True, weights_only=True)
+    n_shards = len(find_shards(Path(meta_dir)))
+    # ParallelEmbedding (Llama 1/2) splits the hidden dim; VocabParallelEmbedding (Llama 3) the vocab.
+    embedding_dim = 1 if n_shards > 1 and first["tok_embeddings.weight"].shape[1] != args.dim else 0
+    sd = load_shard_group(meta_dir, rank, world, embedding_dim)
+    n_local_kv = sd["layers.0.attention.wk.weight"].shape[0] // args.head_dim
+    model = FairscaleTransformer(args, world, embedding_dim == 0 and n_shards > 1, n_local_kv)
+    model.load_state_dict(sd, strict=True)  # copies into this rank's parameters, one tensor at a time
+    del sd
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def reference_args(meta_dir: str | Path, rope_scaling: RopeScalingArgs | None, vocab_size: int | None = None) -> ModelArgs:
+    meta_dir = Path(meta_dir)
+    params = json.loads((meta_dir / "params.json").read_text())
+    if vocab_size is None and int(params.get("vocab_size", -1)) == -1:
+        # Embedding split on the hidden dim (Llama 1/2): every shard has all vocab rows.
+        first = torch.load(find_shards(meta_dir)[0], map_location="cpu", mmap=True, weights_only=True)
+        vocab_size = first["tok_embeddings.weight"].shape[0]
+    return ModelArgs.from_params(params, vocab_size=vocab_size, rope_scaling=rope_scaling)
+
+
+def init_model_parallel(world: int) -> None:
     from fairscale.nn.model_parallel.initialize import initialize_model_parallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes
+        initialize_model_parallel(world)
+
+
+def _worker(rank: int, world: int, store: str, meta_dir: str, args: ModelArgs, tokens: list[int], out_path: str) -> None:
+    import torch.distributed as dist
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store: no port to pick, so no race with other processes for one.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes
-            initialize_model_parallel(world)
-        model = FairscaleTransformer(args, world, vocab_parallel)
-        sd = torch.load(Path(meta_dir) / f"consolidated.{rank:02d}.pth", map_location="cpu", weights_only=True)
-        sd.pop("rope.freqs", None)
-        if "output.weight" not in sd:  # tied checkpoints may omit it: the output is the embedding
-            sd["output.weight"] = sd["tok_embeddings.weight"]
-        model.load_state_dict(sd, strict=True)
-        logits = model(torch.tensor([tokens]))
+        init_model_parallel(world)
+        logits = build_rank_model(meta_dir, args, rank, world)(torch.tensor([tokens]))
         if rank == 0:
             torch.save(logits, out_path)
     finally:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def fairscale_logits(meta_dir: str | Path, tokens: list[int], *, rope_scaling: RopeScalingArgs | None,
-                     vocab_size: int | None = None) -> torch.Tensor:
-    """Logits of Meta's model over its unmerged shards, one gloo process per shard (fp32, CPU)."""
+                     vocab_size: int | None = None, world: int | None = None) -> torch.Tensor:
+    """Logits of Meta's model over its unmerged shards, one gloo process per shard group (fp32, CPU)."""
     import torch.multiprocessing as mp
 
-    meta_dir = Path(meta_dir)
-    params = json.loads((meta_dir / "params.json").read_text())
-    shards = sorted(meta_dir.glob("consolidated.*.pth"))
-    first = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
-    if vocab_size is None and int(params.get("vocab_size", -1)) == -1:
-        # Embedding split on the hidden dim (Llama 1/2): every shard has all vocab rows.
-        vocab_size = first["tok_embeddings.weight"].shape[0]
-    args = ModelArgs.from_params(params, vocab_size=vocab_size, rope_scaling=rope_scaling)
-    vocab_parallel = first["tok_embeddings.weight"].shape[1] == args.dim and len(shards) > 1
+    args = reference_args(meta_dir, rope_scaling, vocab_size)
+    world = world or len(find_shards(Path(meta_dir)))
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "logits.pt")
-        mp.spawn(_worker, args=(len(shards), _free_port(), str(meta_dir), args, vocab_parallel, tokens, out),
-                 nprocs=len(shards), join=True)
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), str(meta_dir), args, tokens, out),
+                 nprocs=world, join=True)
         return torch.load(out, weights_only=True)[0]

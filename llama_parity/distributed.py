@@ -1,0 +1,353 @@
+"""`verify` across processes, GPUs and nodes: torchrun ranks share both models, rank 0 reports.
+
+    torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT ...] -m llama_parity verify ...
+    llama-parity verify --nproc N ...          (launches the same thing on this machine)
+
+Every rank runs the same program (SPMD) and the same checks from parity.py; only the models differ:
+- Reference: Meta's model on fairscale's model-parallel layers over the unmerged shards
+  (reference_model/fairscale_mp.py). The world size N must divide the shard count: rank r holds
+  shard group r (S/N consecutive shards). The collectives inside fairscale's layers give every rank
+  the same full logits.
+- HF: transformers' own LlamaForCausalLM, its decoder layers cut into N contiguous ranges, rank r
+  holding range r only (rank 0 also the embedding, the last rank the final norm and lm_head). A
+  layer held elsewhere is a pass-through; after the last layer of each range its owner broadcasts
+  the hidden states to all ranks, and the last rank broadcasts the logits. So `generate`, the KV
+  cache and every check run through transformers' real forward on every rank. Layer ranges rather
+  than transformers' tensor parallelism: they work for every head count and world size up to the
+  layer count, on gloo and NCCL alike, and load only each rank's tensors from the safetensors files.
+
+Memory per rank: 1/N of each model in the check's dtype (fp32, then bf16), plus the embedding on
+rank 0 and lm_head on the last rank. Failures: a rank that fails reports one line naming itself
+and exits; torchrun's agent stops the others; every collective has a timeout (`--timeout`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ERRORS_ENV = "LLAMA_PARITY_DIST_ERRORS"  # set by the --nproc launcher: ranks leave their one line there
+EXIT_OK, EXIT_PARITY, EXIT_INPUT = 0, 1, 2
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int
+    world: int
+    local_rank: int
+    device: str  # "cpu" or "cuda:LOCAL_RANK"
+
+    @classmethod
+    def from_env(cls, device: str) -> "Rank":
+        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        return cls(rank, world, local, f"cuda:{local}" if device.startswith("cuda") else device)
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device.startswith("cuda") else "gloo"
+
+
+def layer_ranges(n_layers: int, world: int) -> list[range]:
+    """Contiguous decoder-layer ranges, sizes differing by at most one (earlier ranks get the extra)."""
+    base, extra = divmod(n_layers, world)
+    starts = [r * base + min(r, extra) for r in range(world + 1)]
+    return [range(starts[r], starts[r + 1]) for r in range(world)]
+
+
+def precheck(meta_dir: Path, hf_dir: Path, world: int) -> None:
+    """What makes a distributed run impossible, told before any process starts (InputError, exit 2)."""
+    import json
+
+    from .verify import InputError
+
+    shards = list(meta_dir.glob("consolidated.*.pth"))
+    if shards and len(shards) % world:
+        raise InputError(f"{len(shards)} shard file(s) in {meta_dir} cannot be split over {world} ranks: use a rank "
+                         f"count that divides {len(shards)} (each rank runs a group of consecutive shards)")
+    try:
+        n_layers = json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"]
+    except (OSError, ValueError, KeyError):
+        return  # verify's own checks name the problem
+    if n_layers < world:
+        raise InputError(f"{world} ranks for {n_layers} decoder layers in {hf_dir}: use at most {n_layers} ranks")
+
+
+# --- HF side: transformers' model, cut into layer ranges ------------------------------------------------
+class _Elsewhere(nn.Module):
+    """A decoder layer another rank runs: passes hidden states through and keeps the cache's length
+    right (transformers reads positions and masks from it) with a one-float-per-token placeholder."""
+
+    def __init__(self, idx: int, tuple_output: bool):
+        super().__init__()
+        self.idx, self.tuple_output = idx, tuple_output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None),
+                     None)
+        if cache is not None:
+            b, s = hidden_states.shape[:2]
+            ph = hidden_states.new_zeros(b, 1, s, 1)
+            cache.update(ph, ph, self.idx)
+        return (hidden_states,) if self.tuple_output else hidden_states
+
+
+class _Zeros(nn.Module):
+    """Embedding or lm_head held by another rank: the right shape, overwritten by its broadcast."""
+
+    def __init__(self, width: int, dtype: torch.dtype):
+        super().__init__()
+        self.width, self.dtype = width, dtype
+
+    def forward(self, x):
+        shape = x.shape + (self.width,) if x.dtype in (torch.long, torch.int) else x.shape[:-1] + (self.width,)
+        return torch.zeros(shape, dtype=self.dtype, device=x.device)
+
+
+def _broadcast_hook(src: int):
+    import torch.distributed as dist
+
+    def hook(module, inputs, output):
+        t = (output[0] if isinstance(output, tuple) else output).contiguous()
+        dist.broadcast(t, src=src)
+        return (t,) + tuple(output[1:]) if isinstance(output, tuple) else t
+    return hook
+
+
+def _owned_keys(weight_map: dict[str, str], layers: range, first: bool, last: bool) -> list[str]:
+    keep = []
+    for k in weight_map:
+        if k.startswith("model.layers."):
+            if int(k.split(".")[2]) in layers:
+                keep.append(k)
+        elif k == "model.norm.weight" or (first and k == "model.embed_tokens.weight") or (last and k == "lm_head.weight"):
+            keep.append(k)
+    return keep
+
+
+def _read_owned(hf_dir: Path, keys: list[str], weight_map: dict[str, str], device: str, dtype: torch.dtype) -> dict:
+    from safetensors import safe_open
+
+    sd = {}
+    for f in sorted({weight_map[k] for k in keys}):
+        with safe_open(str(hf_dir / f), "pt") as fh:
+            for k in keys:
+                if weight_map[k] == f:
+                    sd[k] = fh.get_tensor(k).to(device=device, dtype=dtype)
+    return sd
+
+
+def load_hf_rank(hf_dir: Path, r: Rank, dtype: torch.dtype):
+    """transformers' LlamaForCausalLM holding only rank r's layers; collectives join the ranges."""
+    import transformers
+    from transformers import AutoConfig, GenerationConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from llama_parity.converter.safetensors_writer import read_index
+
+    from .parity import _quiet_transformers
+
+    _quiet_transformers()
+    config = AutoConfig.from_pretrained(str(hf_dir))
+    with torch.device("meta"):
+        model = LlamaForCausalLM._from_config(config, attn_implementation="eager", dtype=dtype)
+    ranges = layer_ranges(config.num_hidden_layers, r.world)
+    mine, first, last = ranges[r.rank], r.rank == 0, r.rank == r.world - 1
+    tuple_output = int(transformers.__version__.split(".")[0]) < 5
+    for i in range(config.num_hidden_layers):
+        if i not in mine:
+            model.model.layers[i] = _Elsewhere(i, tuple_output)
+    for src, rng in enumerate(ranges[:-1]):  # the owner of each range hands its output on
+        model.model.layers[rng[-1]].register_forward_hook(_broadcast_hook(src))
+    if not first:
+        model.model.embed_tokens = _Zeros(config.hidden_size, dtype)
+    weight_map = read_index(hf_dir)
+    sd = _read_owned(hf_dir, _owned_keys(weight_map, mine, first, last), weight_map, r.device, dtype)
+    if last:
+        w = sd.pop("lm_head.weight", None)
+        if w is None and config.tie_word_embeddings:
+            w = sd["model.embed_tokens.weight"] if first else _read_owned(
+                hf_dir, ["model.embed_tokens.weight"], weight_map, r.device, dtype)["model.embed_tokens.weight"]
+        if w is None:  # as from_pretrained: an lm_head absent from the files is initialised randomly
+            w = torch.empty(config.vocab_size, config.hidden_size, device=r.device, dtype=dtype).normal_(
+                std=config.initializer_range)
+        model.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=r.device, dtype=dtype)
+        model.lm_head.weight = nn.Parameter(w, requires_grad=False)
+    else:
+        model.lm_head = _Zeros(config.vocab_size, dtype)
+    model.lm_head.register_forward_hook(_broadcast_hook(r.world - 1))
+    model.load_state_dict(sd, assign=True, strict=False)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=config).to(r.device)  # buffers built off meta
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise KeyError(f"{hf_dir} lacks tensors rank {r.rank} needs: {', '.join(left[:3])}")
+    if (hf_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(hf_dir))
+    return model.eval()
+
+
+# --- the checks, on every rank ----------------------------------------------------------------------
+def model_checks_on(r: Rank):
+    """parity.run_model_checks with this rank's parts of both models (same checks, same order)."""
+    from llama_parity.reference_model.fairscale_mp import build_rank_model, reference_args
+
+    from .parity import run_model_checks
+
+    def checks(meta_dir: Path, hf_dir: Path, *, rope_scaling, bf16: bool):
+        args = reference_args(meta_dir, rope_scaling)
+
+        def load(dtype):
+            ref = build_rank_model(meta_dir, args, r.rank, r.world, device=r.device, dtype=dtype)
+            return ref, load_hf_rank(hf_dir, r, dtype)
+        return run_model_checks(meta_dir, hf_dir, rope_scaling=rope_scaling, device=r.device, bf16=bf16, loader=load)
+    return checks
+
+
+def _fail(r: Rank | None, message: str, code: int = EXIT_INPUT) -> int:
+    """One line naming the rank: to the launcher's folder when it waits for it, else to stderr."""
+    line = f"rank {r.rank}: {message}" if r is not None else message
+    folder = os.environ.get(ERRORS_ENV)
+    if folder and r is not None:
+        Path(folder, f"rank{r.rank}").write_text(f"{code}\n{line}\n")
+    else:
+        print(f"llama-parity: {line}", file=sys.stderr, flush=True)
+    return code
+
+
+def run_rank(args) -> int:
+    """One torchrun rank of `verify`: rank 0 prints the report; exit codes as single-process verify."""
+    import signal
+
+    import torch.distributed as dist
+
+    from .verify import InputError, verify
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's agent stops ranks when one fails: quietly
+    r = Rank.from_env(args.device)
+    try:
+        precheck(Path(args.meta_dir), Path(args.hf_dir), r.world)
+    except InputError as e:  # every rank sees the same files: only rank 0 speaks
+        return _fail(None, str(e)) if r.rank == 0 else EXIT_INPUT
+    try:
+        if r.device.startswith("cuda"):
+            torch.cuda.set_device(r.local_rank)
+        dist.init_process_group(r.backend, timeout=timedelta(seconds=args.timeout))
+        from llama_parity.reference_model.fairscale_mp import init_model_parallel
+
+        init_model_parallel(r.world)
+        rep = verify(args.meta_dir, args.hf_dir, device=args.device, variant_id=args.variant, bf16=not args.no_bf16,
+                     tokenizer=not args.no_tokenizer and r.rank == 0, model_checks=model_checks_on(r))
+    except InputError as e:
+        return _fail(r, str(e))
+    except Exception as e:  # noqa: BLE001 (a dead peer, a timeout, a damaged file: one line, exit 2)
+        return _fail(r, _describe(e, args.timeout))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if r.rank != 0:
+        return EXIT_OK
+    rep.notes.append(_layout_note(Path(args.meta_dir), Path(args.hf_dir), r))
+    print(rep.render(), flush=True)
+    if args.json:
+        from .cli import _write_json
+
+        _write_json(args.json, rep.to_dict())
+    return EXIT_OK if rep.ok else EXIT_PARITY
+
+
+def _layout_note(meta_dir: Path, hf_dir: Path, r: Rank) -> str:
+    import json
+
+    n_shards = len(list(meta_dir.glob("consolidated.*.pth")))
+    g = n_shards // r.world
+    ranges = layer_ranges(int(json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"]), r.world)
+    parts = [f"rank {i}: shard{'s' if g > 1 else ''} {i * g:02d}{f'-{i * g + g - 1:02d}' if g > 1 else ''}, "
+             f"HF layers {x.start}-{x.stop - 1}" for i, x in enumerate(ranges)]
+    return f"distributed over {r.world} ranks ({r.backend}): " + "; ".join(parts)
+
+
+def _describe(e: Exception, timeout: float) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    low = str(e).lower()
+    if "timed out" in low or "timeout" in low:
+        return f"no answer from another rank within {timeout:g} s (a rank stopped or hangs): {text[:200]}"
+    if "connection" in low or "peer" in low or "broken pipe" in low:
+        return f"lost contact with another rank (it stopped): {text[:200]}"
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+# --- `llama-parity verify --nproc N`: torchrun's launcher, started from here --------------------------
+def worker_argv(args, parser) -> list[str]:
+    """The verify command line each rank runs: every option the user gave, except --nproc."""
+    import argparse
+
+    out = []
+    for a in parser._actions:
+        if not a.option_strings or a.dest in ("nproc", "help"):
+            continue
+        val = getattr(args, a.dest, a.default)
+        if val == a.default or val is None:
+            continue
+        if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            out.append(a.option_strings[0])
+        else:
+            out += [a.option_strings[0], str(val)]
+    return out
+
+
+def launch(args, parser) -> int:
+    """Start N ranks on this machine with torchrun's elastic launcher (rendezvous on a port the store
+    picks itself: localhost:0, no race), wait, and exit as single-process verify would."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from .verify import InputError, _check_dirs
+
+    try:
+        if args.nproc < 1:
+            raise InputError(f"--nproc {args.nproc}: needs at least 1 process")
+        _check_dirs(Path(args.meta_dir), Path(args.hf_dir), args.device)
+        precheck(Path(args.meta_dir), Path(args.hf_dir), args.nproc)
+    except InputError as e:
+        return _fail(None, str(e))
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # failures are reported below, in one line
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // args.nproc)))
+    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=f"llama-parity-{uuid.uuid4().hex}",
+                       rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    with tempfile.TemporaryDirectory(prefix="llama-parity-ranks-") as errors:
+        os.environ[ERRORS_ENV] = errors
+        try:
+            elastic_launch(cfg, sys.executable)("-m", "llama_parity", "verify", *worker_argv(args, parser))
+            return EXIT_OK
+        except ChildFailedError as e:
+            return _explain(e.failures, Path(errors))
+        finally:
+            os.environ.pop(ERRORS_ENV, None)
+
+
+def _explain(failures: dict, errors: Path) -> int:
+    """The rank that failed first and why; a parity failure (rank 0 exit 1) was already reported."""
+    lines = sorted(errors.glob("rank*"), key=lambda p: p.stat().st_mtime)
+    if lines:
+        code, line = lines[0].read_text().split("\n", 1)
+        return _fail(None, line.strip(), int(code))
+    if 0 in failures and failures[0].exitcode == EXIT_PARITY:  # others may be stopped after it: fine
+        return EXIT_PARITY
+    rank, f = min(failures.items(), key=lambda kv: kv[1].timestamp)
+    how = f"killed by signal {-f.exitcode}" if f.exitcode < 0 else f"exit code {f.exitcode}"
+    return _fail(None, f"rank {rank} stopped ({how}) without reporting why (out of memory?)")
