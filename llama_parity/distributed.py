@@ -278,7 +278,7 @@ def _layout_note(meta_dir: Path, hf_dir: Path, r: Rank) -> str:
 
 
 def _describe(e: Exception, timeout: float) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
     low = str(e).lower()
     if "timed out" in low or "timeout" in low:
         return f"no answer from another rank within {timeout:g} s (a rank stopped or hangs): {text[:200]}"

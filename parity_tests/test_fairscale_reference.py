@@ -3,8 +3,10 @@
 One gloo process per shard runs Meta's model with fairscale's parallel layers
 (reference_model/fairscale_mp.py). Its logits must equal both the single-process shard emulation
 (reference_model/model.py, which every other parity test uses) and the converted HF model. Slow to
-start (a process per shard), so it runs on the two embedding layouts: Llama 2's ParallelEmbedding
-(split on the hidden dim) and Llama 3's VocabParallelEmbedding (split on the vocab).
+start (a process per shard group), so it runs on the two embedding layouts, Llama 2's
+ParallelEmbedding (split on the hidden dim) and Llama 3's VocabParallelEmbedding (split on the
+vocab), and on shard groups: the 405B MP16 layout (kv heads replicated across shards) on 2 ranks of
+8 shards each, as `verify --nproc 2` runs it.
 """
 
 from __future__ import annotations
@@ -35,3 +37,15 @@ def test_fairscale_equals_emulation_and_hf(tiny, variant_id, num_shards):
     scale = float(fs.abs().max())
     assert float((fs - emulated).abs().max()) / scale <= parity.FP32_REL_BOUND
     assert float((fs - converted).abs().max()) / scale <= parity.FP32_REL_BOUND
+
+
+def test_shard_groups_equal_emulation(tiny):
+    """Bug class: a rank holding several shards joins them wrongly (a column-parallel weight on dim 1,
+    replicated kv heads merged away or paired with the wrong query heads)."""
+    meta = tiny.meta("llama3.1-405b-mp16")
+    rope = parity.expected_rope_scaling(meta, "llama3.1-405b-mp16")
+    ref = load_meta_checkpoint(meta, rope_scaling=rope)
+    tokens = parity.fixed_prompt(ref.args.vocab_size)
+    fs = fairscale_logits(meta, tokens, rope_scaling=rope, world=2)
+    emulated = ref.forward(torch.tensor([tokens]))[0]
+    assert float((fs - emulated).abs().max()) / float(fs.abs().max()) <= parity.FP32_REL_BOUND

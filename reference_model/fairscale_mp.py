@@ -193,7 +193,8 @@ def load_shard_group(meta_dir: str | Path, rank: int, world: int, embedding_dim:
         try:
             group.append(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
         except Exception as e:  # noqa: BLE001 (torch raises many kinds for a damaged file)
-            raise OSError(f"cannot read {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
+            raise OSError(f"cannot read {p}: {type(e).__name__}: {first}") from None
     sd = {}
     for k, t in group[0].items():
         dim = _split_dim(k, embedding_dim)

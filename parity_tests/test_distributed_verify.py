@@ -1,0 +1,100 @@
+"""verify across processes: 2 CPU ranks over loopback (gloo) judge a tiny MP2 checkpoint.
+
+`llama-parity verify --nproc 2` starts torchrun's launcher; each rank runs parity.py's checks with
+its shard of Meta's model on fairscale's layers and its range of transformers' decoder layers
+(llama_parity/distributed.py). The report must be the single-process one, a mutant must fail in the
+same check, and a rank that cannot read its shard must stop every rank with one line. Every run is
+bounded by a subprocess timeout; process start and the torch import dominate the cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from llama_parity.mutations import BY_NAME, mutate_copy
+from llama_parity.verify import verify
+
+VARIANT, SHARDS = "llama3.1-70b", 2  # GQA, vocab-parallel embedding, RoPE scaling: one rank per shard
+TIMEOUT = 120
+
+
+def _verify_2ranks(meta, hf, *extra):
+    """`verify --nproc 2` in its own session, killed whole if it outlives the timeout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "llama_parity", "verify", "--nproc", "2", "--meta-dir", str(meta),
+           "--hf-dir", str(hf), "--no-tokenizer", "--timeout", "60", *extra]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=TIMEOUT)
+    finally:
+        _gone(p.pid)
+    return p.returncode, out, err
+
+
+def _gone(pgid: int) -> bool:
+    """True when no process of the run's session is left; kills leftovers so none outlive the test."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _checks(report: dict) -> list[tuple[str, bool, float, float]]:
+    return [(c["name"], c["ok"], c["measured"], c["bound"]) for c in report["checks"]]
+
+
+def test_two_ranks_report_equals_single_process(tiny, tmp_path):
+    """Bug class: the distributed path computing something else than verify (a check dropped or renamed,
+    hidden states handed to the wrong rank, a shard group or layer range lost, a collective summing twice)."""
+    meta, hf = tiny.meta(VARIANT, SHARDS), tiny.hf(VARIANT, SHARDS)
+    code, out, err = _verify_2ranks(meta, hf, "--json", str(tmp_path / "d.json"))
+    assert code == 0, err
+    assert "PARITY OK" in out and "distributed over 2 ranks (gloo)" in out
+    dist = _checks(json.loads((tmp_path / "d.json").read_text()))
+    single = _checks(verify(meta, hf, tokenizer=False, memory="full").to_dict())
+    assert [c[:2] for c in dist] == [c[:2] for c in single]
+    for (name, _ok, m_dist, bound), (_n, _o, m_single, _b) in zip(dist, single):
+        if bound == 0:  # exact checks (config, greedy tokens): exactly the same
+            assert m_dist == m_single, name
+        else:  # numerical: both within the bound, and apart by far less than it
+            assert m_dist <= bound and abs(m_dist - m_single) <= bound / 10, (name, m_dist, m_single)
+
+
+def test_mutant_fails_in_the_same_check(tiny, tmp_path):
+    """Bug class: a distributed run that passes a broken conversion single-process verify fails, or
+    fails it in another check (e.g. wk permuted with n_heads, only visible through the HF layers)."""
+    mutation = BY_NAME["k_permuted_with_n_heads"]
+    hf = tiny.hf(VARIANT, SHARDS)
+    assert mutation.applies(json.loads((hf / "config.json").read_text()))
+    broken = mutate_copy(hf, tmp_path / "broken", mutation)
+    meta = tiny.meta(VARIANT, SHARDS)
+    code, out, err = _verify_2ranks(meta, broken, "--no-bf16", "--json", str(tmp_path / "d.json"))
+    assert code == 1, err
+    assert "PARITY FAILED" in out
+    failed = {c["name"] for c in json.loads((tmp_path / "d.json").read_text())["checks"] if not c["ok"]}
+    single = verify(meta, broken, bf16=False, tokenizer=False, memory="full")
+    assert failed == {c.name for c in single.checks if not c.ok}
+    assert failed & set(mutation.caught_by)
+
+
+def test_failing_rank_stops_all_with_one_line(tiny, tmp_path):
+    """Bug class: one rank dying (here: its shard file truncated, as by an interrupted download) leaving
+    the others blocked in a collective, a traceback instead of an actionable line, or exit code 0."""
+    import shutil
+
+    meta = shutil.copytree(tiny.meta(VARIANT, SHARDS), tmp_path / "meta")
+    shard = meta / "consolidated.01.pth"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    code, out, err = _verify_2ranks(meta, tiny.hf(VARIANT, SHARDS))
+    lines = err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("llama-parity: rank 1: ") and "consolidated.01.pth" in lines[0], err
+    assert "Traceback" not in err and out == ""
