@@ -242,10 +242,11 @@ def run_rank(args) -> int:
     try:
         if r.device.startswith("cuda"):
             torch.cuda.set_device(r.local_rank)
-        dist.init_process_group(r.backend, timeout=timedelta(seconds=args.timeout))
+        timeout = timedelta(seconds=args.timeout)
+        dist.init_process_group(r.backend, timeout=timeout)
         from llama_parity.reference_model.fairscale_mp import init_model_parallel
 
-        init_model_parallel(r.world)
+        init_model_parallel(r.world, timeout)
         rep = verify(args.meta_dir, args.hf_dir, device=args.device, variant_id=args.variant, bf16=not args.no_bf16,
                      tokenizer=not args.no_tokenizer and r.rank == 0, model_checks=model_checks_on(r))
     except InputError as e:
@@ -327,8 +328,10 @@ def launch(args, parser) -> int:
         logging.getLogger(name).setLevel(logging.CRITICAL)  # failures are reported below, in one line
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // args.nproc)))
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's socket warnings would bury the one line
     cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=f"llama-parity-{uuid.uuid4().hex}",
-                       rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+                       rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+                       shutdown_timeout=5)  # a stopped rank gets SIGKILL 5 s after SIGTERM
     with tempfile.TemporaryDirectory(prefix="llama-parity-ranks-") as errors:
         os.environ[ERRORS_ENV] = errors
         try:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -230,11 +231,20 @@ def reference_args(meta_dir: str | Path, rope_scaling: RopeScalingArgs | None, v
     return ModelArgs.from_params(params, vocab_size=vocab_size, rope_scaling=rope_scaling)
 
 
-def init_model_parallel(world: int) -> None:
+def init_model_parallel(world: int, timeout: timedelta | None = None) -> None:
+    """fairscale's groups, with `timeout` on their collectives: fairscale creates them without one,
+    which torch turns into 30 minutes, however short the default group's timeout is."""
+    import torch.distributed as dist
     from fairscale.nn.model_parallel.initialize import initialize_model_parallel
 
-    with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes
-        initialize_model_parallel(world)
+    new_group = dist.new_group
+    if timeout is not None:
+        dist.new_group = lambda *a, **kw: new_group(*a, **{"timeout": timeout, **kw})
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes
+            initialize_model_parallel(world)
+    finally:
+        dist.new_group = new_group
 
 
 def _worker(rank: int, world: int, store: str, meta_dir: str, args: ModelArgs, tokens: list[int], out_path: str) -> None:
