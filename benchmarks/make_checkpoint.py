@@ -33,20 +33,12 @@ _ALIGN = 64
 _STORAGE_TYPES = {torch.bfloat16: "BFloat16Storage", torch.float16: "HalfStorage", torch.float32: "FloatStorage"}
 
 
-def _ffn_hidden(p: dict) -> int:
-    dim, mult, multiple_of = int(p["dim"]), p.get("ffn_dim_multiplier"), int(p.get("multiple_of", 256))
-    hidden = int(2 * (4 * dim) / 3)
-    if mult is not None:
-        hidden = int(float(mult) * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
 def full_shapes(spec: variants.VariantSpec) -> list[tuple[str, tuple[int, ...], int | None]]:
     """(meta key, unsharded shape, model-parallel split dim or None) in Meta's key order."""
     p = dict(spec.params)
     dim, n_heads = int(p["dim"]), int(p["n_heads"])
     n_kv = int(p.get("n_kv_heads") or n_heads)
-    hd, ffn, vocab = dim // n_heads, _ffn_hidden(p), spec.vocab_size
+    hd, ffn, vocab = dim // n_heads, variants.implied_arch(p).hidden, spec.vocab_size
     emb_dim = variants.FAMILY_FACTS[spec.family].embedding_shard_dim
     out = [("tok_embeddings.weight", (vocab, dim), emb_dim)]
     for i in range(int(p["n_layers"])):

@@ -1,29 +1,33 @@
 """Detection: what a Meta checkpoint is, decided from its files alone (no --model_size needed).
 
 Every decision the converter makes is a field of `Variant`, with the evidence for it, so one object
-explains a conversion. The rules, in order:
-1. params.json + tokenizer kind give the family by structural traits (tiktoken -> Llama 3.x;
-   use_scaled_rope -> 3.1+; rope_theta 1e6 -> Code Llama; norm_eps 1e-6 -> Llama 1; else Llama 2).
-2. An exact params.json match against the registry (fixtures/variants.py) names the release;
-   the shard count, whether output.weight equals the embedding, and the folder name break ties
-   (3.2 1B vs Llama Guard 3 1B, base vs instruct, 3.1 70B vs 3.3 70B).
-3. A shape the registry does not know (a fine-tune with a custom shape, our tiny test
-   checkpoints) takes the release named by its folder when that agrees with the traits, else the
-   family's defaults, and says so.
+explains a conversion. The steps, each a function below; every fact they apply is decided once in
+the registry (fixtures/variants.py):
+1. Refuse what cannot be converted faithfully: Meta's FP8 checkpoints (fp8_scales_N.pt, fp8 weights).
+2. params.json -> the architecture it implies (after Meta's FFN rounding), validated; the vocab
+   (params.json, or the tokenizer when it says -1); tokenizer and params must describe one model.
+3. Every tensor's shape on every shard must agree with that architecture and the shard count.
+4. The release: the registry's releases implying the same architecture, narrowed by shard count,
+   tied output and the folder's name (Meta's download names, HF repo names, any spelling). When
+   releases that convert differently remain (Llama 1 7B vs Llama 2 7B, Llama 3 8B vs Llama Guard
+   3 8B), the folder name decides, else `--variant` is required. A shape the registry does not
+   know (a fine-tune with a custom shape, our tiny test checkpoints) takes the release named by
+   its folder when that agrees with the traits, else the family's defaults, and says so.
+5. RoPE scaling, kv-head replication, tying: the registry's rules.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from llama_parity.fixtures import variants as registry
-from llama_parity.fixtures.variants import FAMILY_FACTS, RopeScaling, VariantSpec
+from llama_parity.fixtures.variants import FAMILY_FACTS, Arch, RopeScaling, VariantSpec
 
 from .errors import ConversionError
+from .keymap import meta_keys
 from .meta_checkpoint import MetaCheckpoint
 
 
@@ -78,63 +82,132 @@ class Variant:
         ]
 
 
-def _norm_name(s: str) -> str:
-    s = s.lower().replace("meta-llama", "llama").replace("meta_llama", "llama")
-    if s.startswith("meta"):
-        s = s[4:]
-    return re.sub(r"[^a-z0-9.]", "", s)
-
-
 def variant_named_by_folder(directory: Path) -> VariantSpec | None:
-    """The release whose Meta download folder name appears in this folder's name (longest wins)."""
-    name = _norm_name(directory.resolve().name)
-    best = None
-    for v in registry.VARIANTS:
-        key = _norm_name(v.meta_dir_name)
-        # a bare size folder ("7B") as Llama 1 shipped is only evidence when it is the whole name
-        if (key == name) if len(key) <= 3 else (key in name):
-            if best is None or len(key) > len(_norm_name(best.meta_dir_name)):
-                best = v
-    return best
-
-
-def _instruct_hint(directory: Path) -> bool | None:
-    name = directory.resolve().name.lower()
-    if re.search(r"instruct|chat", name):
-        return True
-    return None
+    """The release this folder's name names (the first when only the layout differs)."""
+    named = registry.releases_named_by(Path(directory).resolve().name)
+    return named[0] if named else None
 
 
 def tokenizer_n_words(path: Path, kind: str) -> int:
-    if kind == "sentencepiece":
-        import sentencepiece
+    try:
+        return registry.tokenizer_n_words(path, kind)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ConversionError(f"{path} is not a readable {kind} tokenizer: {e}") from None
 
-        try:
-            return sentencepiece.SentencePieceProcessor(model_file=str(path)).vocab_size()
-        except Exception as e:
-            raise ConversionError(f"{path} is not a readable sentencepiece model: {e}") from None
-    n = sum(1 for line in path.open("rb") if line.strip())
-    return n + 256  # Meta's Llama 3 tokenizer appends 256 special tokens after the ranks
+
+def _is_llama3_params(arch: Arch) -> bool:
+    # theta 5e5 (or scaled RoPE) is Llama 3's; no Llama 1/2 or Code Llama release has either
+    return arch.rope_theta == 500000.0 or arch.use_scaled_rope
 
 
 def structural_family(params: dict, tokenizer_kind: str | None, vocab_size: int) -> str:
-    # Without a tokenizer, Llama 3's params give it away: theta 5e5 (or scaled RoPE), explicit vocab.
-    llama3_params = float(params.get("rope_theta", 10000.0)) == 500000.0 or bool(params.get("use_scaled_rope"))
-    if tokenizer_kind == "tiktoken" or (tokenizer_kind is None and (llama3_params or vocab_size >= 100000)):
+    """The family a checkpoint of unknown shape belongs to, from traits (not a release match)."""
+    llama3 = float(params.get("rope_theta", 10000.0)) == 500000.0 or bool(params.get("use_scaled_rope"))
+    if tokenizer_kind == "tiktoken" or (tokenizer_kind is None and (llama3 or vocab_size >= 100000)):
         return "llama3.1" if params.get("use_scaled_rope") else "llama3"
     if float(params.get("rope_theta", 10000.0)) == 1e6:
         return "codellama"
-    if float(params.get("norm_eps", 1e-5)) == 1e-6:
+    if registry.norm_eps(params) == 1e-6:
         return "llama1"
     return "llama2"
 
 
-def _traits_agree(spec: VariantSpec, params: dict, tokenizer_kind: str | None) -> bool:
-    """Can this checkpoint be `spec` with another shape? Same tokenizer kind and same RoPE."""
-    p = spec.params
-    return ((tokenizer_kind is None or FAMILY_FACTS[spec.family].tokenizer == tokenizer_kind)
-            and bool(p.get("use_scaled_rope")) == bool(params.get("use_scaled_rope"))
-            and float(p.get("rope_theta", 10000.0)) == float(params.get("rope_theta", 10000.0)))
+# --- step 1: what cannot be converted --------------------------------------------------------------
+
+def refuse_quantized(ckpt: MetaCheckpoint) -> None:
+    """Meta's FP8 checkpoints (and any non-float weights) would be misread as plain weights."""
+    dtypes = {}
+    for key in ckpt.keys(0):
+        try:
+            dtypes[key] = ckpt.info(key).dtype
+        except AttributeError:
+            raise ConversionError(f"{key!r} in {ckpt.shard_paths[0].name} is not a tensor: not a Meta "
+                                  "checkpoint shard") from None
+    fp8 = next((f"{k} is {str(d).replace('torch.', '')} in {ckpt.shard_paths[0].name}"
+                for k, d in dtypes.items() if d in registry.FP8_DTYPES), None)
+    problem = registry.fp8_refusal(ckpt.dir, fp8)
+    if problem:
+        raise ConversionError(problem)
+    for key, dtype in dtypes.items():
+        if not dtype.is_floating_point:
+            raise ConversionError(f"{key} in {ckpt.shard_paths[0].name} is {str(dtype).replace('torch.', '')}, not "
+                                  "floating point: a quantized checkpoint; convert Meta's bf16 release instead")
+
+
+# --- step 2: params.json and the tokenizer ----------------------------------------------------------
+
+def read_arch(ckpt: MetaCheckpoint) -> Arch:
+    try:
+        return registry.implied_arch(ckpt.params)
+    except registry.ParamsError as e:
+        raise ConversionError(f"{ckpt.params_path} does not describe a Llama model: {e}") from None
+
+
+def resolve_vocab(ckpt: MetaCheckpoint, arch: Arch, ev: list[str]) -> int:
+    """The model's vocab size; the tokenizer (when present) must be the model's own."""
+    kind = ckpt.tokenizer_kind
+    tok_words = tokenizer_n_words(ckpt.tokenizer_path, kind) if ckpt.tokenizer_path else None
+    vocab = arch.vocab_size
+    if vocab is None:
+        if tok_words is None:
+            raise ConversionError(f"params.json says vocab_size -1 (take it from the tokenizer) but no "
+                                  f"tokenizer.model is in {ckpt.dir} or its parent")
+        vocab = tok_words
+        ev.append(f"vocab_size {vocab} from tokenizer.model (params.json says -1)")
+    llama3 = _is_llama3_params(arch)
+    if kind is not None and (kind == "tiktoken") != llama3:
+        raise ConversionError(
+            f"{ckpt.tokenizer_path} is a {kind} tokenizer but params.json describes a "
+            f"{'Llama 3.x' if llama3 else 'Llama 1/2 or Code Llama'} model: the tokenizer belongs to another model")
+    if tok_words is not None and tok_words != vocab:
+        raise ConversionError(f"{ckpt.tokenizer_path} defines {tok_words} tokens but params.json says vocab_size "
+                              f"{vocab}: the tokenizer belongs to another model")
+    return vocab
+
+
+# --- step 3: the tensors agree with params.json ----------------------------------------------------
+
+def expected_shard_shapes(arch: Arch, vocab: int, n: int, embedding_dim: int) -> dict[str, tuple[int, ...]]:
+    """Per-shard shape of every weight Meta's model-parallel layers hold (rules in keymap.py)."""
+    hd, dim = arch.head_dim, arch.dim
+    full = {"tok_embeddings.weight": (vocab, dim), "norm.weight": (dim,), "output.weight": (vocab, dim)}
+    per_layer = {"attention_norm.weight": (dim,), "ffn_norm.weight": (dim,),
+                 "attention.wq.weight": (arch.n_heads * hd, dim), "attention.wk.weight": (arch.n_kv_heads * hd, dim),
+                 "attention.wv.weight": (arch.n_kv_heads * hd, dim), "attention.wo.weight": (dim, arch.n_heads * hd),
+                 "feed_forward.w1.weight": (arch.hidden, dim), "feed_forward.w2.weight": (dim, arch.hidden),
+                 "feed_forward.w3.weight": (arch.hidden, dim)}
+    out = {}
+    for rule, key, _hf in meta_keys(arch.n_layers, with_output=True):
+        shape = list(full.get(key) or per_layer[key.split(".", 2)[2]])
+        split = embedding_dim if rule.split == "embedding" else rule.split
+        if split is not None:
+            shape[split] //= n
+        out[key] = tuple(shape)
+    return out
+
+
+def check_shapes(ckpt: MetaCheckpoint, arch: Arch, vocab: int, family: str) -> None:
+    n = ckpt.num_shards
+    emb_dim = FAMILY_FACTS[family].embedding_shard_dim
+    for what, count in (("heads", arch.n_heads), ("kv heads", arch.n_kv_heads), ("feed-forward rows", arch.hidden),
+                        ("vocab rows" if emb_dim == 0 else "hidden columns", vocab if emb_dim == 0 else arch.dim)):
+        if count % n:
+            raise ConversionError(f"{n} shards cannot split {count} {what}: params.json (dim {arch.dim}, heads "
+                                  f"{arch.n_heads}, kv heads {arch.n_kv_heads}) does not fit {n} consolidated.NN.pth files")
+    if ckpt.has("output.weight") and vocab % n:
+        raise ConversionError(f"{n} shards cannot split the {vocab}-row output matrix")
+    want = expected_shard_shapes(arch, vocab, n, emb_dim)
+    for s in range(n):
+        for key, shape in want.items():
+            if key == "output.weight" and not ckpt.has(key):
+                continue
+            got = ckpt.info(key, s).shape
+            if got != shape:
+                raise ConversionError(
+                    f"{key} in {ckpt.shard_paths[s].name} has shape {list(got)}, but params.json (dim {arch.dim}, "
+                    f"{arch.n_heads} heads, {arch.n_kv_heads} kv heads, ffn {arch.hidden}, vocab {vocab}) with {n} "
+                    f"shard(s) of a {FAMILY_FACTS[family].label} checkpoint means {list(shape)}: a shard is missing, "
+                    "params.json belongs to another model, or vocab_size disagrees with the tokenizer")
 
 
 def _output_tied(ckpt: MetaCheckpoint) -> tuple[bool, bool]:
@@ -150,148 +223,133 @@ def _output_tied(ckpt: MetaCheckpoint) -> tuple[bool, bool]:
 
 
 def _kv_replication(ckpt: MetaCheckpoint, n_kv_heads: int, head_dim: int) -> int:
-    """How many times each kv head is stored. Meta replicates when shards outnumber kv heads; the
-    params then state the stored count. Found from the data: the smallest r (>1) for which
-    layer 0's kv heads come in r identical consecutive copies across the merged shards."""
-    # Meta replicates only so that each shard owns exactly one kv head.
-    if ckpt.num_shards < 2 or n_kv_heads != ckpt.num_shards:
+    """How many times each kv head is stored, confirmed from the data: the largest r of Meta's
+    rule (registry.kv_replication) for which layer 0's kv heads come in r identical copies."""
+    n = ckpt.num_shards
+    cands = [r for r in range(n_kv_heads, 1, -1)
+             if n_kv_heads % r == 0 and registry.kv_replication(n, n_kv_heads // r) == r]
+    if not cands:
         return 1
-    wk = torch.cat([ckpt.tensor("layers.0.attention.wk.weight", s) for s in range(ckpt.num_shards)], 0)
-    wv = torch.cat([ckpt.tensor("layers.0.attention.wv.weight", s) for s in range(ckpt.num_shards)], 0)
-    for r in range(2, n_kv_heads + 1):
-        if n_kv_heads % r:
-            continue
-        ok = True
-        for w in (wk, wv):
-            g = w.view(n_kv_heads // r, r, head_dim, -1)
-            if not torch.equal(g, g[:, :1].expand_as(g)):
-                ok = False
-                break
-        if ok:
+    wk = torch.cat([ckpt.tensor("layers.0.attention.wk.weight", s) for s in range(n)], 0)
+    wv = torch.cat([ckpt.tensor("layers.0.attention.wv.weight", s) for s in range(n)], 0)
+    for r in cands:
+        if all(torch.equal(g, g[:, :1].expand_as(g)) for g in (w.view(n_kv_heads // r, r, head_dim, -1) for w in (wk, wv))):
             return r
     return 1
 
 
+# --- step 4: which release ---------------------------------------------------------------------------
+
+def choose_release(ckpt: MetaCheckpoint, arch: Arch, vocab: int, tied: bool, variant_id: str | None,
+                   ev: list[str]) -> VariantSpec | None:
+    if variant_id:
+        try:
+            spec = registry.get(variant_id)
+        except KeyError as e:
+            raise ConversionError(f"--variant: {e.args[0]}") from None
+        ev.append(f"variant {variant_id} given on the command line")
+        return spec
+    folder = ckpt.dir.resolve().name
+    named = registry.releases_named_by(folder)
+    cands = registry.releases_matching(arch, vocab)
+    if not cands:
+        return _custom_shape_release(ckpt, arch, named, ev)
+    cands = [v for v in cands if v.num_shards == ckpt.num_shards] or cands
+    cands = [v for v in cands if v.tie_word_embeddings == tied] or cands
+    by_name = [v for v in cands if v in named]
+    if by_name:
+        ev.append(f"params.json fits the released {by_name[0].id}; folder name {folder!r} picks it")
+        return by_name[0]
+    if len({registry.output_facts(v) for v in cands}) > 1:
+        ids = ", ".join(v.id for v in cands)
+        raise ConversionError(
+            f"params.json in {ckpt.dir} fits several releases that convert differently ({ids}) and the folder "
+            f"name {folder!r} names none of them: pass --variant ID (one of {ids}), or keep Meta's folder name")
+    hint = registry.instruct_named_by(folder)
+    spec = ([v for v in cands if v.instruct == hint] or cands)[0]
+    others = [v.id for v in cands if v is not spec]
+    ev.append(f"params.json fits the released {spec.id}" + (f" (also {', '.join(others)}: same files; "
+              "--instruct/--base decide the chat metadata)" if others else ""))
+    return spec
+
+
+def _custom_shape_release(ckpt: MetaCheckpoint, arch: Arch, named: tuple[VariantSpec, ...],
+                          ev: list[str]) -> VariantSpec | None:
+    """A shape no release has: the folder's release lends its facts when its traits agree."""
+    kind = ckpt.tokenizer_kind
+    for spec in sorted(named, key=lambda v: v.num_shards != ckpt.num_shards):  # MP8 vs MP16: the shard count
+        s = spec.arch
+        if ((kind is None or spec.facts.tokenizer == kind) and s.use_scaled_rope == arch.use_scaled_rope
+                and s.rope_theta == arch.rope_theta):
+            ev.append(f"shape not in the registry; folder name {ckpt.dir.name!r} names {spec.id}, "
+                      "whose facts (rope scaling, context, special tokens) are used")
+            return spec
+    return None
+
+
+def _family(spec: VariantSpec | None, params: dict, kind: str | None, vocab: int, tied: bool, ev: list[str]) -> str:
+    if spec is not None:
+        return spec.family
+    fam = structural_family(params, kind, vocab)
+    if fam == "llama3.1" and tied:
+        ev.append("tied embeddings with scaled RoPE: a Llama 3.2 model (rope factor 32)")
+        return "llama3.2"
+    ev.append(f"shape not in the registry; {FAMILY_FACTS[fam].label} assumed from structural traits")
+    return fam
+
+
+def _note_deviations(spec: VariantSpec | None, params: dict, tied: bool, ev: list[str]) -> None:
+    """Values this file holds that differ from the release's params.json: the file wins."""
+    if spec is None:
+        return
+    if registry.norm_eps(params) != registry.norm_eps(spec.params):
+        ev.append(f"norm_eps {registry.norm_eps(params):g} from params.json ({spec.id} was later shipped with "
+                  f"{registry.norm_eps(spec.params):g}); the file's value is used")
+    if bool(params.get("use_scaled_rope")) != bool(spec.params.get("use_scaled_rope")):
+        ev.append(f"use_scaled_rope {bool(params.get('use_scaled_rope'))} in params.json, unlike {spec.id}'s; "
+                  "the file decides")
+    if spec.tie_word_embeddings and not tied:
+        ev.append(f"{spec.id} is released with tied embeddings but this output.weight differs: kept untied")
+
+
+# --- all steps ---------------------------------------------------------------------------------------
+
 def detect(ckpt: MetaCheckpoint, *, variant_id: str | None = None, instruct: bool | None = None) -> Variant:
     p = ckpt.params
     ev: list[str] = []
-    kind = ckpt.tokenizer_kind
     if ckpt.tokenizer_path is None:
         ev.append("no tokenizer.model found next to the shards or in the parent folder")
-    dim, n_layers, n_heads = int(p["dim"]), int(p["n_layers"]), int(p["n_heads"])
-    n_kv = int(p.get("n_kv_heads") or n_heads)
-    if dim % n_heads or n_heads % n_kv:
-        raise ConversionError(f"params.json is inconsistent: dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv}")
-    vocab = int(p.get("vocab_size", -1))
-    tok_words = tokenizer_n_words(ckpt.tokenizer_path, kind) if ckpt.tokenizer_path else None
-    if vocab == -1:
-        if tok_words is None:
-            raise ConversionError(f"params.json says vocab_size -1 (take it from the tokenizer) but no "
-                                  f"tokenizer.model is in {ckpt.dir} or its parent")
-        vocab = tok_words
-        ev.append(f"vocab_size {vocab} from tokenizer.model (params.json says -1)")
-    llama3_params = float(p.get("rope_theta", 10000.0)) == 500000.0 or bool(p.get("use_scaled_rope"))
-    if kind is not None and (kind == "tiktoken") != llama3_params:
-        raise ConversionError(
-            f"{ckpt.tokenizer_path} is a {kind} tokenizer but params.json describes a "
-            f"{'Llama 3.x' if llama3_params else 'Llama 1/2 or Code Llama'} model: the tokenizer belongs to another model")
-    if tok_words is not None and tok_words != vocab:
-        raise ConversionError(f"{ckpt.tokenizer_path} defines {tok_words} tokens but params.json says vocab_size "
-                              f"{vocab}: the tokenizer belongs to another model")
-    emb = ckpt.info("tok_embeddings.weight")
-    n = ckpt.num_shards
-
-    # Shapes must agree with params and the shard count before anything is trusted.
-    fam = structural_family(p, kind, vocab)
-    emb_dim_guess = FAMILY_FACTS[fam].embedding_shard_dim
-    want = (vocab // n, dim) if emb_dim_guess == 0 else (vocab, dim // n)
-    if emb.shape != want:
-        raise ConversionError(
-            f"tok_embeddings.weight in {ckpt.shard_paths[0].name} has shape {list(emb.shape)}, but params.json "
-            f"(dim {dim}, vocab {vocab}) with {n} shard(s) of a {FAMILY_FACTS[fam].label} checkpoint means {list(want)}: "
-            "a shard is missing, params.json belongs to another model, or vocab_size disagrees with the tokenizer")
-    if n_heads % n or n_kv % n:
-        raise ConversionError(f"{n} shards cannot split {n_heads} heads and {n_kv} kv heads")
-    wq = ckpt.info("layers.0.attention.wq.weight")
-    if wq.shape != (dim // n, dim):
-        raise ConversionError(f"layers.0.attention.wq.weight has shape {list(wq.shape)}, expected {[dim // n, dim]}")
-    for s in range(1, n):
-        if ckpt.info("tok_embeddings.weight", s).shape != emb.shape:
-            raise ConversionError(f"{ckpt.shard_paths[s].name} has a different embedding shard shape than shard 00")
-
-    has_output, equal_output = _output_tied(ckpt)
-    tied = equal_output
+    refuse_quantized(ckpt)
+    arch = read_arch(ckpt)
+    vocab = resolve_vocab(ckpt, arch, ev)
+    kind = ckpt.tokenizer_kind
+    check_shapes(ckpt, arch, vocab, structural_family(p, kind, vocab))
+    has_output, tied = _output_tied(ckpt)
     if not has_output:
         ev.append("no output.weight: the output matrix is the embedding (tied)")
     elif tied:
         ev.append("output.weight equals tok_embeddings.weight bit for bit: tied embeddings")
-
-    # Registry: exact params match, then tie-breakers.
-    spec: VariantSpec | None = None
-    folder_spec = variant_named_by_folder(ckpt.dir)
-    if variant_id:
-        spec = registry.get(variant_id)
-        ev.append(f"variant {variant_id} given on the command line")
-    else:
-        key = registry.arch_key(p) + (p.get("vocab_size"),)
-        cands = [v for v in registry.VARIANTS if v.params_key() == key]
-        if cands:
-            by_shards = [v for v in cands if v.num_shards == n] or cands
-            by_tie = [v for v in by_shards if v.tie_word_embeddings == tied] or by_shards
-            cands = by_tie
-            if folder_spec in cands:
-                spec = folder_spec
-                ev.append(f"params.json matches the released {spec.id}; folder name {ckpt.dir.name!r} picks it")
-            else:
-                hint = _instruct_hint(ckpt.dir)
-                pick = [v for v in cands if v.instruct == bool(hint)] or cands
-                spec = pick[0]
-                ev.append(f"params.json matches the released {spec.id}"
-                          + (f" (also matches {', '.join(v.id for v in cands if v is not spec)})" if len(cands) > 1 else ""))
-        elif folder_spec and _traits_agree(folder_spec, p, kind):
-            spec = folder_spec
-            ev.append(f"shape not in the registry; folder name {ckpt.dir.name!r} names {spec.id}, "
-                      "whose facts (rope scaling, context, special tokens) are used")
-        else:
-            ev.append(f"shape not in the registry; {FAMILY_FACTS[fam].label} assumed from structural traits")
-
-    if spec is not None:
-        fam = spec.family
-        scaling = spec.rope_scaling
-    else:
-        if fam == "llama3.1" and tied:
-            fam = "llama3.2"
-            ev.append("tied embeddings with scaled RoPE: a Llama 3.2 model (rope factor 32)")
-        scaling = {"llama3.1": registry.LLAMA31_SCALING, "llama3.2": registry.LLAMA32_SCALING}.get(fam)
-    if "rope_scaling_factor" in p and scaling is not None:  # newer params.json may state it
-        scaling = RopeScaling(factor=float(p["rope_scaling_factor"]))
+    spec = choose_release(ckpt, arch, vocab, tied, variant_id, ev)
+    fam = _family(spec, p, kind, vocab, tied, ev)
+    scaling = registry.rope_scaling_for(p, spec, tied)
+    if p.get("rope_scaling_factor") is not None and scaling is not None:
         ev.append(f"rope scaling factor {scaling.factor:g} from params.json")
-    if bool(p.get("use_scaled_rope")) != (scaling is not None):
-        raise ConversionError(f"use_scaled_rope={p.get('use_scaled_rope')} in params.json contradicts "
-                              f"{spec.id if spec else fam}; pass the right --variant")
-
-    if instruct is None:
-        instruct = spec.instruct if spec else bool(_instruct_hint(ckpt.dir))
-    head_dim = dim // n_heads
-    rep = _kv_replication(ckpt, n_kv, head_dim)
+    _note_deviations(spec, p, tied, ev)
+    rep = _kv_replication(ckpt, arch.n_kv_heads, arch.head_dim)
     if rep > 1:
-        ev.append(f"each kv head is stored {rep} times across the {n} shards (shards > real kv heads): de-duplicated")
+        ev.append(f"each kv head is stored {rep} times across the {ckpt.num_shards} shards (shards > real kv heads): "
+                  "de-duplicated")
     facts = FAMILY_FACTS[fam]
-    ffn = registry.intermediate_size(dim, int(p.get("multiple_of", 256)), p.get("ffn_dim_multiplier"))
-    w1 = ckpt.info("layers.0.feed_forward.w1.weight")
-    if w1.shape != (ffn // n, dim):
-        raise ConversionError(f"layers.0.feed_forward.w1.weight has shape {list(w1.shape)}; params.json "
-                              f"(multiple_of, ffn_dim_multiplier) gives hidden size {ffn}, i.e. {[ffn // n, dim]} per shard")
-    if spec is not None and spec.tie_word_embeddings and not tied:
-        ev.append(f"{spec.id} is released with tied embeddings but this output.weight differs: kept untied")
+    if instruct is None:
+        instruct = spec.instruct if spec else registry.instruct_named_by(ckpt.dir.resolve().name)
     label = (f"{facts.label} {spec.size}" + (" Instruct" if spec.instruct else "")) if spec else \
-        f"{facts.label} (custom shape: {n_layers} layers, dim {dim})"
+        f"{facts.label} (custom shape: {arch.n_layers} layers, dim {arch.dim})"
     return Variant(
         family=fam, label=label, registry_id=spec.id if spec else None, instruct=bool(instruct),
-        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, hf_num_kv_heads=n_kv // rep,
-        intermediate_size=ffn, vocab_size=vocab, norm_eps=float(p.get("norm_eps", 1e-5)),
-        rope_theta=float(p.get("rope_theta", 10000.0)), rope_scaling=scaling,
-        max_position_embeddings=facts.max_position_embeddings, num_shards=n,
+        dim=arch.dim, n_layers=arch.n_layers, n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads,
+        hf_num_kv_heads=arch.n_kv_heads // rep, intermediate_size=arch.hidden, vocab_size=vocab,
+        norm_eps=registry.norm_eps(p), rope_theta=arch.rope_theta, rope_scaling=scaling,
+        max_position_embeddings=facts.max_position_embeddings, num_shards=ckpt.num_shards,
         embedding_shard_dim=facts.embedding_shard_dim, kv_replication=rep, tie_word_embeddings=tied,
-        has_output_weight=has_output, dtype=emb.dtype, tokenizer_path=ckpt.tokenizer_path,
-        tokenizer_kind=kind, evidence=tuple(ev))
+        has_output_weight=has_output, dtype=ckpt.info("tok_embeddings.weight").dtype,
+        tokenizer_path=ckpt.tokenizer_path, tokenizer_kind=kind, evidence=tuple(ev))

@@ -35,31 +35,14 @@ class HFToMetaReport:
     notes: list[str]
 
 
-def _family(cfg: dict) -> str:
-    theta = float(cfg.get("rope_theta", 10000.0))
-    if cfg.get("vocab_size", 0) >= 100000 or theta == 500000.0:
-        rs = cfg.get("rope_scaling") or {}
-        if rs.get("rope_type", rs.get("type")) == "llama3":
-            return "llama3.2" if float(rs.get("factor", 8.0)) == 32.0 else "llama3.1"
-        return "llama3"
-    if theta == 1e6:
-        return "codellama"
-    return "llama1" if float(cfg.get("rms_norm_eps", 1e-5)) == 1e-6 else "llama2"
-
-
 def _params_for(cfg: dict, family: str, num_shards: int | None, notes: list[str]) -> tuple[dict, int]:
     dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     kv = cfg.get("num_key_value_heads", heads)
     hidden = cfg["intermediate_size"]
-    for spec in registry.VARIANTS:
-        p = spec.params
-        real_kv = spec.hf_num_kv_heads or p.get("n_kv_heads") or p["n_heads"]
-        if (p["dim"], p["n_layers"], p["n_heads"], real_kv, spec.vocab_size) == (
-                dim, cfg["num_hidden_layers"], heads, kv, cfg["vocab_size"]) and \
-                FAMILY_FACTS[spec.family].tokenizer == FAMILY_FACTS[family].tokenizer and \
-                (num_shards is None or num_shards == spec.num_shards):
+    for spec in registry.releases_for_hf_config(cfg, num_shards):
+        if FAMILY_FACTS[spec.family].tokenizer == FAMILY_FACTS[family].tokenizer:
             notes.append(f"params.json of the released {spec.id}")
-            return dict(p), spec.num_shards
+            return dict(spec.params), spec.num_shards
     # Unknown shape: choose multiple_of / ffn_dim_multiplier reproducing the hidden size exactly.
     params = {"dim": dim, "n_layers": cfg["num_hidden_layers"], "n_heads": heads}
     if kv != heads:
@@ -105,10 +88,10 @@ def convert_hf_to_meta(hf_dir: str | Path, output_dir: str | Path, *, num_shards
     except FileNotFoundError as e:
         raise ConversionError(str(e)) from None
     notes: list[str] = []
-    family = _family(cfg)
+    family = registry.family_for_hf_config(cfg)
     params, n = _params_for(cfg, family, num_shards, notes)
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    rep = n // kv if n > kv else 1  # Meta replicates kv heads so each shard owns one
+    rep = registry.kv_replication(n, kv)
     if rep > 1:
         params["n_kv_heads"] = kv * rep
         notes.append(f"{n} shards > {kv} kv heads: each kv head stored {rep} times")

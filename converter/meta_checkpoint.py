@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from llama_parity.fixtures import variants as registry
+
 from .errors import ConversionError
 
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -39,16 +41,6 @@ _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
-
-
-def sniff_tokenizer_kind(path: Path) -> str:
-    """'tiktoken' (base64 rank lines) or 'sentencepiece' (a protobuf), from the file's first bytes."""
-    head = path.open("rb").read(256)
-    first_line = head.split(b"\n", 1)[0]
-    parts = first_line.split(b" ")
-    if len(parts) == 2 and parts[1].strip().isdigit() and re.fullmatch(rb"[A-Za-z0-9+/=]+", parts[0] or b"-"):
-        return "tiktoken"
-    return "sentencepiece"
 
 
 @dataclass(frozen=True)
@@ -222,9 +214,7 @@ class MetaCheckpoint:
         for key in ("dim", "n_layers", "n_heads"):
             if key not in self.params:
                 raise ConversionError(f"{self.params_path} lacks {key!r}; is this a Meta Llama params.json?")
-        # Llama 2 downloads ship tokenizer.model once, in the parent folder of the model folders.
-        self.tokenizer_path: Path | None = next(
-            (p for p in (self.dir / "tokenizer.model", self.dir.parent / "tokenizer.model") if p.is_file()), None)
+        self.tokenizer_path: Path | None = registry.find_tokenizer(self.dir)
         chk = self.dir / "checklist.chk"
         self.checklist_path: Path | None = chk if chk.is_file() else None
         self._fds: dict[int, int] = {}
@@ -236,7 +226,12 @@ class MetaCheckpoint:
 
     @property
     def tokenizer_kind(self) -> str | None:
-        return sniff_tokenizer_kind(self.tokenizer_path) if self.tokenizer_path else None
+        if self.tokenizer_path is None:
+            return None
+        try:
+            return registry.tokenizer_kind(self.tokenizer_path)
+        except (OSError, ValueError) as e:
+            raise ConversionError(f"{e}: replace tokenizer.model with the one from Meta's download") from None
 
     @cached_property
     def shards(self) -> list[dict[str, torch.Tensor]]:

@@ -192,35 +192,19 @@ def run_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeScalingA
 
 
 def expected_rope_scaling(meta_dir: Path, variant_id: str | None = None) -> RopeScalingArgs | None:
-    """The judge's own reading of which RoPE scaling a Meta checkpoint was trained with.
-
-    Decided from recorded facts (fixtures/variants.py) and the checkpoint, not by asking the
-    converter: params.json's use_scaled_rope says whether; the release (exact params match, or
-    the folder's name) says the factor; failing both, tied output means Llama 3.2 (32), else 8.
-    """
+    """The judge's own reading of which RoPE scaling a Meta checkpoint was trained with: decided by
+    the registry's rules (fixtures/variants.py) from params.json, the folder's name and tying, not
+    by asking the converter."""
     from llama_parity.fixtures import variants as registry
 
     params = json.loads((Path(meta_dir) / "params.json").read_text())
-    if not params.get("use_scaled_rope"):
-        return None
-    if "rope_scaling_factor" in params:
-        return RopeScalingArgs(factor=float(params["rope_scaling_factor"]))
-    spec = None
-    if variant_id:
-        spec = registry.get(variant_id)
-    else:
-        key = registry.arch_key(params) + (params.get("vocab_size"),)
-        factors = {v.rope_scaling.factor for v in registry.VARIANTS if v.params_key() == key and v.rope_scaling}
-        if len(factors) == 1:
-            return RopeScalingArgs(factor=factors.pop())
-        name = Path(meta_dir).resolve().name.lower().replace("meta-", "")
-        named = [v for v in registry.VARIANTS if v.meta_dir_name.lower().replace("meta-", "") in name and v.rope_scaling]
-        if named:
-            spec = max(named, key=lambda v: len(v.meta_dir_name))
-    if spec is not None and spec.rope_scaling is not None:
-        s = spec.rope_scaling
-        return RopeScalingArgs(s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings)
-    shard = torch.load(sorted(Path(meta_dir).glob("consolidated.*.pth"))[0], map_location="cpu", mmap=True,
+    s = registry.expected_rope_scaling(params, Path(meta_dir).resolve().name, variant_id=variant_id,
+                                       tied=lambda: _output_tied(Path(meta_dir)))
+    return None if s is None else RopeScalingArgs(s.factor, s.low_freq_factor, s.high_freq_factor,
+                                                  s.original_max_position_embeddings)
+
+
+def _output_tied(meta_dir: Path) -> bool:
+    shard = torch.load(sorted(meta_dir.glob("consolidated.*.pth"))[0], map_location="cpu", mmap=True,
                        weights_only=True)
-    tied = "output.weight" not in shard or torch.equal(shard["output.weight"], shard["tok_embeddings.weight"])
-    return RopeScalingArgs(factor=32.0 if tied else 8.0)
+    return "output.weight" not in shard or torch.equal(shard["output.weight"], shard["tok_embeddings.weight"])

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from llama_parity.fixtures.variants import find_tokenizer
+
 from .parity import Check, expected_rope_scaling, run_model_checks
 
 
@@ -71,10 +73,6 @@ def _fmt(x) -> str:
     if isinstance(x, float):
         return "0" if x == 0 else f"{x:.2e}"
     return str(x)
-
-
-def _meta_tokenizer(meta_dir: Path) -> Path | None:
-    return next((p for p in (meta_dir / "tokenizer.model", meta_dir.parent / "tokenizer.model") if p.is_file()), None)
 
 
 def config_checks(meta_dir: Path, hf_dir: Path, rope) -> list[Check]:
@@ -153,7 +151,7 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", var
             report.checks += run_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device, bf16=bf16)
     except (OSError, json.JSONDecodeError, KeyError) as e:
         raise InputError(f"cannot load the models: {type(e).__name__}: {e}") from None
-    tok = _meta_tokenizer(meta_dir)
+    tok = find_tokenizer(meta_dir)
     if tokenizer:
         if tok is None:
             report.notes.append("no tokenizer.model next to the Meta checkpoint: tokenizer parity not checked")

@@ -343,7 +343,9 @@ def load_meta_checkpoint(meta_dir: str | Path, *, rope_scaling: RopeScalingArgs 
         # As Meta's build(): the vocab comes from the tokenizer (Llama 2 ships it one folder up).
         from .tokenizer import load_meta_tokenizer
 
-        tok = next((p for p in (meta_dir / "tokenizer.model", meta_dir.parent / "tokenizer.model") if p.is_file()), None)
+        from llama_parity.fixtures.variants import find_tokenizer
+
+        tok = find_tokenizer(meta_dir)
         if tok is None:
             raise FileNotFoundError(f"params.json says vocab_size -1 and no tokenizer.model is in {meta_dir} or its parent")
         tokenizer_n_words = load_meta_tokenizer(tok).n_words
