@@ -120,6 +120,11 @@ def build_config(variant: Variant, dtype: torch.dtype) -> dict:
             out[key] = values.get(key, official_value)
     if "head_dim" not in tpl and variant.head_dim * variant.n_heads != variant.dim:
         out["head_dim"] = variant.head_dim  # cannot happen for Meta shapes; never silently wrong
+    # A custom shape may change what the release's template leaves to transformers' defaults
+    # (GQA or another theta on a Llama 1/2 shape): write those values rather than lose them.
+    for key, default in (("num_key_value_heads", variant.n_heads), ("rope_theta", 10000.0), ("rope_scaling", None)):
+        if key not in out and values[key] != default:
+            out[key] = values[key]
     return out
 
 

@@ -26,9 +26,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-FAMILIES = ("llama1", "llama2", "codellama", "llama3", "llama3.1", "llama3.2", "llama3.3", "llama-guard-3")
-SENTENCEPIECE_FAMILIES = ("llama1", "llama2", "codellama")
-TIKTOKEN_FAMILIES = ("llama3", "llama3.1", "llama3.2", "llama3.3", "llama-guard-3")
+from llama_parity.fixtures.variants import FAMILIES, FAMILY_FACTS, tokenizer_kind
+
+SENTENCEPIECE_FAMILIES = tuple(f for f, facts in FAMILY_FACTS.items() if facts.tokenizer == "sentencepiece")
+TIKTOKEN_FAMILIES = tuple(f for f, facts in FAMILY_FACTS.items() if facts.tokenizer == "tiktoken")
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -71,19 +72,6 @@ def _check_family(family: str) -> None:
         raise ValueError(f"unknown tokenizer family {family!r}; expected one of {', '.join(FAMILIES)}")
 
 
-def _file_kind(path: Path) -> str:
-    head = path.read_bytes()[:256]
-    if head[:1] == b"\x0a":
-        return "sentencepiece"
-    try:
-        first = head.decode("ascii").splitlines()[0].split()
-        base64.b64decode(first[0], validate=True)
-        int(first[1])
-        return "tiktoken"
-    except (UnicodeDecodeError, IndexError, ValueError):
-        raise ValueError(f"{path}: not a sentencepiece model nor a tiktoken rank file") from None
-
-
 # --- reading --------------------------------------------------------------------------------------------
 
 def _read_ranks(path: Path) -> dict[bytes, int]:
@@ -109,8 +97,8 @@ def read_tokenizer_info(tokenizer_model: Path, *, family: str, instruct: bool) -
     """The facts `write_hf_tokenizer` would record, without writing anything."""
     _check_family(family)
     tokenizer_model = Path(tokenizer_model)
-    kind = _file_kind(tokenizer_model)
-    expected = "sentencepiece" if family in SENTENCEPIECE_FAMILIES else "tiktoken"
+    kind = tokenizer_kind(tokenizer_model)
+    expected = FAMILY_FACTS[family].tokenizer
     if kind != expected:
         raise ValueError(f"{tokenizer_model} is a {kind} file but family {family!r} needs {expected}")
     if kind == "sentencepiece":

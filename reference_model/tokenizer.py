@@ -306,32 +306,11 @@ def infilling_prompt_tokens(tokenizer: SentencePieceTokenizer, prefix: str, suff
 
 
 def detect_tokenizer_kind(path: Path | str) -> str:
-    """'tiktoken' for a base64-rank text file, 'sentencepiece' for a sentencepiece protobuf."""
-    data = Path(path).read_bytes()
-    head = data[:4096]
-    try:
-        text = head.decode("ascii")
-    except UnicodeDecodeError:
-        text = None
-    if text is not None:
-        lines = [ln for ln in text.splitlines()[:-1] or text.splitlines() if ln.strip()]
-        if lines and all(_is_rank_line(ln) for ln in lines):
-            return "tiktoken"
-    # sentencepiece ModelProto starts with field 1 (pieces), length-delimited: key byte 0x0a.
-    if data[:1] == b"\x0a":
-        return "sentencepiece"
-    raise ValueError(f"{path}: neither a sentencepiece model nor a tiktoken rank file")
+    """'tiktoken' for a base64-rank text file, 'sentencepiece' for a sentencepiece protobuf (the
+    registry's sniff, fixtures/variants.py: a file-format fact, not a converter decision)."""
+    from llama_parity.fixtures.variants import tokenizer_kind
 
-
-def _is_rank_line(line: str) -> bool:
-    parts = line.split()
-    if len(parts) != 2 or not parts[1].isdigit():
-        return False
-    try:
-        base64.b64decode(parts[0], validate=True)
-    except ValueError:
-        return False
-    return True
+    return tokenizer_kind(Path(path))
 
 
 def load_meta_tokenizer(path: Path | str, *, version: str = "3.2") -> SentencePieceTokenizer | TiktokenTokenizer:
