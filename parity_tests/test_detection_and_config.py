@@ -373,3 +373,21 @@ def test_verify_passes_guard_1b_in_underscore_folder(tmp_path, tiny):
     shutil.copytree(tiny.meta("llama-guard-3-1b"), dst)
     report = verify(dst, tiny.hf("llama-guard-3-1b"), bf16=False, tokenizer=False, memory="full")
     assert report.ok, report.render()
+
+
+def test_fp8_checkpoint_refused_by_the_cli(tmp_path, tiny, capsys):
+    """Bug class: an FP8 download converted with exit 0 (weights misread) or refused with a
+    traceback; it must be exit 2, one line naming the bf16 download, nothing written."""
+    import shutil
+
+    from llama_parity.cli import main
+
+    meta = tmp_path / "Llama3.1-405B"
+    shutil.copytree(tiny.meta("llama3.1-8b"), meta)
+    (meta / "fp8_scales_0.pt").write_bytes(b"")
+    before = sorted((p.name, p.stat().st_size) for p in meta.iterdir())
+    rc = main(["convert", "--input-dir", str(meta), "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "FP8" in err[0] and "bf16-mp8" in err[0], err
+    assert not (tmp_path / "out").exists()
+    assert sorted((p.name, p.stat().st_size) for p in meta.iterdir()) == before
