@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from llama_parity.fixtures.variants import find_tokenizer
+from llama_parity.fixtures.variants import find_tokenizer, fp8_refusal
 
 from .parity import Check, expected_rope_scaling, run_model_checks
 
@@ -103,6 +103,8 @@ def _check_dirs(meta_dir: Path, hf_dir: Path, device: str) -> None:
             raise InputError(f"{what} directory {d} does not exist")
     if not (meta_dir / "params.json").is_file() or not list(meta_dir.glob("consolidated.*.pth")):
         raise InputError(f"{meta_dir} is not a Meta checkpoint (needs params.json and consolidated.NN.pth)")
+    if fp8_refusal(meta_dir, None):  # the reference would read scaled FP8 weights as plain numbers
+        raise InputError(fp8_refusal(meta_dir, None))
     if not (hf_dir / "config.json").is_file():
         raise InputError(f"config.json missing in {hf_dir}: not a Hugging Face model directory")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -284,7 +284,7 @@ def test_guard3_8b_unscaled_rope(shape_only):
     use_scaled_rope false (Meta's reference runs it unscaled); its moderation template has 14 categories."""
     v = detect(shape_only(registry.get("llama-guard-3-8b")))
     assert v.registry_id == "llama-guard-3-8b" and v.rope_scaling is None
-    assert v.guard_categories == 14 and v.max_position_embeddings == 131072
+    assert registry.guard_categories(v.registry_id) == 14 and v.max_position_embeddings == 131072
     cfg = hf_config.build_config(v, torch.bfloat16)
     assert cfg["rope_scaling"] is None
 
@@ -391,3 +391,17 @@ def test_fp8_checkpoint_refused_by_the_cli(tmp_path, tiny, capsys):
     assert rc == 2 and len(err) == 1 and "FP8" in err[0] and "bf16-mp8" in err[0], err
     assert not (tmp_path / "out").exists()
     assert sorted((p.name, p.stat().st_size) for p in meta.iterdir()) == before
+
+
+def test_fp8_checkpoint_refused_by_verify(tmp_path, tiny):
+    """Bug class: verify judging an FP8 download as if its weights were plain numbers (a parity
+    failure, exit 1, blaming the conversion) instead of saying what the input is (exit 2)."""
+    import shutil
+
+    from llama_parity.verify import InputError, verify
+
+    meta = tmp_path / "Llama3.1-405B"
+    shutil.copytree(tiny.meta("llama3.1-8b"), meta)
+    (meta / "fp8_scales_0.pt").write_bytes(b"")
+    with pytest.raises(InputError, match="FP8"):
+        verify(meta, tiny.hf("llama3.1-8b"), tokenizer=False)
