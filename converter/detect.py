@@ -303,8 +303,8 @@ def _note_deviations(spec: VariantSpec | None, params: dict, tied: bool, ev: lis
     if spec is None:
         return
     if registry.norm_eps(params) != registry.norm_eps(spec.params):
-        ev.append(f"norm_eps {registry.norm_eps(params):g} from params.json ({spec.id} was later shipped with "
-                  f"{registry.norm_eps(spec.params):g}); the file's value is used")
+        ev.append(f"norm_eps {registry.norm_eps(params):g} in params.json, {registry.norm_eps(spec.params):g} in "
+                  f"{spec.id}'s registry entry: the file's value is used")
     if bool(params.get("use_scaled_rope")) != bool(spec.params.get("use_scaled_rope")):
         ev.append(f"use_scaled_rope {bool(params.get('use_scaled_rope'))} in params.json, unlike {spec.id}'s; "
                   "the file decides")
