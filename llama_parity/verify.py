@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from llama_parity.fixtures.variants import find_tokenizer, fp8_refusal
+from llama_parity.fixtures.variants import find_tokenizer, fp8_refusal, hf_rope_scaling
 
 from .parity import Check, expected_rope_scaling, run_model_checks
 
@@ -88,8 +88,8 @@ def config_checks(meta_dir: Path, hf_dir: Path, rope) -> list[Check]:
     theta = float(params.get("rope_theta", 10000.0))
     same("rope_theta", float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
          theta, "rope_theta dropped (Code Llama 1e6, Llama 3 5e5 silently become 1e4)")
-    rs = cfg.get("rope_scaling") or (cfg.get("rope_parameters") if (cfg.get("rope_parameters") or {}).get("rope_type") == "llama3" else None)
-    got = None if not rs or rs.get("rope_type", rs.get("type")) != "llama3" else float(rs["factor"])
+    rs = hf_rope_scaling(cfg)
+    got = None if rs is None else rs.factor
     same("rope scaling factor", got, None if rope is None else float(rope.factor),
          "RoPE scaling missing or with the wrong factor (Llama 3.2 / Guard 3 1B need 32, 3.1 needs 8)")
     same("rms_norm_eps", float(cfg.get("rms_norm_eps", 1e-6)), float(params.get("norm_eps", 1e-5)),

@@ -70,7 +70,8 @@ def cases(draw) -> Case:
             p["rope_theta"] = theta
         p["vocab_size"] = -1
     arch = dict(p)
-    shards = 2 if (n_heads % 2 == 0 and n_kv % 2 == 0 and p["dim"] % 2 == 0 and draw(st.booleans())) else 1
+    # Meta's model parallelism needs every split axis divisible by the shard count
+    shards = 2 if (n_heads % 2 == 0 and n_kv % 2 == 0 and _hidden(p) % 2 == 0 and draw(st.booleans())) else 1
     case = Case(p, arch, kind, shards)
     if kind == "sentencepiece" and p.get("rope_theta") == 500000.0:
         case.maybe.append("theta 5e5 is Llama 3's: a sentencepiece tokenizer may be refused as another model's")
