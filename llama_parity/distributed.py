@@ -5,9 +5,10 @@
 
 Every rank runs the same program (SPMD) and the same checks from parity.py; only the models differ:
 - Reference: Meta's model on fairscale's model-parallel layers over the unmerged shards
-  (reference_model/fairscale_mp.py). The world size N must divide the shard count: rank r holds
-  shard group r (S/N consecutive shards). The collectives inside fairscale's layers give every rank
-  the same full logits.
+  (reference_model/fairscale_mp.py). The world size N divides the shard count S (rank r holds
+  shard group r: S/N consecutive shards) or is a multiple of it (rank r holds a 1/(N/S) slice of
+  whole heads of one shard). The collectives inside fairscale's layers give every rank the same
+  full logits.
 - HF: transformers' own LlamaForCausalLM, its decoder layers cut into N contiguous ranges, rank r
   holding range r only (rank 0 also the embedding, the last rank the final norm and lm_head). A
   layer held elsewhere is a pass-through; after the last layer of each range its owner broadcasts
@@ -72,14 +73,18 @@ def precheck(meta_dir: Path, hf_dir: Path, world: int) -> None:
 
     from .verify import InputError
 
-    shards = list(meta_dir.glob("consolidated.*.pth"))
-    if shards and len(shards) % world:
-        raise InputError(f"{len(shards)} shard file(s) in {meta_dir} cannot be split over {world} ranks: use a rank "
-                         f"count that divides {len(shards)} (each rank runs a group of consecutive shards)")
+    n = len(list(meta_dir.glob("consolidated.*.pth")))
+    if n and n % world and world % n:
+        raise InputError(f"{n} shard file(s) in {meta_dir} cannot be split over {world} ranks: use a rank count "
+                         f"that divides {n} or is a multiple of it (each rank runs a shard group or a shard's slice)")
     try:
+        n_heads = json.loads((meta_dir / "params.json").read_text())["n_heads"]
         n_layers = json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"]
     except (OSError, ValueError, KeyError):
         return  # verify's own checks name the problem
+    if n_heads % world:
+        raise InputError(f"{n_heads} attention heads cannot be split over {world} ranks: use a rank count that "
+                         f"divides {n_heads}")
     if n_layers < world:
         raise InputError(f"{world} ranks for {n_layers} decoder layers in {hf_dir}: use at most {n_layers} ranks")
 
@@ -271,10 +276,14 @@ def _layout_note(meta_dir: Path, hf_dir: Path, r: Rank) -> str:
     import json
 
     n_shards = len(list(meta_dir.glob("consolidated.*.pth")))
-    g = n_shards // r.world
+    g, k = max(1, n_shards // r.world), max(1, r.world // n_shards)
     ranges = layer_ranges(int(json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"]), r.world)
-    parts = [f"rank {i}: shard{'s' if g > 1 else ''} {i * g:02d}{f'-{i * g + g - 1:02d}' if g > 1 else ''}, "
-             f"HF layers {x.start}-{x.stop - 1}" for i, x in enumerate(ranges)]
+
+    def shards(i: int) -> str:
+        if k > 1:
+            return f"shard {i // k:02d} piece {i % k + 1}/{k}"
+        return f"shard{'s' if g > 1 else ''} {i * g:02d}{f'-{i * g + g - 1:02d}' if g > 1 else ''}"
+    parts = [f"rank {i}: {shards(i)}, HF layers {x.start}-{x.stop - 1}" for i, x in enumerate(ranges)]
     return f"distributed over {r.world} ranks ({r.backend}): " + "; ".join(parts)
 
 

@@ -49,3 +49,31 @@ def test_shard_groups_equal_emulation(tiny):
     fs = fairscale_logits(meta, tokens, rope_scaling=rope, world=2)
     emulated = ref.forward(torch.tensor([tokens]))[0]
     assert float((fs - emulated).abs().max()) / float(fs.abs().max()) <= parity.FP32_REL_BOUND
+
+
+# Groups of shards (MP16 on 1 and 4 ranks, kv heads replicated inside groups); pieces of shards: kv
+# heads cut (8B on 2), kv heads replicated (8B on 4, 70B MP2 on 4), ParallelEmbedding cut (13B on 4).
+REGROUPS = [pytest.param("llama3.1-405b-mp16", None, w, id=f"405b-mp16-on-{w}") for w in (1, 4)] + [
+    pytest.param("llama3.1-8b", None, w, id=f"8b-on-{w}") for w in (2, 4)] + [
+    pytest.param("llama3.1-70b", 2, 4, id="70b-mp2-on-4"), pytest.param("llama2-13b", None, 4, id="13b-mp2-on-4")]
+
+
+@pytest.mark.parametrize("variant_id,num_shards,world", REGROUPS)
+def test_rank_slices_compute_the_original_model(tiny, variant_id, num_shards, world):
+    """Bug class: the slices ranks get when their count differs from the shard count (groups of
+    shards, or pieces of one) joined or cut wrongly: a head cut in two, a kv head lost or serving
+    the wrong query heads, a ParallelEmbedding cut on the vocab. The N slices, run by the
+    single-process emulation as if they were N shards, must give the original model's logits."""
+    import dataclasses
+
+    from llama_parity.reference_model.fairscale_mp import load_shard_group
+    from llama_parity.reference_model.model import Transformer
+
+    meta = tiny.meta(variant_id, num_shards)
+    ref = load_meta_checkpoint(meta, rope_scaling=parity.expected_rope_scaling(meta, variant_id))
+    slices = [load_shard_group(meta, r, world, ref.embedding_dim, ref.args.head_dim) for r in range(world)]
+    n_kv = slices[0]["layers.0.attention.wk.weight"].shape[0] // ref.args.head_dim * world
+    regrouped = Transformer(dataclasses.replace(ref.args, n_kv_heads=n_kv), slices, embedding_dim=ref.embedding_dim)
+    tokens = parity.fixed_prompt(ref.args.vocab_size)
+    want, got = ref.forward(torch.tensor([tokens]))[0], regrouped.forward(torch.tensor([tokens]))[0]
+    assert float((want - got).abs().max()) / float(want.abs().max()) <= parity.FP32_REL_BOUND

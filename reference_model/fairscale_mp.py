@@ -7,11 +7,13 @@ collectives do the merging (gloo on CPU, NCCL on GPUs). It judges the emulation 
 converter's merging) with nothing shared but the math helpers, and it is the reference side of
 `verify` across processes (llama_parity/distributed.py).
 
-Shard groups: with S shard files and a model-parallel world of N ranks, N must divide S; rank r
-holds shards r*S/N .. (r+1)*S/N - 1 concatenated on each tensor's split dim (consecutive shards of
-a column- or row-parallel layer are one contiguous slice, exactly what fairscale gives rank r of N).
-Kv heads that Meta replicated across shards (MP16 405B) stay replicated inside a group: each copy
-serves the query heads of its own shard, as it did in the original layout.
+Shard groups: with S shard files and a model-parallel world of N ranks, N divides S or is a
+multiple of it. N dividing S: rank r holds shards r*S/N .. (r+1)*S/N - 1 concatenated on each
+tensor's split dim (consecutive shards of a column- or row-parallel layer are one contiguous slice,
+exactly what fairscale gives rank r of N). S dividing N: each shard is cut into N/S contiguous
+pieces of whole heads. Kv heads that Meta replicated across shards (MP16 405B) stay replicated
+inside a group, and kv heads fewer than the pieces are replicated the same way: each copy serves
+the query heads it served in the original layout.
 """
 
 from __future__ import annotations
@@ -183,23 +185,49 @@ def _split_dim(key: str, embedding_dim: int) -> int | None:
     return _SPLIT_DIM.get(name)
 
 
-def load_shard_group(meta_dir: str | Path, rank: int, world: int, embedding_dim: int) -> dict[str, torch.Tensor]:
-    """Rank `rank` of `world`'s slice of every tensor: its consecutive shards joined on the split dims."""
+def _piece(key: str, t: torch.Tensor, dim: int | None, k: int, j: int, head_dim: int) -> torch.Tensor:
+    """Piece j of k of one shard's tensor: contiguous on its split dim, whole heads only. Kv heads
+    fewer than the pieces are replicated, each piece keeping the one its query heads use (as Meta
+    replicated them across the shards of MP16)."""
+    if dim is None or k == 1:
+        return t
+    if key.endswith(("attention.wk.weight", "attention.wv.weight")):
+        heads = t.shape[0] // head_dim
+        if heads % k and k % heads:
+            raise ValueError(f"{key}: {heads} kv head(s) per shard cannot be shared by {k} ranks")
+        if k % heads == 0:
+            h = j * heads // k
+            return t[h * head_dim:(h + 1) * head_dim]
+    elif key.endswith(("attention.wq.weight", "attention.wo.weight")) and (t.shape[dim] // head_dim) % k:
+        raise ValueError(f"{key}: {t.shape[dim] // head_dim} heads per shard cannot be split over {k} ranks")
+    if t.shape[dim] % k:
+        raise ValueError(f"{key}: {t.shape[dim]} rows per shard cannot be split over {k} ranks")
+    return t.chunk(k, dim)[j]
+
+
+def load_shard_group(meta_dir: str | Path, rank: int, world: int, embedding_dim: int,
+                     head_dim: int) -> dict[str, torch.Tensor]:
+    """Rank `rank` of `world`'s slice of every tensor (fairscale's rank r of N): with S shards and N
+    dividing S, its S/N consecutive shards joined on the split dims; with S dividing N, piece
+    r mod (N/S) of shard r // (N/S). Replicated tensors (norms) come from the first shard read."""
     paths = find_shards(Path(meta_dir))
-    if len(paths) % world:
-        raise ValueError(f"{len(paths)} shard files cannot be split over {world} ranks (the rank count must divide it)")
-    g = len(paths) // world
+    if len(paths) % world and world % len(paths):
+        raise ValueError(f"{len(paths)} shard files cannot be split over {world} ranks "
+                         "(the rank count must divide the shard count or be a multiple of it)")
+    g, k = max(1, len(paths) // world), max(1, world // len(paths))
+    first = rank // k * g
     group = []
-    for p in paths[rank * g:(rank + 1) * g]:
+    for p in paths[first:first + g]:
         try:
             group.append(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
         except Exception as e:  # noqa: BLE001 (torch raises many kinds for a damaged file)
-            first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
-            raise OSError(f"cannot read {p}: {type(e).__name__}: {first}") from None
+            msg = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
+            raise OSError(f"cannot read {p}: {type(e).__name__}: {msg}") from None
     sd = {}
-    for k, t in group[0].items():
-        dim = _split_dim(k, embedding_dim)
-        sd[k] = t if g == 1 or dim is None else torch.cat([s[k] for s in group], dim=dim)
+    for key, t in group[0].items():
+        dim = _split_dim(key, embedding_dim)
+        t = t if g == 1 or dim is None else torch.cat([s[key] for s in group], dim=dim)
+        sd[key] = _piece(key, t, dim, k, rank % k, head_dim)
     sd.pop("rope.freqs", None)
     if "output.weight" not in sd:  # tied checkpoints may omit it: the output is the (vocab-parallel) embedding
         sd["output.weight"] = sd["tok_embeddings.weight"]
@@ -212,10 +240,11 @@ def build_rank_model(meta_dir: str | Path, args: ModelArgs, rank: int, world: in
     first = torch.load(find_shards(Path(meta_dir))[0], map_location="cpu", mmap=True, weights_only=True)
     n_shards = len(find_shards(Path(meta_dir)))
     # ParallelEmbedding (Llama 1/2) splits the hidden dim; VocabParallelEmbedding (Llama 3) the vocab.
+    # One shard cut for several ranks: either gives the same function; the vocab split is used.
     embedding_dim = 1 if n_shards > 1 and first["tok_embeddings.weight"].shape[1] != args.dim else 0
-    sd = load_shard_group(meta_dir, rank, world, embedding_dim)
+    sd = load_shard_group(meta_dir, rank, world, embedding_dim, args.head_dim)
     n_local_kv = sd["layers.0.attention.wk.weight"].shape[0] // args.head_dim
-    model = FairscaleTransformer(args, world, embedding_dim == 0 and n_shards > 1, n_local_kv)
+    model = FairscaleTransformer(args, world, embedding_dim == 0, n_local_kv)
     model.load_state_dict(sd, strict=True)  # copies into this rank's parameters, one tensor at a time
     del sd
     return model.to(device=device, dtype=dtype).eval()
