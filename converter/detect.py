@@ -101,15 +101,12 @@ def _is_llama3_params(arch: Arch) -> bool:
 
 
 def structural_family(params: dict, tokenizer_kind: str | None, vocab_size: int) -> str:
-    """The family a checkpoint of unknown shape belongs to, from traits (not a release match)."""
-    llama3 = float(params.get("rope_theta", 10000.0)) == 500000.0 or bool(params.get("use_scaled_rope"))
-    if tokenizer_kind == "tiktoken" or (tokenizer_kind is None and (llama3 or vocab_size >= 100000)):
-        return "llama3.1" if params.get("use_scaled_rope") else "llama3"
-    if float(params.get("rope_theta", 10000.0)) == 1e6:
-        return "codellama"
-    if registry.norm_eps(params) == 1e-6:
-        return "llama1"
-    return "llama2"
+    """The family a checkpoint of unknown shape belongs to, from traits (not a release match); a
+    scaled model counts as 3.1 here (tying, seen later, makes it 3.2)."""
+    return registry.family_by_traits(
+        rope_theta=float(params.get("rope_theta", 10000.0)),
+        scaling=registry.LLAMA31_SCALING if params.get("use_scaled_rope") else None,
+        norm_eps=registry.norm_eps(params), tokenizer=tokenizer_kind, vocab_size=vocab_size)
 
 
 # --- step 1: what cannot be converted --------------------------------------------------------------
