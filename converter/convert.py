@@ -1,16 +1,15 @@
 """Meta -> HF conversion: files -> MetaCheckpoint -> Variant -> plan -> streaming writer.
 
-Output is built in a hidden sibling directory and renamed into place only when complete, so a
-failure (bad input, full disk, Ctrl-C) never leaves a half-written model where a user expects one.
+Output is built in a hidden sibling directory, flushed to disk and renamed into place only when
+complete (converter/staging.py), so a failure (bad input, full disk, Ctrl-C, SIGTERM) never leaves
+a half-written model where a user expects one, and never replaces a folder the inputs live in.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,9 +20,11 @@ import torch
 from .detect import Variant, detect
 from .errors import ConversionError
 from .hf_config import write_configs
+from .executor import CHUNK_BYTES, ReplicaCheck, Scratch, iter_chunks
 from .meta_checkpoint import MetaCheckpoint
-from .plan import CHUNK_BYTES, ReplicaCheck, Scratch, TensorPlan, build_plan, iter_chunks
+from .plan import TensorPlan, build_plan
 from .safetensors_writer import OutTensor, write_shards
+from .staging import commit_output, prepare_output, write_error
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default "5GB"
 
@@ -74,35 +75,6 @@ def _dtype_arg(name: str | None) -> torch.dtype | None:
     return table[name]
 
 
-def _prepare_output(output_dir: Path, overwrite: bool) -> Path:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConversionError(f"output path {output_dir} exists and is not a directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ConversionError(f"output directory {output_dir} is not empty; pass --overwrite to replace it")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
-    return staging
-
-
-def _commit_output(staging: Path, output_dir: Path) -> None:
-    # Files written through temporary files are private (0600); the result is an ordinary folder.
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in staging.iterdir():
-        if p.is_file():
-            p.chmod(0o666 & ~umask)
-    if output_dir.exists():
-        trash = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        output_dir.rename(trash)
-        staging.rename(output_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        staging.rename(output_dir)
-
-
 class _Progress:
     """Bytes written, rate and time left on stderr; silent unless stderr is a terminal (or forced).
 
@@ -149,14 +121,30 @@ def convert_meta_to_hf(input_dir: str | Path, output_dir: str | Path,
         raise ConversionError("checksum mismatch: " + "; ".join(warnings))
     variant = detect(ckpt, variant_id=options.variant_id, instruct=options.instruct)
     plan = build_plan(variant, ckpt, options.dtype)
-    out_dtype = options.dtype or variant.dtype
     if ckpt.has("rope.freqs"):
         warnings += _check_rope_freqs(ckpt, variant)
     if variant.tokenizer_path is None and options.write_tokenizer:
         raise ConversionError(f"tokenizer.model not found in {ckpt.dir} or its parent; it is needed for the HF "
                               "tokenizer files (pass --no-tokenizer to convert the weights alone)")
+    n_bytes = sum(e.nbytes for e in plan)
+    staging, notes = prepare_output(output_dir, options.overwrite, input_files=ckpt.input_files,
+                                    input_dirs=[ckpt.dir], needed_bytes=n_bytes)
+    warnings += notes
+    try:
+        files, replicas = _write_staging(staging, ckpt, variant, plan, options, warnings)
+        commit_output(staging, output_dir)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(e, output_dir.parent) from None
+        raise
+    return ConversionReport(variant, output_dir, files, len(plan), n_bytes, time.perf_counter() - t0,
+                            replicas.max_abs_diff, replicas.worst_key, warnings)
 
-    staging = _prepare_output(output_dir, options.overwrite)
+
+def _write_staging(staging: Path, ckpt: MetaCheckpoint, variant: Variant, plan: list[TensorPlan],
+                   options: ConvertOptions, warnings: list[str]) -> tuple[list[str], ReplicaCheck]:
+    """Weights, configs and tokenizer files into the staging folder; the caller commits or removes it."""
     pool = ThreadPoolExecutor(max_workers=1)
     try:
         # The tokenizer files (1-1.5 s of Python for a 128k vocab) are built while the weights
@@ -169,38 +157,43 @@ def convert_meta_to_hf(input_dir: str | Path, output_dir: str | Path,
                                         family=variant.family, instruct=variant.instruct,
                                         guard_categories=_guard_categories(variant))
         replicas = ReplicaCheck()
-        by_name = {e.hf_name: e for e in plan}
-        specs = [OutTensor(e.hf_name, e.shape, e.dtype) for e in plan]
-        progress = _Progress(sum(s.nbytes for s in specs), options.progress)
-        try:
-            scratch = Scratch()  # used by the writer's producer thread only
-            files = write_shards(
-                staging, specs,
-                lambda s, take: iter_chunks(by_name[s.name], ckpt, replicas, take=take, scratch=scratch),
-                max_shard_bytes=options.max_shard_bytes, chunk_bytes=CHUNK_BYTES, on_bytes=progress.update)
-        finally:
-            progress.close()
-            ckpt.close()
-        write_configs(staging, variant, out_dtype)
+        files = _write_weights(staging, ckpt, plan, options, replicas)
+        write_configs(staging, variant, options.dtype or variant.dtype)
         if tokenizer_job is not None:
-            info = tokenizer_job.result()
-            if info.vocab_size > variant.vocab_size:
-                raise ConversionError(f"the tokenizer defines {info.vocab_size} ids but the model's vocab is "
-                                      f"{variant.vocab_size}: wrong tokenizer.model for this checkpoint?")
-            if info.vocab_size < variant.vocab_size:
-                warnings.append(f"tokenizer defines {info.vocab_size} ids, embedding has {variant.vocab_size} rows "
-                                "(padding rows are normal for some releases)")
+            _check_tokenizer_size(tokenizer_job.result().vocab_size, variant, warnings)
         if replicas.max_abs_diff > 0:
             warnings.append(f"replicated tensors differ between shards (max |diff| {replicas.max_abs_diff:g} in "
                             f"{replicas.worst_key}); shard 00's copy was written")
-        _commit_output(staging, output_dir)
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(staging, ignore_errors=True)
         raise
     pool.shutdown(wait=True)
-    return ConversionReport(variant, output_dir, files, len(plan), sum(s.nbytes for s in specs),
-                            time.perf_counter() - t0, replicas.max_abs_diff, replicas.worst_key, warnings)
+    return files, replicas
+
+
+def _write_weights(staging: Path, ckpt: MetaCheckpoint, plan: list[TensorPlan], options: ConvertOptions,
+                   replicas: ReplicaCheck) -> list[str]:
+    by_name = {e.hf_name: e for e in plan}
+    specs = [OutTensor(e.hf_name, e.shape, e.dtype) for e in plan]
+    progress = _Progress(sum(s.nbytes for s in specs), options.progress)
+    try:
+        scratch = Scratch()  # used by the writer's producer thread only
+        return write_shards(
+            staging, specs,
+            lambda s, take: iter_chunks(by_name[s.name], ckpt, replicas, take=take, scratch=scratch),
+            max_shard_bytes=options.max_shard_bytes, chunk_bytes=CHUNK_BYTES, on_bytes=progress.update)
+    finally:
+        progress.close()
+        ckpt.close()
+
+
+def _check_tokenizer_size(tok_vocab: int, variant: Variant, warnings: list[str]) -> None:
+    if tok_vocab > variant.vocab_size:
+        raise ConversionError(f"the tokenizer defines {tok_vocab} ids but the model's vocab is "
+                              f"{variant.vocab_size}: wrong tokenizer.model for this checkpoint?")
+    if tok_vocab < variant.vocab_size:
+        warnings.append(f"tokenizer defines {tok_vocab} ids, embedding has {variant.vocab_size} rows "
+                        "(padding rows are normal for some releases)")
 
 
 def _guard_categories(variant: Variant) -> int | None:

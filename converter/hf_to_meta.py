@@ -4,7 +4,9 @@ Every step is the inverse of the Meta -> HF step beside it in transforms.py: q/k
 interleaved rotary pairs, kv heads replicated when shards outnumber them, tensors cut into
 model-parallel shards along each family's dims. params.json comes from the registry when the
 config is a known release, otherwise it is reconstructed so that Meta's FFN rounding gives the
-same hidden size. Memory: one output shard at a time (torch.save writes a whole state dict).
+same hidden size. Every HF tensor is consumed or listed as harmless (keymap.py), else refused.
+Memory: one output shard at a time (torch.save needs a whole state dict), each built from only
+the rows of the HF tensors it holds.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import torch
 from llama_parity.fixtures import variants as registry
 from llama_parity.fixtures.variants import FAMILY_FACTS, intermediate_size
 
-from .convert import _commit_output, _prepare_output
 from .errors import ConversionError
-from .keymap import rule_for_hf_key
-from .safetensors_writer import iter_hf_tensors, read_index
-from .transforms import replicate_heads, split_shards, unpermute_from_hf_rotary
+from .input_checks import check_hf_folder, read_json
+from .keymap import KeyRule, meta_keys
+from .staging import commit_output, prepare_output, write_error
+from .transforms import replicate_heads, unpermute_from_hf_rotary
 
 
 @dataclass
@@ -75,18 +77,93 @@ def _params_for(cfg: dict, family: str, num_shards: int | None, notes: list[str]
     return params, num_shards or 1
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """How the HF tensors are cut into Meta's model-parallel shards."""
+    n: int  # shards
+    heads: int
+    kv: int
+    rep: int  # each kv head stored this many times (shards > kv heads)
+    emb_dim: int  # the embedding's shard dim in this family
+
+
+def _cut(sl, rule: KeyRule, s: int, lay: _Layout, key: str) -> torch.Tensor:
+    """Shard s of one Meta tensor, read from the HF tensor's slice `sl` (only the rows it needs).
+
+    q/k rows go back to Meta's interleaved rotary pairs head by head, and kv heads are replicated
+    when shards outnumber them, so a shard's rows come from a contiguous range of whole HF heads.
+    """
+    shape = sl.get_shape()
+    split = lay.emb_dim if rule.split == "embedding" else rule.split
+    if split is None:
+        return sl[:]
+    if shape[split] * (lay.rep if key.endswith(("wk.weight", "wv.weight")) else 1) % lay.n:
+        raise ConversionError(f"{key}: dim {split} of size {shape[split]} does not split into {lay.n} shards")
+    if split == 1:
+        c = shape[1] // lay.n
+        return sl[:, s * c:(s + 1) * c].contiguous()
+    heads, rep = (lay.kv, lay.rep) if rule.rotary == "k" or key.endswith("attention.wv.weight") else (lay.heads, 1)
+    if rule.rotary is None and rep == 1:
+        r = shape[0] // lay.n
+        return sl[s * r:(s + 1) * r].contiguous()
+    hd = shape[0] // heads
+    m = heads * rep // lay.n  # stored heads per shard
+    lo, hi = s * m // rep, ((s + 1) * m - 1) // rep + 1  # the HF heads they come from
+    t = sl[lo * hd:hi * hd]
+    if rule.rotary:
+        t = unpermute_from_hf_rotary(t, hi - lo)
+    t = replicate_heads(t, hi - lo, rep)
+    off = s * m - lo * rep
+    return t[off * hd:(off + m) * hd].contiguous()
+
+
+def _check_tensors(hf_dir: Path, cfg: dict, files: dict[str, list[str]]) -> dict[str, str]:
+    """HF name -> file, after refusing anything the inverse plan would drop or lack."""
+    where = {k: f for f, ks in files.items() for k in ks}
+    n_layers = cfg.get("num_hidden_layers")
+    if not isinstance(n_layers, int) or n_layers <= 0:
+        raise ConversionError(f"{hf_dir / 'config.json'}: num_hidden_layers is {n_layers!r}, expected a positive integer")
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    missing = [hk for _, _, hk in meta_keys(n_layers, with_output=not tied) if hk not in where]
+    if missing and missing == ["lm_head.weight"]:
+        raise ConversionError(f"{hf_dir} has no lm_head.weight and config.json does not say tie_word_embeddings: "
+                              "the output layer is missing")
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ConversionError(f"{hf_dir} lacks {', '.join(missing[:3])}{more} (incomplete download?)")
+    return where
+
+
+def _meta_shard(s: int, lay: _Layout, n_layers: int, handles, where: dict[str, str], rope_freqs) -> dict:
+    """Every tensor of Meta shard s, in Meta's key order (one shard in memory at a time)."""
+    sd = {}
+    for rule, mkey, hkey in meta_keys(n_layers):
+        src = hkey if hkey in where else "model.embed_tokens.weight"  # tied: output.weight is the embedding
+        sd[mkey] = _cut(handles[where[src]].get_slice(src), rule, s, lay, mkey)
+    if rope_freqs is not None:
+        sd["rope.freqs"] = rope_freqs.clone()
+    return sd
+
+
+def _input_files(hf_dir: Path, files, tokenizer: Path | None) -> list[Path]:
+    out = [hf_dir / "config.json", *(hf_dir / f for f in files), hf_dir / "model.safetensors.index.json"]
+    out += [p for p in (tokenizer, hf_dir / "tokenizer.model", hf_dir / "original" / "tokenizer.model") if p]
+    return [p for p in out if p.exists()]
+
+
 def convert_hf_to_meta(hf_dir: str | Path, output_dir: str | Path, *, num_shards: int | None = None,
                        overwrite: bool = False, tokenizer: str | Path | None = None) -> HFToMetaReport:
     hf_dir, output_dir = Path(hf_dir), Path(output_dir)
     if not (hf_dir / "config.json").is_file():
         raise ConversionError(f"config.json missing in {hf_dir}: not a Hugging Face model folder")
-    cfg = json.loads((hf_dir / "config.json").read_text())
+    tokenizer = Path(tokenizer) if tokenizer else None
+    if tokenizer is not None and not tokenizer.is_file():
+        raise ConversionError(f"--tokenizer {tokenizer} does not exist")
+    files = check_hf_folder(hf_dir, all_keys_known=True)
+    cfg = read_json(hf_dir / "config.json")
     if cfg.get("model_type") != "llama":
         raise ConversionError(f"{hf_dir} holds a {cfg.get('model_type')!r} model, not llama")
-    try:
-        read_index(hf_dir)
-    except FileNotFoundError as e:
-        raise ConversionError(str(e)) from None
+    where = _check_tensors(hf_dir, cfg, files)
     notes: list[str] = []
     family = registry.family_for_hf_config(cfg)
     params, n = _params_for(cfg, family, num_shards, notes)
@@ -97,49 +174,48 @@ def convert_hf_to_meta(hf_dir: str | Path, output_dir: str | Path, *, num_shards
         notes.append(f"{n} shards > {kv} kv heads: each kv head stored {rep} times")
     if heads % n or (kv * rep) % n:
         raise ConversionError(f"{n} shards cannot split {heads} heads / {kv} kv heads")
-    emb_dim = FAMILY_FACTS[family].embedding_shard_dim
+    lay = _Layout(n, heads, kv, rep, FAMILY_FACTS[family].embedding_shard_dim)
 
-    staging = _prepare_output(output_dir, overwrite)
+    staging, leftovers = prepare_output(output_dir, overwrite, input_files=_input_files(hf_dir, files, tokenizer),
+                                        input_dirs=[hf_dir], needed_bytes=_weight_bytes(hf_dir, files))
+    notes += leftovers
     try:
-        shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
-        embed = None
-        for name, t in iter_hf_tensors(hf_dir):
-            rule, layer = rule_for_hf_key(name)
-            key = rule.meta if layer is None else rule.meta.format(i=layer)
-            if rule.rotary == "q":
-                t = unpermute_from_hf_rotary(t, heads)
-            elif rule.rotary == "k":
-                t = replicate_heads(unpermute_from_hf_rotary(t, kv), kv, rep)
-            elif key.endswith("attention.wv.weight"):
-                t = replicate_heads(t, kv, rep)
-            split = emb_dim if rule.split == "embedding" else rule.split
-            pieces = [t.contiguous()] * n if split is None else split_shards(t, n, split)
-            for s, piece in enumerate(pieces):
-                shards[s][key] = piece.clone() if split is None else piece
-            if key == "tok_embeddings.weight":
-                embed = t
-        if "output.weight" not in shards[0]:
-            # Meta's files always carry output.weight; a tied model stores the embedding again.
-            for s, piece in enumerate(split_shards(embed, n, 0)):
-                shards[s]["output.weight"] = piece.clone()
-        if FAMILY_FACTS[family].has_rope_freqs_key:
-            hd = cfg["hidden_size"] // heads
-            theta = float(params.get("rope_theta", 10000.0))
-            freqs = 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd))
-            for sd in shards:
-                sd["rope.freqs"] = freqs.to(embed.dtype)
-        for s, sd in enumerate(shards):
-            torch.save(sd, staging / f"consolidated.{s:02d}.pth")
-        (staging / "params.json").write_text(json.dumps(params))
-        for cand in ([Path(tokenizer)] if tokenizer else []) + [hf_dir / "tokenizer.model",
-                                                               hf_dir / "original" / "tokenizer.model"]:
-            if cand.is_file():
-                shutil.copy(cand, staging / "tokenizer.model")
-                break
-        else:
-            notes.append("no tokenizer.model in the HF folder: copy Meta's tokenizer.model next to the shards")
-        _commit_output(staging, output_dir)
-    except BaseException:
+        _write_meta(staging, hf_dir, cfg, params, lay, family, files, where, tokenizer, notes)
+        commit_output(staging, output_dir)
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(e, output_dir.parent) from None
         raise
     return HFToMetaReport(output_dir, n, params, family, notes)
+
+
+def _weight_bytes(hf_dir: Path, files) -> int:
+    return sum((hf_dir / f).stat().st_size for f in files)
+
+
+def _write_meta(staging: Path, hf_dir: Path, cfg: dict, params: dict, lay: _Layout, family: str, files,
+                where: dict[str, str], tokenizer: Path | None, notes: list[str]) -> None:
+    from safetensors import safe_open
+
+    handles = {f: safe_open(str(hf_dir / f), "pt") for f in files}
+    emb_dtype = handles[where["model.embed_tokens.weight"]].get_slice("model.embed_tokens.weight").get_dtype()
+    rope_freqs = None
+    if FAMILY_FACTS[family].has_rope_freqs_key:
+        hd = cfg["hidden_size"] // lay.heads
+        theta = float(params.get("rope_theta", 10000.0))
+        rope_freqs = (1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd))).to(_TORCH_DTYPES[emb_dtype])
+    for s in range(lay.n):
+        sd = _meta_shard(s, lay, cfg["num_hidden_layers"], handles, where, rope_freqs)
+        torch.save(sd, staging / f"consolidated.{s:02d}.pth")
+        del sd
+    (staging / "params.json").write_text(json.dumps(params))
+    for cand in ([tokenizer] if tokenizer else []) + [hf_dir / "tokenizer.model", hf_dir / "original" / "tokenizer.model"]:
+        if cand.is_file():
+            shutil.copy(cand, staging / "tokenizer.model")
+            break
+    else:
+        notes.append("no tokenizer.model in the HF folder: copy Meta's tokenizer.model next to the shards")
+
+
+_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .errors import ConversionError
+
 
 @dataclass(frozen=True)
 class KeyRule:
@@ -37,9 +39,19 @@ LAYER_KEYS: tuple[KeyRule, ...] = (
     KeyRule("layers.{i}.feed_forward.w3.weight", "model.layers.{i}.mlp.up_proj.weight", 0),
 )
 
-# Present in Llama 1/2 files: the precomputed RoPE frequencies, a buffer, not a weight. Dropped
-# (HF recomputes them from rope_theta), after checking they agree with params.json.
-IGNORED_META_KEYS = ("rope.freqs",)
+# The one table of tensors that are read but not converted, each with the reason it is harmless.
+# Any other key a conversion does not consume is refused by name: a silently dropped tensor
+# (a bias, an extra layer) is a different model converted as if it were the planned one.
+HARMLESS_META_KEYS: dict[str, str] = {
+    # Llama 1/2 files: precomputed RoPE frequencies, a buffer, not a weight. HF recomputes them
+    # from rope_theta; convert checks they agree with params.json first.
+    "rope.freqs": "RoPE frequencies recomputed from rope_theta",
+}
+HARMLESS_HF_KEYS: dict[str, str] = {
+    # Old transformers versions (< 4.32) saved the rotary buffer with the weights.
+    "model.layers.{i}.self_attn.rotary_emb.inv_freq": "RoPE frequencies recomputed from rope_theta",
+    "model.rotary_emb.inv_freq": "RoPE frequencies recomputed from rope_theta",
+}
 
 
 def meta_keys(n_layers: int, *, with_output: bool = True) -> list[tuple[KeyRule, str, str]]:
@@ -59,15 +71,48 @@ for _r in GLOBAL_KEYS + LAYER_KEYS:
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
 
-def rule_for_hf_key(hf_key: str) -> tuple[KeyRule, int | None]:
-    """The rule and layer index for an HF key (for HF -> Meta conversion)."""
-    m = _LAYER_RE.search(hf_key)
-    if m:
-        generic = hf_key[: m.start()] + ".{i}." + hf_key[m.end():]
-        rule = _HF_TO_RULE.get(generic)
-        if rule:
-            return rule, int(m.group(1))
-    rule = _HF_TO_RULE.get(hf_key)
-    if rule is None:
-        raise KeyError(hf_key)
-    return rule, None
+def _generic(key: str) -> tuple[str, int | None]:
+    m = _LAYER_RE.search(key)
+    if not m:
+        return key, None
+    return key[: m.start()] + ".{i}." + key[m.end():], int(m.group(1))
+
+
+def _describe_extras(unknown: list[str], beyond: dict[int, list[str]], n_layers: int, where, layers_from: str) -> str:
+    parts = []
+    if beyond:
+        ls = sorted(beyond)
+        span = f"layer {ls[0]}" if len(ls) == 1 else f"layers {ls[0]}..{ls[-1]}"
+        parts.append(f"{span} beyond {layers_from}'s {n_layers} layers ({beyond[ls[0]][0]}, ...)")
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        parts.append(f"tensors the Llama architecture has no place for: {', '.join(unknown[:5])}{more}")
+    return (f"{where} holds " + "; ".join(parts) + ". Converting would silently drop them; this is not the model "
+            f"{layers_from} describes (fix {layers_from}, or remove the tensors if you know they are unused)")
+
+
+def _check_keys(keys, n_layers: int, known: dict[str, KeyRule], harmless, where, layers_from: str) -> None:
+    unknown, beyond = [], {}
+    for k in keys:
+        generic, layer = _generic(k)
+        if k in harmless or generic in harmless:
+            continue
+        if generic in known and (layer is None or layer < n_layers):
+            continue
+        if generic in known:
+            beyond.setdefault(layer, []).append(k)
+        else:
+            unknown.append(k)
+    if unknown or beyond:
+        raise ConversionError(_describe_extras(sorted(unknown), beyond, n_layers, where, layers_from))
+
+
+def check_meta_keys(keys, n_layers: int, *, where) -> None:
+    """Refuse (naming them) tensors of a Meta shard that conversion would not consume."""
+    _check_keys(keys, n_layers, {r.meta: r for r in GLOBAL_KEYS + LAYER_KEYS}, HARMLESS_META_KEYS, where,
+                "params.json")
+
+
+def check_hf_keys(keys, n_layers: int, *, where) -> None:
+    """Refuse (naming them) tensors of an HF folder that the inverse plan would not consume."""
+    _check_keys(keys, n_layers, _HF_TO_RULE, HARMLESS_HF_KEYS, where, "config.json")

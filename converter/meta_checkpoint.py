@@ -179,6 +179,27 @@ def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
         done += n
 
 
+def load_shard_safely(p: Path) -> dict[str, torch.Tensor]:
+    """A consolidated.NN.pth as a state dict of tensors, memory-mapped, without running its pickle.
+
+    `weights_only=True` unpickles tensors and containers only: a file whose pickle would call
+    anything else (os.system, eval, ...) is refused here, before any of it runs.
+    """
+    try:
+        sd = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((ln.strip() for ln in str(e).splitlines() if "global" in ln.lower()), str(e).splitlines()[0])
+        raise ConversionError(f"refusing to load {p}: its pickle is not plain tensors ({why[:160]}); a checkpoint "
+                              "from Meta never is; re-download it from a trusted source") from None
+    except Exception as e:  # torch raises many types for truncated / foreign files
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ConversionError(f"cannot read {p}: {type(e).__name__}: {first}"
+                              " (truncated download or not a PyTorch checkpoint?)") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ConversionError(f"{p} does not hold a state dict of named tensors (not a Meta checkpoint shard?)")
+    return sd
+
+
 class MetaCheckpoint:
     """Files of one Meta download: params.json, consolidated.NN.pth shards, tokenizer.model."""
 
@@ -211,9 +232,14 @@ class MetaCheckpoint:
             self.params: dict = json.loads(self.params_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConversionError(f"{self.params_path} is not valid JSON: {e}") from None
+        if not isinstance(self.params, dict):
+            raise ConversionError(f"{self.params_path} is not a JSON object; is this a Meta Llama params.json?")
         for key in ("dim", "n_layers", "n_heads"):
             if key not in self.params:
                 raise ConversionError(f"{self.params_path} lacks {key!r}; is this a Meta Llama params.json?")
+            v = self.params[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConversionError(f"{self.params_path}: {key} is {v!r}, expected a positive integer")
         self.tokenizer_path: Path | None = registry.find_tokenizer(self.dir)
         chk = self.dir / "checklist.chk"
         self.checklist_path: Path | None = chk if chk.is_file() else None
@@ -237,15 +263,14 @@ class MetaCheckpoint:
     def shards(self) -> list[dict[str, torch.Tensor]]:
         out = []
         for p in self.shard_paths:
-            try:
-                sd = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as e:  # torch raises many types for truncated / foreign files
-                raise ConversionError(f"cannot read {p}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                                      " (truncated download or not a PyTorch checkpoint?)") from None
-            if not isinstance(sd, dict):
-                raise ConversionError(f"{p} does not hold a state dict")
-            out.append(sd)
+            out.append(load_shard_safely(p))
         return out
+
+    @property
+    def input_files(self) -> list[Path]:
+        """Every file a conversion reads (what `--overwrite` must never replace)."""
+        files = [*self.shard_paths, self.params_path]
+        return files + [p for p in (self.tokenizer_path, self.checklist_path) if p is not None]
 
     def keys(self, shard: int = 0) -> list[str]:
         return list(self.shards[shard].keys())

@@ -5,7 +5,7 @@ it is an 8-byte little-endian header length, a JSON header (dtype, shape, byte o
 tensor), then the raw bytes in offset order. The plan knows every shape and dtype up front, so we
 write the header first and then each tensor as soon as it is produced, holding one at a time.
 
-Tensors arrive as row chunks (converter/plan.py `iter_chunks`). A producer thread reads and
+Tensors arrive as row chunks (converter/executor.py `iter_chunks`). A producer thread reads and
 transforms the next chunks while the main thread writes the previous ones: both spend their time
 in system calls (pread/write) or torch copies, which release the GIL, so reading and writing
 overlap. Chunks live in a small pool of recycled buffers, which bounds memory (the producer waits
@@ -136,6 +136,96 @@ class _Stopped(Exception):
 _END = object()
 
 
+class _Producer:
+    """The thread that reads and transforms chunks ahead of the writer, through a bounded queue.
+
+    Its exceptions are handed to the writer, which re-raises them in the caller's thread; `stop`
+    ends it early (the writer failed or was interrupted) without leaving it blocked.
+    """
+
+    def __init__(self, tensors: Sequence[OutTensor], produce: Callable, pool: BufferPool, stop: threading.Event,
+                 depth: int):
+        self.tensors, self.produce, self.pool, self.stop = tensors, produce, pool, stop
+        # Bounded: non-pooled chunks (small tensors, one-offs) must not pile up either.
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._run, name="safetensors-producer", daemon=True)
+
+    def _put(self, item) -> None:
+        while True:
+            try:
+                self.q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if self.stop.is_set():
+                    raise _Stopped() from None
+
+    def _run(self) -> None:
+        try:
+            for spec in self.tensors:
+                out = self.produce(spec, self.pool.take)
+                for chunk in ([out] if isinstance(out, torch.Tensor) else out):
+                    if self.stop.is_set():  # the writer failed or was interrupted: stop reading now
+                        return
+                    if chunk.dtype != spec.dtype:
+                        raise AssertionError(f"{spec.name}: produced {chunk.dtype}, planned {spec.dtype}")
+                    self._put((spec, chunk))
+                self._put((spec, _END))
+        except _Stopped:
+            return
+        except BaseException as e:
+            try:
+                self._put((None, e))
+            except _Stopped:
+                pass
+
+    def chunks(self, spec: OutTensor):
+        """The chunks of `spec`, in order, as the producer delivers them."""
+        while True:
+            got, chunk = self.q.get()
+            if got is None:
+                raise chunk
+            if chunk is _END:
+                return
+            if got is not spec:
+                raise AssertionError(f"producer out of order: {got.name} while writing {spec.name}")
+            yield chunk
+
+
+def _write_file(path: Path, group: Sequence[OutTensor], producer: _Producer, chunk_bytes: int,
+                on_bytes: Callable[[int, str], None] | None, on_tensor: Callable[[OutTensor], None] | None) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
+    try:
+        _write_all(fd, memoryview(_header(group)))
+        pos = dropped = 0
+        for spec in group:
+            done = 0
+            for chunk in producer.chunks(spec):
+                n = chunk.numel() * chunk.element_size()
+                if n:
+                    _write_all(fd, _as_bytes(chunk))
+                producer.pool.recycle(chunk)
+                del chunk
+                done += n
+                pos += n
+                if on_bytes:
+                    on_bytes(n, spec.name)
+                # Start writeback of what we just wrote and drop what earlier calls already
+                # flushed, so a 16 GB output neither evicts everyone else's page cache nor
+                # leaves gigabytes of dirty pages for the final sync.
+                if _fadvise is not None and pos - dropped >= chunk_bytes:
+                    try:
+                        _fadvise(fd, 0, pos, os.POSIX_FADV_DONTNEED)
+                    except OSError:
+                        pass
+                    dropped = pos
+            if done != spec.nbytes:
+                raise AssertionError(f"{spec.name}: produced {done} bytes, planned {spec.nbytes} {spec.shape}")
+            if on_tensor:
+                on_tensor(spec)
+    finally:
+        os.close(fd)
+
+
 def write_shards(out_dir: Path, tensors: Sequence[OutTensor], produce: Callable, *, max_shard_bytes: int,
                  on_tensor: Callable[[OutTensor], None] | None = None,
                  on_bytes: Callable[[int, str], None] | None = None,
@@ -148,84 +238,16 @@ def write_shards(out_dir: Path, tensors: Sequence[OutTensor], produce: Callable,
     groups = assign_files(tensors, max_shard_bytes)
     names = file_names(len(groups))
     stop = threading.Event()
-    pool = BufferPool(buffers, chunk_bytes, stop)
-    # Bounded: non-pooled chunks (small tensors, one-offs) must not pile up either.
-    q: queue.Queue = queue.Queue(maxsize=buffers + 2)
-
-    def put(item) -> None:
-        while True:
-            try:
-                q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                if stop.is_set():
-                    raise _Stopped() from None
-
-    def producer() -> None:
-        try:
-            for spec in tensors:
-                out = produce(spec, pool.take)
-                for chunk in ([out] if isinstance(out, torch.Tensor) else out):
-                    if chunk.dtype != spec.dtype:
-                        raise AssertionError(f"{spec.name}: produced {chunk.dtype}, planned {spec.dtype}")
-                    put((spec, chunk))
-                put((spec, _END))
-        except _Stopped:
-            return
-        except BaseException as e:  # handed to the writer, which re-raises it in the caller's thread
-            try:
-                put((None, e))
-            except _Stopped:
-                pass
-
-    thread = threading.Thread(target=producer, name="safetensors-producer", daemon=True)
-    thread.start()
-    weight_map = {}
+    producer = _Producer(tensors, produce, BufferPool(buffers, chunk_bytes, stop), stop, buffers + 2)
+    producer.thread.start()
     try:
         for name, group in zip(names, groups):
-            fd = os.open(out_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
-            try:
-                _write_all(fd, memoryview(_header(group)))
-                pos = dropped = 0
-                for spec in group:
-                    done = 0
-                    while True:
-                        got, chunk = q.get()
-                        if got is None:
-                            raise chunk
-                        if chunk is _END:
-                            break
-                        if got is not spec:
-                            raise AssertionError(f"producer out of order: {got.name} while writing {spec.name}")
-                        n = chunk.numel() * chunk.element_size()
-                        if n:
-                            _write_all(fd, _as_bytes(chunk))
-                        pool.recycle(chunk)
-                        del chunk
-                        done += n
-                        pos += n
-                        if on_bytes:
-                            on_bytes(n, spec.name)
-                        # Start writeback of what we just wrote and drop what earlier calls already
-                        # flushed, so a 16 GB output neither evicts everyone else's page cache nor
-                        # leaves gigabytes of dirty pages for the final sync.
-                        if _fadvise is not None and pos - dropped >= chunk_bytes:
-                            try:
-                                _fadvise(fd, 0, pos, os.POSIX_FADV_DONTNEED)
-                            except OSError:
-                                pass
-                            dropped = pos
-                    if done != spec.nbytes:
-                        raise AssertionError(f"{spec.name}: produced {done} bytes, planned {spec.nbytes} {spec.shape}")
-                    weight_map[spec.name] = name
-                    if on_tensor:
-                        on_tensor(spec)
-            finally:
-                os.close(fd)
+            _write_file(out_dir / name, group, producer, chunk_bytes, on_bytes, on_tensor)
     finally:
         stop.set()
-        thread.join()
+        producer.thread.join()
     if len(names) > 1:
+        weight_map = {t.name: name for name, group in zip(names, groups) for t in group}
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return names

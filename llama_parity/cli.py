@@ -1,6 +1,8 @@
 """The `llama-parity` command line: convert, inspect, verify, demo.
 
-Exit codes: 0 success / parity holds; 1 parity failure; 2 bad input (message, no traceback).
+Exit codes: 0 success / parity holds; 1 parity failure (the files are readable and disagree); 2 bad
+input or environment (one line, no traceback); 128+N when stopped by signal N (130 Ctrl-C, 143
+SIGTERM, 129 SIGHUP), after the same cleanup as any failure.
 """
 
 from __future__ import annotations
@@ -265,8 +267,56 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class Interrupted(KeyboardInterrupt):
+    """A termination signal, raised in the main thread so that every cleanup (`finally`,
+    `except BaseException`) runs exactly as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# What `timeout`, systemd, Kubernetes, Slurm and a closed terminal send, besides Ctrl-C.
+_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+def _install_signal_handlers() -> dict:
+    """Each signal raises Interrupted once; repeats are ignored while the cleanup runs."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    fired: list[int] = []
+
+    def handler(signum, frame):
+        if fired:
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    previous = {}
+    for name in _SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's choice stands
+            previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _interrupted(e: KeyboardInterrupt) -> int:
+    import signal
+
+    signum = getattr(e, "signum", signal.SIGINT)
+    print(f"llama-parity: interrupted by {signal.Signals(signum).name}; nothing was left half-written "
+          "(inputs untouched, no output kept)", file=sys.stderr)
+    return 128 + signum  # the shell convention: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
+    previous = _install_signal_handlers()
     try:
         return args.func(args)
     except ConversionError as e:
@@ -275,8 +325,14 @@ def main(argv: list[str] | None = None) -> int:
         if "unknown variant" in str(e):
             return _err(str(e).strip("'\""))
         raise
-    except KeyboardInterrupt:
-        return _err("interrupted; nothing was left half-written")
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
+    except OSError as e:  # the environment (permissions, a full disk, I/O errors), not a bug
+        where = f" {e.filename}" if e.filename else ""
+        return _err(f"{e.strerror or e}{where}")
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 if __name__ == "__main__":

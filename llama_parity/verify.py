@@ -109,6 +109,14 @@ def _check_dirs(meta_dir: Path, hf_dir: Path, device: str) -> None:
         raise InputError(f"config.json missing in {hf_dir}: not a Hugging Face model directory")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda requested but torch sees no CUDA device")
+    from llama_parity.converter.errors import ConversionError
+    from llama_parity.converter.input_checks import check_hf_folder, check_meta_folder
+
+    try:  # unreadable is exit 2, never a parity failure: shards load safely, headers and JSON parse
+        check_meta_folder(meta_dir)
+        check_hf_folder(hf_dir)
+    except ConversionError as e:
+        raise InputError(str(e)) from None
 
 
 def _available_bytes() -> int:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from llama_parity.converter import plan as plan_mod
+from llama_parity.converter import executor as executor_mod
 from llama_parity.converter.convert import ConvertOptions, convert_meta_to_hf
 from llama_parity.fixtures import variants
 from llama_parity.fixtures.factory import make_tiny_checkpoint
@@ -141,7 +141,7 @@ def test_streamed_output_is_bit_identical(tmp_path, monkeypatch, bf16_checkpoint
     if chunk == "tiny":
         # Chunks of a few rows (not a multiple of anything natural) and several output files:
         # every tensor crosses chunk boundaries, every file boundary is exercised.
-        monkeypatch.setattr(plan_mod, "CHUNK_BYTES", 3000)
+        monkeypatch.setattr(executor_mod, "CHUNK_BYTES", 3000)
         opts.max_shard_bytes = 20_000
     hf = tmp_path / "hf"
     convert_meta_to_hf(folder, hf, opts)
@@ -179,7 +179,7 @@ def test_mmap_fallback_gives_the_same_bytes(tmp_path, monkeypatch, bf16_checkpoi
     spec = variants.get("llama2-70b")
     folder = bf16_checkpoint("llama2-70b", 8)
     monkeypatch.setattr(MetaCheckpoint, "raw_index", property(lambda self: [None] * self.num_shards))
-    monkeypatch.setattr(plan_mod, "CHUNK_BYTES", 3000)
+    monkeypatch.setattr(executor_mod, "CHUNK_BYTES", 3000)
     convert_meta_to_hf(folder, tmp_path / "hf", ConvertOptions(write_tokenizer=False))
     got = _read_output(tmp_path / "hf")
     for name, w in expected_tensors(folder, spec).items():

@@ -1,0 +1,689 @@
+"""The bad-input catalog: every way a careful release engineer found to feed the tool bad input.
+
+Each case asserts, for the command that meets it: the exit code (2: bad input or environment;
+1 stays reserved for "readable and they disagree"), one line on stderr naming the culprit (file,
+key or flag), no traceback, and that the whole test folder (inputs, output parent, hidden
+staging folders) is byte-for-byte what it was before: nothing left behind, inputs untouched.
+
+Simulated vs real: the full disk and the read-only parent are real tmpfs mounts when the machine
+allows `mount` (root here; tests run as root, so chmod would not stop a write), otherwise the
+same OSErrors are injected and the test says so in its output. Signals are sent to a real
+`python -m llama_parity.cli convert` subprocess, slowed by a test hook (a sleep per chunk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from llama_parity.cli import main
+
+SMALL = "llama3.2-1b"  # one shard, tokenizer beside it
+PARENT_TOK = "llama2-7b"  # tokenizer.model one folder up, as Llama 2 downloads ship it
+SHARDED = "llama2-13b"  # two shards
+
+
+# ---------------------------------------------------------------- helpers
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every entry under root (hidden ones too): file hashes, link targets, folders."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "-> " + os.readlink(p)
+            elif p.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def copy_meta(tiny, variant_id: str, dest: Path) -> Path:
+    """A private copy of a tiny checkpoint, keeping where its tokenizer.model sits."""
+    src = tiny.meta(variant_id)
+    out = dest / src.name
+    shutil.copytree(src, out)
+    if (src.parent / "tokenizer.model").is_file():
+        shutil.copy(src.parent / "tokenizer.model", dest / "tokenizer.model")
+    return out
+
+
+def copy_hf(tiny, variant_id: str, dest: Path) -> Path:
+    out = dest / "hf"
+    shutil.copytree(tiny.hf(variant_id), out)
+    return out
+
+
+def add_tensor(pth: Path, key: str, value: torch.Tensor) -> None:
+    sd = torch.load(pth, weights_only=True)
+    sd[key] = value
+    torch.save(sd, pth)
+
+
+class Evil:
+    """Unpickled unsafely, this runs code: it creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def make_evil(pth: Path, marker: Path) -> None:
+    """A consolidated.NN.pth with every real tensor plus one object whose unpickling runs code."""
+    sd = torch.load(pth, weights_only=True)
+    sd["layers.0.attention.wq.weight_scale"] = Evil(marker)
+    torch.save(sd, pth)
+
+
+def truncate(p: Path, keep: float = 0.5) -> None:
+    data = p.read_bytes()
+    p.write_bytes(data[: int(len(data) * keep)])
+
+
+def set_header_len(p: Path, n: int) -> None:
+    data = bytearray(p.read_bytes())
+    data[:8] = struct.pack("<Q", n)
+    p.write_bytes(bytes(data))
+
+
+def edit_json(p: Path, **changes) -> None:
+    d = json.loads(p.read_text())
+    d.update(changes)
+    p.write_text(json.dumps(d))
+
+
+def add_hf_tensor(hf: Path, name: str, shape) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = hf / "model.safetensors"
+    sd = load_file(str(f))
+    sd[name] = torch.zeros(shape, dtype=next(iter(sd.values())).dtype)
+    save_file(sd, str(f), metadata={"format": "pt"})
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A real tmpfs mount at path, or None when this machine does not allow mounting."""
+    path.mkdir(parents=True, exist_ok=True)
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                        capture_output=True).returncode == 0 if hasattr(os, "geteuid") and os.geteuid() == 0 else False
+    try:
+        yield path if ok else None
+    finally:
+        if ok:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+# ---------------------------------------------------------------- the catalog
+
+@dataclass
+class Case:
+    name: str
+    setup: Callable  # (tiny, tmp_path) -> (argv, culprit): the input is built under tmp_path
+    code: int = 2
+
+
+def _convert(src, out, *extra):
+    return ["convert", "--input-dir", src, "--output-dir", out, "--no-progress", *extra]
+
+
+def _m(tiny, tmp, vid=SMALL):
+    return copy_meta(tiny, vid, tmp / "in")
+
+
+def c_overwrite_same(tiny, tmp):
+    src = _m(tiny, tmp)
+    return _convert(src, src, "--overwrite"), "is the input folder"
+
+
+def c_overwrite_parent(tiny, tmp):
+    src = _m(tiny, tmp)
+    return _convert(src, src.parent, "--overwrite"), "contains the input folder"
+
+
+def c_overwrite_grandparent(tiny, tmp):
+    src = _m(tiny, tmp)
+    return _convert(src, tmp, "--overwrite"), "contains the input folder"
+
+
+def c_overwrite_tokenizer_folder(tiny, tmp):
+    # Llama 2 layout: tokenizer.model one folder up; replacing that folder would delete it.
+    src = _m(tiny, tmp, PARENT_TOK)
+    return _convert(src, src.parent, "--overwrite"), str(src.parent)
+
+
+def c_overwrite_linked_tokenizer(tiny, tmp):
+    # tokenizer.model is a symlink into a shared folder: that folder is an input too.
+    src = _m(tiny, tmp)
+    shared = tmp / "shared"
+    shared.mkdir()
+    (src / "tokenizer.model").rename(shared / "tokenizer.model")
+    (src / "tokenizer.model").symlink_to(shared / "tokenizer.model")
+    return _convert(src, shared, "--overwrite"), "tokenizer.model"
+
+
+def c_overwrite_symlink_to_input(tiny, tmp):
+    src = _m(tiny, tmp)
+    link = tmp / "link"
+    link.symlink_to(src)
+    return _convert(src, link, "--overwrite"), "a link to"
+
+
+def c_overwrite_linked_blobs(tiny, tmp):
+    # The Hugging Face cache layout: the shard is a symlink to a blob stored elsewhere.
+    src = _m(tiny, tmp)
+    blobs = tmp / "blobs"
+    blobs.mkdir()
+    (src / "consolidated.00.pth").rename(blobs / "abc123")
+    (src / "consolidated.00.pth").symlink_to(blobs / "abc123")
+    return _convert(src, blobs, "--overwrite"), "consolidated.00.pth"
+
+
+def c_output_is_input_file(tiny, tmp):
+    src = _m(tiny, tmp)
+    return _convert(src, src / "params.json", "--overwrite"), "is not a directory"
+
+
+def c_not_empty(tiny, tmp):
+    src = _m(tiny, tmp)
+    (tmp / "out" / "hf").mkdir(parents=True)
+    (tmp / "out" / "hf" / "mine.txt").write_text("keep me")
+    return _convert(src, tmp / "out" / "hf"), "--overwrite"
+
+
+def c_parent_under_file(tiny, tmp):
+    src = _m(tiny, tmp)
+    (tmp / "afile").write_text("x")
+    return _convert(src, tmp / "afile" / "sub" / "hf"), str(tmp / "afile")
+
+
+def c_no_params(tiny, tmp):
+    src = _m(tiny, tmp)
+    (src / "params.json").unlink()
+    return _convert(src, tmp / "out" / "hf"), "params.json"
+
+
+def c_params_bad_json(tiny, tmp):
+    src = _m(tiny, tmp)
+    (src / "params.json").write_text('{"dim": 64,')
+    return _convert(src, tmp / "out" / "hf"), str(src / "params.json")
+
+
+def c_params_wrong_type(tiny, tmp):
+    src = _m(tiny, tmp)
+    edit_json(src / "params.json", n_layers="two")
+    return _convert(src, tmp / "out" / "hf"), "n_layers"
+
+
+def c_params_not_object(tiny, tmp):
+    src = _m(tiny, tmp)
+    (src / "params.json").write_text("[1, 2]")
+    return _convert(src, tmp / "out" / "hf"), "params.json"
+
+
+def c_params_wrong_dim(tiny, tmp):
+    src = _m(tiny, tmp)
+    p = json.loads((src / "params.json").read_text())
+    edit_json(src / "params.json", dim=p["dim"] * 2)
+    return _convert(src, tmp / "out" / "hf"), "shape"
+
+
+def c_truncated_shard(tiny, tmp):
+    src = _m(tiny, tmp)
+    truncate(src / "consolidated.00.pth")
+    return _convert(src, tmp / "out" / "hf"), "consolidated.00.pth"
+
+
+def c_garbage_shard(tiny, tmp):
+    src = _m(tiny, tmp)
+    (src / "consolidated.00.pth").write_bytes(b"<html>403 Forbidden</html>")
+    return _convert(src, tmp / "out" / "hf"), "consolidated.00.pth"
+
+
+def c_missing_shard(tiny, tmp):
+    src = _m(tiny, tmp, SHARDED)
+    (src / "consolidated.00.pth").unlink()
+    return _convert(src, tmp / "out" / "hf"), "consolidated.00.pth is missing"
+
+
+def c_shard_count_mismatch(tiny, tmp):
+    # A 2-shard release with its last shard missing looks like a complete 1-shard one: the
+    # shapes do not add up to params.json's, and that is what must be said.
+    src = _m(tiny, tmp, SHARDED)
+    (src / "consolidated.01.pth").unlink()
+    return _convert(src, tmp / "out" / "hf"), "shape"
+
+
+def c_unknown_key(tiny, tmp):
+    src = _m(tiny, tmp)
+    add_tensor(src / "consolidated.00.pth", "layers.0.attention.wq.bias", torch.zeros(4))
+    return _convert(src, tmp / "out" / "hf"), "layers.0.attention.wq.bias"
+
+
+def c_unknown_key_other_shard(tiny, tmp):
+    src = _m(tiny, tmp, SHARDED)
+    add_tensor(src / "consolidated.01.pth", "layers.1.feed_forward.w2.bias", torch.zeros(4))
+    return _convert(src, tmp / "out" / "hf"), "layers.1.feed_forward.w2.bias"
+
+
+def c_extra_layer(tiny, tmp):
+    src = _m(tiny, tmp)
+    n = json.loads((src / "params.json").read_text())["n_layers"]
+    sd = torch.load(src / "consolidated.00.pth", weights_only=True)
+    for k in [k for k in sd if k.startswith("layers.0.")]:
+        sd[k.replace("layers.0.", f"layers.{n}.")] = sd[k].clone()
+    torch.save(sd, src / "consolidated.00.pth")
+    return _convert(src, tmp / "out" / "hf"), f"layer {n} beyond params.json"
+
+
+def c_unknown_key_dry_run(tiny, tmp):
+    src = _m(tiny, tmp)
+    add_tensor(src / "consolidated.00.pth", "layers.1.attention.wk.bias", torch.zeros(4))
+    return ["inspect", "--input-dir", src], "layers.1.attention.wk.bias"
+
+
+def c_md5_mismatch(tiny, tmp):
+    src = _m(tiny, tmp)
+    chk = src / "checklist.chk"
+    chk.write_text("".join(("0" * 32 + " " + ln.split()[1] + "\n") if ln.split()[1] == "params.json" else ln + "\n"
+                           for ln in chk.read_text().splitlines() if ln.strip()))
+    return _convert(src, tmp / "out" / "hf", "--verify-md5"), "params.json"
+
+
+def c_no_tokenizer(tiny, tmp):
+    src = _m(tiny, tmp)
+    (src / "tokenizer.model").unlink()
+    return _convert(src, tmp / "out" / "hf"), "tokenizer.model not found"
+
+
+def c_input_missing(tiny, tmp):
+    return _convert(tmp / "nowhere", tmp / "out" / "hf"), str(tmp / "nowhere")
+
+
+def c_hf_as_input(tiny, tmp):
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    return _convert(hf, tmp / "out" / "hf"), "Hugging Face directory"
+
+
+def c_bad_dtype_flag(tiny, tmp):
+    src = _m(tiny, tmp)
+    return _convert(src, tmp / "out" / "hf", "--dtype", "int4"), "--dtype"
+
+
+# verify / diagnose / to-meta: HF-side files
+
+def _pair(tiny, tmp):
+    return _m(tiny, tmp), copy_hf(tiny, SMALL, tmp / "in")
+
+
+def _verify(meta, hf):
+    return ["verify", "--meta-dir", meta, "--hf-dir", hf, "--no-bf16"]
+
+
+def _to_meta(hf, out, *extra):
+    return ["to-meta", "--hf-dir", hf, "--output-dir", out, *extra]
+
+
+def c_verify_truncated_st(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    truncate(hf / "model.safetensors", 0.9)
+    return _verify(meta, hf), "model.safetensors is truncated"
+
+
+def c_diagnose_truncated_st(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    truncate(hf / "model.safetensors", 0.9)
+    return ["diagnose", "--meta-dir", meta, "--hf-dir", hf], "model.safetensors is truncated"
+
+
+def c_to_meta_truncated_st(tiny, tmp):
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    truncate(hf / "model.safetensors", 0.9)
+    return _to_meta(hf, tmp / "out" / "meta"), "model.safetensors is truncated"
+
+
+def c_verify_absurd_header(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    set_header_len(hf / "model.safetensors", 1 << 62)
+    return _verify(meta, hf), "header length"
+
+
+def c_to_meta_absurd_header(tiny, tmp):
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    set_header_len(hf / "model.safetensors", 1 << 40)
+    return _to_meta(hf, tmp / "out" / "meta"), "model.safetensors"
+
+
+def c_diagnose_corrupt_header(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    data = bytearray((hf / "model.safetensors").read_bytes())
+    data[8:16] = b"\xff\xfe{oops "
+    (hf / "model.safetensors").write_bytes(bytes(data))
+    return ["diagnose", "--meta-dir", meta, "--hf-dir", hf], "corrupt safetensors header"
+
+
+def c_verify_bad_config(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    (hf / "config.json").write_text('{"model_type": "llama",')
+    return _verify(meta, hf), "config.json is not valid JSON"
+
+
+def c_verify_bad_generation_config(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    (hf / "generation_config.json").write_text("{'bos_token_id': 1}")
+    return _verify(meta, hf), "generation_config.json is not valid JSON"
+
+
+def c_verify_bad_tokenizer_config(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    truncate(hf / "tokenizer_config.json", 0.5)
+    return _verify(meta, hf), "tokenizer_config.json is not valid JSON"
+
+
+def c_verify_bad_params(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    (meta / "params.json").write_text("dim=64")
+    return _verify(meta, hf), "params.json is not valid JSON"
+
+
+def c_verify_missing_index_file(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    (hf / "model.safetensors").rename(hf / "model-00001-of-00002.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(hf / "model-00001-of-00002.safetensors"), "pt") as f:
+        names = list(f.keys())
+    wm = {k: "model-00001-of-00002.safetensors" for k in names}
+    wm[names[0]] = "model-00002-of-00002.safetensors"
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    return _verify(meta, hf), "model-00002-of-00002.safetensors"
+
+
+def c_verify_meta_unknown_key(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    add_tensor(meta / "consolidated.00.pth", "layers.0.attention.wq.bias", torch.zeros(4))
+    return _verify(meta, hf), "layers.0.attention.wq.bias"
+
+
+def c_verify_truncated_pth(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    truncate(meta / "consolidated.00.pth", 0.7)
+    return _verify(meta, hf), "consolidated.00.pth"
+
+
+def c_to_meta_bad_config(tiny, tmp):
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    (hf / "config.json").write_text("")
+    return _to_meta(hf, tmp / "out" / "meta"), "config.json is not valid JSON"
+
+
+def c_to_meta_extra_bias(tiny, tmp):
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    add_hf_tensor(hf, "model.layers.0.self_attn.q_proj.bias", (8,))
+    return _to_meta(hf, tmp / "out" / "meta"), "model.layers.0.self_attn.q_proj.bias"
+
+
+def c_to_meta_extra_layer(tiny, tmp):
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    n = json.loads((hf / "config.json").read_text())["num_hidden_layers"]
+    add_hf_tensor(hf, f"model.layers.{n}.input_layernorm.weight", (8,))
+    return _to_meta(hf, tmp / "out" / "meta"), f"layer {n} beyond config.json"
+
+
+def c_to_meta_missing_tensor(tiny, tmp):
+    from safetensors.torch import load_file, save_file
+
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    sd = load_file(str(hf / "model.safetensors"))
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    return _to_meta(hf, tmp / "out" / "meta"), "model.layers.1.mlp.up_proj.weight"
+
+
+def c_to_meta_pickle_only(tiny, tmp):
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    (hf / "model.safetensors").rename(hf / "pytorch_model.bin")
+    return _to_meta(hf, tmp / "out" / "meta"), "pytorch_model.bin"
+
+
+def c_to_meta_overwrite_hf(tiny, tmp):
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    return _to_meta(hf, hf, "--overwrite"), "is the input folder"
+
+
+def c_to_meta_overwrite_inside_hf(tiny, tmp):
+    # The official repositories keep Meta's files in original/: replacing it would delete the
+    # tokenizer.model this conversion reads from there.
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    (hf / "original").mkdir()
+    shutil.copy(tiny.meta(SMALL) / "tokenizer.model", hf / "original" / "tokenizer.model")
+    return _to_meta(hf, hf / "original", "--overwrite"), "original"
+
+
+def c_to_meta_overwrite_tokenizer_folder(tiny, tmp):
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    tok = tmp / "tok"
+    tok.mkdir()
+    shutil.copy(tiny.meta(SMALL) / "tokenizer.model", tok / "tokenizer.model")
+    return _to_meta(hf, tok, "--overwrite", "--tokenizer", tok / "tokenizer.model"), "tokenizer.model"
+
+
+def c_to_meta_missing_tokenizer_flag(tiny, tmp):
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    return _to_meta(hf, tmp / "out" / "meta", "--tokenizer", tmp / "no.model"), "--tokenizer"
+
+
+CATALOG = [Case(f.__name__[2:], f) for f in [
+    c_overwrite_same, c_overwrite_parent, c_overwrite_grandparent, c_overwrite_tokenizer_folder,
+    c_overwrite_linked_tokenizer, c_overwrite_symlink_to_input, c_overwrite_linked_blobs, c_output_is_input_file,
+    c_not_empty, c_parent_under_file, c_no_params, c_params_bad_json, c_params_wrong_type, c_params_not_object,
+    c_params_wrong_dim, c_truncated_shard, c_garbage_shard, c_missing_shard, c_shard_count_mismatch,
+    c_unknown_key, c_unknown_key_other_shard, c_extra_layer, c_unknown_key_dry_run, c_md5_mismatch,
+    c_no_tokenizer, c_input_missing, c_hf_as_input, c_bad_dtype_flag,
+    c_verify_truncated_st, c_diagnose_truncated_st, c_to_meta_truncated_st, c_verify_absurd_header,
+    c_to_meta_absurd_header, c_diagnose_corrupt_header, c_verify_bad_config, c_verify_bad_generation_config,
+    c_verify_bad_tokenizer_config, c_verify_bad_params, c_verify_missing_index_file, c_verify_meta_unknown_key,
+    c_verify_truncated_pth, c_to_meta_bad_config, c_to_meta_extra_bias, c_to_meta_extra_layer,
+    c_to_meta_missing_tensor, c_to_meta_pickle_only, c_to_meta_overwrite_hf, c_to_meta_overwrite_inside_hf,
+    c_to_meta_overwrite_tokenizer_folder, c_to_meta_missing_tokenizer_flag,
+]]
+
+
+def run_refused(capsys, root: Path, argv, culprit: str, code: int = 2) -> str:
+    """Run the CLI in-process and assert the catalog's promises; returns stderr."""
+    before = snapshot(root)
+    got = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert got == code, f"exit {got}, expected {code}\nstdout: {out}\nstderr: {err}"
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llama-parity: "), err
+    assert culprit in lines[0], f"{culprit!r} not named in: {lines[0]}"
+    assert snapshot(root) == before, "inputs changed or something was left behind"
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", CATALOG, ids=[c.name for c in CATALOG])
+def test_bad_input_catalog(tiny, tmp_path, capsys, case):
+    """Bug class: bad input that exits 0 (a silent drop, a deleted checkpoint), exits 1 as if
+    parity had failed, prints a traceback or a message naming nothing, leaves partial output,
+    or alters an input."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    argv, culprit = case.setup(tiny, tmp_path)
+    run_refused(capsys, tmp_path, argv, culprit, case.code)
+
+
+# ---------------------------------------------------------------- a malicious pickle
+
+def test_malicious_pickle_refused_by_every_command(tiny, tmp_path, capsys):
+    """Bug class: loading a shard with an unsafe unpickler, which runs whatever code it holds.
+
+    First proves the file is dangerous (an unsafe torch.load creates the marker), then that
+    convert, inspect, verify and diagnose refuse it by name with exit 2, and the marker never
+    appears. to-meta reads no pickle: an HF folder holding only pytorch_model.bin is refused
+    without loading it (catalog case to_meta_pickle_only)."""
+    meta = copy_meta(tiny, SMALL, tmp_path / "in")
+    hf = copy_hf(tiny, SMALL, tmp_path / "in")
+    marker = tmp_path / "pwned"
+    make_evil(meta / "consolidated.00.pth", marker)
+    proof = tmp_path / "proof.pth"
+    shutil.copy(meta / "consolidated.00.pth", proof)
+    torch.load(proof, weights_only=False)
+    assert marker.read_text() == "pwned", "the test pickle must run code when loaded unsafely"
+    marker.unlink()
+    proof.unlink()
+    for argv in (_convert(meta, tmp_path / "out" / "hf"), ["inspect", "--input-dir", meta],
+                 _convert(meta, tmp_path / "out" / "hf", "--dry-run"), _verify(meta, hf),
+                 ["diagnose", "--meta-dir", meta, "--hf-dir", hf]):
+        line = run_refused(capsys, tmp_path, argv, "consolidated.00.pth")
+        assert "refusing to load" in line, line
+        assert not marker.exists(), f"{argv[0]} ran the pickle's code"
+
+
+# ---------------------------------------------------------------- environment: disk, permissions
+
+def test_output_parent_read_only(tiny, tmp_path, capsys):
+    """Bug class: a traceback (PermissionError/EROFS) instead of one line when the output's
+    parent cannot be written. Root ignores chmod, so a read-only tmpfs is the real thing;
+    without mount rights the error is injected."""
+    src = copy_meta(tiny, SMALL, tmp_path / "in")
+    with tmpfs(tmp_path / "ro", "ro,size=64m") as ro:
+        if ro is None:  # simulated: the OSError mkdtemp would raise
+            import tempfile
+
+            print("simulated: read-only parent injected (no mount rights)")
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(tempfile, "mkdtemp", lambda **kw: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+                run_refused(capsys, tmp_path, _convert(src, tmp_path / "ro" / "hf"), "cannot write in")
+            return
+        run_refused(capsys, tmp_path, _convert(src, ro / "hf"), f"cannot write in {ro}")
+
+
+def test_disk_full(tiny, tmp_path, capsys):
+    """Bug class: a full disk giving a traceback, a half-written output, or a staging folder that
+    fills the disk for good. A tmpfs too small for the weights is refused before writing; one
+    that holds the weights but not the tokenizer files fails mid-write (ENOSPC)."""
+    src = copy_meta(tiny, SMALL, tmp_path / "in")
+    weights = (tiny.hf(SMALL) / "model.safetensors").stat().st_size
+    with tmpfs(tmp_path / "small", "size=64k") as small:
+        if small is not None:
+            run_refused(capsys, tmp_path, _convert(src, small / "hf"), "not enough disk space")
+    pages = -(-weights // 4096) + 8  # the weights and 32 KB: the tokenizer files (~100 KB) cannot fit
+    with tmpfs(tmp_path / "full", f"size={pages * 4}k") as full:
+        if full is None:  # simulated: os.write raising ENOSPC in the middle of the weights
+            from llama_parity.converter import safetensors_writer as sw
+
+            print("simulated: ENOSPC injected into the weight writer (no mount rights)")
+            calls = []
+
+            def fail_later(fd, data):
+                calls.append(1)
+                if len(calls) > 3:
+                    raise OSError(28, "No space left on device")
+                return os.write(fd, data)
+
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(sw, "_write_all", lambda fd, mv: fail_later(fd, mv))
+                run_refused(capsys, tmp_path, _convert(src, tmp_path / "out" / "hf"), "no space left")
+            return
+        run_refused(capsys, tmp_path, _convert(src, full / "hf"), f"no space left on the device holding {full}")
+
+
+# ---------------------------------------------------------------- signals and SIGKILL
+
+def _slow_convert(src: Path, out: Path) -> subprocess.Popen:
+    env = dict(os.environ, LLAMA_PARITY_TEST_CHUNK_DELAY="0.5")
+    return subprocess.Popen([sys.executable, "-m", "llama_parity.cli", "convert", "--input-dir", str(src),
+                             "--output-dir", str(out), "--no-progress"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _staging(out: Path) -> list[Path]:
+    return list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+def _writing(out: Path) -> Path | None:
+    return next((p for p in _staging(out) if any(p.glob("*.safetensors"))), None)
+
+
+def test_signals_clean_up_and_exit_128_plus_signal(tiny, tmp_path, capsys):
+    """Bug class: SIGTERM/SIGHUP (timeout, systemd, Kubernetes, Slurm, a closed terminal) killing
+    the conversion without cleanup, or Ctrl-C reported as bad input (2) instead of 130.
+
+    Real subprocesses, each signalled as soon as it writes weights (a test hook sleeps 0.5 s per
+    chunk, so a tiny conversion lasts ~10 s). While one is running, a second conversion into its
+    output is refused, naming the live pid. A SIGKILLed run's hidden folder is removed by the
+    next run, which says so."""
+    src = copy_meta(tiny, SMALL, tmp_path / "in")
+    before = snapshot(tmp_path / "in")
+    sigs = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGHUP": signal.SIGHUP, "SIGKILL": signal.SIGKILL}
+    procs = {name: _slow_convert(src, tmp_path / name / "hf") for name in sigs}  # in parallel: startup dominates
+    stagings: dict[str, Path] = {}
+    t0 = time.monotonic()
+    while len(stagings) < len(procs):
+        assert time.monotonic() - t0 < 120, "conversions never started writing"
+        for name, p in procs.items():
+            if name in stagings:
+                continue
+            assert p.poll() is None, (name, p.communicate())
+            found = _writing(tmp_path / name / "hf")
+            if found is None:
+                continue
+            if name == "SIGTERM":  # a live conversion owns this output: a second one is refused
+                run_refused(capsys, tmp_path / "in", _convert(src, tmp_path / name / "hf"), f"pid {p.pid}")
+            stagings[name] = found
+            p.send_signal(sigs[name])
+        time.sleep(0.05)
+
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=60)
+        if name == "SIGKILL":
+            assert p.returncode == -signal.SIGKILL
+            assert stagings[name].exists()
+            continue
+        assert p.returncode == 128 + sigs[name], (name, p.returncode, err)
+        assert "Traceback" not in err and err.count("\n") == 1 and name in err, err
+        assert not _staging(tmp_path / name / "hf") and not (tmp_path / name / "hf").exists(), name
+        assert os.listdir(tmp_path / name) == [], name
+
+    # The next run into the SIGKILLed output: the dead run's folder is removed and named.
+    out_dir = tmp_path / "SIGKILL" / "hf"
+    assert main([str(a) for a in _convert(src, out_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert f"removed {stagings['SIGKILL']}" in printed and f"pid {procs['SIGKILL'].pid}" in printed, printed
+    assert not _staging(out_dir) and (out_dir / "model.safetensors").is_file()
+    assert snapshot(tmp_path / "in") == before
+
+
+def test_partial_folder_of_unknown_owner_is_named(tiny, tmp_path, capsys):
+    """Bug class: a partial folder the tool cannot attribute (another host, an older version)
+    removed silently, or left unmentioned to fill the disk."""
+    src = copy_meta(tiny, SMALL, tmp_path / "in")
+    (tmp_path / "out").mkdir()
+    stale = tmp_path / "out" / ".hf.partial-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    assert main([str(a) for a in _convert(src, tmp_path / "out" / "hf")]) == 0
+    printed = capsys.readouterr().out
+    assert str(stale) in printed and f"rm -rf '{stale}'" in printed, printed
+    assert stale.exists()
