@@ -22,7 +22,7 @@ from .errors import ConversionError
 from .hf_config import write_configs
 from .executor import CHUNK_BYTES, ReplicaCheck, Scratch, iter_chunks
 from .meta_checkpoint import MetaCheckpoint
-from .plan import TensorPlan, build_plan
+from .plan import TensorPlan, build_plan, refuse_unplanned_tensors
 from .safetensors_writer import OutTensor, write_shards
 from .staging import commit_output, prepare_output, write_error
 
@@ -107,6 +107,7 @@ def inspect(input_dir: str | Path, options: ConvertOptions | None = None) -> tup
     options = options or ConvertOptions()
     ckpt = MetaCheckpoint(input_dir)
     variant = detect(ckpt, variant_id=options.variant_id, instruct=options.instruct)
+    refuse_unplanned_tensors(variant, ckpt)
     return variant, build_plan(variant, ckpt, options.dtype)
 
 
@@ -120,6 +121,7 @@ def convert_meta_to_hf(input_dir: str | Path, output_dir: str | Path,
     if any("md5" in w for w in warnings):
         raise ConversionError("checksum mismatch: " + "; ".join(warnings))
     variant = detect(ckpt, variant_id=options.variant_id, instruct=options.instruct)
+    refuse_unplanned_tensors(variant, ckpt)
     plan = build_plan(variant, ckpt, options.dtype)
     if ckpt.has("rope.freqs"):
         warnings += _check_rope_freqs(ckpt, variant)

@@ -43,11 +43,15 @@ class TensorPlan:
         return f"{self.meta_key} -> {self.hf_name} {list(self.shape)} {str(self.dtype).replace('torch.', '')}: " + ", ".join(steps)
 
 
+def refuse_unplanned_tensors(variant: Variant, ckpt: MetaCheckpoint) -> None:
+    """Every tensor of every shard is planned or listed harmless (keymap.py); else exit 2 naming it."""
+    for s in range(ckpt.num_shards):
+        check_meta_keys(ckpt.keys(s), variant.n_layers, where=ckpt.shard_paths[s])
+
+
 def build_plan(variant: Variant, ckpt: MetaCheckpoint, dtype: torch.dtype | None = None) -> list[TensorPlan]:
     out_dtype = dtype or variant.dtype
     n = variant.num_shards
-    for s in range(n):
-        check_meta_keys(ckpt.keys(s), variant.n_layers, where=ckpt.shard_paths[s])
     plan = []
     for rule, mkey, hkey in meta_keys(variant.n_layers, with_output=not variant.tie_word_embeddings):
         info = ckpt.info(mkey)

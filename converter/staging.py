@@ -20,8 +20,10 @@ import errno
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
@@ -178,6 +180,30 @@ def _fsync_path(p: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+_CRITICAL = {"depth": 0, "pending": None}
+
+
+def defer_signal(signum: int) -> bool:
+    """For the CLI's signal handler: during commit's renames, remember the signal instead of
+    raising (a SIGTERM between them would leave the old output set aside and no new one)."""
+    if _CRITICAL["depth"]:
+        _CRITICAL["pending"] = signum
+        return True
+    return False
+
+
+@contextmanager
+def _signals_deferred():
+    _CRITICAL["depth"] += 1
+    try:
+        yield
+    finally:
+        _CRITICAL["depth"] -= 1
+        pending, _CRITICAL["pending"] = _CRITICAL["pending"], None
+        if pending is not None and not _CRITICAL["depth"]:
+            signal.raise_signal(pending)  # handled now, with the output complete and in place
+
+
 def commit_output(staging: Path, output_dir: Path) -> None:
     """Flush, then rename the finished staging folder into place (replacing an old output)."""
     umask = os.umask(0)
@@ -195,9 +221,10 @@ def commit_output(staging: Path, output_dir: Path) -> None:
     _fsync_path(staging, directory=True)
     if output_dir.exists() or output_dir.is_symlink():
         trash = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        output_dir.rename(trash)
-        staging.rename(output_dir)
-        _fsync_path(output_dir.parent, directory=True)
+        with _signals_deferred():
+            output_dir.rename(trash)
+            staging.rename(output_dir)
+            _fsync_path(output_dir.parent, directory=True)
         if trash.is_symlink():
             trash.unlink()
         else:

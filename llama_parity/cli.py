@@ -289,8 +289,10 @@ def _install_signal_handlers() -> dict:
         return {}
     fired: list[int] = []
 
+    from llama_parity.converter.staging import defer_signal
+
     def handler(signum, frame):
-        if fired:
+        if fired or defer_signal(signum):
             return
         fired.append(signum)
         raise Interrupted(signum)
@@ -307,8 +309,8 @@ def _interrupted(e: KeyboardInterrupt) -> int:
     import signal
 
     signum = getattr(e, "signum", signal.SIGINT)
-    print(f"llama-parity: interrupted by {signal.Signals(signum).name}; nothing was left half-written "
-          "(inputs untouched, no output kept)", file=sys.stderr)
+    print(f"llama-parity: interrupted by {signal.Signals(signum).name}; nothing was left half-written, "
+          "inputs untouched", file=sys.stderr)
     return 128 + signum  # the shell convention: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
 
 
