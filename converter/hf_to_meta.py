@@ -12,6 +12,8 @@ the rows of the HF tensors it holds.
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from llama_parity.fixtures.variants import FAMILY_FACTS, intermediate_size
 from .errors import ConversionError
 from .input_checks import check_hf_folder, read_json
 from .keymap import KeyRule, meta_keys
+from .meta_checkpoint import drop_cache, pread_into
 from .staging import commit_output, prepare_output, write_error
 from .transforms import replicate_heads, unpermute_from_hf_rotary
 
@@ -117,9 +120,56 @@ def _cut(sl, rule: KeyRule, s: int, lay: _Layout, key: str) -> torch.Tensor:
     return t[off * hd:(off + m) * hd].contiguous()
 
 
-def _check_tensors(hf_dir: Path, cfg: dict, files: dict[str, list[str]]) -> dict[str, str]:
-    """HF name -> file, after refusing anything the inverse plan would drop or lack."""
-    where = {k: f for f, ks in files.items() for k in ks}
+_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+class _Slice:
+    """Rows of one HF tensor, read with positioned reads when asked for.
+
+    Not safetensors' memory map: the pages of a mapped file count in RSS for as long as it stays
+    mapped, so one output shard at a time would still show the whole model in `top`.
+    """
+
+    def __init__(self, fd: int, offset: int, shape: tuple[int, ...], dtype: torch.dtype):
+        self.fd, self.offset, self.shape, self.dtype = fd, offset, shape, dtype
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def _rows(self, a: int, b: int) -> torch.Tensor:
+        rest = self.shape[1:]
+        out = torch.empty((b - a, *rest), dtype=self.dtype)
+        row = self.dtype.itemsize * math.prod(rest)
+        if out.numel():
+            pread_into(self.fd, memoryview(out.reshape(-1).view(torch.uint8).numpy()), self.offset + a * row)
+            drop_cache(self.fd, self.offset + a * row, (b - a) * row)
+        return out
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        rows = self.shape[0] if self.shape else 1
+        if isinstance(idx, tuple):  # [:, a:b]: whole rows, then the columns
+            return self._rows(0, rows)[idx]
+        a, b, _ = idx.indices(rows)
+        t = self._rows(a, b)
+        return t if self.shape else t.reshape(())
+
+
+class _Reader:
+    """Every HF tensor by name, from the headers check_hf_folder read."""
+
+    def __init__(self, hf_dir: Path, files: dict[str, tuple[dict, int]]):
+        self.fds = {f: os.open(hf_dir / f, os.O_RDONLY) for f in files}
+        self.slices = {name: _Slice(self.fds[f], start + t["data_offsets"][0], tuple(t["shape"]), _TORCH_DTYPES[t["dtype"]])
+                       for f, (table, start) in files.items() for name, t in table.items()}
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def _check_tensors(hf_dir: Path, cfg: dict, files: dict[str, tuple[dict, int]]) -> None:
+    """Refuse an HF folder lacking a tensor the inverse plan needs (extras: check_hf_folder)."""
+    where = {k: f for f, (table, _) in files.items() for k in table}
     n_layers = cfg.get("num_hidden_layers")
     if not isinstance(n_layers, int) or n_layers <= 0:
         raise ConversionError(f"{hf_dir / 'config.json'}: num_hidden_layers is {n_layers!r}, expected a positive integer")
@@ -131,15 +181,17 @@ def _check_tensors(hf_dir: Path, cfg: dict, files: dict[str, list[str]]) -> dict
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ConversionError(f"{hf_dir} lacks {', '.join(missing[:3])}{more} (incomplete download?)")
-    return where
+    odd = sorted({t["dtype"] for table, _ in files.values() for t in table.values()} - set(_TORCH_DTYPES))
+    if odd:
+        raise ConversionError(f"{hf_dir} holds {', '.join(odd)} tensors; Meta checkpoints are bf16/fp16/fp32")
 
 
-def _meta_shard(s: int, lay: _Layout, n_layers: int, handles, where: dict[str, str], rope_freqs) -> dict:
+def _meta_shard(s: int, lay: _Layout, n_layers: int, reader: _Reader, rope_freqs) -> dict:
     """Every tensor of Meta shard s, in Meta's key order (one shard in memory at a time)."""
     sd = {}
     for rule, mkey, hkey in meta_keys(n_layers):
-        src = hkey if hkey in where else "model.embed_tokens.weight"  # tied: output.weight is the embedding
-        sd[mkey] = _cut(handles[where[src]].get_slice(src), rule, s, lay, mkey)
+        src = hkey if hkey in reader.slices else "model.embed_tokens.weight"  # tied: output.weight is the embedding
+        sd[mkey] = _cut(reader.slices[src], rule, s, lay, mkey)
     if rope_freqs is not None:
         sd["rope.freqs"] = rope_freqs.clone()
     return sd
@@ -163,7 +215,7 @@ def convert_hf_to_meta(hf_dir: str | Path, output_dir: str | Path, *, num_shards
     cfg = read_json(hf_dir / "config.json")
     if cfg.get("model_type") != "llama":
         raise ConversionError(f"{hf_dir} holds a {cfg.get('model_type')!r} model, not llama")
-    where = _check_tensors(hf_dir, cfg, files)
+    _check_tensors(hf_dir, cfg, files)
     notes: list[str] = []
     family = registry.family_for_hf_config(cfg)
     params, n = _params_for(cfg, family, num_shards, notes)
@@ -180,7 +232,7 @@ def convert_hf_to_meta(hf_dir: str | Path, output_dir: str | Path, *, num_shards
                                         input_dirs=[hf_dir], needed_bytes=_weight_bytes(hf_dir, files))
     notes += leftovers
     try:
-        _write_meta(staging, hf_dir, cfg, params, lay, family, files, where, tokenizer, notes)
+        _write_meta(staging, hf_dir, cfg, params, lay, family, files, tokenizer, notes)
         commit_output(staging, output_dir)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
@@ -190,25 +242,26 @@ def convert_hf_to_meta(hf_dir: str | Path, output_dir: str | Path, *, num_shards
     return HFToMetaReport(output_dir, n, params, family, notes)
 
 
-def _weight_bytes(hf_dir: Path, files) -> int:
+def _weight_bytes(hf_dir: Path, files) -> int:  # each tensor written once (kv replication aside)
     return sum((hf_dir / f).stat().st_size for f in files)
 
 
 def _write_meta(staging: Path, hf_dir: Path, cfg: dict, params: dict, lay: _Layout, family: str, files,
-                where: dict[str, str], tokenizer: Path | None, notes: list[str]) -> None:
-    from safetensors import safe_open
-
-    handles = {f: safe_open(str(hf_dir / f), "pt") for f in files}
-    emb_dtype = handles[where["model.embed_tokens.weight"]].get_slice("model.embed_tokens.weight").get_dtype()
-    rope_freqs = None
-    if FAMILY_FACTS[family].has_rope_freqs_key:
-        hd = cfg["hidden_size"] // lay.heads
-        theta = float(params.get("rope_theta", 10000.0))
-        rope_freqs = (1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd))).to(_TORCH_DTYPES[emb_dtype])
-    for s in range(lay.n):
-        sd = _meta_shard(s, lay, cfg["num_hidden_layers"], handles, where, rope_freqs)
-        torch.save(sd, staging / f"consolidated.{s:02d}.pth")
-        del sd
+                tokenizer: Path | None, notes: list[str]) -> None:
+    reader = _Reader(hf_dir, files)
+    try:
+        rope_freqs = None
+        if FAMILY_FACTS[family].has_rope_freqs_key:
+            hd = cfg["hidden_size"] // lay.heads
+            theta = float(params.get("rope_theta", 10000.0))
+            freqs = 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd))
+            rope_freqs = freqs.to(reader.slices["model.embed_tokens.weight"].dtype)
+        for s in range(lay.n):
+            sd = _meta_shard(s, lay, cfg["num_hidden_layers"], reader, rope_freqs)
+            torch.save(sd, staging / f"consolidated.{s:02d}.pth")
+            del sd
+    finally:
+        reader.close()
     (staging / "params.json").write_text(json.dumps(params))
     for cand in ([tokenizer] if tokenizer else []) + [hf_dir / "tokenizer.model", hf_dir / "original" / "tokenizer.model"]:
         if cand.is_file():
@@ -218,4 +271,3 @@ def _write_meta(staging: Path, hf_dir: Path, cfg: dict, params: dict, lay: _Layo
         notes.append("no tokenizer.model in the HF folder: copy Meta's tokenizer.model next to the shards")
 
 
-_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}

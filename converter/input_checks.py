@@ -36,8 +36,9 @@ def read_json(path: Path, *, what: str = "") -> object:
         raise ConversionError(f"cannot read {path}: {e.strerror}") from None
 
 
-def safetensors_header(path: Path) -> dict:
-    """The tensor table of a .safetensors file, after checking it describes the file's bytes."""
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """The tensor table of a .safetensors file and where its data starts, after checking that
+    the table describes the file's bytes."""
     try:
         size = path.stat().st_size
         with path.open("rb") as fh:
@@ -59,7 +60,7 @@ def safetensors_header(path: Path) -> dict:
         raise ConversionError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     _check_offsets(path, header, size - 8 - n)
-    return header
+    return header, 8 + n
 
 
 def _check_offsets(path: Path, header: dict, data_bytes: int) -> None:
@@ -79,8 +80,9 @@ def _check_offsets(path: Path, header: dict, data_bytes: int) -> None:
                               f"{data_bytes}; re-download or re-convert it")
 
 
-def check_hf_folder(hf_dir: Path, *, all_keys_known: bool = False) -> dict[str, list[str]]:
-    """Every JSON file parses and every weight file's header is sound; returns file -> tensor names.
+def check_hf_folder(hf_dir: Path, *, all_keys_known: bool = False) -> dict[str, tuple[dict, int]]:
+    """Every JSON file parses and every weight file's header is sound; returns file -> (tensor
+    table, data start) as `safetensors_header` gives them.
 
     `all_keys_known`: also refuse tensors a Llama model of config.json's depth has no place for
     (to-meta would drop them; verify judges such a folder instead, as transformers loads it).
@@ -103,19 +105,19 @@ def check_hf_folder(hf_dir: Path, *, all_keys_known: bool = False) -> dict[str, 
         pickles = sorted(p.name for p in hf_dir.glob("*.bin")) + sorted(p.name for p in hf_dir.glob("*.pt*"))
         extra = f" ({', '.join(pickles)} are pickles and are never loaded: convert them to safetensors)" if pickles else ""
         raise ConversionError(f"no model.safetensors or model.safetensors.index.json in {hf_dir}{extra}")
-    files: dict[str, list[str]] = {}
+    files: dict[str, tuple[dict, int]] = {}
     for f in sorted(set(wm.values())) if wm is not None else ["model.safetensors"]:
         p = hf_dir / f
         if not p.is_file():
             raise ConversionError(f"{p} is listed in {index.name} but missing (incomplete download?)")
-        files[f] = list(safetensors_header(p))
+        files[f] = safetensors_header(p)
     if wm is not None:
         for name, f in wm.items():
-            if name not in files[f]:
+            if name not in files[f][0]:
                 raise ConversionError(f"{index} maps {name} to {f}, which does not hold it")
     n_layers = cfg.get("num_hidden_layers")
     if all_keys_known and isinstance(n_layers, int):
-        check_hf_keys([k for ks in files.values() for k in ks], n_layers, where=hf_dir)
+        check_hf_keys([k for table, _ in files.values() for k in table], n_layers, where=hf_dir)
     return files
 
 

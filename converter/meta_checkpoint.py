@@ -166,7 +166,7 @@ def drop_cache(fd: int, offset: int, length: int) -> None:
             pass
 
 
-def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
+def pread_into(fd: int, buf: memoryview, offset: int) -> None:
     done = 0
     while done < len(buf):
         if hasattr(os, "preadv"):
@@ -346,7 +346,7 @@ class MetaCheckpoint:
         row_bytes = raw.row_bytes
         offset = raw.offset + start * row_bytes
         nbytes = (stop - start) * row_bytes
-        _pread_into(fd, memoryview(out.reshape(-1).view(torch.uint8).numpy()), offset)
+        pread_into(fd, memoryview(out.reshape(-1).view(torch.uint8).numpy()), offset)
         if not keep_cached:
             drop_cache(fd, offset, nbytes)
         return out
