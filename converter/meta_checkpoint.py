@@ -188,13 +188,14 @@ def load_shard_safely(p: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
-        why = next((ln.strip() for ln in str(e).splitlines() if "global" in ln.lower()), str(e).splitlines()[0])
-        raise ConversionError(f"refusing to load {p}: its pickle is not plain tensors ({why[:160]}); a checkpoint "
-                              "from Meta never is; re-download it from a trusted source") from None
+        m = re.search(r"GLOBAL ([\w.]+)", str(e))
+        why = f"it would call {m.group(1)}" if m else (str(e).splitlines() or ["?"])[0][:120]
+        raise ConversionError(f"refusing to load {p}: its pickle holds more than tensors ({why}); a checkpoint "
+                              "from Meta never does: re-download it from a trusted source") from None
     except Exception as e:  # torch raises many types for truncated / foreign files
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise ConversionError(f"cannot read {p}: {type(e).__name__}: {first}"
-                              " (truncated download or not a PyTorch checkpoint?)") from None
+        first = (str(e).splitlines() or [""])[0].split(". ")[0][:160]
+        raise ConversionError(f"cannot read {p} ({first}): truncated download or not a PyTorch checkpoint? "
+                              "Re-download it (checklist.chk and --verify-md5 tell which file is damaged)") from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise ConversionError(f"{p} does not hold a state dict of named tensors (not a Meta checkpoint shard?)")
     return sd
