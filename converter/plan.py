@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from .detect import Variant
-from .errors import ConversionError
 from .keymap import check_meta_keys, meta_keys
 from .meta_checkpoint import MetaCheckpoint
 from .safetensors_writer import tensor_nbytes
