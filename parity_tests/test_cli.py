@@ -171,3 +171,16 @@ def test_multi_file_output_loads_and_verifies(tiny, tmp_path, capsys):
     code, out, _ = run(capsys, "verify", "--meta-dir", tiny.meta("llama3-70b"), "--hf-dir", tmp_path / "hf",
                        "--no-bf16", "--no-tokenizer")
     assert code == 0, out
+
+
+def test_overwrite_replaces_an_old_output_cleanly(tiny, tmp_path, capsys):
+    """Bug class: --overwrite that leaves the old output set aside (.hf.old-PID), a staging
+    folder, or a mix of old and new files."""
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older conversion")
+    code, _, _ = run(capsys, "convert", "--input-dir", tiny.meta("llama3-8b"), "--output-dir", out, "--overwrite",
+                     "--no-progress")
+    assert code == 0
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
