@@ -241,7 +241,7 @@ def test_official_llama3_template_is_meta_of_implied_dialog(tok_cases, name):
     meta, hf = meta_tokenizer(case), hf_tokenizer(case)
     assert hf.chat_template == chat_template_for(case.family, True)
 
-    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
     @given(llama3_dialogs(False), st.booleans())
     def run(dialog, gp):
         if not all(_clean(meta, m["content"]) for m in dialog):
