@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +130,7 @@ class Transformer:
 
     def __init__(self, args: ModelArgs, shards: list[dict[str, torch.Tensor]], *,
                  embedding_dim: int, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 lazy: bool = False):
+                 lazy: bool = False, round_to: torch.dtype | None = None):
         self.args = args
         self.mp = len(shards)
         self.embedding_dim = embedding_dim
@@ -138,15 +140,19 @@ class Transformer:
         self.n_local_kv_heads = args.n_kv_heads // self.mp
         self.device = torch.device(device)
         conv = (lambda t: t.to(device=self.device, dtype=dtype)) if dtype else (lambda t: t.to(self.device))
+        if round_to is not None:  # weights as a faithful conversion to `round_to` leaves them
+            conv = (lambda c: lambda t: c(t.to(round_to)))(conv)
+        self._conv = conv
         self.lazy = lazy
         if lazy:
-            # Bounded memory for real weights: tensors stay memory-mapped in the checkpoint's dtype
-            # and are converted when a layer uses them, then dropped; the embedding is read by row
-            # and the output matrix in vocab chunks.
+            # Bounded memory for real weights: `shards` are ShardReaders; each tensor is read from the
+            # file with explicit reads when a layer uses it (or held for one layer, `hold_layer`),
+            # converted, then dropped; the embedding is read by row, the output matrix in vocab chunks.
             self.w = [_Converted(sd, conv) for sd in shards]
         else:
             self.w = [{k: conv(v) for k, v in sd.items() if k != "rope.freqs"} for sd in shards]
-        self._dtype = dtype or shards[0]["tok_embeddings.weight"].dtype
+        first = shards[0].dtype("tok_embeddings.weight") if lazy else shards[0]["tok_embeddings.weight"].dtype
+        self._dtype = dtype or first
         self.cache_k: list[list[torch.Tensor]] | None = None
         self.cache_v: list[list[torch.Tensor]] | None = None
         self.cache_valid: torch.Tensor | None = None
@@ -169,13 +175,27 @@ class Transformer:
 
     # --- layers ---------------------------------------------------------------------------
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.lazy:  # gather the rows from the mapped file, convert only those
-            parts = [sd.raw["tok_embeddings.weight"] for sd in self.w]
-            return self._convert(self._embed_parts(tokens.cpu(), parts))
+        if self.lazy:
+            return self._embed_lazy(tokens)
         return self._embed_parts(tokens, [sd["tok_embeddings.weight"] for sd in self.w])
 
+    def _embed_lazy(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Read only the rows the tokens use, from every shard, and combine them as _embed_parts does."""
+        key, uniq = "tok_embeddings.weight", torch.unique(tokens.cpu())
+        parts, start = [], 0
+        for sd in self.w:
+            rows = sd.raw.shape(key)[0]
+            wanted = uniq if self.embedding_dim == 1 else (uniq - start).clamp(0, rows - 1)
+            table = torch.cat([sd.raw.rows(key, t, t + 1) for t in wanted.tolist()])
+            if self.embedding_dim == 0:  # VocabParallelEmbedding: rows outside this shard's slice are zeros
+                table = table * ((uniq >= start) & (uniq < start + rows))[:, None].to(table.dtype)
+                start += rows
+            parts.append(table)
+        table = torch.cat(parts, -1) if self.embedding_dim == 1 else sum(parts)
+        return self._convert(F.embedding(torch.searchsorted(uniq, tokens.cpu()), table))
+
     def _convert(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=self.device, dtype=self.dtype)
+        return self._conv(t).to(self.dtype)
 
     def _embed_parts(self, tokens: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
         if self.embedding_dim == 1:  # ParallelEmbedding: each shard holds a slice of the hidden dim
@@ -243,14 +263,14 @@ class Transformer:
             outs.append(F.linear(hn, w))
         return torch.cat(outs, dim=-1).float()
 
-    def _output_chunked(self, h: torch.Tensor, rows: int = 8192) -> torch.Tensor:
+    def _output_chunked(self, h: torch.Tensor, rows: int = 4096) -> torch.Tensor:
         outs = []
         for sd in self.w:
             hn = rms_norm(h, sd["norm.weight"], self.args.norm_eps)
-            w = sd.raw.get("output.weight")
-            if w is None:  # tied: the (vocab-parallel) embedding shards are the output
-                w = sd.raw["tok_embeddings.weight"]
-            outs += [F.linear(hn, self._convert(w[a:a + rows])) for a in range(0, w.shape[0], rows)]
+            # tied: the (vocab-parallel) embedding shards are the output
+            key = "output.weight" if "output.weight" in sd.raw else "tok_embeddings.weight"
+            n = sd.raw.shape(key)[0]
+            outs += [F.linear(hn, self._convert(sd.raw.rows(key, a, min(a + rows, n)))) for a in range(0, n, rows)]
         return torch.cat(outs, dim=-1).float()
 
     @torch.inference_mode()
@@ -262,11 +282,18 @@ class Transformer:
         feed-forward output: what `llama-parity diagnose` compares stage by stage.
         `positions` (no cache) places the tokens at arbitrary positions, e.g. 0..7 then 12000..:
         the long relative distances of a far-position check in one causal pass."""
-        tokens = tokens.to(self.device)
-        bsz, seqlen = tokens.shape
-        h = self._embed(tokens)
+        h, rot, mask = self.begin(tokens, start_pos, positions)
         if trace is not None:
             trace.append(("embedding", h))
+        for layer in range(self.args.n_layers):
+            h = self.layer(layer, h, rot, start_pos, mask, trace)
+        return self._output(h)
+
+    def begin(self, tokens: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None):
+        """Embedding, rotations and mask of one forward step (marks the cache slots it will fill)."""
+        tokens = tokens.to(self.device)
+        seqlen = tokens.shape[1]
+        h = self._embed(tokens)
         if positions is None:
             positions = torch.arange(start_pos, start_pos + seqlen, device=self.device)
         elif self.cache_k is not None:
@@ -281,15 +308,39 @@ class Transformer:
             mask[:, start_pos:] = torch.triu(torch.full((seqlen, seqlen), float("-inf"), device=self.device), 1)
         else:
             mask = torch.triu(torch.full((seqlen, seqlen), float("-inf"), device=self.device), 1)
-        mask = mask.type_as(h)
-        for layer in range(self.args.n_layers):
-            a = self._attention(layer, h, rot, start_pos, mask)
-            h = h + a
-            f = self._feed_forward(layer, h)
-            h = h + f
-            if trace is not None:
-                trace += [(f"layer {layer} attention", a), (f"layer {layer} feed-forward", f)]
+        return h, rot, mask.type_as(h)
+
+    def layer(self, layer: int, h: torch.Tensor, rot: torch.Tensor, start_pos: int, mask: torch.Tensor,
+              trace: list | None = None) -> torch.Tensor:
+        """One decoder layer (attention then feed-forward, each added to the residual stream)."""
+        a = self._attention(layer, h, rot, start_pos, mask)
+        h = h + a
+        f = self._feed_forward(layer, h)
+        if trace is not None:
+            trace += [(f"layer {layer} attention", a), (f"layer {layer} feed-forward", f)]
+        return h + f
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and output projection: fp32 logits."""
         return self._output(h)
+
+    # --- bounded memory (lazy) ---------------------------------------------------------------
+    def hold_layer(self, layer: int, source: "Transformer | None" = None) -> None:
+        """Keep layer `layer`'s weights converted until `release_layer`, so that several passes
+        through it read the file once. With `source` (another dtype's view of the same files),
+        its held tensors are converted one by one and taken over: one layer resident, not two."""
+        pre = f"layers.{layer}."
+        for s, sd in enumerate(self.w):
+            if source is not None:
+                src = source.w[s].held
+                for k in list(src):
+                    sd.held[k] = sd.conv(src.pop(k))
+            else:
+                sd.held = {k: sd.conv(sd.raw.read(k)) for k in sd.raw.keys() if k.startswith(pre)}
+
+    def release_layer(self) -> None:
+        for sd in self.w:
+            sd.held = {}
 
     @torch.inference_mode()
     def generate_greedy(self, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
@@ -308,16 +359,109 @@ class Transformer:
 
 
 class _Converted:
-    """A shard's state dict whose tensors are converted (dtype, device) on each access."""
+    """A shard read on demand: each tensor read and converted (dtype, device) on access, unless held."""
 
-    def __init__(self, raw: dict[str, torch.Tensor], conv):
+    def __init__(self, raw: "ShardReader", conv):
         self.raw, self.conv = raw, conv
+        self.held: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self.conv(self.raw[key])
+        t = self.held.get(key)
+        return t if t is not None else self.conv(self.raw.read(key))
 
     def get(self, key: str, default=None):
-        return self.conv(self.raw[key]) if key in self.raw else default
+        return self[key] if key in self.raw else default
+
+
+class ShardReader:
+    """One consolidated.NN.pth read with explicit reads (pread), never through a memory map.
+
+    Pages of a memory-mapped file stay in the process's RSS after use: what `top`, schedulers and
+    cgroup limits count, so a streamed 8B verify looked like 19.6 GB. torch.load(mmap=True) is used
+    only to learn each tensor's dtype, shape and storage (no page of data is touched); the byte
+    offset of each storage in the file comes from the zip directory (torch.save writes an
+    uncompressed zip: one `data/N` record per storage), matched to the mapped storages' addresses.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tensors = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
+        self.offsets = _tensor_file_offsets(self.path, self.tensors)
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def __del__(self):
+        fd, self.fd = getattr(self, "fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].dtype
+
+    def read(self, key: str) -> torch.Tensor:
+        t = self.tensors[key]
+        return self.rows(key, 0, t.shape[0]) if t.dim() else t.clone()
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop (along dim 0) as a new tensor in the file's dtype."""
+        t = self.tensors[key]
+        if not t.is_contiguous():  # not written by torch.save of a plain state dict; copy via the map
+            return t[start:stop].clone()
+        out = torch.empty((stop - start, *t.shape[1:]), dtype=t.dtype)
+        row = out[0].numel() * t.element_size() if out.numel() else 0
+        _pread_into(self.fd, out, self.offsets[key] + start * row, self.path)
+        return out
+
+
+def _zip_data_offsets(path: Path) -> list[int]:
+    """File offsets of the first byte of each stored record's data."""
+    offsets = []
+    with open(path, "rb") as f, zipfile.ZipFile(f) as z:
+        for info in z.infolist():
+            f.seek(info.header_offset)
+            local = f.read(30)  # local file header: name and extra-field lengths at bytes 26..29
+            n, extra = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            offsets.append(info.header_offset + 30 + n + extra)
+    return offsets
+
+
+def _tensor_file_offsets(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Byte offset in `path` of each tensor's first element. torch maps the whole file at one base
+    address, so (storage address - base) is the storage record's offset: find the base that maps
+    every storage onto a record, and refuse the file if none does."""
+    records = set(_zip_data_offsets(path))
+    ptrs = {k: t.untyped_storage().data_ptr() for k, t in tensors.items() if t.untyped_storage().nbytes()}
+    if not ptrs:
+        return {k: 0 for k in tensors}
+    lowest = min(ptrs.values())
+    for first in sorted(records):
+        base = lowest - first
+        if all(p - base in records for p in ptrs.values()):
+            return {k: ptrs.get(k, base) - base + t.storage_offset() * t.element_size() for k, t in tensors.items()}
+    raise ValueError(f"{path}: tensor storages do not match the file's records (not a torch.save zip?)")
+
+
+def _pread_into(fd: int, out: torch.Tensor, offset: int, path: Path) -> None:
+    buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(buf):
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [buf[done:]], offset + done)
+        else:  # pragma: no cover - platforms without preadv
+            chunk = os.pread(fd, len(buf) - done, offset + done)
+            n = len(chunk)
+            buf[done:done + n] = chunk
+        if n <= 0:
+            raise OSError(f"{path}: unexpected end of file at byte {offset + done} (truncated shard?)")
+        done += n
 
 
 def find_shards(meta_dir: Path) -> list[Path]:
@@ -330,7 +474,7 @@ def find_shards(meta_dir: Path) -> list[Path]:
 def load_meta_checkpoint(meta_dir: str | Path, *, rope_scaling: RopeScalingArgs | None,
                          tokenizer_n_words: int | None = None, embedding_dim: int | None = None,
                          device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                         lazy: bool = False) -> Transformer:
+                         lazy: bool = False, round_to: torch.dtype | None = None) -> Transformer:
     """Build the reference from a Meta directory, shards kept apart.
 
     `embedding_dim` (how tok_embeddings is split) is inferred from the shard shapes when not given:
@@ -338,7 +482,10 @@ def load_meta_checkpoint(meta_dir: str | Path, *, rope_scaling: RopeScalingArgs 
     """
     meta_dir = Path(meta_dir)
     params = json.loads((meta_dir / "params.json").read_text())
-    shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in find_shards(meta_dir)]
+    if lazy:
+        shards = [ShardReader(p) for p in find_shards(meta_dir)]
+    else:
+        shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in find_shards(meta_dir)]
     if int(params.get("vocab_size", -1)) == -1 and tokenizer_n_words is None:
         # As Meta's build(): the vocab comes from the tokenizer (Llama 2 ships it one folder up).
         from .tokenizer import load_meta_tokenizer
@@ -351,6 +498,7 @@ def load_meta_checkpoint(meta_dir: str | Path, *, rope_scaling: RopeScalingArgs 
         tokenizer_n_words = load_meta_tokenizer(tok).n_words
     args = ModelArgs.from_params(params, vocab_size=tokenizer_n_words, rope_scaling=rope_scaling)
     if embedding_dim is None:
-        emb = shards[0]["tok_embeddings.weight"]
-        embedding_dim = 1 if (len(shards) > 1 and emb.shape[1] != args.dim) else 0
-    return Transformer(args, shards, embedding_dim=embedding_dim, device=device, dtype=dtype, lazy=lazy)
+        width = shards[0].shape("tok_embeddings.weight")[1] if lazy else shards[0]["tok_embeddings.weight"].shape[1]
+        embedding_dim = 1 if (len(shards) > 1 and width != args.dim) else 0
+    return Transformer(args, shards, embedding_dim=embedding_dim, device=device, dtype=dtype, lazy=lazy,
+                       round_to=round_to)

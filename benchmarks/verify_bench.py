@@ -1,0 +1,127 @@
+"""Verify benchmark: streamed `verify` (every check) against a floor measured in the same run.
+
+    python -m benchmarks.verify_bench --case 1b [--full] [--layers N]   # prints a markdown table row
+
+Per case it builds a synthetic bf16 Meta checkpoint of the REAL shape (benchmarks/make_checkpoint.py;
+`--layers N` keeps the real layer shapes and vocabulary but only N layers, for the 70B shape),
+converts it, and measures as child processes (peak RSS = ru_maxrss from wait4):
+
+- bare: `import torch, transformers` and the Llama modules: what any verify starts from;
+- floor: reading both models' files once from disk (page cache evicted first) plus the forward
+  passes' matrix multiplies at this machine's measured fp32 and bf16 matmul rates (the streams of
+  llama_parity/streaming.py: FLOPs counted from their token counts and the layer shapes);
+- streamed verify (`--memory streaming --no-tokenizer`), page cache evicted first;
+- with --full, `--memory full` beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.run import GB, evict, machine, run_child
+
+CASES = {"1b": "llama3.2-1b", "8b": "llama3.1-8b", "70b": "llama3.1-70b"}
+
+
+def build(work: Path, case: str, layers: int | None) -> tuple[Path, Path]:
+    from benchmarks.make_checkpoint import make_checkpoint
+    from llama_parity.fixtures import variants
+
+    meta = work / f"meta-{case}" / variants.get(CASES[case]).meta_dir_name
+    hf = work / f"hf-{case}"
+    if not (meta / "params.json").is_file():
+        make_checkpoint(CASES[case], meta, num_shards=1)
+        if layers:  # keep the real shapes, fewer layers: rewrite params.json and drop the rest
+            _truncate_layers(meta, layers)
+    if not (hf / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "llama_parity.cli", "convert", "--input-dir", str(meta),
+                        "--output-dir", str(hf), "--variant", CASES[case]], check=True, stdout=subprocess.DEVNULL)
+    return meta, hf
+
+
+def _truncate_layers(meta: Path, layers: int) -> None:
+    from benchmarks.make_checkpoint import full_shapes, write_meta_shard
+    from llama_parity.fixtures import variants
+
+    spec = variants.get(CASES[meta.parent.name.split("-", 1)[1]])
+    params = dict(spec.params, n_layers=layers)
+    keep = [(k, s) for k, s, _ in full_shapes(spec) if not k.startswith("layers.") or int(k.split(".")[1]) < layers]
+    write_meta_shard(meta / "consolidated.00.pth", keep, torch.bfloat16)
+    (meta / "params.json").write_text(json.dumps(params))
+
+
+def matmul_rate(dtype: torch.dtype, n: int, d: int, f: int) -> float:
+    x, w = torch.randn(n, d, dtype=dtype), torch.randn(f, d, dtype=dtype)
+    torch.nn.functional.linear(x, w)
+    t0, reps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 2.0:
+        torch.nn.functional.linear(x, w)
+        reps += 1
+    return 2 * n * d * f * reps / (time.perf_counter() - t0)
+
+
+def floor_seconds(meta: Path, hf: Path, tokens32: int, tokens16: int) -> tuple[float, float, float]:
+    """(read seconds, matmul seconds, total): both models read once cold + both sides' matmuls."""
+    cfg = json.loads((hf / "config.json").read_text())
+    d, f, v, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * d // cfg["num_attention_heads"]
+    params = L * (2 * d * d + 2 * d * kv + 3 * d * f) + v * d
+    files = [*meta.glob("consolidated.*.pth"), *hf.glob("*.safetensors")]
+    evict(files)
+    t0 = time.perf_counter()
+    for p in files:
+        subprocess.run(["dd", f"if={p}", "of=/dev/null", "bs=16M"], check=True, stderr=subprocess.DEVNULL)
+    read = time.perf_counter() - t0
+    r32, r16 = matmul_rate(torch.float32, 64, d, f), matmul_rate(torch.bfloat16, 64, d, f)
+    mm = 2 * (2 * params * tokens32 / r32 + 2 * params * tokens16 / r16)  # two sides
+    return read, mm, read + mm
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", choices=CASES, default="1b")
+    ap.add_argument("--layers", type=int, help="real shapes, only this many layers (70B: extrapolate)")
+    ap.add_argument("--work", type=Path, default=Path("/work/bench-stream"))
+    ap.add_argument("--full", action="store_true", help="also run --memory full")
+    ap.add_argument("--min-free", type=float, default=1.5)
+    ap.add_argument("--clean", action="store_true", help="delete the checkpoints afterwards")
+    a = ap.parse_args(argv)
+    a.work.mkdir(parents=True, exist_ok=True)
+    meta, hf = build(a.work, a.case, a.layers)
+    model_bytes = sum(p.stat().st_size for p in hf.glob("*.safetensors"))
+    bare = run_child([sys.executable, "-c", "import torch, transformers; "
+                      "from transformers.models.llama import modeling_llama"], 0)
+    rows = []
+    for mode in ["streaming"] + (["full"] if a.full else []):
+        evict([*meta.glob("*.pth"), *hf.glob("*.safetensors")])
+        r = run_child([sys.executable, "-m", "llama_parity.cli", "verify", "--meta-dir", str(meta), "--hf-dir", str(hf),
+                       "--memory", mode, "--no-tokenizer"], int(a.min_free * GB), log=a.work / f"verify-{mode}.log")
+        rows.append((mode, r))
+    # token counts of the streams (streaming.py): near, kv, 3 far x 12, greedy (prompt ~35 + 7) in fp32
+    # on each side plus the ref's 7 greedy decode steps; near in bf16
+    n = 50
+    read, mm, floor = floor_seconds(meta, hf, tokens32=n + n + 36 + 42 + 7, tokens16=n)
+    print(f"machine: {machine()}")
+    print(f"case {a.case}{f' ({a.layers} layers)' if a.layers else ''}: model {model_bytes / GB:.2f} GB; "
+          f"bare torch+transformers {bare.peak_rss / GB:.2f} GB RSS")
+    print(f"floor: read both models {read:.1f} s + matmuls {mm:.1f} s = {floor:.1f} s")
+    for mode, r in rows:
+        above = r.peak_rss - bare.peak_rss
+        print(f"| {a.case} | verify --memory {mode} | {r.seconds:.1f} s ({r.seconds / floor:.2f}x floor) | "
+              f"{r.peak_rss / GB:.2f} GB | {above / GB:.2f} GB ({100 * above / model_bytes:.0f}% of model) | {r.status} |")
+    if a.clean:
+        import shutil
+
+        shutil.rmtree(a.work / f"meta-{a.case}")
+        shutil.rmtree(hf)
+
+
+if __name__ == "__main__":
+    main()
