@@ -246,6 +246,21 @@ def _weight_bytes(hf_dir: Path, files) -> int:  # each tensor written once (kv r
     return sum((hf_dir / f).stat().st_size for f in files)
 
 
+def _save(sd: dict, path: Path) -> None:
+    """torch.save through a Python file, so that a full disk surfaces as the OSError it is (torch's
+    own writer reports it as an opaque RuntimeError about zip positions)."""
+    try:
+        with open(path, "wb") as fh:
+            torch.save(sd, fh)
+    except RuntimeError as e:
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise ConversionError(f"cannot write {path}: {str(e).splitlines()[0][:200]}") from None
+
+
 def _write_meta(staging: Path, hf_dir: Path, cfg: dict, params: dict, lay: _Layout, family: str, files,
                 tokenizer: Path | None, notes: list[str]) -> None:
     reader = _Reader(hf_dir, files)
@@ -258,7 +273,7 @@ def _write_meta(staging: Path, hf_dir: Path, cfg: dict, params: dict, lay: _Layo
             rope_freqs = freqs.to(reader.slices["model.embed_tokens.weight"].dtype)
         for s in range(lay.n):
             sd = _meta_shard(s, lay, cfg["num_hidden_layers"], reader, rope_freqs)
-            torch.save(sd, staging / f"consolidated.{s:02d}.pth")
+            _save(sd, staging / f"consolidated.{s:02d}.pth")
             del sd
     finally:
         reader.close()

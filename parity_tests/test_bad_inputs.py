@@ -607,6 +607,11 @@ def test_disk_full(tiny, tmp_path, capsys):
                 run_refused(capsys, tmp_path, _convert(src, tmp_path / "out" / "hf"), "no space left")
             return
         run_refused(capsys, tmp_path, _convert(src, full / "hf"), f"no space left on the device holding {full}")
+    # to-meta: torch.save's own writer would report ENOSPC as an opaque RuntimeError (a traceback)
+    hf = copy_hf(tiny, SMALL, tmp_path / "in")
+    with tmpfs(tmp_path / "full2", f"size={-(-weights // 4096) * 4 + 8}k") as full2:
+        if full2 is not None:
+            run_refused(capsys, tmp_path, _to_meta(hf, full2 / "meta", "--num-shards", "1"), "no space left")
 
 
 # ---------------------------------------------------------------- signals and SIGKILL
