@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 ERRORS_ENV = "LLAMA_PARITY_DIST_ERRORS"  # set by the --nproc launcher: ranks leave their one line there
+# Fault injection for the teardown test: this rank fails after loading, while the others wait in a collective.
+FAULT_ENV = "LLAMA_PARITY_FAIL_RANK"
 EXIT_OK, EXIT_PARITY, EXIT_INPUT = 0, 1, 2
 
 
@@ -214,7 +216,10 @@ def model_checks_on(r: Rank):
 
         def load(dtype):
             ref = build_rank_model(meta_dir, args, r.rank, r.world, device=r.device, dtype=dtype)
-            return ref, load_hf_rank(hf_dir, r, dtype)
+            hf = load_hf_rank(hf_dir, r, dtype)
+            if os.environ.get(FAULT_ENV) == str(r.rank):
+                raise RuntimeError(f"failure injected by {FAULT_ENV}={r.rank}")
+            return ref, hf
         return run_model_checks(meta_dir, hf_dir, rope_scaling=rope_scaling, device=r.device, bf16=bf16, loader=load)
     return checks
 

@@ -24,9 +24,9 @@ VARIANT, SHARDS = "llama3.1-70b", 2  # GQA, vocab-parallel embedding, RoPE scali
 TIMEOUT = 120
 
 
-def _verify_2ranks(meta, hf, *extra):
+def _verify_2ranks(meta, hf, *extra, env=None):
     """`verify --nproc 2` in its own session, killed whole if it outlives the timeout."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     cmd = [sys.executable, "-m", "llama_parity", "verify", "--nproc", "2", "--meta-dir", str(meta),
            "--hf-dir", str(hf), "--no-tokenizer", "--timeout", "60", *extra]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -100,3 +100,17 @@ def test_failing_rank_stops_all_with_one_line(tiny, tmp_path):
     # rank starts; the promise is the same: one line naming the file, exit 2, nobody left blocked.
     assert len(lines) == 1 and lines[0].startswith("llama-parity: ") and "consolidated.01.pth" in lines[0], err
     assert "Traceback" not in err and out == ""
+
+
+def test_rank_failing_mid_run_stops_the_others(tiny):
+    """Bug class: a rank dying while the others wait for it inside a collective (a GPU fault, an
+    out-of-memory kill on one node) leaving them blocked, or the failure lost (exit 0, no line)."""
+    from llama_parity.distributed import FAULT_ENV
+
+    # --timeout beyond the subprocess timeout: only the launcher stopping rank 0 can end the run in time
+    code, out, err = _verify_2ranks(tiny.meta(VARIANT, SHARDS), tiny.hf(VARIANT, SHARDS), "--timeout", str(3 * TIMEOUT),
+                                    env={FAULT_ENV: "1"})
+    lines = err.strip().splitlines()
+    assert code == 2
+    assert lines == [f"llama-parity: rank 1: RuntimeError: failure injected by {FAULT_ENV}=1"], err
+    assert out == ""
