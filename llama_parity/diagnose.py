@@ -48,6 +48,7 @@ class Diagnosis:
     first_divergence: str | None = None
     explained_by: list[str] = field(default_factory=list)
     tried: list[Hypothesis] = field(default_factory=list)
+    series: dict = field(default_factory=dict)  # error per position, by check name (for --plot)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,7 +196,8 @@ def diagnose(meta_dir: str | Path, hf_dir: str | Path, *, variant_id: str | None
     if first is None and not far.ok:
         first = f"far positions only (rel diff {far.measured:.2e}): RoPE frequencies"
     config_faults = [f"{c.name}: {c.detail}" for c in config_checks(meta_dir, hf_dir, rope) if not c.ok]
-    diag = Diagnosis(parity=first is None and not config_faults, stages=stages, first_divergence=first)
+    diag = Diagnosis(parity=first is None and not config_faults, stages=stages, first_divergence=first,
+                     series={c.name: c.series for c in (check_logits(ref, hf, tokens, "cpu"), far)})
     if diag.parity:
         return diag
     if first is None:

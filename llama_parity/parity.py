@@ -60,9 +60,18 @@ class Check:
     bound: float
     ok: bool
     detail: str = ""
+    # Optional error per position or per layer for reports: {"x_label", "x": [...], "y": [...]}
+    series: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def per_position(a: torch.Tensor, b: torch.Tensor, positions) -> dict:
+    """_rel_diff split by position (rows of [positions, vocab] logits): its max is the check's value."""
+    a, b = a.float().cpu(), b.float().cpu()
+    y = ((a - b).abs().amax(-1) / max(float(a.abs().max()), 1e-6)).tolist()
+    return {"x_label": "position", "x": [int(p) for p in positions], "y": y}
 
 
 def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -204,7 +213,8 @@ def top1_disagreements(ref: torch.Tensor, hf: torch.Tensor, rel_tol: float = FP3
     return int((differ & decided).sum()), int(decided.sum())
 
 
-def compare_fp32(name: str, catches: str, ref: torch.Tensor, hf: torch.Tensor, detail: str) -> Check:
+def compare_fp32(name: str, catches: str, ref: torch.Tensor, hf: torch.Tensor, detail: str,
+                 positions=None) -> Check:
     """Max |diff| relative to the logit scale, with next-token KL and top-1 agreement also required."""
     d = _rel_diff(ref, hf)
     kl = next_token_kl(ref, hf)
@@ -212,7 +222,8 @@ def compare_fp32(name: str, catches: str, ref: torch.Tensor, hf: torch.Tensor, d
     ok = d <= FP32_REL_BOUND and float(kl.max()) <= FP32_KL_BOUND and bad == 0
     return Check(name, catches, d, FP32_REL_BOUND, ok,
                  f"{detail}; next-token KL mean {float(kl.mean()):.1e}, max {float(kl.max()):.1e} nats "
-                 f"(bound {FP32_KL_BOUND:.0e}); top-1 differs at {bad} of {n} decided positions")
+                 f"(bound {FP32_KL_BOUND:.0e}); top-1 differs at {bad} of {n} decided positions",
+                 series=per_position(ref, hf, range(len(ref)) if positions is None else positions))
 
 
 def distribution_checks(ref: torch.Tensor, hf: torch.Tensor, what: str) -> list[Check]:
@@ -302,8 +313,10 @@ def far_check(worst: list[tuple[int, Check]]) -> Check:
     pos, c = max(worst, key=lambda pc: pc[1].measured / pc[1].bound)
     ok = all(x.ok for _, x in worst)
     each = ", ".join(f"{p}: {x.measured:.1e}" for p, x in worst)
+    series = {"x_label": "position", "x": [x for _, w in worst if w.series for x in w.series["x"]],
+              "y": [y for _, w in worst if w.series for y in w.series["y"]]}
     return Check("far positions", FAR_CATCHES, c.measured, c.bound, ok,
-                 f"8 tokens at 0..7, 4 at each far start ({each}); worst at {pos}: {c.detail}")
+                 f"8 tokens at 0..7, 4 at each far start ({each}); worst at {pos}: {c.detail}", series=series)
 
 
 @torch.inference_mode()
@@ -329,7 +342,8 @@ def check_far_positions(ref: Transformer, hf, tokens: list[int], device: str, *,
         hpos = torch.arange(start, start + len(chunk), device=device)[None]
         out = hf(input_ids=torch.tensor([chunk], device=device), position_ids=hpos, use_cache=True, **kw,
                  attention_mask=torch.ones(1, prefix + len(chunk), dtype=torch.long, device=device))
-        results.append((start, compare_fp32("far positions", FAR_CATCHES, r, out.logits[0].float(), f"at {start}")))
+        results.append((start, compare_fp32("far positions", FAR_CATCHES, r, out.logits[0].float(), f"at {start}",
+                                             positions=range(start, start + len(chunk)))))
     return far_check(results)
 
 

@@ -391,7 +391,8 @@ def _judge(r: dict, h: dict, prompts: Prompts, far: list[int], cont: list[int], 
     checks += distribution_checks(r["near"], h["near"], prompts.source)
     if "kv" in r:
         checks.append(compare_fp32("kv-cache decode", KV_CATCHES, r["kv"], h["kv"], kv_detail(n) + ", streamed"))
-    checks.append(far_check([(p, compare_fp32("far positions", "", r[f"far@{p}"], h[f"far@{p}"], f"at {p}"))
+    checks.append(far_check([(p, compare_fp32("far positions", "", r[f"far@{p}"], h[f"far@{p}"], f"at {p}",
+                                                       positions=range(p, p + len(r[f"far@{p}"]))))
                              for p in far]))
     if "greedy" in h:
         hf_choice = h["greedy"].argmax(-1).tolist()
@@ -407,7 +408,8 @@ def _layers_check(diffs: list[float]) -> Check:
     first_bad = next((i for i, d in enumerate(diffs) if d > FP32_REL_BOUND), None)
     return Check("hidden states per layer", "a fault inside one layer (permutation, merge, norm)",
                  diffs[worst], FP32_REL_BOUND, first_bad is None,
-                 "all layers agree" if first_bad is None else f"first divergent layer: {first_bad}")
+                 "all layers agree" if first_bad is None else f"first divergent layer: {first_bad}",
+                 series={"x_label": "layer", "x": list(range(len(diffs))), "y": list(diffs)})
 
 
 def model_bytes_fp32(hf_dir: Path) -> int:
