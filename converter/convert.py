@@ -22,6 +22,7 @@ from .errors import ConversionError
 from .hf_config import write_configs
 from .executor import CHUNK_BYTES, ReplicaCheck, Scratch, iter_chunks
 from .meta_checkpoint import MetaCheckpoint
+from .model_card import write_model_card
 from .plan import TensorPlan, build_plan, refuse_unplanned_tensors
 from .safetensors_writer import OutTensor, write_shards
 from .staging import commit_output, prepare_output, write_error
@@ -39,6 +40,7 @@ class ConvertOptions:
     write_tokenizer: bool = True
     progress: bool | None = None  # None: only when stderr is a terminal
     verify_md5: bool = False
+    keep_original: bool = False  # also copy Meta's files into original/, as the official repositories do
 
 
 @dataclass
@@ -166,6 +168,7 @@ def _write_staging(staging: Path, ckpt: MetaCheckpoint, variant: Variant, plan: 
         if replicas.max_abs_diff > 0:
             warnings.append(f"replicated tensors differ between shards (max |diff| {replicas.max_abs_diff:g} in "
                             f"{replicas.worst_key}); shard 00's copy was written")
+        write_model_card(staging, ckpt, variant, options.dtype or variant.dtype, keep_original=options.keep_original)
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         raise

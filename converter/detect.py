@@ -339,7 +339,7 @@ def detect(ckpt: MetaCheckpoint, *, variant_id: str | None = None, instruct: boo
     facts = FAMILY_FACTS[fam]
     if instruct is None:
         instruct = spec.instruct if spec else registry.instruct_named_by(ckpt.dir.resolve().name)
-    label = (f"{facts.label} {spec.size}" + (" Instruct" if spec.instruct else "")) if spec else \
+    label = (f"{facts.label} {spec.size}" + (f" {facts.instruct_label}" if spec.instruct else "")) if spec else \
         f"{facts.label} (custom shape: {arch.n_layers} layers, dim {arch.dim})"
     return Variant(
         family=fam, label=label, registry_id=spec.id if spec else None, instruct=bool(instruct),

@@ -201,6 +201,19 @@ def load_shard_safely(p: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def subfolder_hint(directory: Path) -> str:
+    """For a folder without shards: name the sub-folders that hold some (the parent-folder mistake,
+    e.g. pointing at ~/.llama/checkpoints or at Llama 2's download root)."""
+    try:
+        subs = sorted(d for d in Path(directory).iterdir() if d.is_dir() and any(d.glob("consolidated.*.pth")))
+    except OSError:
+        return ""
+    if not subs:
+        return ""
+    names = ", ".join(str(d) for d in subs[:5]) + (f" (and {len(subs) - 5} more)" if len(subs) > 5 else "")
+    return f"; the shards are in a sub-folder: pass {'one of ' if len(subs) > 1 else ''}{names}"
+
+
 class MetaCheckpoint:
     """Files of one Meta download: params.json, consolidated.NN.pth shards, tokenizer.model."""
 
@@ -218,7 +231,7 @@ class MetaCheckpoint:
             extra = ""
             if list(self.dir.glob("*.safetensors")):
                 extra = " (this looks like a Hugging Face directory; did you swap input and output?)"
-            raise ConversionError(f"no consolidated.NN.pth shards in {self.dir}{extra}")
+            raise ConversionError(f"no consolidated.NN.pth shards in {self.dir}{extra or subfolder_hint(self.dir)}")
         idx = [n for n, _ in numbered]
         if idx != list(range(len(idx))):
             missing = sorted(set(range(max(idx) + 1)) - set(idx))

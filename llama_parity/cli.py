@@ -8,11 +8,13 @@ SIGTERM, 129 SIGHUP), after the same cleanup as any failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
 from pathlib import Path
 
+from llama_parity import __version__
 from llama_parity.converter.errors import ConversionError
 
 EXIT_OK, EXIT_PARITY, EXIT_INPUT = 0, 1, 2
@@ -27,6 +29,10 @@ def _size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*", text, re.I)
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
+    if not m.group(2):
+        # A bare number used to mean bytes: `--max-shard-size 5` wrote one file per tensor.
+        raise argparse.ArgumentTypeError(f"{text!r} has no unit: write e.g. {m.group(1)}GB, {m.group(1)}MB "
+                                         f"or {m.group(1)}B for bytes")
     unit = (m.group(2) or "B").upper().rstrip("B")
     mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}[unit]
     return int(float(m.group(1)) * mult)
@@ -54,13 +60,21 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--instruct", dest="instruct", action="store_true", default=None,
                    help="write instruct/chat metadata (eos list, chat template)")
     g.add_argument("--base", dest="instruct", action="store_false", help="write base-model metadata")
-    p.add_argument("--max-shard-size", type=_size, default="5GB", help="output file size limit (default 5GB)")
+    p.add_argument("--max-shard-size", type=_size, default="5GB",
+                   help="output file size limit with a unit: 5GB (default), 500MB, 2GiB; a bare number is refused")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--no-tokenizer", action="store_true", help="convert weights and configs only")
-    p.add_argument("--verify-md5", action="store_true", help="check files against checklist.chk first")
+    p.add_argument("--verify-md5", action="store_true",
+                   help="check every file's md5 against checklist.chk first (reports how many matched)")
     p.add_argument("--dry-run", action="store_true", help="print the detected variant and tensor plan; write nothing")
-    p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--keep-original", action="store_true",
+                   help="also copy Meta's files (params.json, consolidated.NN.pth, tokenizer.model) into original/, "
+                        "as the official repositories do (needs the checkpoint's size again on disk)")
+    p.add_argument("--verify", action="store_true",
+                   help="run `llama-parity verify` on the result and record it in the output's README.md "
+                        "(exit 1 if parity fails; the output is kept for diagnosis)")
+    _add_json_arg(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal anyway)")
     # drop-in compatibility with transformers' convert_llama_weights_to_hf.py
     p.add_argument("--model_size", help=argparse.SUPPRESS)
     p.add_argument("--llama_version", help=argparse.SUPPRESS)
@@ -103,12 +117,32 @@ def _print_plan(input_dir, variant, plan, notes: list[str]) -> None:
         print("  " + e.describe())
 
 
+def _plan_dict(variant, plan, notes: list[str]) -> dict:
+    return {"variant": variant.label, "registry_id": variant.registry_id, "summary": dict(variant.summary_rows()),
+            "evidence": list(variant.evidence), "notes": notes,
+            "plan": [{"hf_name": e.hf_name, "meta_key": e.meta_key, "shape": list(e.shape),
+                      "dtype": str(e.dtype).replace("torch.", ""), "steps": e.describe()} for e in plan]}
+
+
 def cmd_inspect(args) -> int:
     from llama_parity.converter.convert import ConvertOptions, inspect
 
     variant, plan = inspect(args.input_dir, ConvertOptions(variant_id=args.variant))
     _print_plan(args.input_dir, variant, plan, [])
+    if args.json:
+        _write_json(args, _plan_dict(variant, plan, []))
     return EXIT_OK
+
+
+def _md5_summary(input_dir: str) -> str:
+    """What --verify-md5 checked (the conversion refuses mismatches, so reaching here means they matched)."""
+    from llama_parity.converter.meta_checkpoint import MetaCheckpoint
+
+    chk = MetaCheckpoint(input_dir).checklist_path
+    if chk is None:
+        return "--verify-md5: no checklist.chk in the input folder, nothing to check against"
+    n = sum(1 for line in chk.read_text().splitlines() if len(line.split()) == 2)
+    return f"md5 sums match checklist.chk ({n} file(s))"
 
 
 def cmd_convert(args) -> int:
@@ -118,10 +152,13 @@ def cmd_convert(args) -> int:
                           max_shard_bytes=args.max_shard_size if isinstance(args.max_shard_size, int)
                           else _size(args.max_shard_size), overwrite=args.overwrite,
                           write_tokenizer=not args.no_tokenizer, progress=False if args.no_progress else None,
-                          verify_md5=args.verify_md5)
+                          verify_md5=args.verify_md5, keep_original=args.keep_original)
     if args.dry_run:
         variant, plan = inspect(args.input_dir, opts)
-        _print_plan(args.input_dir, variant, plan, _cross_check(args, variant))
+        notes = _cross_check(args, variant)
+        _print_plan(args.input_dir, variant, plan, notes)
+        if args.json:
+            _write_json(args, _plan_dict(variant, plan, notes))
         return EXIT_OK
     report = convert_meta_to_hf(args.input_dir, args.output_dir, opts)
     notes = _cross_check(args, report.variant)
@@ -129,29 +166,65 @@ def cmd_convert(args) -> int:
     print(_table(report.variant.summary_rows()))
     for e in report.variant.evidence:
         print(f"  - {e}")
+    if args.verify_md5:
+        print(f"  - {_md5_summary(args.input_dir)}")
     for w in report.warnings + notes:
         print(f"  ! {w}")
     gb = report.n_bytes / 1e9
     print(f"{report.n_tensors} tensors, {gb:.3f} GB in {len(report.files)} file(s), {report.seconds:.1f} s")
-    print(f"next: llama-parity verify --meta-dir {args.input_dir} --hf-dir {report.output_dir}")
+    result = {"notes": notes}
+    code = EXIT_OK
+    if args.verify:
+        code, result["verify"] = _verify_and_record(args.input_dir, report.output_dir)
+    else:
+        print(f"next: llama-parity verify --meta-dir {args.input_dir} --hf-dir {report.output_dir}")
     if args.json:
-        d = report.to_dict() | {"notes": notes}
-        _write_json(args.json, d)
-    return EXIT_OK
+        _write_json(args, report.to_dict() | result)
+    return code
 
 
-def _write_json(dest: str, data: dict) -> None:
+def _verify_and_record(meta_dir, hf_dir) -> tuple[int, dict]:
+    from llama_parity.converter.model_card import record_verify
+
+    from .verify import verify
+
+    rep = verify(meta_dir, hf_dir)
+    print(rep.render())
+    record_verify(hf_dir, rep)
+    print(f"verify result recorded in {Path(hf_dir) / 'README.md'}")
+    return (EXIT_OK if rep.ok else EXIT_PARITY), rep.to_dict()
+
+
+def _write_json(dest, data: dict) -> None:
+    """dest: the parsed args (their --json) or a path. '-': the JSON alone on stdout (the human report
+    went to stderr, see _run)."""
+    stream = getattr(dest, "json_stream", sys.stdout)
+    dest = getattr(dest, "json", dest)
     text = json.dumps(data, indent=2, default=str)
     if dest == "-":
-        print(text)
+        print(text, file=stream)
     else:
         Path(dest).write_text(text + "\n")
+
+
+def _missing_extra(args, flag: str) -> str | None:
+    """Fail before the long run, not after it, when the plotting extra is missing."""
+    if getattr(args, flag, None):
+        from .plots import MissingExtra, require_matplotlib
+
+        try:
+            require_matplotlib(f"--{flag}")
+        except MissingExtra as e:
+            return str(e)
+    return None
 
 
 def cmd_verify(args) -> int:
     from . import distributed
     from .verify import InputError, verify
 
+    if missing := _missing_extra(args, "html"):
+        return _err(missing)
     if args.nproc:  # launch N ranks here; each runs this command without --nproc
         return distributed.launch(args, args.verify_parser)
     if distributed.under_torchrun():
@@ -163,7 +236,11 @@ def cmd_verify(args) -> int:
         return _err(str(e))
     print(rep.render())
     if args.json:
-        _write_json(args.json, rep.to_dict())
+        _write_json(args, rep.to_dict())
+    if args.html:
+        from .report_html import write_html
+
+        print(f"report: {write_html(rep, args.html, variant_id=args.variant)}")
     return EXIT_OK if rep.ok else EXIT_PARITY
 
 
@@ -171,6 +248,8 @@ def cmd_diagnose(args) -> int:
     from .diagnose import diagnose
     from .verify import InputError, _check_dirs
 
+    if missing := _missing_extra(args, "plot"):
+        return _err(missing)
     try:
         _check_dirs(Path(args.meta_dir), Path(args.hf_dir), "cpu")
     except InputError as e:
@@ -178,21 +257,31 @@ def cmd_diagnose(args) -> int:
     d = diagnose(args.meta_dir, args.hf_dir, variant_id=args.variant)
     print(d.render())
     if args.json:
-        _write_json(args.json, d.to_dict())
+        _write_json(args, d.to_dict())
+    if args.plot:
+        from .parity import FP32_REL_BOUND
+        from .plots import diagnosis_figure, save_png
+
+        save_png(diagnosis_figure(d, FP32_REL_BOUND), args.plot)
+        print(f"plot: {args.plot}")
     return EXIT_OK if d.parity else EXIT_PARITY
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    workdir = Path(args.keep) if args.keep else None
-    conv, rep = run_demo(workdir, args.variant, args.device, progress=False)
-    print(f"demo: tiny {conv.variant.label} checkpoint in Meta's format -> HF ({conv.n_tensors} tensors, "
-          f"{conv.seconds:.2f} s)")
-    print(_table(conv.variant.summary_rows()))
-    print(rep.render())
-    if args.json:
-        _write_json(args.json, {"conversion": conv.to_dict(), "verify": rep.to_dict()})
+    with run_demo(args.keep, args.variant, args.device, progress=False) as (workdir, conv, rep):
+        print(f"demo: tiny {conv.variant.label} checkpoint in Meta's format -> HF ({conv.n_tensors} tensors, "
+              f"{conv.seconds:.2f} s)")
+        print(_table(conv.variant.summary_rows()))
+        print(rep.render())
+        if args.json:
+            _write_json(args, {"conversion": conv.to_dict(), "verify": rep.to_dict(), "workdir": str(workdir),
+                               "kept": bool(args.keep)})
+    if args.keep:
+        print(f"files kept in {workdir} (meta/ = the tiny Meta checkpoint, hf/ = its conversion)")
+    else:
+        print(f"files were in {workdir}, now removed (--keep [DIR] keeps them)")
     return EXIT_OK if rep.ok else EXIT_PARITY
 
 
@@ -217,53 +306,83 @@ def cmd_variants(args) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="llama-parity", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("convert", help="Meta checkpoint -> Hugging Face LlamaForCausalLM folder")
-    _add_convert_args(p)
-    p.set_defaults(func=cmd_convert)
-    p = sub.add_parser("inspect", help="what a Meta checkpoint is and what conversion would write")
-    p.add_argument("--input-dir", "--input_dir", dest="input_dir", required=True)
-    p.add_argument("--variant")
-    p.set_defaults(func=cmd_inspect)
+def _add_json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH",
+                   help="also write the result as JSON to PATH; '-' writes the JSON alone to stdout "
+                        "(the human report then goes to stderr), e.g. for jq")
+
+
+def _add_pair_args(p: argparse.ArgumentParser) -> None:
+    """--meta-dir/--hf-dir, with the underscore spellings `convert` accepts from transformers' script."""
+    p.add_argument("--meta-dir", "--meta_dir", dest="meta_dir", required=True,
+                   help="Meta checkpoint folder (params.json, consolidated.NN.pth; tokenizer.model here or one up)")
+    p.add_argument("--hf-dir", "--hf_dir", dest="hf_dir", required=True,
+                   help="Hugging Face model folder to judge (config.json, *.safetensors, tokenizer files)")
+    p.add_argument("--variant", help="registry id (see `llama-parity variants`) when params.json and the folder "
+                                     "name cannot tell the release, e.g. which RoPE factor it was trained with")
+
+
+def _add_verify_parser(sub) -> None:
     p = sub.add_parser("verify", help="judge an HF folder against the Meta checkpoint (exit 0 ok, 1 parity failure, 2 bad input)")
-    p.add_argument("--meta-dir", required=True)
-    p.add_argument("--hf-dir", required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--variant", help="registry id, when the folder name and params cannot tell")
+    _add_pair_args(p)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where both models run")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 logits check")
     p.add_argument("--memory", choices=["auto", "full", "streaming"], default="auto",
                    help="full: both models in memory; streaming: one layer at a time (real 70B+ weights); "
                         "auto: stream when the models would not fit comfortably")
     p.add_argument("--no-tokenizer", action="store_true", help="skip tokenizer parity")
-    p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout)")
+    _add_json_arg(p)
+    p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report with charts: measured "
+                                                  "vs bound, error per layer and per position (needs the plot extra)")
     p.add_argument("--nproc", type=int, metavar="N", help="run across N processes on this machine (torchrun; "
                    "one rank per shard group, N must divide the shard count); under torchrun, ranks come from it")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
                    help="distributed runs: seconds a rank waits for the others before giving up (default 600)")
     p.set_defaults(func=cmd_verify, verify_parser=p)
+
+
+def _add_other_parsers(sub) -> None:
+    p = sub.add_parser("inspect", help="what a Meta checkpoint is and what conversion would write")
+    p.add_argument("--input-dir", "--input_dir", dest="input_dir", required=True, help="Meta checkpoint folder")
+    p.add_argument("--variant", help="force a registry variant id (see `llama-parity variants`)")
+    _add_json_arg(p)
+    p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("diagnose", help="first divergent layer and the known bug that explains it")
-    p.add_argument("--meta-dir", required=True)
-    p.add_argument("--hf-dir", required=True)
-    p.add_argument("--variant")
-    p.add_argument("--json", metavar="PATH")
+    _add_pair_args(p)
+    _add_json_arg(p)
+    p.add_argument("--plot", metavar="PATH", help="also draw a PNG: error per layer (where divergence starts) and "
+                                                  "per position (RoPE bugs grow with it); needs the plot extra")
     p.set_defaults(func=cmd_diagnose)
     p = sub.add_parser("demo", help="build, convert and verify a tiny checkpoint (no download needed)")
-    p.add_argument("--variant", default="llama3.2-1b-instruct")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--keep", metavar="DIR", help="keep the tiny checkpoints in DIR")
-    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--variant", default="llama3.2-1b-instruct", help="which release's layout to build in tiny "
+                                                                    "(default llama3.2-1b-instruct; see `llama-parity variants`)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--keep", metavar="DIR", nargs="?", const=True,
+                   help="keep the tiny checkpoint and its conversion (in DIR, or in a temporary folder that is "
+                        "printed); by default they are removed")
+    _add_json_arg(p)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("to-meta", help="Hugging Face folder -> Meta checkpoint (params.json + consolidated.NN.pth)")
-    p.add_argument("--hf-dir", required=True)
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--hf-dir", "--hf_dir", dest="hf_dir", required=True, help="Hugging Face LlamaForCausalLM folder")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True,
+                   help="where to write params.json and consolidated.NN.pth")
     p.add_argument("--num-shards", type=int, help="model-parallel shards (default: the release's, else 1)")
     p.add_argument("--tokenizer", help="tokenizer.model to place next to the shards")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=cmd_to_meta)
     p = sub.add_parser("variants", help="list the known releases")
     p.set_defaults(func=cmd_variants)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llama-parity", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"llama-parity {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("convert", help="Meta checkpoint -> Hugging Face LlamaForCausalLM folder")
+    _add_convert_args(p)
+    p.set_defaults(func=cmd_convert)
+    _add_verify_parser(sub)
+    _add_other_parsers(sub)
     return ap
 
 
@@ -314,13 +433,22 @@ def _interrupted(e: KeyboardInterrupt) -> int:
     return 128 + signum  # the shell convention: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
 
 
+def _run(args) -> int:
+    """`--json -`: stdout carries the JSON alone (so `| jq` works); the human report goes to stderr."""
+    if getattr(args, "json", None) != "-":
+        return args.func(args)
+    args.json_stream = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
 
     args = build_parser().parse_args(argv)
     previous = _install_signal_handlers()
     try:
-        return args.func(args)
+        return _run(args)
     except ConversionError as e:
         return _err(str(e))
     except KeyError as e:

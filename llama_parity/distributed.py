@@ -273,7 +273,7 @@ def run_rank(args) -> int:
     if args.json:
         from .cli import _write_json
 
-        _write_json(args.json, rep.to_dict())
+        _write_json(args, rep.to_dict())
     return EXIT_OK if rep.ok else EXIT_PARITY
 
 

@@ -27,6 +27,34 @@ def pytest_addoption(parser):
                 help="its HF conversion to judge (same order as --meta-dir); converted by us when omitted")
 
 
+def _option_problems(metas: list[str], hfs: list[str]) -> list[str]:
+    problems = []
+    for m in metas:
+        d = Path(m)
+        if not d.is_dir():
+            problems.append(f"--meta-dir {m}: no such folder")
+        elif not (d / "params.json").is_file() or not any(d.glob("consolidated.*.pth")):
+            from llama_parity.converter.meta_checkpoint import subfolder_hint
+
+            problems.append(f"--meta-dir {m}: not a Meta checkpoint (needs params.json and consolidated.NN.pth)"
+                            + subfolder_hint(d))
+    for h in hfs:
+        if not (Path(h) / "config.json").is_file():
+            problems.append(f"--hf-dir {h}: no config.json there (not a Hugging Face model folder)")
+    if len(hfs) > len(metas):
+        problems.append(f"{len(hfs)} --hf-dir for {len(metas)} --meta-dir: each --hf-dir pairs with the --meta-dir "
+                        "in the same position")
+    return problems
+
+
+def pytest_configure(config):
+    """Bad --meta-dir/--hf-dir: one usage error before collection, not one failure per parametrized test."""
+    problems = _option_problems(config.getoption("--meta-dir", default=[]) or [],
+                                config.getoption("--hf-dir", default=[]) or [])
+    if problems:
+        raise pytest.UsageError("llama-parity: " + "; ".join(problems))
+
+
 def _cuda_available() -> bool:
     import torch
 
