@@ -2,9 +2,8 @@
 
     python -m benchmarks.run --anchor /tmp/patched.py            # all cases, writes benchmarks/RESULTS.md
 
-(`/tmp/patched.py`: transformers' script with the one-line transformers 5 patch, made with
-`patch -o /tmp/patched.py ../shared/anchors/convert_llama_weights_to_hf.py ../shared/anchors/transformers5.patch`;
-without --anchor its column is skipped.)
+(`/tmp/patched.py`: transformers' script with the one-line transformers 5 fix; where to fetch it at
+which version: benchmarks/README.md. Without --anchor its column is skipped.)
 
 Per case it builds a synthetic Meta checkpoint of the REAL shape once (random bf16, real Llama 3
 tokenizer; benchmarks/make_checkpoint.py, cached under --work), then runs each contender as a
