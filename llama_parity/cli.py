@@ -186,9 +186,12 @@ def cmd_convert(args) -> int:
 def _verify_and_record(meta_dir, hf_dir) -> tuple[int, dict]:
     from llama_parity.converter.model_card import record_verify
 
-    from .verify import verify
+    from .verify import InputError, verify
 
-    rep = verify(meta_dir, hf_dir)
+    try:
+        rep = verify(meta_dir, hf_dir)
+    except InputError as e:
+        return _err(f"converted, but verify could not run: {e}"), {"error": str(e)}
     print(rep.render())
     record_verify(hf_dir, rep)
     print(f"verify result recorded in {Path(hf_dir) / 'README.md'}")

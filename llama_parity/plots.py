@@ -78,7 +78,7 @@ def layers_axes(ax, stages: list[tuple[str, float, bool]], bound: float) -> None
     ax.set_yscale("log")
     ax.set_ylabel("rel. diff (0 at the bottom)")
     ax.set_title("error per layer (stage by stage)", fontsize=10)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
 
 
 def positions_axes(ax, series: dict[str, dict], bounds: dict[str, float]) -> None:
