@@ -51,7 +51,7 @@ class VerifyReport:
 
     def render(self) -> str:
         # Rows without a bound are measurements (documented differences), not passes: say so.
-        rows = [(n, m, "-", None) if b == "measured" else (n, m, b, ok) for n, m, b, ok in self.rows()]
+        rows = [(n, m, "-", None) if str(b).startswith("measured") else (n, m, b, ok) for n, m, b, ok in self.rows()]
         w0 = max(len(r[0]) for r in rows) if rows else 10
         w1 = max(len(r[1]) for r in rows) if rows else 10
         w2 = max(len(r[2]) for r in rows) if rows else 10
