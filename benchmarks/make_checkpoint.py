@@ -135,9 +135,14 @@ def write_meta_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], dty
 
 
 def make_checkpoint(variant_id: str, out: Path, num_shards: int = 1, dtype: torch.dtype = torch.bfloat16,
-                    tokenizer: Path | None = None, seed: int = 0) -> Path:
-    """Write consolidated.NN.pth + params.json (+ tokenizer.model) for the real shape of variant_id."""
+                    tokenizer: Path | None = None, seed: int = 0, n_layers: int | None = None) -> Path:
+    """Write consolidated.NN.pth + params.json (+ tokenizer.model) for the real shape of variant_id
+    (`n_layers`: the real layer shapes and vocabulary, fewer layers, e.g. to measure a 70B per layer)."""
     spec = variants.get(variant_id)
+    if n_layers is not None:
+        import dataclasses
+
+        spec = dataclasses.replace(spec, params=dict(spec.params, n_layers=n_layers))
     out.mkdir(parents=True, exist_ok=True)
     gens: dict[str, torch.Generator] = {}
 

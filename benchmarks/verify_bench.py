@@ -34,27 +34,17 @@ def build(work: Path, case: str, layers: int | None) -> tuple[Path, Path]:
     from benchmarks.make_checkpoint import make_checkpoint
     from llama_parity.fixtures import variants
 
-    meta = work / f"meta-{case}" / variants.get(CASES[case]).meta_dir_name
-    hf = work / f"hf-{case}"
+    tag = f"{case}-{layers}l" if layers else case
+    meta = work / f"meta-{tag}" / variants.get(CASES[case]).meta_dir_name
+    hf = work / f"hf-{tag}"
     if not (meta / "params.json").is_file():
-        make_checkpoint(CASES[case], meta, num_shards=1)
-        if layers:  # keep the real shapes, fewer layers: rewrite params.json and drop the rest
-            _truncate_layers(meta, layers)
+        from llama_parity.fixtures.tokenizers import real_llama3_tokenizer
+
+        make_checkpoint(CASES[case], meta, num_shards=1, tokenizer=real_llama3_tokenizer(), n_layers=layers)
     if not (hf / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "llama_parity.cli", "convert", "--input-dir", str(meta),
                         "--output-dir", str(hf), "--variant", CASES[case]], check=True, stdout=subprocess.DEVNULL)
     return meta, hf
-
-
-def _truncate_layers(meta: Path, layers: int) -> None:
-    from benchmarks.make_checkpoint import full_shapes, write_meta_shard
-    from llama_parity.fixtures import variants
-
-    spec = variants.get(CASES[meta.parent.name.split("-", 1)[1]])
-    params = dict(spec.params, n_layers=layers)
-    keep = [(k, s) for k, s, _ in full_shapes(spec) if not k.startswith("layers.") or int(k.split(".")[1]) < layers]
-    write_meta_shard(meta / "consolidated.00.pth", keep, torch.bfloat16)
-    (meta / "params.json").write_text(json.dumps(params))
 
 
 def matmul_rate(dtype: torch.dtype, n: int, d: int, f: int) -> float:
@@ -119,7 +109,7 @@ def main(argv=None) -> None:
     if a.clean:
         import shutil
 
-        shutil.rmtree(a.work / f"meta-{a.case}")
+        shutil.rmtree(meta.parent)
         shutil.rmtree(hf)
 
 
