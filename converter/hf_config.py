@@ -19,22 +19,13 @@ from pathlib import Path
 
 import torch
 
+from llama_parity.fixtures import variants as registry
+
 from .detect import Variant
 
 # Keys that record who wrote a file, not what the model is.
 STAMP_KEYS = ("_name_or_path", "transformers_version", "torch_dtype")
 
-# The representative release of each family, for checkpoints whose shape the registry does not know.
-_FAMILY_TEMPLATE = {
-    ("llama1", False): "llama1-7b", ("llama1", True): "llama1-7b",
-    ("llama2", False): "llama2-7b", ("llama2", True): "llama2-7b-chat",
-    ("codellama", False): "codellama-7b", ("codellama", True): "codellama-7b",
-    ("llama3", False): "llama3-8b", ("llama3", True): "llama3-8b-instruct",
-    ("llama3.1", False): "llama3.1-8b", ("llama3.1", True): "llama3.1-8b-instruct",
-    ("llama3.2", False): "llama3.2-1b", ("llama3.2", True): "llama3.2-1b-instruct",
-    ("llama3.3", False): "llama3.3-70b-instruct", ("llama3.3", True): "llama3.3-70b-instruct",
-    ("llama-guard-3", False): "llama-guard-3-8b", ("llama-guard-3", True): "llama-guard-3-8b",
-}
 _REAL_LLAMA3_WORDS = 128256
 
 
@@ -44,11 +35,12 @@ def official_file(variant_id: str, name: str) -> dict:
 
 
 def template_id(variant: Variant) -> str:
-    if variant.registry_id:
-        rid = variant.registry_id
-        # The MP16 layout is the same HF model as the MP8 one.
-        return rid.replace("-mp16", "")
-    return _FAMILY_TEMPLATE[(variant.family, variant.instruct)]
+    """The official files this conversion follows: the detected release's, or its base/instruct
+    twin's when --instruct/--base asked for the other (everything that differs between the two,
+    eos ids and generation defaults, comes from there), or the family's representative."""
+    spec = registry.get(variant.registry_id) if variant.registry_id else None
+    # The MP16 layout is the same HF model as the MP8 one.
+    return registry.metadata_release(spec, variant.family, variant.instruct).id.replace("-mp16", "")
 
 
 def _rebase(ids, vocab_size: int):

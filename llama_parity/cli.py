@@ -175,27 +175,35 @@ def cmd_convert(args) -> int:
     result = {"notes": notes}
     code = EXIT_OK
     if args.verify:
-        code, result["verify"] = _verify_and_record(args.input_dir, report.output_dir)
+        code, result["verify"] = _verify_and_record(args.input_dir, report.output_dir, args)
     else:
-        print(f"next: llama-parity verify --meta-dir {args.input_dir} --hf-dir {report.output_dir}")
+        print(f"next: llama-parity verify --meta-dir {args.input_dir} --hf-dir {report.output_dir}{_verify_flags(args)}")
     if args.json:
         _write_json(args, report.to_dict() | result)
     return code
 
 
-def _verify_and_record(meta_dir, hf_dir) -> tuple[int, dict]:
+def _verify_and_record(meta_dir, hf_dir, args) -> tuple[int, dict]:
     from llama_parity.converter.model_card import record_verify
 
     from .verify import InputError, verify
 
     try:
-        rep = verify(meta_dir, hf_dir)
+        rep = verify(meta_dir, hf_dir, variant_id=args.variant, instruct=args.instruct, tokenizer=not args.no_tokenizer)
     except InputError as e:
         return _err(f"converted, but verify could not run: {e}"), {"error": str(e)}
     print(rep.render())
     record_verify(hf_dir, rep)
     print(f"verify result recorded in {Path(hf_dir) / 'README.md'}")
     return (EXIT_OK if rep.ok else EXIT_PARITY), rep.to_dict()
+
+
+def _verify_flags(args) -> str:
+    """The convert choices verify must be told about, so that the printed next step judges what was asked."""
+    flags = [f"--variant {args.variant}"] if args.variant else []
+    flags += {True: ["--instruct"], False: ["--base"], None: []}[args.instruct]
+    flags += ["--no-tokenizer"] if args.no_tokenizer else []
+    return "".join(" " + f for f in flags)
 
 
 def _write_json(dest, data: dict) -> None:
@@ -234,7 +242,9 @@ def cmd_verify(args) -> int:
         return distributed.run_rank(args)
     try:
         rep = verify(args.meta_dir, args.hf_dir, device=args.device, variant_id=args.variant,
-                     bf16=not args.no_bf16, tokenizer=not args.no_tokenizer, memory=args.memory)
+                     bf16=not args.no_bf16, tokenizer=not args.no_tokenizer, memory=args.memory,
+                     checks="metadata" if args.metadata_only else "quick" if args.quick else "all",
+                     instruct=args.instruct)
     except InputError as e:
         return _err(str(e))
     print(rep.render())
@@ -337,6 +347,14 @@ def _add_verify_parser(sub) -> None:
     _add_json_arg(p)
     p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report with charts: measured "
                                                   "vs bound, error per layer and per position (needs the plot extra)")
+    p.add_argument("--metadata-only", action="store_true",
+                   help="check config, generation_config and tensor names/shapes/dtypes only (seconds, any size)")
+    p.add_argument("--quick", action="store_true",
+                   help="metadata plus fp32 logits and far positions only (no kv-cache, greedy, bf16 checks)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--instruct", dest="instruct", action="store_true", default=None,
+                   help="expect instruct/chat metadata (as converted with --instruct)")
+    g.add_argument("--base", dest="instruct", action="store_false", help="expect base-model metadata")
     p.add_argument("--nproc", type=int, metavar="N", help="run across N processes on this machine (torchrun; "
                    "one rank per shard group, N must divide the shard count); under torchrun, ranks come from it")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",

@@ -3,8 +3,9 @@
 1. Stage by stage (embedding, then each layer's attention and feed-forward output, then logits),
    the reference and the HF model run the same prompt; the first stage whose output differs beyond
    the fp32 bound is reported. Inputs to that stage agree, so the fault is inside it.
-2. Each known bug has a repair (the inverse of its entry in the mutation catalog). Repairs are
-   tried on a scratch copy of the HF folder; those that restore parity name the bug.
+2. Each bug of the mutation catalog (llama_parity/mutations.py) carries its repair. Repairs are
+   tried on a scratch copy of the HF folder; those that restore parity name the bug. Metadata
+   faults that leave the logits alone are named by the failing metadata check itself.
 Works on models that fit in memory twice (tiny checkpoints, small releases).
 """
 
@@ -15,14 +16,13 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from llama_parity.reference_model.model import load_meta_checkpoint
 
 from . import mutations as m
-from .verify import config_checks
+from .metadata import metadata_checks, structure_ok
 from .parity import FP32_REL_BOUND, check_far_positions, check_logits, expected_rope_scaling, fixed_prompt, load_hf_model
 
 
@@ -99,65 +99,6 @@ def compare_stages(ref, hf, tokens: list[int]) -> list[Stage]:
     return stages
 
 
-def _meta_params(meta_dir: Path) -> dict:
-    return json.loads((meta_dir / "params.json").read_text())
-
-
-# Repairs: (bug, applies(config), repair(hf_copy, meta_dir, rope)). Each undoes one catalog bug.
-def _repair_k_heads(hf: Path, meta: Path, rope) -> None:
-    def edit(k, v, cfg):
-        if k.endswith("k_proj.weight"):
-            return m._rows_meta_to_hf(m._rows_hf_to_meta(v, cfg["num_attention_heads"]), cfg["num_key_value_heads"])
-    m._edit_tensors(hf, edit)
-
-
-def _repair_q_unpermuted(hf: Path, meta: Path, rope) -> None:
-    m._edit_tensors(hf, lambda k, v, cfg: m._rows_meta_to_hf(v, cfg["num_attention_heads"])
-                    if k.endswith("q_proj.weight") else None)
-
-
-def _repair_k_unpermuted(hf: Path, meta: Path, rope) -> None:
-    m._edit_tensors(hf, lambda k, v, cfg: m._rows_meta_to_hf(v, cfg["num_key_value_heads"])
-                    if k.endswith("k_proj.weight") else None)
-
-
-def _repair_theta(hf: Path, meta: Path, rope) -> None:
-    m._edit_config(hf, lambda c: c.__setitem__("rope_theta", float(_meta_params(meta).get("rope_theta", 10000.0))))
-
-
-def _repair_scaling(hf: Path, meta: Path, rope) -> None:
-    def edit(c):
-        c["rope_scaling"] = None if rope is None else {
-            "factor": rope.factor, "low_freq_factor": rope.low_freq_factor, "high_freq_factor": rope.high_freq_factor,
-            "original_max_position_embeddings": rope.original_max_position_embeddings, "rope_type": "llama3"}
-    m._edit_config(hf, edit)
-
-
-def _repair_eps(hf: Path, meta: Path, rope) -> None:
-    m._edit_config(hf, lambda c: c.__setitem__("rms_norm_eps", float(_meta_params(meta).get("norm_eps", 1e-5))))
-
-
-def _repair_tie(hf: Path, meta: Path, rope) -> None:
-    m._edit_config(hf, lambda c: c.__setitem__("tie_word_embeddings", True))
-
-
-REPAIRS: tuple[tuple[str, Callable[[dict], bool], Callable], ...] = (
-    ("wk permuted with n_heads instead of n_kv_heads", m._gqa, _repair_k_heads),
-    ("wq left in Meta's interleaved rotary layout (not permuted)", lambda c: True, _repair_q_unpermuted),
-    ("wk left in Meta's interleaved rotary layout (not permuted)", lambda c: True, _repair_k_unpermuted),
-    ("w1/w3 (gate/up) swapped", lambda c: True, lambda hf, meta, rope: m._swap_gate_up(hf)),
-    ("attention_norm/ffn_norm swapped", lambda c: True, lambda hf, meta, rope: m._swap_norms(hf)),
-    ("rope_theta differs from params.json", lambda c: True, _repair_theta),
-    ("RoPE scaling missing or with the wrong factor for this release", lambda c: True, _repair_scaling),
-    ("rms_norm_eps differs from params.json", lambda c: True, _repair_eps),
-    ("tie_word_embeddings lost (lm_head not the embedding)", lambda c: "lm_head.weight" not in _names(c), _repair_tie),
-)
-
-
-def _names(cfg: dict) -> set:
-    return cfg.get("__tensor_names__", set())
-
-
 def _quick(ref, hf_dir: Path, tokens: list[int]) -> tuple[float, float]:
     model = load_hf_model(hf_dir)
     return (check_logits(ref, model, tokens, "cpu").measured, check_far_positions(ref, model, tokens, "cpu").measured)
@@ -187,15 +128,27 @@ def diagnose(meta_dir: str | Path, hf_dir: str | Path, *, variant_id: str | None
 
     meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
     rope = expected_rope_scaling(meta_dir, variant_id)
+    meta_checks = metadata_checks(meta_dir, hf_dir, rope, variant_id=variant_id)[0]
+    if not structure_ok(meta_checks):
+        # Another model's folder: no stage can be compared; say which tensors and dims differ.
+        return Diagnosis(parity=False, first_divergence="tensor shapes and config dims",
+                         explained_by=[f"{c.name}: {c.detail}" for c in meta_checks if not c.ok])
+    config_faults = [f"{c.name}: {c.detail}" for c in meta_checks if not c.ok]
     ref = load_meta_checkpoint(meta_dir, rope_scaling=rope)
-    hf = load_hf_model(hf_dir)
+    try:
+        hf = load_hf_model(hf_dir)
+    except Exception as e:
+        if not config_faults:
+            raise
+        # e.g. a rope_scaling without its fields: transformers refuses what the metadata checks name
+        return Diagnosis(parity=False, first_divergence="config.json (transformers cannot build the model: "
+                         f"{type(e).__name__}: {e})", explained_by=config_faults)
     tokens = fixed_prompt(min(hf.config.vocab_size, ref.args.vocab_size))
     stages = compare_stages(ref, hf, tokens)
     far = check_far_positions(ref, hf, tokens, "cpu")
     first = next((s.name for s in stages if not s.ok), None)
     if first is None and not far.ok:
         first = f"far positions only (rel diff {far.measured:.2e}): RoPE frequencies"
-    config_faults = [f"{c.name}: {c.detail}" for c in config_checks(meta_dir, hf_dir, rope) if not c.ok]
     diag = Diagnosis(parity=first is None and not config_faults, stages=stages, first_divergence=first,
                      series={c.name: c.series for c in (check_logits(ref, hf, tokens, "cpu"), far)})
     if diag.parity:
@@ -213,20 +166,21 @@ def diagnose(meta_dir: str | Path, hf_dir: str | Path, *, variant_id: str | None
     cfg = json.loads((hf_dir / "config.json").read_text())
     cfg["__tensor_names__"] = set(read_index(hf_dir))
     with tempfile.TemporaryDirectory() as tmp:
-        for bug, applies, repair in REPAIRS:
-            if not applies(cfg):
-                continue
+        fixes = [f for f in m.repairs() if f.applies(cfg)]
+        # Only bugs that can first show where the divergence starts (all when no repair says so).
+        fixes = [f for f in fixes if any(w in first for w in f.shows_in)] or fixes
+        for fix in fixes:
             scratch = Path(tmp) / "repair"
             if scratch.exists():
                 shutil.rmtree(scratch)
             shutil.copytree(hf_dir, scratch)
             try:
-                repair(scratch, meta_dir, rope)
+                fix.fix(scratch, meta_dir, rope)
                 lg, fp = _quick(ref, scratch, tokens)
             except Exception:  # a repair that does not fit this model (shapes) is simply not the bug
                 continue
             ok = lg <= FP32_REL_BOUND and fp <= FP32_REL_BOUND
-            diag.tried.append(Hypothesis(bug, ok, lg, fp))
+            diag.tried.append(Hypothesis(fix.diagnosis, ok, lg, fp))
             if ok:
-                diag.explained_by.append(bug)
+                diag.explained_by.append(fix.diagnosis)
     return diag

@@ -1,8 +1,13 @@
 """A catalog of conversion bugs, applied to a correct HF directory, to prove the checks bite.
 
-Each mutation reproduces a bug that has shipped (or easily would) in real conversions. The test
-suite applies every one to fresh conversions and asserts that `verify` fails, and which check
-catches it. Mutations edit the HF output (a copy), never the reference.
+Each mutation reproduces a bug that has shipped (or easily would) in real conversions: weights in
+the wrong layout, RoPE or norm settings of another release, and metadata that leaves the logits
+alone but breaks users (context length, dtype label, tie flag, bos/eos ids, generation defaults).
+The test suite applies each to a fresh conversion of the layouts where its bug class can show and
+asserts that `verify` fails in every check the entry names. Each entry carries its repair (how
+`diagnose` undoes it, using only facts of the Meta files), so diagnose needs no table of its own.
+Benign changes (re-sharding, tensor order, an exact upcast, JSON formatting, version stamps, the
+transformers 5 spelling) must pass. Mutations edit the HF output (a copy), never the reference.
 """
 
 from __future__ import annotations
@@ -19,18 +24,47 @@ from safetensors.torch import load_file, save_file
 
 # The catalog keeps its own copies of the rotary row orders (not converter.transforms), so that a
 # bug in the converter's permutation cannot make a mutation silently equal to the correct output.
-def _rows_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def rows_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     o, i = w.shape
     return w.view(n_heads, o // n_heads // 2, 2, i).transpose(1, 2).reshape(o, i)
 
 
-def _rows_hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def rows_hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     o, i = w.shape
     return w.view(n_heads, 2, o // n_heads // 2, i).transpose(1, 2).reshape(o, i)
 
 
-def _edit_tensors(hf_dir: Path, edit: Callable[[str, torch.Tensor, dict], torch.Tensor | None]) -> None:
-    cfg = json.loads((hf_dir / "config.json").read_text())
+# --- editing an HF folder ---------------------------------------------------------------------------
+
+def _load_all(hf_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def save_tensors(hf_dir: Path, tensors: dict[str, torch.Tensor], max_per_file: int | None = None) -> None:
+    """Rewrite every weight file: one file, or files of `max_per_file` tensors each (with an index)."""
+    for f in list(hf_dir.glob("*.safetensors")) + list(hf_dir.glob("*.safetensors.index.json")):
+        f.unlink()
+    names = list(tensors)
+    groups = [names] if max_per_file is None else [names[i:i + max_per_file] for i in range(0, len(names), max_per_file)]
+    if len(groups) == 1:
+        save_file({k: tensors[k].contiguous() for k in names}, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: tensors[k].contiguous() for k in group}, str(hf_dir / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in group})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (hf_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def edit_tensors(hf_dir: Path, edit: Callable[[str, torch.Tensor, dict], torch.Tensor | None]) -> None:
+    """Replace each tensor for which `edit(name, tensor, config)` returns one; files keep their layout."""
+    cfg = read_json(hf_dir, "config.json")
     for f in sorted(hf_dir.glob("*.safetensors")):
         sd = load_file(str(f))
         out = {}
@@ -40,82 +74,161 @@ def _edit_tensors(hf_dir: Path, edit: Callable[[str, torch.Tensor, dict], torch.
         save_file(out, str(f), metadata={"format": "pt"})
 
 
-def _edit_config(hf_dir: Path, edit: Callable[[dict], None]) -> None:
-    p = hf_dir / "config.json"
-    cfg = json.loads(p.read_text())
+def read_json(hf_dir: Path, name: str) -> dict:
+    return json.loads((hf_dir / name).read_text())
+
+
+def edit_json(hf_dir: Path, name: str, edit: Callable[[dict], None]) -> None:
+    cfg = read_json(hf_dir, name)
     edit(cfg)
-    p.write_text(json.dumps(cfg, indent=2))
+    (hf_dir / name).write_text(json.dumps(cfg, indent=2))
 
 
-def _k_permuted_with_n_heads(hf_dir: Path) -> None:
-    def edit(k, v, cfg):
-        if k.endswith("k_proj.weight"):
-            return _rows_meta_to_hf(_rows_hf_to_meta(v, cfg["num_key_value_heads"]), cfg["num_attention_heads"])
-    _edit_tensors(hf_dir, edit)
+def edit_config(hf_dir: Path, edit: Callable[[dict], None]) -> None:
+    edit_json(hf_dir, "config.json", edit)
 
 
-def _q_not_permuted(hf_dir: Path) -> None:
-    def edit(k, v, cfg):
-        if k.endswith("q_proj.weight"):
-            return _rows_hf_to_meta(v, cfg["num_attention_heads"])
-    _edit_tensors(hf_dir, edit)
+def _setter(name: str, key: str, value) -> Callable[[Path], None]:
+    return lambda hf: edit_json(hf, name, lambda c: c.__setitem__(key, value))
 
 
-def _rope_factor(factor: float) -> Callable[[Path], None]:
-    def mutate(hf_dir: Path) -> None:
-        _edit_config(hf_dir, lambda c: c["rope_scaling"].__setitem__("factor", factor))
-    return mutate
+# --- bugs in the weights ----------------------------------------------------------------------------
+
+def _permute_k(src_heads: str, dst_heads: str) -> Callable[[Path], None]:
+    """k_proj rows re-permuted: undone with the heads of `src_heads`, redone with `dst_heads`."""
+    def run(hf_dir: Path) -> None:
+        edit_tensors(hf_dir, lambda k, v, c: rows_meta_to_hf(rows_hf_to_meta(v, c[src_heads]), c[dst_heads])
+                     if k.endswith("k_proj.weight") else None)
+    return run
 
 
-def _drop_rope_scaling(hf_dir: Path) -> None:
-    _edit_config(hf_dir, lambda c: c.__setitem__("rope_scaling", None))
+def _unpermute(proj: str, heads_key: str, inverse: bool = False) -> Callable[[Path], None]:
+    """q/k rows left in (or, inverse, restored from) Meta's interleaved rotary layout."""
+    move = rows_meta_to_hf if inverse else rows_hf_to_meta
+
+    def run(hf_dir: Path) -> None:
+        edit_tensors(hf_dir, lambda k, v, c: move(v, c[heads_key]) if k.endswith(f"{proj}.weight") else None)
+    return run
 
 
-def _drop_rope_theta(hf_dir: Path) -> None:
-    _edit_config(hf_dir, lambda c: c.pop("rope_theta", None))
+def _swap_pair(a: str, b: str) -> Callable[[Path], None]:
+    """Exchange every tensor named *a* with its twin named *b* (same layer); its own inverse."""
+    def run(hf_dir: Path) -> None:
+        sd = _load_all(hf_dir)
+        save_tensors(hf_dir, {k: sd[k.replace(a, b)] if a in k else sd[k.replace(b, a)] if b in k else v
+                              for k, v in sd.items()})
+    return run
 
 
-def _swap_pair(hf_dir: Path, a: str, b: str) -> None:
-    """Exchange every tensor named *a* with its twin named *b* (same layer)."""
-    stash = {}
-
-    def grab(k, v, cfg):
-        if a in k or b in k:
-            stash[k] = v
-    _edit_tensors(hf_dir, grab)
-
-    def swap(k, v, cfg):
-        if a in k:
-            return stash[k.replace(a, b)]
-        if b in k:
-            return stash[k.replace(b, a)]
-    _edit_tensors(hf_dir, swap)
+def _tie_on_untied(hf_dir: Path) -> None:
+    sd = _load_all(hf_dir)
+    del sd["lm_head.weight"]
+    save_tensors(hf_dir, sd)
+    edit_config(hf_dir, lambda c: c.__setitem__("tie_word_embeddings", True))
 
 
-def _swap_gate_up(hf_dir: Path) -> None:
-    _swap_pair(hf_dir, "mlp.gate_proj", "mlp.up_proj")
+def _rounded_to_bf16(hf_dir: Path) -> None:
+    edit_tensors(hf_dir, lambda k, v, c: v.to(torch.bfloat16).to(v.dtype))
 
 
-def _swap_norms(hf_dir: Path) -> None:
-    _swap_pair(hf_dir, ".input_layernorm", ".post_attention_layernorm")
+def _kv_heads_duplicated(hf_dir: Path) -> None:
+    """405B MP16's replicated kv heads kept twice (config and tensors agree with each other)."""
+    def dup(k, v, c):
+        if k.endswith(("k_proj.weight", "v_proj.weight")):
+            hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+            return v.view(-1, 1, hd, v.shape[1]).expand(-1, 2, hd, v.shape[1]).reshape(-1, v.shape[1])
+    edit_tensors(hf_dir, dup)
+    edit_config(hf_dir, lambda c: c.__setitem__("num_key_value_heads", 2 * c["num_key_value_heads"]))
 
 
-def _wrong_norm_eps(hf_dir: Path) -> None:
-    _edit_config(hf_dir, lambda c: c.__setitem__("rms_norm_eps", 1e-6 if c["rms_norm_eps"] != 1e-6 else 1e-5))
+# --- bugs in config.json and generation_config.json -------------------------------------------------
+
+def _rope_field(key: str, value) -> Callable[[Path], None]:
+    def edit(c):
+        if value is None:
+            c["rope_scaling"].pop(key)
+        else:
+            c["rope_scaling"][key] = value
+    return lambda hf: edit_config(hf, edit)
 
 
-def _untie_without_output(hf_dir: Path) -> None:
-    # Forgetting tie_word_embeddings on a 3.2 model: transformers initialises lm_head randomly.
-    _edit_config(hf_dir, lambda c: c.__setitem__("tie_word_embeddings", False))
+def _to_transformers5(c: dict) -> None:
+    """The transformers 5 spelling of the same config: rope_parameters (theta inside) and dtype."""
+    rope = dict(c.pop("rope_scaling", None) or {"rope_type": "default"})
+    rope["rope_theta"] = c.pop("rope_theta", 10000.0)
+    c["rope_parameters"] = rope
+    c["dtype"] = c.pop("torch_dtype")
 
 
-@dataclass(frozen=True)
-class Mutation:
-    name: str
-    bug: str
-    applies: Callable[[dict], bool]
-    apply: Callable[[Path], None]
-    caught_by: tuple[str, ...]  # checks expected to fail (at least one of them)
+def _theta_10000_in_rope_parameters(c: dict) -> None:
+    _to_transformers5(c)
+    c["rope_parameters"]["rope_theta"] = 10000.0
+
+
+def _eos_ids(hf_dir: Path, ids: Callable[[object], object]) -> None:
+    for name in ("config.json", "generation_config.json"):
+        edit_json(hf_dir, name, lambda c: c.__setitem__("eos_token_id", ids(c["eos_token_id"])))
+
+
+def _base_eos(hf_dir: Path) -> None:
+    _eos_ids(hf_dir, lambda e: e[0] if isinstance(e, list) else e)  # <|end_of_text|> alone
+
+
+def _instruct_eos(hf_dir: Path) -> None:
+    _eos_ids(hf_dir, lambda e: [e, e + 7, e + 8])  # + <|eom_id|>, <|eot_id|> on a base model
+
+
+def _greedy_defaults(c: dict) -> None:
+    c["do_sample"] = False
+    c.pop("temperature", None)
+    c.pop("top_p", None)
+
+
+# --- repairs: how diagnose undoes a bug, from the Meta files' facts alone -----------------------------
+
+def _meta_params(meta_dir: Path) -> dict:
+    return json.loads((Path(meta_dir) / "params.json").read_text())
+
+
+def _set_theta(hf: Path, meta: Path, rope) -> None:
+    theta = float(_meta_params(meta).get("rope_theta", 10000.0))
+
+    def edit(c):
+        c["rope_theta"] = theta
+        if isinstance(c.get("rope_parameters"), dict):
+            c["rope_parameters"]["rope_theta"] = theta
+    edit_config(hf, edit)
+
+
+def _set_scaling(hf: Path, meta: Path, rope) -> None:
+    def edit(c):
+        want = None if rope is None else {
+            "factor": rope.factor, "low_freq_factor": rope.low_freq_factor, "high_freq_factor": rope.high_freq_factor,
+            "original_max_position_embeddings": rope.original_max_position_embeddings, "rope_type": "llama3"}
+        if isinstance(c.get("rope_parameters"), dict):
+            c["rope_parameters"] = {"rope_theta": c["rope_parameters"].get("rope_theta", 10000.0),
+                                    **(want or {"rope_type": "default"})}
+        else:
+            c["rope_scaling"] = want
+    edit_config(hf, edit)
+
+
+def _set_eps(hf: Path, meta: Path, rope) -> None:
+    edit_config(hf, lambda c: c.__setitem__("rms_norm_eps", float(_meta_params(meta).get("norm_eps", 1e-5))))
+
+
+def _restore_output(hf: Path, meta: Path, rope) -> None:
+    """lm_head from Meta's output.weight (merged on dim 0, as Meta's column-parallel output is)."""
+    shards = sorted(Path(meta).glob("consolidated.*.pth"), key=lambda p: int(p.name.split(".")[1]))
+    out = torch.cat([torch.load(p, map_location="cpu", mmap=True, weights_only=True)["output.weight"] for p in shards])
+    sd = _load_all(hf)
+    sd["lm_head.weight"] = out.to(sd["model.embed_tokens.weight"].dtype)
+    save_tensors(hf, sd)
+    edit_config(hf, lambda c: c.__setitem__("tie_word_embeddings", False))
+
+
+def _always(cfg: dict) -> bool:
+    return True
 
 
 def _gqa(c: dict) -> bool:
@@ -125,42 +238,220 @@ def _gqa(c: dict) -> bool:
     return kv != heads and (kv * head_dim) % (2 * heads) == 0
 
 
-def _scaled(c: dict) -> bool:
-    return bool(c.get("rope_scaling"))
+def _names(cfg: dict) -> set:
+    return cfg.get("__tensor_names__", set())
 
+
+@dataclass(frozen=True)
+class Repair:
+    diagnosis: str  # what diagnose reports when this repair restores parity
+    fix: Callable[[Path, Path, object], None]  # (HF scratch copy, Meta dir, expected RoPE scaling)
+    applies: Callable[[dict], bool] = _always  # on the HF config (+ "__tensor_names__")
+    # Where this bug first shows in diagnose's stage comparison ("attention", "feed-forward",
+    # "logits", "far"): a repair is only tried where its bug could have made the first divergence.
+    shows_in: tuple[str, ...] = ("attention", "feed-forward", "logits", "far")
+
+
+def _tensor_fix(run: Callable[[Path], None]) -> Callable[[Path, Path, object], None]:
+    return lambda hf, meta, rope: run(hf)
+
+
+FIX_K_HEADS = Repair("wk permuted with n_heads instead of n_kv_heads",
+                     _tensor_fix(_permute_k("num_attention_heads", "num_key_value_heads")), _gqa, ("attention",))
+FIX_Q = Repair("wq left in Meta's interleaved rotary layout (not permuted)",
+               _tensor_fix(_unpermute("q_proj", "num_attention_heads", inverse=True)), shows_in=("attention",))
+FIX_K = Repair("wk left in Meta's interleaved rotary layout (not permuted)",
+               _tensor_fix(_unpermute("k_proj", "num_key_value_heads", inverse=True)), shows_in=("attention",))
+FIX_GATE_UP = Repair("w1/w3 (gate/up) swapped", _tensor_fix(_swap_pair("mlp.gate_proj", "mlp.up_proj")),
+                     shows_in=("feed-forward",))
+FIX_NORMS = Repair("attention_norm/ffn_norm swapped",
+                   _tensor_fix(_swap_pair(".input_layernorm", ".post_attention_layernorm")),
+                   shows_in=("attention", "feed-forward"))
+FIX_THETA = Repair("rope_theta differs from params.json", _set_theta, shows_in=("attention", "far"))
+FIX_SCALING = Repair("RoPE scaling missing or with the wrong factor for this release", _set_scaling,
+                     shows_in=("attention", "far"))
+FIX_EPS = Repair("rms_norm_eps differs from params.json", _set_eps)
+FIX_TIE = Repair("tie_word_embeddings lost (lm_head not the embedding)",
+                 lambda hf, meta, rope: edit_config(hf, lambda c: c.__setitem__("tie_word_embeddings", True)),
+                 lambda c: "lm_head.weight" not in _names(c), ("logits",))
+FIX_UNTIE = Repair("tie_word_embeddings set on an untied model (lm_head must be Meta's output.weight)",
+                   _restore_output, lambda c: "lm_head.weight" not in _names(c) and bool(c.get("tie_word_embeddings")),
+                   ("logits",))
+
+
+# --- the catalog ------------------------------------------------------------------------------------
+
+# Tiny layouts where the bug classes show: Llama 3.2 (tied, RoPE factor 32, GQA, instruct metadata)
+# and Llama 3.1 (untied, factor 8, GQA, base metadata). MHA, sharding and Llama 1/2 specifics are
+# the converter's (test_sharding, test_model_parity): a mutation edits the HF output, where they
+# leave no trace of their own.
+L32, L31 = "llama3.2-1b-instruct", "llama3.1-8b"
+# Checks that need the models run; the others read files only.
+MODEL_CHECKS = ("logits (fp32)", "far positions", "kv-cache decode", "greedy generation", "model checks")
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    bug: str
+    apply: Callable[[Path], None]
+    caught_by: tuple[str, ...]  # every one of these checks must fail
+    layouts: tuple[str, ...]  # tiny releases where the bug class shows
+    repair: Repair | None = None  # None: the failing metadata check names the field and its value
+
+    @property
+    def needs_model(self) -> bool:
+        return any(c in MODEL_CHECKS for c in self.caught_by)
+
+    def applies(self, cfg: dict) -> bool:
+        """Whether this HF config is one where the bug can show (its repair's condition, e.g. GQA)."""
+        return self.repair is None or self.repair.applies(cfg)
+
+
+def _m(name, bug, apply, caught_by, layouts, repair=None) -> Mutation:
+    return Mutation(name, bug, apply, tuple(caught_by), tuple(layouts), repair)
+
+
+_LOGITS, _FAR = "logits (fp32)", "far positions"
+_RS = "config: rope scaling factor"
+_GEN_EOS, _CFG_EOS = "generation_config: eos_token_id", "config: eos_token_id"
 
 CATALOG: tuple[Mutation, ...] = (
-    Mutation("k_permuted_with_n_heads", "wk permuted with n_heads instead of n_kv_heads (GQA models)", _gqa,
-             _k_permuted_with_n_heads, ("logits (fp32)",)),
-    Mutation("q_not_permuted", "wq left in Meta's interleaved rotary layout", lambda c: True,
-             _q_not_permuted, ("logits (fp32)",)),
-    Mutation("rope_factor_8_not_32", "Llama 3.2 rope scaling factor 8 instead of 32 (llama-models' hard-coded value)",
-             lambda c: _scaled(c) and c["rope_scaling"]["factor"] == 32.0, _rope_factor(8.0),
-             ("far positions", "config: rope scaling factor")),
-    Mutation("rope_factor_32_not_8", "Llama 3.1 rope scaling factor 32 instead of 8",
-             lambda c: _scaled(c) and c["rope_scaling"]["factor"] == 8.0, _rope_factor(32.0),
-             ("far positions", "config: rope scaling factor")),
-    Mutation("rope_scaling_dropped", "rope_scaling missing on a 3.1+ model", _scaled, _drop_rope_scaling,
-             ("far positions", "config: rope scaling factor")),
-    Mutation("rope_theta_dropped", "rope_theta missing (falls back to 10000)",
-             lambda c: float(c.get("rope_theta", 10000.0)) != 10000.0, _drop_rope_theta,
-             ("logits (fp32)", "config: rope_theta")),
-    Mutation("gate_up_swapped", "w1/w3 mapped to up/gate the wrong way round", lambda c: True, _swap_gate_up,
-             ("logits (fp32)",)),
-    Mutation("norms_swapped", "attention_norm/ffn_norm mapped to the wrong HF norm", lambda c: True, _swap_norms,
-             ("logits (fp32)",)),
-    Mutation("wrong_norm_eps", "rms_norm_eps of another Llama version", lambda c: True, _wrong_norm_eps,
-             ("config: rms_norm_eps",)),
-    Mutation("untied_without_lm_head", "tie_word_embeddings lost on a tied model (random lm_head)",
-             lambda c: bool(c.get("tie_word_embeddings")), _untie_without_output, ("logits (fp32)",)),
+    # weights
+    _m("k_permuted_with_n_heads", "wk permuted with n_heads instead of n_kv_heads (GQA models)",
+       _permute_k("num_key_value_heads", "num_attention_heads"), [_LOGITS], [L31], FIX_K_HEADS),
+    _m("q_not_permuted", "wq left in Meta's interleaved rotary layout", _unpermute("q_proj", "num_attention_heads"),
+       [_LOGITS], [L32], FIX_Q),
+    _m("k_not_permuted", "wk left in Meta's interleaved rotary layout", _unpermute("k_proj", "num_key_value_heads"),
+       [_LOGITS], [L31], FIX_K),
+    _m("gate_up_swapped", "w1/w3 mapped to up/gate the wrong way round", _swap_pair("mlp.gate_proj", "mlp.up_proj"),
+       [_LOGITS], [L31], FIX_GATE_UP),
+    _m("norms_swapped", "attention_norm/ffn_norm mapped to the wrong HF norm",
+       _swap_pair(".input_layernorm", ".post_attention_layernorm"), [_LOGITS, "weights: exact copies"], [L32],
+       FIX_NORMS),
+    _m("tied_on_untied", "tie_word_embeddings set and lm_head dropped on an untied model (Guard 3 1B as a 3.2 1B)",
+       _tie_on_untied, [_LOGITS, "config: tie_word_embeddings", "tensors: names"], [L31], FIX_UNTIE),
+    _m("rounded_to_bf16", "weights rounded through bf16 but stored and labelled float32",
+       _rounded_to_bf16, [_LOGITS, "weights: exact copies"], [L31]),
+    _m("kv_heads_duplicated", "replicated kv heads of the 405B MP16 layout kept twice",
+       _kv_heads_duplicated, ["tensors: shapes", "config: num_key_value_heads"], [L31]),
+    # RoPE and norms: they change the function
+    _m("rope_factor_8_not_32", "Llama 3.2 rope scaling factor 8 instead of 32 (llama-models' hard-coded value)",
+       _rope_field("factor", 8.0), [_FAR, _RS], [L32], FIX_SCALING),
+    _m("rope_factor_32_not_8", "Llama 3.1 rope scaling factor 32 instead of 8", _rope_field("factor", 32.0),
+       [_FAR, _RS], [L31], FIX_SCALING),
+    _m("rope_scaling_dropped", "rope_scaling missing on a 3.1+ model", _setter("config.json", "rope_scaling", None),
+       [_FAR, _RS], [L31], FIX_SCALING),
+    _m("low_freq_factor_wrong", "rope_scaling low_freq_factor 2 instead of 1", _rope_field("low_freq_factor", 2.0),
+       [_FAR, "config: rope_scaling.low_freq_factor"], [L31], FIX_SCALING),
+    _m("high_freq_factor_wrong", "rope_scaling high_freq_factor 2 instead of 4", _rope_field("high_freq_factor", 2.0),
+       [_FAR, "config: rope_scaling.high_freq_factor"], [L32], FIX_SCALING),
+    _m("original_context_wrong", "rope_scaling original_max_position_embeddings 4096 instead of 8192",
+       _rope_field("original_max_position_embeddings", 4096), [_FAR, "config: rope_scaling.original_max_position_embeddings"],
+       [L31], FIX_SCALING),
+    _m("low_freq_factor_missing", "rope_scaling without low_freq_factor (transformers cannot build the rope)",
+       _rope_field("low_freq_factor", None), ["config: rope_scaling.low_freq_factor"], [L31], FIX_SCALING),
+    _m("rope_theta_dropped", "rope_theta missing (falls back to 10000)",
+       lambda hf: edit_config(hf, lambda c: c.pop("rope_theta")), [_LOGITS, "config: rope_theta"], [L31], FIX_THETA),
+    _m("rope_parameters_theta_10000", "transformers 5 spelling (rope_parameters) with the default theta",
+       lambda hf: edit_config(hf, _theta_10000_in_rope_parameters), [_LOGITS, "config: rope_theta"], [L32], FIX_THETA),
+    _m("wrong_norm_eps", "rms_norm_eps of another Llama version", _setter("config.json", "rms_norm_eps", 1e-6),
+       ["config: rms_norm_eps"], [L31], FIX_EPS),
+    _m("untied_without_lm_head", "tie_word_embeddings lost on a tied model (random lm_head)",
+       _setter("config.json", "tie_word_embeddings", False), [_LOGITS, "config: tie_word_embeddings"], [L32], FIX_TIE),
+    # metadata that leaves the logits alone but breaks users
+    _m("max_position_embeddings_of_llama3", "max_position_embeddings 8192 (Llama 3's) on a 3.1 model",
+       _setter("config.json", "max_position_embeddings", 8192), ["config: max_position_embeddings"], [L31]),
+    _m("dtype_label_float16", "torch_dtype float16 while the weights are float32 (transformers' script's label)",
+       _setter("config.json", "torch_dtype", "float16"), ["config: dtype label"], [L31]),
+    _m("base_eos_on_instruct", "an instruct model with the base eos (never stops at <|eot_id|>)", _base_eos,
+       [_GEN_EOS, _CFG_EOS], [L32]),
+    _m("instruct_eos_on_base", "a base model with the instruct eos list", _instruct_eos, [_GEN_EOS, _CFG_EOS], [L31]),
+    _m("generation_eos_missing", "generation_config.json without eos_token_id",
+       lambda hf: edit_json(hf, "generation_config.json", lambda c: c.pop("eos_token_id")), [_GEN_EOS], [L32]),
+    _m("generation_config_missing", "no generation_config.json where the official repo has one",
+       lambda hf: (hf / "generation_config.json").unlink(), ["generation_config.json"], [L32]),
+    _m("wrong_bos_id", "bos_token_id 1 (Llama 2's) on a Llama 3 model", _setter("config.json", "bos_token_id", 1),
+       ["config: bos_token_id"], [L31]),
+    _m("greedy_defaults_on_instruct", "instruct sampling defaults (temperature 0.6, top_p 0.9) dropped",
+       lambda hf: edit_json(hf, "generation_config.json", _greedy_defaults),
+       ["generation_config: do_sample", "generation_config: temperature", "generation_config: top_p"], [L32]),
 )
 
 BY_NAME = {m.name: m for m in CATALOG}
 
 
-def mutate_copy(hf_dir: Path, dst: Path, mutation: Mutation) -> Path:
+def repairs() -> list[Repair]:
+    """Every distinct repair in the catalog, in catalog order (what diagnose tries)."""
+    seen: list[Repair] = []
+    for m in CATALOG:
+        if m.repair is not None and m.repair not in seen:
+            seen.append(m.repair)
+    return seen
+
+
+def mutate_copy(hf_dir: Path, dst: Path, mutation) -> Path:
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(hf_dir, dst)
     mutation.apply(dst)
     return dst
+
+
+# --- changes that do not change the release: verify must pass them -------------------------------------
+
+@dataclass(frozen=True)
+class Benign:
+    name: str
+    change: str
+    apply: Callable[[Path], None]
+    layouts: tuple[str, ...]
+    meta_dtype: torch.dtype = torch.float32  # the tiny Meta checkpoint's dtype this change starts from
+
+
+def _reshard(per_file: int, reverse: bool = False) -> Callable[[Path], None]:
+    def run(hf: Path) -> None:
+        sd = _load_all(hf)
+        names = sorted(sd, reverse=reverse)
+        save_tensors(hf, {k: sd[k] for k in names}, max_per_file=per_file)
+    return run
+
+
+def _upcast(hf: Path) -> None:
+    edit_tensors(hf, lambda k, v, c: v.float())
+    edit_config(hf, lambda c: c.__setitem__("torch_dtype", "float32"))
+
+
+def _reserialise(hf: Path) -> None:
+    for name in ("config.json", "generation_config.json"):
+        data = read_json(hf, name)
+        (hf / name).write_text(json.dumps(dict(reversed(list(data.items()))), indent=4, separators=(",", " : ")))
+
+
+def _restamp(hf: Path) -> None:
+    for name in ("config.json", "generation_config.json"):
+        edit_json(hf, name, lambda c: c.update(transformers_version="4.99.0.dev0", _name_or_path="someone/mirror"))
+
+
+def _inv_freq_buffers(hf: Path) -> None:
+    sd = _load_all(hf)
+    c = read_json(hf, "config.json")
+    hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    inv = 1.0 / (float(c["rope_theta"]) ** (torch.arange(0, hd, 2).float() / hd))
+    sd.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv.clone() for i in range(c["num_hidden_layers"])})
+    save_tensors(hf, sd)
+
+
+BENIGN: tuple[Benign, ...] = (
+    Benign("resharded", "weights re-saved as files of 5 tensors (another max shard size)", _reshard(5), (L31,)),
+    Benign("reordered", "tensors in reverse order across files", _reshard(7, reverse=True), (L32,)),
+    Benign("bf16_upcast_to_fp32", "bf16 weights upcast exactly to float32, config says float32", _upcast, (L31,),
+           torch.bfloat16),
+    Benign("json_reserialised", "config and generation_config with other key order, indent and separators",
+           _reserialise, (L32,)),
+    Benign("version_stamps", "transformers_version and _name_or_path changed", _restamp, (L31,)),
+    Benign("transformers5_spelling", "config in transformers 5's spelling (rope_parameters, dtype)",
+           lambda hf: edit_config(hf, _to_transformers5), (L32,)),
+    Benign("inv_freq_buffers", "rotary inv_freq buffers beside the weights (transformers <= 4.31 saves)",
+           _inv_freq_buffers, (L31,)),
+)

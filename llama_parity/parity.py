@@ -370,23 +370,33 @@ def check_greedy(ref: Transformer, hf, tokens: list[int], device: str, *, n_new:
 
 def run_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeScalingArgs | None, device: str = "cpu",
                      n_words: int | None = None, bf16: bool = True, prompt: list[int] | None = None,
-                     loader=None) -> list[Check]:
+                     loader=None, round_to: torch.dtype | None = None, quick: bool = False) -> list[Check]:
     """All numerical checks on one Meta/HF pair; models loaded once per dtype.
 
     `loader(dtype) -> (reference, hf model)` replaces the in-process loading: distributed.py passes
-    models split across ranks that speak the same interface, so every check runs unchanged."""
-    load = loader or (lambda dtype: (load_meta_checkpoint(meta_dir, rope_scaling=rope_scaling, tokenizer_n_words=n_words,
-                                                          device=device, dtype=dtype),
-                                     load_hf_model(hf_dir, device=device, dtype=dtype)))
+    models split across ranks that speak the same interface, so every check runs unchanged.
+    `round_to`: the HF weights' dtype when the conversion changed it; the fp32 reference then uses
+    Meta's weights rounded to it (what a faithful dtype change computes), so the fp32 bound still
+    applies. `quick`: fp32 logits and far positions only (layout and RoPE bugs; no cache, greedy, bf16)."""
+    def load_here(dtype):
+        ref = load_meta_checkpoint(meta_dir, rope_scaling=rope_scaling, tokenizer_n_words=n_words, device=device,
+                                   dtype=dtype)
+        if round_to is not None and dtype == torch.float32:
+            ref.w = [{k: v.to(round_to).float() for k, v in sd.items()} for sd in ref.w]
+        return ref, load_hf_model(hf_dir, device=device, dtype=dtype)
+
+    load = loader or load_here
     ref, hf = load(torch.float32)
     prompts = model_prompts(meta_dir, min(hf.config.vocab_size, ref.args.vocab_size))
     tokens = prompt or prompts.main
     r32, h32 = ref_logits(ref, tokens), hf_logits(hf, tokens, device)
-    checks = [compare_fp32("logits (fp32)", "weights permuted/merged wrongly, wrong norm eps, wrong FFN size or theta",
-                           r32, h32, f"max |diff| / max |logit| over {len(tokens)} positions ({prompts.source})"),
-              *distribution_checks(r32, h32, prompts.source), check_kv_cache(ref, hf, tokens, device),
-              check_far_positions(ref, hf, tokens, device, starts=far_positions(rope_scaling)),
-              check_greedy(ref, hf, prompts.greedy, device)]
+    logits = compare_fp32("logits (fp32)", "weights permuted/merged wrongly, wrong norm eps, wrong FFN size or theta",
+                          r32, h32, f"max |diff| / max |logit| over {len(tokens)} positions ({prompts.source})")
+    far = check_far_positions(ref, hf, tokens, device, starts=far_positions(rope_scaling))
+    if quick:
+        return [logits, far]
+    checks = [logits, *distribution_checks(r32, h32, prompts.source), check_kv_cache(ref, hf, tokens, device),
+              far, check_greedy(ref, hf, prompts.greedy, device)]
     del ref, hf
     if bf16:
         ref, hf = load(torch.bfloat16)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from llama_parity.fixtures.variants import find_tokenizer, fp8_refusal, hf_rope_scaling
+from llama_parity.fixtures.variants import find_tokenizer, fp8_refusal
 
+from .metadata import hf_weights_dtype, metadata_checks, structure_ok
 from .parity import Check, expected_rope_scaling, run_model_checks
 
 
@@ -79,28 +80,6 @@ def _fmt(x) -> str:
     return str(x)
 
 
-def config_checks(meta_dir: Path, hf_dir: Path, rope) -> list[Check]:
-    """HF config.json against what params.json (and the release's facts) imply."""
-    params = json.loads((meta_dir / "params.json").read_text())
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    checks = []
-
-    def same(name, got, want, catches):
-        checks.append(Check(f"config: {name}", catches, 0.0 if got == want else 1.0, 0.0, got == want,
-                            f"config.json has {got!r}, the Meta checkpoint implies {want!r}"))
-
-    theta = float(params.get("rope_theta", 10000.0))
-    same("rope_theta", float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
-         theta, "rope_theta dropped (Code Llama 1e6, Llama 3 5e5 silently become 1e4)")
-    rs = hf_rope_scaling(cfg)
-    got = None if rs is None else rs.factor
-    same("rope scaling factor", got, None if rope is None else float(rope.factor),
-         "RoPE scaling missing or with the wrong factor (Llama 3.2 / Guard 3 1B need 32, 3.1 needs 8)")
-    same("rms_norm_eps", float(cfg.get("rms_norm_eps", 1e-6)), float(params.get("norm_eps", 1e-5)),
-         "norm eps of another version (Llama 1 1e-6 vs 1e-5)")
-    return checks
-
-
 def _check_dirs(meta_dir: Path, hf_dir: Path, device: str) -> None:
     for d, what in ((meta_dir, "Meta checkpoint"), (hf_dir, "HF model")):
         if not d.is_dir():
@@ -136,15 +115,49 @@ def choose_memory_mode(hf_dir: Path, mode: str) -> str:
 
 
 def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", variant_id: str | None = None,
-           bf16: bool = True, tokenizer: bool = True, memory: str = "auto", model_checks=None) -> VerifyReport:
-    """`model_checks`, when given, runs the numerical checks instead of the memory modes below
+           bf16: bool = True, tokenizer: bool = True, memory: str = "auto", checks: str = "all",
+           instruct: bool | None = None, model_checks=None) -> VerifyReport:
+    """Metadata checks (every fact of the HF folder against the Meta files and the release), then
+    the model checks, then tokenizer parity. `checks`: "all"; "quick" (fp32 logits and far
+    positions: every layout and RoPE bug of the catalog, no cache/greedy/bf16); "metadata" (no
+    model run: seconds for any size). Model checks are skipped when the shapes say the folder holds
+    another model. `instruct` says which twin's chat metadata to expect (default: the release's).
+    `model_checks`, when given, runs the numerical checks instead of the memory modes below
     (distributed.py: the same checks with the models split across ranks)."""
     meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
     _check_dirs(meta_dir, hf_dir, device)
     report = VerifyReport(str(meta_dir), str(hf_dir), device)
     try:
         rope = expected_rope_scaling(meta_dir, variant_id)
-        report.checks += config_checks(meta_dir, hf_dir, rope)
+        found, meta, hf = metadata_checks(meta_dir, hf_dir, rope, variant_id=variant_id, instruct=instruct)
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise InputError(f"cannot read the models: {type(e).__name__}: {e}") from None
+    report.checks += found
+    report.notes += meta.evidence
+    if checks == "metadata":
+        report.notes.append("model checks not run (metadata only): run without --metadata-only for logits parity")
+    elif not structure_ok(found):
+        report.notes.append("model checks not run: the HF folder's shapes or dims are not the Meta checkpoint's "
+                            "(see the failed checks), so transformers would build another model")
+    else:
+        _model_checks(report, meta_dir, hf_dir, rope, meta, hf, device=device, bf16=bf16, memory=memory,
+                      quick=checks == "quick", model_checks=model_checks)
+    if tokenizer:
+        _tokenizer_check(report, meta_dir, hf_dir, variant_id)
+    else:
+        report.notes.append("tokenizer not checked (--no-tokenizer)")
+    return report
+
+
+def _model_checks(report: VerifyReport, meta_dir: Path, hf_dir: Path, rope, meta, hf, *, device: str, bf16: bool,
+                  memory: str, quick: bool, model_checks=None) -> None:
+    """Logits, KV cache, far positions, greedy, bf16. A dtype change (HF weights in another dtype than
+    the checkpoint's, label matching) is judged against the rounding it implies: the reference runs
+    on Meta's weights rounded to the HF dtype, compared in fp32 with the usual bound."""
+    round_to = hf_weights_dtype(hf)
+    round_to = round_to if round_to is not None and round_to != meta.dtype else None
+    metadata_failed = not all(c.ok for c in report.checks)
+    try:
         if model_checks is not None:
             report.checks += model_checks(meta_dir, hf_dir, rope_scaling=rope, bf16=bf16)
         elif choose_memory_mode(hf_dir, memory) == "streaming":
@@ -154,19 +167,35 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", var
             report.notes.append("streamed one layer at a time (bounded memory); greedy generation re-reads the "
                                 "Meta weights once per new token after the first (--memory full: whole models)")
         else:
-            report.checks += run_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device, bf16=bf16)
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise InputError(f"cannot load the models: {type(e).__name__}: {e}") from None
-    tok = find_tokenizer(meta_dir)
-    if tokenizer:
-        if tok is None:
-            report.notes.append("no tokenizer.model next to the Meta checkpoint: tokenizer parity not checked")
-        elif not (hf_dir / "tokenizer.json").is_file() and not (hf_dir / "tokenizer_config.json").is_file():
-            report.checks.append(Check("tokenizer files", "HF directory without a tokenizer", 1.0, 0.0, False,
-                                       f"no tokenizer.json in {hf_dir}"))
-        else:
-            from .tokenizer_check import check_tokenizer, tokenizer_release
+            report.checks += run_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device, bf16=bf16,
+                                              round_to=round_to, quick=quick)
+            if round_to is not None:
+                report.notes.append(f"HF weights are {str(round_to)[6:]}, the checkpoint {str(meta.dtype)[6:]}: the "
+                                    f"reference ran on Meta's weights rounded to {str(round_to)[6:]} (what this dtype "
+                                    "change implies)")
+            if quick:
+                report.notes.append("quick: fp32 logits and far positions only (kv-cache, greedy, bf16 not run)")
+    except Exception as e:
+        if not metadata_failed:
+            if isinstance(e, (OSError, json.JSONDecodeError, KeyError)):
+                raise InputError(f"cannot load the models: {type(e).__name__}: {e}") from None
+            raise
+        # The metadata already contradicts the checkpoint (e.g. a rope_scaling without its fields):
+        # transformers refusing that config is one more symptom, not bad input.
+        report.checks.append(Check("model checks", "a config transformers cannot build a model from", 1.0, 0.0, False,
+                                   f"transformers could not load the HF folder: {type(e).__name__}: {e}"))
 
-            report.tokenizer = check_tokenizer(tok, hf_dir, release=tokenizer_release(meta_dir, variant_id))
-            report.notes += report.tokenizer.notes
-    return report
+
+def _tokenizer_check(report: VerifyReport, meta_dir: Path, hf_dir: Path, variant_id: str | None) -> None:
+    tok = find_tokenizer(meta_dir)
+    if tok is None:
+        report.notes.append("no tokenizer.model next to the Meta checkpoint: tokenizer parity not checked")
+    elif not (hf_dir / "tokenizer.json").is_file() and not (hf_dir / "tokenizer_config.json").is_file():
+        report.checks.append(Check("tokenizer files", "HF directory without a tokenizer", 1.0, 0.0, False,
+                                   f"no tokenizer.json in {hf_dir} (converted with --no-tokenizer? then verify "
+                                   "with --no-tokenizer)"))
+    else:
+        from .tokenizer_check import check_tokenizer, tokenizer_release
+
+        report.tokenizer = check_tokenizer(tok, hf_dir, release=tokenizer_release(meta_dir, variant_id))
+        report.notes += report.tokenizer.notes

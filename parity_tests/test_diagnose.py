@@ -21,13 +21,17 @@ EXPECTED = {
     "rope_theta_dropped": ("layer 0 attention", "rope_theta differs from params.json"),
     "untied_without_lm_head": ("logits", "tie_word_embeddings lost"),
     "wrong_norm_eps": ("config.json", "rms_norm_eps"),
+    "k_not_permuted": ("layer 0 attention", "wk left in Meta's interleaved rotary layout"),
+    "tied_on_untied": ("logits", "tie_word_embeddings set on an untied model"),
+    # transformers cannot build this rope: the metadata check names the field, no traceback
+    "low_freq_factor_missing": (None, "config: rope_scaling.low_freq_factor"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_diagnose_names_the_bug(tiny, tmp_path, name):
-    """Bug class: a diagnosis blaming the wrong stage or bug."""
-    variant = "llama3.2-1b"  # GQA (2 kv heads of 8), tied, scaled RoPE: every catalogued bug applies
+    """Bug class: a diagnosis blaming the wrong stage or bug (the catalog's repair, not a table here)."""
+    variant = BY_NAME[name].layouts[0]  # where the bug class shows (GQA, tied or untied, scaled RoPE)
     broken = mutate_copy(tiny.hf(variant), tmp_path / "broken", BY_NAME[name])
     d = diagnose(tiny.meta(variant), broken)
     stage, bug = EXPECTED[name]
@@ -36,6 +40,13 @@ def test_diagnose_names_the_bug(tiny, tmp_path, name):
         assert d.first_divergence == stage, d.render()
     assert any(bug in b for b in d.explained_by), d.render()
     assert len(d.explained_by) == 1, d.render()
+
+
+def test_diagnose_other_model(tiny):
+    """Bug class: a folder of another model (shapes differ) crashing diagnose instead of being named."""
+    d = diagnose(tiny.meta("llama3.1-8b"), tiny.hf("llama3.2-1b-instruct"))
+    assert not d.parity and d.first_divergence == "tensor shapes and config dims"
+    assert any("tensors: shapes" in b and "mlp.gate_proj" in b for b in d.explained_by), d.render()
 
 
 def test_diagnose_clean_conversion(tiny):

@@ -1,0 +1,421 @@
+"""The judge's metadata checks: every fact an HF folder states, against what the Meta files imply.
+
+Nothing in the HF folder is taken as ground truth. The expected values come from:
+- the Meta shards (tensor names, shapes, dtype, whether output.weight is the embedding, how many
+  times each kv head is stored) and params.json (dims, eps, theta, use_scaled_rope);
+- the release those files are (registry: `--variant`, else params and the folder's name), its
+  family's facts (context length) and its official HF files in fixtures/official/ (bos/eos ids,
+  sampling defaults, the presence of generation_config.json), base or instruct as asked.
+
+Differences that do not change the release pass: shard sizes and counts, tensor order, JSON
+formatting, version stamps, a dtype change whose label matches the tensors (its rounding is judged
+by the model checks, which then run the reference on Meta's weights rounded to that dtype).
+Both config spellings are read: transformers 4.x (`rope_theta` + `rope_scaling`, `torch_dtype`)
+and 5.x (`rope_parameters`, `dtype`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from llama_parity.fixtures import variants as registry
+
+from .parity import Check
+
+# Meta key -> HF key. The judge keeps its own copy (not converter/keymap.py), so a wrong entry in
+# the converter's table cannot be confirmed by the same entry here.
+_LAYER_KEYS = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+               "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+               "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+               "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+               "ffn_norm": "post_attention_layernorm"}
+_TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+_CONCAT_DIM1 = ("attention.wo", "feed_forward.w2")  # row-parallel in Meta's model: split on dim 1
+# Buffers some converters (transformers <= 4.31) wrote beside the weights; they do not change the model.
+_HARMLESS_HF = ("rotary_emb.inv_freq",)
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_REAL_LLAMA3_WORDS = 128256
+
+
+def hf_key(meta_key: str) -> str | None:
+    if meta_key in _TOP_KEYS:
+        return _TOP_KEYS[meta_key]
+    parts = meta_key.split(".")
+    if parts[0] == "layers" and len(parts) == 5 and ".".join(parts[2:4]) in _LAYER_KEYS:
+        return f"model.layers.{parts[1]}.{_LAYER_KEYS['.'.join(parts[2:4])]}.weight"
+    if parts[0] == "layers" and len(parts) == 4 and parts[2] in _LAYER_KEYS:
+        return f"model.layers.{parts[1]}.{_LAYER_KEYS[parts[2]]}.weight"
+    return None
+
+
+@dataclass
+class MetaSide:
+    """What the Meta folder says, read once (shapes and dtypes only, plus the few tensors compared)."""
+
+    params: dict
+    shards: list  # memory-mapped state dicts
+    release: registry.VariantSpec | None
+    family: str
+    instruct: bool
+    tied: bool
+    kv_replication: int
+    evidence: list[str] = field(default_factory=list)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.shards[0]["tok_embeddings.weight"].dtype
+
+    def embedding_split_dim(self) -> int:
+        emb = self.shards[0]["tok_embeddings.weight"]
+        return 1 if len(self.shards) > 1 and emb.shape[1] != int(self.params["dim"]) else 0
+
+    def merged_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF name -> shape after merging shards (and de-duplicating replicated kv heads)."""
+        out = {}
+        n = len(self.shards)
+        for key, t in self.shards[0].items():
+            name = hf_key(key)
+            if name is None or (key == "output.weight" and self.tied):
+                continue
+            shape = list(t.shape)
+            if t.dim() == 2 and n > 1:
+                d = self.embedding_split_dim() if key == "tok_embeddings.weight" else \
+                    (1 if any(s in key for s in _CONCAT_DIM1) else 0)
+                shape[d] = sum(int(s[key].shape[d]) for s in self.shards)
+            if key.endswith(("attention.wk.weight", "attention.wv.weight")):
+                shape[0] //= self.kv_replication
+            out[name] = tuple(shape)
+        return out
+
+
+def _load_shards(meta_dir: Path) -> list:
+    paths = sorted(meta_dir.glob("consolidated.*.pth"), key=lambda p: int(p.name.split(".")[1]))
+    return [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in paths]
+
+
+def _kv_replication(shards: list, stored_kv: int, head_dim: int) -> int:
+    """How often each kv head is stored. Meta replicates only so that every shard owns one kv
+    head (405B MP16); found from layer 0's data: the smallest r whose r consecutive copies agree."""
+    if len(shards) < 2 or stored_kv != len(shards):
+        return 1
+    for r in range(2, stored_kv + 1):
+        if stored_kv % r == 0 and all(
+                torch.equal(w.view(stored_kv // r, r, head_dim, -1), w.view(stored_kv // r, r, head_dim, -1)[:, :1]
+                            .expand(stored_kv // r, r, head_dim, w.shape[-1]))
+                for w in (torch.cat([s[f"layers.0.attention.{k}.weight"] for s in shards]) for k in ("wk", "wv"))):
+            return r
+    return 1
+
+
+def identify_release(meta_dir: Path, params: dict, variant_id: str | None, tied: bool):
+    """(release or None, evidence): --variant, else the releases params.json fits (narrowed by the
+    folder's name and tying), else the release the folder names (a custom shape of it, e.g. a
+    fine-tune or the tiny test checkpoints). Matching rules are the registry's, as detection's."""
+    if variant_id:
+        return registry.get(variant_id), f"release {variant_id} from --variant"
+    named = registry.releases_named_by(meta_dir.resolve().name)
+    try:
+        cands = [v for v in registry.releases_matching(registry.implied_arch(params)) if v.tie_word_embeddings == tied]
+    except registry.ParamsError:
+        cands = []
+    pick = [v for v in cands if v in named] or cands or list(named)
+    if pick:
+        how = "params.json and the folder name" if pick[0] in named and cands else \
+            "params.json" if cands else f"the folder name {meta_dir.name!r} (custom shape)"
+        return pick[0], f"release {pick[0].id} from {how}"
+    return None, "shape of no release and a folder name naming none: family facts from params.json"
+
+
+def _family(params: dict, tied: bool) -> str:
+    scaling = registry.rope_scaling_for(params, None, tied)
+    return registry.family_by_traits(rope_theta=float(params.get("rope_theta", 10000.0)), scaling=scaling,
+                                     norm_eps=float(params.get("norm_eps", 1e-5)), tokenizer=None,
+                                     vocab_size=int(params.get("vocab_size", -1)))
+
+
+def read_meta_side(meta_dir: Path, *, variant_id: str | None = None, instruct: bool | None = None) -> MetaSide:
+    params = json.loads((meta_dir / "params.json").read_text())
+    shards = _load_shards(meta_dir)
+    s0 = shards[0]
+    tied = "output.weight" not in s0 or (s0["output.weight"].shape == s0["tok_embeddings.weight"].shape
+                                         and torch.equal(s0["output.weight"], s0["tok_embeddings.weight"]))
+    n_heads = int(params["n_heads"])
+    stored_kv = int(params.get("n_kv_heads") or n_heads)
+    rep = _kv_replication(shards, stored_kv, int(params["dim"]) // n_heads)
+    release, why = identify_release(meta_dir, params, variant_id, tied)
+    family = release.family if release else _family(params, tied)
+    if instruct is None:
+        instruct = release.instruct if release else registry.instruct_named_by(meta_dir.resolve().name)
+    return MetaSide(params, shards, release, family, bool(instruct), tied, rep, [why])
+
+
+def official_file(release_id: str, name: str) -> dict | None:
+    path = resources.files("llama_parity.fixtures") / "official" / release_id.replace("-mp16", "") / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def metadata_release(meta: MetaSide) -> registry.VariantSpec:
+    """The release whose official files hold this conversion's chat metadata (base or instruct)."""
+    return registry.metadata_release(meta.release, meta.family, meta.instruct)
+
+
+def _rebase(ids, vocab: int):
+    """Official token ids onto this checkpoint's vocabulary: Llama 3's special tokens follow the
+    BPE ranks, so a smaller tokenizer (the tiny test ones) shifts them by the difference."""
+    def one(i):
+        return i + vocab - _REAL_LLAMA3_WORDS if isinstance(i, int) and i >= 128000 else i
+    return [one(i) for i in ids] if isinstance(ids, list) else one(ids)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+@dataclass
+class HFSide:
+    config: dict
+    generation: dict | None
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype | str]]  # name -> (shape, dtype), from the headers
+    files: dict[str, str]  # name -> file
+
+    @property
+    def dtypes(self) -> set:
+        return {d for n, (_, d) in self.tensors.items() if not n.endswith(_HARMLESS_HF)}
+
+
+def read_hf_side(hf_dir: Path) -> HFSide:
+    from safetensors import safe_open
+
+    from llama_parity.converter.safetensors_writer import read_index
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    gen_path = hf_dir / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+    files = read_index(hf_dir)
+    tensors = {}
+    for f in sorted(set(files.values())):
+        with safe_open(str(hf_dir / f), "pt") as fh:
+            for k in fh.keys():
+                sl = fh.get_slice(k)
+                tensors[k] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+    return HFSide(cfg, gen, {k: v for k, v in tensors.items() if k in files}, files)
+
+
+def _check(name: str, got, want, catches: str, where: str = "config.json") -> Check:
+    ok = got == want
+    return Check(name, catches, 0.0 if ok else 1.0, 0.0, ok,
+                 f"{where} has {got!r}, the Meta checkpoint implies {want!r}")
+
+
+def _dtype_name(d) -> str:
+    return _DTYPE_NAMES.get(d, str(d).replace("torch.", ""))
+
+
+def tensor_checks(meta: MetaSide, hf: HFSide) -> list[Check]:
+    """Names and shapes first (a folder of another model is named as such, not crashed on), and
+    one dtype for all weights."""
+    want = meta.merged_shapes()
+    got = {n: s for n, (s, _) in hf.tensors.items() if not n.endswith(_HARMLESS_HF)}
+    if meta.tied:
+        got.pop("lm_head.weight", None)  # tied: transformers uses the embedding whatever the file holds
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    differ = [f"{n}: HF {list(got[n])}, Meta implies {list(want[n])}" for n in sorted(set(want) & set(got))
+              if tuple(got[n]) != tuple(want[n])]
+    names = [f"missing {n}" for n in missing] + [f"unexpected {n}" for n in extra]
+    out = [Check("tensors: shapes", "an HF folder of another model (different shapes), kv heads not de-duplicated, "
+                 "shards merged on the wrong dim", float(len(differ)), 0.0, not differ,
+                 _listing(differ) or f"{len(set(want) & set(got))} tensors shaped as the Meta checkpoint implies"),
+           Check("tensors: names", "a tensor dropped (lm_head of an untied model, a layer) or one the Meta "
+                 "checkpoint does not have", float(len(names)), 0.0, not names,
+                 _listing(names) or f"the {len(want)} tensors the Meta checkpoint implies")]
+    dtypes = sorted(_dtype_name(d) for d in hf.dtypes)
+    out.append(Check("tensors: one float dtype", "weights written in mixed precision", float(len(dtypes) - 1), 0.0,
+                     len(dtypes) == 1, f"HF weights are {', '.join(dtypes)}"))
+    return out
+
+
+def _listing(items: list[str], n: int = 6) -> str:
+    return "; ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def _rope_parts(cfg: dict) -> tuple[set, dict | None]:
+    """(every rope_theta the config states, the llama3 scaling dict or None) in 4.x and 5.x spellings."""
+    params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    thetas = {float(v) for v in (cfg.get("rope_theta"), params.get("rope_theta")) if v is not None}
+    scaling = cfg.get("rope_scaling") if isinstance(cfg.get("rope_scaling"), dict) else params
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        return thetas or {10000.0}, scaling
+    return thetas or {10000.0}, None
+
+
+def architecture_checks(meta: MetaSide, hf: HFSide) -> list[Check]:
+    """Values that define the function: a mismatch means transformers builds another model."""
+    p, cfg = meta.params, hf.config
+    shapes = meta.merged_shapes()
+    heads = int(p["n_heads"])
+    want = {"hidden_size": int(p["dim"]), "num_hidden_layers": int(p["n_layers"]), "num_attention_heads": heads,
+            "num_key_value_heads": int(p.get("n_kv_heads") or heads) // meta.kv_replication,
+            "intermediate_size": shapes["model.layers.0.mlp.gate_proj.weight"][0],
+            "vocab_size": shapes["model.embed_tokens.weight"][0]}
+    got = dict(cfg)
+    got.setdefault("num_key_value_heads", cfg.get("num_attention_heads"))
+    out = [_check(f"config: {k}", got.get(k), v, "config of another model or size (dims, heads, kv heads, vocab)")
+           for k, v in want.items()]
+    if cfg.get("head_dim") is not None:
+        out.append(_check("config: head_dim", cfg["head_dim"], int(p["dim"]) // heads, "head_dim of another model"))
+    return out
+
+
+_ROPE_FIELDS = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_and_norm_checks(meta: MetaSide, hf: HFSide, rope) -> list[Check]:
+    """rope_theta, the llama3 scaling (every field, missing or wrong), rms_norm_eps."""
+    p = meta.params
+    thetas, rs = _rope_parts(hf.config)
+    theta = float(p.get("rope_theta", 10000.0))
+    out = [_check("config: rope_theta", thetas.pop() if len(thetas) == 1 else sorted(thetas), theta,
+                  "rope_theta dropped (Code Llama 1e6, Llama 3 5e5 silently become 1e4) or stated twice differently")]
+    out.append(_check("config: rope scaling factor", None if rs is None else rs.get("factor"),
+                      None if rope is None else float(rope.factor),
+                      "RoPE scaling missing or with the wrong factor (Llama 3.2 / Guard 3 1B need 32, 3.1 needs 8)"))
+    if rope is not None:
+        for key in _ROPE_FIELDS:
+            got = None if rs is None else rs.get(key)
+            out.append(_check(f"config: rope_scaling.{key}", got, getattr(rope, key),
+                              f"RoPE scaling's {key} missing or wrong (changes every long-wavelength frequency)"))
+    eps = hf.config.get("rms_norm_eps", 1e-6)  # transformers' default when absent
+    out.append(_check("config: rms_norm_eps", eps,
+                      float(p.get("norm_eps", 1e-5)), "norm eps of another version (Llama 1 1e-6 vs 1e-5)"))
+    return out
+
+
+def _ids(v):
+    """Token id(s) as a sorted list: an int and a one-element list mean the same stop set."""
+    if v is None:
+        return None
+    return sorted(v) if isinstance(v, list) else [v]
+
+
+def release_metadata_checks(meta: MetaSide, hf: HFSide) -> list[Check]:
+    """Facts that do not change the logits but break users: context length, dtype label, tying,
+    bos/eos ids, generation defaults."""
+    cfg, vocab = hf.config, meta.merged_shapes()["model.embed_tokens.weight"][0]
+    dtypes = hf.dtypes
+    label = {cfg[k] for k in ("torch_dtype", "dtype") if isinstance(cfg.get(k), str)}
+    out = [_check("config: max_position_embeddings", cfg.get("max_position_embeddings"),
+                  registry.FAMILY_FACTS[meta.family].max_position_embeddings,
+                  "context length of another release (2048 Llama 1, 4096 Llama 2, 16384 Code Llama, 8192 Llama 3, "
+                  "131072 Llama 3.1+)"),
+           _check("config: dtype label", sorted(label)[0] if len(label) == 1 else sorted(label),
+                  _dtype_name(next(iter(dtypes))) if len(dtypes) == 1 else sorted(map(_dtype_name, dtypes)),
+                  "torch_dtype/dtype saying another precision than the stored weights (loads in the wrong dtype)"),
+           _check("config: tie_word_embeddings", bool(cfg.get("tie_word_embeddings", False)), meta.tied,
+                  "tie flag lost (random lm_head) or set on an untied model (the output matrix ignored)")]
+    rel = metadata_release(meta)
+    off_cfg = official_file(rel.id, "config.json") or {}
+    for key in ("bos_token_id", "eos_token_id"):
+        out.append(_check(f"config: {key}", _ids(cfg.get(key)), _ids(_rebase(off_cfg.get(key), vocab)),
+                          f"{key} of another release or of the base/instruct twin"))
+    return out + generation_checks(meta, hf, rel, vocab)
+
+
+# transformers' GenerationConfig defaults: what an absent key means.
+_GEN_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "max_length": 20}
+
+
+def generation_checks(meta: MetaSide, hf: HFSide, rel, vocab: int) -> list[Check]:
+    off = official_file(rel.id, "generation_config.json")
+    if off is None:
+        return []
+    name = f"{rel.id}{' (instruct)' if meta.instruct else ' (base)'}"
+    if hf.generation is None:
+        return [Check("generation_config.json", "generation_config.json missing: generate() never stops at the "
+                      "release's eos ids and samples with other defaults", 1.0, 0.0, False,
+                      f"absent; the official {name} repository has one")]
+    gen, out = hf.generation, []
+    for key in ("bos_token_id", "eos_token_id"):
+        out.append(_check(f"generation_config: {key}", _ids(gen.get(key)), _ids(_rebase(off.get(key), vocab)),
+                          "stop/start ids of another release (e.g. a base eos list on an instruct model: "
+                          "generation never stops at <|eot_id|>)", "generation_config.json"))
+    for key, default in _GEN_DEFAULTS.items():
+        out.append(_check(f"generation_config: {key}", gen.get(key, default), off.get(key, default),
+                          f"sampling default {key} unlike the official {name} file", "generation_config.json"))
+    return out
+
+
+def _meta_rows(meta: MetaSide, key: str, rows: list[int]) -> torch.Tensor:
+    """Rows of a merged Meta matrix, read from the shards without merging them."""
+    if key == "tok_embeddings.weight" and meta.embedding_split_dim() == 1:
+        return torch.cat([s[key][rows] for s in meta.shards], dim=1)
+    out, start = [], 0
+    for s in meta.shards:
+        t = s[key]
+        out += [t[r - start] for r in rows if start <= r < start + t.shape[0]]
+        start += t.shape[0]
+    return torch.stack(out)
+
+
+def exact_weight_check(meta: MetaSide, hf_dir: Path, hf: HFSide) -> Check:
+    """The tensors no layout transform touches (norms, embedding and output rows) must equal Meta's
+    cast to the HF dtype bit for bit: proves the stored precision (an exact upcast, or a rounding to
+    the declared dtype) and catches swapped norms by name."""
+    from safetensors import safe_open
+
+    vocab = meta.merged_shapes()["model.embed_tokens.weight"][0]
+    rows = sorted({0, 1, vocab // 2, *range(max(0, vocab - 16), vocab)})
+    pairs = [(k, hf_key(k), None) for k in meta.shards[0] if k.endswith("norm.weight")]
+    pairs.append(("tok_embeddings.weight", "model.embed_tokens.weight", rows))
+    if not meta.tied:
+        pairs.append(("output.weight", "lm_head.weight", rows))
+    bad, handles = [], {}
+    try:
+        for mkey, hkey, sel in pairs:
+            f = hf.files.get(hkey)
+            if f is None:
+                continue  # reported by the names check
+            fh = handles.setdefault(f, safe_open(str(hf_dir / f), "pt"))
+            got = fh.get_tensor(hkey) if sel is None else torch.stack([fh.get_slice(hkey)[r] for r in sel])
+            want = meta.shards[0][mkey] if sel is None else _meta_rows(meta, mkey, sel)
+            if got.shape != want.shape or not torch.equal(want.to(got.dtype), got):
+                bad.append(hkey)
+    finally:
+        handles.clear()
+    dt = _dtype_name(next(iter(hf.dtypes))) if len(hf.dtypes) == 1 else "HF dtype"
+    return Check("weights: exact copies", "norms swapped or taken from another layer, weights rounded to "
+                 "another precision than the label says, embedding rows shifted", float(len(bad)), 0.0, not bad,
+                 (f"differ from Meta's cast to {dt}: " + ", ".join(bad[:6])) if bad else
+                 f"{len(pairs)} norms and embedding/output rows equal Meta's cast to {dt}")
+
+
+STRUCTURAL = ("tensors: shapes", "config: hidden_size", "config: num_hidden_layers",
+              "config: num_attention_heads", "config: num_key_value_heads", "config: intermediate_size",
+              "config: vocab_size", "config: head_dim", "tensors: one float dtype")
+
+
+def metadata_checks(meta_dir: Path, hf_dir: Path, rope, *, variant_id: str | None = None,
+                    instruct: bool | None = None) -> tuple[list[Check], MetaSide, HFSide]:
+    """Every metadata check; structural ones first. The model checks need those to pass (else
+    transformers would build another model than the Meta one, or fail to load it)."""
+    meta = read_meta_side(Path(meta_dir), variant_id=variant_id, instruct=instruct)
+    hf = read_hf_side(Path(hf_dir))
+    checks = tensor_checks(meta, hf) + architecture_checks(meta, hf)
+    checks += rope_and_norm_checks(meta, hf, rope) + release_metadata_checks(meta, hf)
+    if structure_ok(checks):
+        checks.append(exact_weight_check(meta, Path(hf_dir), hf))
+    return checks, meta, hf
+
+
+def structure_ok(checks: list[Check]) -> bool:
+    return all(c.ok for c in checks if c.name in STRUCTURAL)
+
+
+def hf_weights_dtype(hf: HFSide) -> torch.dtype | None:
+    """The one float dtype of the HF weights (None when mixed)."""
+    return next(iter(hf.dtypes)) if len(hf.dtypes) == 1 and isinstance(next(iter(hf.dtypes)), torch.dtype) else None
