@@ -95,8 +95,15 @@ class MetaSide:
 
 
 def _load_shards(meta_dir: Path) -> list:
-    paths = sorted(meta_dir.glob("consolidated.*.pth"), key=lambda p: int(p.name.split(".")[1]))
-    return [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in paths]
+    """Every shard, memory-mapped (headers read, data on demand); a damaged one is bad input (OSError)."""
+    out = []
+    for p in sorted(meta_dir.glob("consolidated.*.pth"), key=lambda p: int(p.name.split(".")[1])):
+        try:
+            out.append(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:  # truncated zip, unsafe pickle, ...: name the file, no traceback
+            raise OSError(f"{p} cannot be read as a Meta shard ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); re-download it") from None
+    return out
 
 
 def _kv_replication(shards: list, stored_kv: int, head_dim: int) -> int:
