@@ -67,7 +67,7 @@ class ConversionReport:
         }
 
 
-def _dtype_arg(name: str | None) -> torch.dtype | None:
+def dtype_arg(name: str | None) -> torch.dtype | None:
     if name in (None, "", "auto"):
         return None
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,

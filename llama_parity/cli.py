@@ -130,7 +130,7 @@ def cmd_inspect(args) -> int:
     variant, plan = inspect(args.input_dir, ConvertOptions(variant_id=args.variant))
     _print_plan(args.input_dir, variant, plan, [])
     if args.json:
-        _write_json(args, _plan_dict(variant, plan, []))
+        write_json(args, _plan_dict(variant, plan, []))
     return EXIT_OK
 
 
@@ -146,9 +146,9 @@ def _md5_summary(input_dir: str) -> str:
 
 
 def cmd_convert(args) -> int:
-    from llama_parity.converter.convert import ConvertOptions, _dtype_arg, convert_meta_to_hf, inspect
+    from llama_parity.converter.convert import ConvertOptions, dtype_arg, convert_meta_to_hf, inspect
 
-    opts = ConvertOptions(dtype=_dtype_arg(args.dtype), variant_id=args.variant, instruct=args.instruct,
+    opts = ConvertOptions(dtype=dtype_arg(args.dtype), variant_id=args.variant, instruct=args.instruct,
                           max_shard_bytes=args.max_shard_size if isinstance(args.max_shard_size, int)
                           else _size(args.max_shard_size), overwrite=args.overwrite,
                           write_tokenizer=not args.no_tokenizer, progress=False if args.no_progress else None,
@@ -158,7 +158,7 @@ def cmd_convert(args) -> int:
         notes = _cross_check(args, variant)
         _print_plan(args.input_dir, variant, plan, notes)
         if args.json:
-            _write_json(args, _plan_dict(variant, plan, notes))
+            write_json(args, _plan_dict(variant, plan, notes))
         return EXIT_OK
     report = convert_meta_to_hf(args.input_dir, args.output_dir, opts)
     notes = _cross_check(args, report.variant)
@@ -179,7 +179,7 @@ def cmd_convert(args) -> int:
     else:
         print(f"next: llama-parity verify --meta-dir {args.input_dir} --hf-dir {report.output_dir}{_verify_flags(args)}")
     if args.json:
-        _write_json(args, report.to_dict() | result)
+        write_json(args, report.to_dict() | result)
     return code
 
 
@@ -206,7 +206,7 @@ def _verify_flags(args) -> str:
     return "".join(" " + f for f in flags)
 
 
-def _write_json(dest, data: dict) -> None:
+def write_json(dest, data: dict) -> None:
     """dest: the parsed args (their --json) or a path. '-': the JSON alone on stdout (the human report
     went to stderr, see _run)."""
     stream = getattr(dest, "json_stream", sys.stdout)
@@ -249,7 +249,7 @@ def cmd_verify(args) -> int:
         return _err(str(e))
     print(rep.render())
     if args.json:
-        _write_json(args, rep.to_dict())
+        write_json(args, rep.to_dict())
     if args.html:
         from .report_html import write_html
 
@@ -259,18 +259,18 @@ def cmd_verify(args) -> int:
 
 def cmd_diagnose(args) -> int:
     from .diagnose import diagnose
-    from .verify import InputError, _check_dirs
+    from .verify import InputError, check_dirs
 
     if missing := _missing_extra(args, "plot"):
         return _err(missing)
     try:
-        _check_dirs(Path(args.meta_dir), Path(args.hf_dir), "cpu")
+        check_dirs(Path(args.meta_dir), Path(args.hf_dir), "cpu")
     except InputError as e:
         return _err(str(e))
     d = diagnose(args.meta_dir, args.hf_dir, variant_id=args.variant)
     print(d.render())
     if args.json:
-        _write_json(args, d.to_dict())
+        write_json(args, d.to_dict())
     if args.plot:
         from .parity import FP32_REL_BOUND
         from .plots import diagnosis_figure, save_png
@@ -289,7 +289,7 @@ def cmd_demo(args) -> int:
         print(_table(conv.variant.summary_rows()))
         print(rep.render())
         if args.json:
-            _write_json(args, {"conversion": conv.to_dict(), "verify": rep.to_dict(), "workdir": str(workdir),
+            write_json(args, {"conversion": conv.to_dict(), "verify": rep.to_dict(), "workdir": str(workdir),
                                "kept": bool(args.keep)})
     if args.keep:
         print(f"files kept in {workdir} (meta/ = the tiny Meta checkpoint, hf/ = its conversion)")

@@ -163,9 +163,9 @@ def load_hf_rank(hf_dir: Path, r: Rank, dtype: torch.dtype):
 
     from llama_parity.converter.safetensors_writer import read_index
 
-    from .parity import _quiet_transformers
+    from .parity import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     config = AutoConfig.from_pretrained(str(hf_dir))
     with torch.device("meta"):
         model = LlamaForCausalLM._from_config(config, attn_implementation="eager", dtype=dtype)
@@ -271,9 +271,9 @@ def run_rank(args) -> int:
     rep.notes.append(_layout_note(Path(args.meta_dir), Path(args.hf_dir), r))
     print(rep.render(), flush=True)
     if args.json:
-        from .cli import _write_json
+        from .cli import write_json
 
-        _write_json(args, rep.to_dict())
+        write_json(args, rep.to_dict())
     return EXIT_OK if rep.ok else EXIT_PARITY
 
 
@@ -329,12 +329,12 @@ def launch(args, parser) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from .verify import InputError, _check_dirs
+    from .verify import InputError, check_dirs
 
     try:
         if args.nproc < 1:
             raise InputError(f"--nproc {args.nproc}: needs at least 1 process")
-        _check_dirs(Path(args.meta_dir), Path(args.hf_dir), args.device)
+        check_dirs(Path(args.meta_dir), Path(args.hf_dir), args.device)
         precheck(Path(args.meta_dir), Path(args.hf_dir), args.nproc)
     except InputError as e:
         return _fail(None, str(e))

@@ -68,19 +68,19 @@ class Check:
 
 
 def per_position(a: torch.Tensor, b: torch.Tensor, positions) -> dict:
-    """_rel_diff split by position (rows of [positions, vocab] logits): its max is the check's value."""
+    """rel_diff split by position (rows of [positions, vocab] logits): its max is the check's value."""
     a, b = a.float().cpu(), b.float().cpu()
     y = ((a - b).abs().amax(-1) / max(float(a.abs().max()), 1e-6)).tolist()
     return {"x_label": "position", "x": [int(p) for p in positions], "y": y}
 
 
-def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float().cpu(), b.float().cpu()
     scale = max(float(a.abs().max()), 1e-6)
     return float((a - b).abs().max()) / scale
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     import warnings
 
     import transformers
@@ -100,7 +100,7 @@ def _cache_kwarg(model) -> str:
 def load_hf_model(hf_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from transformers import LlamaForCausalLM
 
-    _quiet_transformers()
+    quiet_transformers()
     model = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, attn_implementation="eager")
     return model.to(device).eval()
 
@@ -216,7 +216,7 @@ def top1_disagreements(ref: torch.Tensor, hf: torch.Tensor, rel_tol: float = FP3
 def compare_fp32(name: str, catches: str, ref: torch.Tensor, hf: torch.Tensor, detail: str,
                  positions=None) -> Check:
     """Max |diff| relative to the logit scale, with next-token KL and top-1 agreement also required."""
-    d = _rel_diff(ref, hf)
+    d = rel_diff(ref, hf)
     kl = next_token_kl(ref, hf)
     bad, n = top1_disagreements(ref, hf)
     ok = d <= FP32_REL_BOUND and float(kl.max()) <= FP32_KL_BOUND and bad == 0

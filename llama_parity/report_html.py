@@ -15,6 +15,7 @@ from pathlib import Path
 from . import __version__
 from . import plots
 from .parity import FP32_REL_BOUND
+from .verify import format_value
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;padding:0 1.5em;max-width:70em;color:#222}
@@ -32,10 +33,6 @@ def _e(x) -> str:
     return html.escape(str(x))
 
 
-def _fmt(x) -> str:
-    return ("0" if x == 0 else f"{x:.2e}") if isinstance(x, float) else str(x)
-
-
 def _result_cell(ok: bool, measured_only: bool = False) -> str:
     if measured_only:
         return '<td class="measured">measured</td>'
@@ -45,8 +42,8 @@ def _result_cell(ok: bool, measured_only: bool = False) -> str:
 def _checks_table(report) -> str:
     rows = ["<table><tr><th>check</th><th>measured</th><th>bound</th><th>result</th><th>catches / detail</th></tr>"]
     for c in report.checks:
-        rows.append(f"<tr><td>{_e(c.name)}</td><td class=num>{_e(_fmt(c.measured))}</td>"
-                    f"<td class=num>{_e(_fmt(c.bound))}</td>{_result_cell(c.ok)}"
+        rows.append(f"<tr><td>{_e(c.name)}</td><td class=num>{_e(format_value(c.measured))}</td>"
+                    f"<td class=num>{_e(format_value(c.bound))}</td>{_result_cell(c.ok)}"
                     f"<td>{_e(c.catches)}<br><span class=small>{_e(c.detail)}</span></td></tr>")
     rows.append("</table>")
     return "\n".join(rows)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from llama_parity.reference_model.model import RopeScalingArgs, Transformer, load_meta_checkpoint
 
-from .parity import (FP32_REL_BOUND, KV_CATCHES, Check, Prompts, _rel_diff, bf16_checks, compare_fp32,
+from .parity import (FP32_REL_BOUND, KV_CATCHES, Check, Prompts, rel_diff, bf16_checks, compare_fp32,
                      distribution_checks, far_check, far_positions, greedy_check, kv_detail, kv_steps,
                      model_prompts)
 
@@ -333,7 +333,7 @@ def run_hf(hf: StreamingHF, streams: list[Stream], ref_hidden: list, progress) -
                     s.h[j] = hf.run(layer, s.h[j], s.step_positions(j), a if s.cached else 0, s.cache)
         del layer
         near = next(s for s in streams if s.name == "near")
-        diffs.append(_rel_diff(ref_hidden[i], near.h[0][0]))
+        diffs.append(rel_diff(ref_hidden[i], near.h[0][0]))
     if hf.output_name() is None:
         return {}, diffs
     return {s.name: hf.logits(torch.cat(s.h, dim=1)[:, s.logits_from:])[0] for s in streams}, diffs

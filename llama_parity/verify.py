@@ -37,7 +37,7 @@ class VerifyReport:
         return all(c.ok for c in self.checks) and (self.tokenizer is None or self.tokenizer.ok)
 
     def rows(self) -> list[tuple[str, str, str, bool]]:
-        rows = [(c.name, _fmt(c.measured), _fmt(c.bound), c.ok) for c in self.checks]
+        rows = [(c.name, format_value(c.measured), format_value(c.bound), c.ok) for c in self.checks]
         if self.tokenizer is not None:
             rows += list(self.tokenizer.rows())
         return rows
@@ -74,13 +74,14 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _fmt(x) -> str:
+def format_value(x) -> str:
+    """A measured value or bound as the table and the HTML report print it."""
     if isinstance(x, float):
         return "0" if x == 0 else f"{x:.2e}"
     return str(x)
 
 
-def _check_dirs(meta_dir: Path, hf_dir: Path, device: str) -> None:
+def check_dirs(meta_dir: Path, hf_dir: Path, device: str) -> None:
     for d, what in ((meta_dir, "Meta checkpoint"), (hf_dir, "HF model")):
         if not d.is_dir():
             raise InputError(f"{what} directory {d} does not exist")
@@ -125,7 +126,7 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", var
     `model_checks`, when given, runs the numerical checks instead of the memory modes below
     (distributed.py: the same checks with the models split across ranks)."""
     meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
-    _check_dirs(meta_dir, hf_dir, device)
+    check_dirs(meta_dir, hf_dir, device)
     report = VerifyReport(str(meta_dir), str(hf_dir), device)
     try:
         rope = expected_rope_scaling(meta_dir, variant_id)

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
 
 from llama_parity.mutations import BY_NAME, mutate_copy
 from llama_parity.verify import verify

@@ -18,7 +18,7 @@ from llama_parity.cli import main
 from llama_parity.mutations import BY_NAME, mutate_copy
 from llama_parity.parity import Check
 from llama_parity.report_html import render_html
-from llama_parity.verify import VerifyReport, _fmt, verify
+from llama_parity.verify import VerifyReport, format_value, verify
 
 VARIANT = "llama3.2-1b"  # tied, GQA, RoPE factor 32: the release where RoPE bugs hide best
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -59,7 +59,7 @@ def test_html_report_has_every_check(tiny, broken, tmp_path, capsys):
     assert code == 1 and f"report: {out}" in capsys.readouterr().out
     page, rep = out.read_text(), json.loads(js.read_text())
     for c in rep["checks"]:
-        assert html.escape(c["name"]) in page and _fmt(c["measured"]) in page and _fmt(c["bound"]) in page, c["name"]
+        assert html.escape(c["name"]) in page and format_value(c["measured"]) in page and format_value(c["bound"]) in page, c["name"]
     for c in rep["tokenizer"]["checks"]:
         assert html.escape(c["name"]) in page and f"{c['mismatches']}/{c['total']}" in page, c["name"]
     assert "PARITY FAILED" in page and page.count('class="fail"') >= sum(not c["ok"] for c in rep["checks"])
