@@ -159,26 +159,25 @@ def _model_checks(report: VerifyReport, meta_dir: Path, hf_dir: Path, rope, meta
     round_to = round_to if round_to is not None and round_to != meta.dtype else None
     metadata_failed = not all(c.ok for c in report.checks)
     mode = choose_memory_mode(hf_dir, memory)
-    if memory == "auto" and (quick or round_to is not None):
-        mode = "full"  # the streamed checks have no rounded reference and no quick subset (yet)
     try:
         if model_checks is not None:
             report.checks += model_checks(meta_dir, hf_dir, rope_scaling=rope, bf16=bf16)
         elif mode == "streaming":
             from .streaming import streaming_model_checks
 
-            report.checks += streaming_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device, bf16=bf16)
+            report.checks += streaming_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device, bf16=bf16,
+                                                    round_to=round_to, quick=quick)
             report.notes.append("streamed one layer at a time (bounded memory); greedy generation re-reads the "
                                 "Meta weights once per new token after the first (--memory full: whole models)")
         else:
             report.checks += run_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device, bf16=bf16,
                                               round_to=round_to, quick=quick)
-            if round_to is not None:
-                report.notes.append(f"HF weights are {str(round_to)[6:]}, the checkpoint {str(meta.dtype)[6:]}: the "
-                                    f"reference ran on Meta's weights rounded to {str(round_to)[6:]} (what this dtype "
-                                    "change implies)")
-            if quick:
-                report.notes.append("quick: fp32 logits and far positions only (kv-cache, greedy, bf16 not run)")
+        if round_to is not None and model_checks is None:
+            report.notes.append(f"HF weights are {str(round_to)[6:]}, the checkpoint {str(meta.dtype)[6:]}: the "
+                                f"reference ran on Meta's weights rounded to {str(round_to)[6:]} (what this dtype "
+                                "change implies)")
+        if quick:
+            report.notes.append("quick: fp32 logits and far positions only (kv-cache, greedy, bf16 not run)")
     except Exception as e:
         if not metadata_failed:
             if isinstance(e, (OSError, json.JSONDecodeError, KeyError)):

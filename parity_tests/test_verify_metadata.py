@@ -23,13 +23,15 @@ def _next_command(out: str) -> list[str]:
     return shlex.split(line[len("next: llama-parity "):])
 
 
-def test_declared_dtype_change_passes(tiny, tmp_path):
+@pytest.mark.parametrize("memory", ["full", "streaming"])
+def test_declared_dtype_change_passes(tiny, tmp_path, memory):
     """Bug class: a faithful `--dtype bfloat16` conversion of an fp32 checkpoint failed as if the
-    layout were wrong (the rounding compared with the fp32 bound against unrounded weights)."""
+    layout were wrong (the rounding compared with the fp32 bound against unrounded weights), in
+    either memory mode (a 70B converted to another dtype can only be judged streamed)."""
     meta = tiny.meta("llama3.1-8b")  # tiny checkpoints are fp32
     out = tmp_path / "bf16"
     convert_meta_to_hf(meta, out, ConvertOptions(dtype=torch.bfloat16, progress=False))
-    rep = verify(meta, out, tokenizer=False)
+    rep = verify(meta, out, tokenizer=False, memory=memory)
     assert rep.ok, rep.render()
     assert any("rounded to bfloat16" in n for n in rep.notes)
     assert {"logits (fp32)", "kv-cache decode", "greedy generation", "logits (bf16)"} <= {c.name for c in rep.checks}
