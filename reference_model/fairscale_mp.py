@@ -287,6 +287,9 @@ def _worker(rank: int, world: int, store: str, meta_dir: str, args: ModelArgs, t
         logits = build_rank_model(meta_dir, args, rank, world)(torch.tensor([tokens]))
         if rank == 0:
             torch.save(logits, out_path)
+        # Leave together: a rank tearing gloo down while its peer is still finishing its last
+        # collective can abort the peer (seen once under heavy load as a SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
