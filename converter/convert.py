@@ -162,6 +162,10 @@ def _write_staging(staging: Path, ckpt: MetaCheckpoint, variant: Variant, plan: 
                                         guard_categories=_guard_categories(variant))
         replicas = ReplicaCheck()
         files = _write_weights(staging, ckpt, plan, options, replicas)
+        if ckpt.fallback_keys:
+            warnings.append(f"{len(ckpt.fallback_keys)} tensor(s) (e.g. {min(ckpt.fallback_keys)}) were not laid out "
+                            "as plain zip records and went through torch's memory map instead of direct reads: "
+                            "the output is the same, but memory use grew with them")
         write_configs(staging, variant, options.dtype or variant.dtype)
         if tokenizer_job is not None:
             _check_tokenizer_size(tokenizer_job.result().vocab_size, variant, warnings)

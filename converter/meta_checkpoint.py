@@ -259,6 +259,7 @@ class MetaCheckpoint:
         self.checklist_path: Path | None = chk if chk.is_file() else None
         self._fds: dict[int, int] = {}
         self._fd_lock = threading.Lock()
+        self.fallback_keys: set[str] = set()  # read through the memory map, not the fast path
 
     @property
     def num_shards(self) -> int:
@@ -353,6 +354,7 @@ class MetaCheckpoint:
         raw = idx.get(key) if idx is not None else None
         if raw is None or raw.shape != info.shape or raw.dtype != info.dtype:
             # Fallback through the memory map: correct, but its pages stay in RSS while mapped.
+            self.fallback_keys.add(key)
             t = self.tensor(key, shard)
             out.copy_((t[start:stop] if t.dim() else t.reshape(1)).reshape(out.shape))
             return out

@@ -180,7 +180,9 @@ def test_mmap_fallback_gives_the_same_bytes(tmp_path, monkeypatch, bf16_checkpoi
     folder = bf16_checkpoint("llama2-70b", 8)
     monkeypatch.setattr(MetaCheckpoint, "raw_index", property(lambda self: [None] * self.num_shards))
     monkeypatch.setattr(executor_mod, "CHUNK_BYTES", 3000)
-    convert_meta_to_hf(folder, tmp_path / "hf", ConvertOptions(write_tokenizer=False))
+    report = convert_meta_to_hf(folder, tmp_path / "hf", ConvertOptions(write_tokenizer=False))
     got = _read_output(tmp_path / "hf")
     for name, w in expected_tensors(folder, spec).items():
         assert torch.equal(_bits(got[name]), _bits(w)), name
+    # ... and the user is told the fast path was left (memory then grows with the mapped tensors)
+    assert any("memory map instead of direct reads" in w for w in report.warnings), report.warnings
