@@ -8,7 +8,6 @@ a half-written model where a user expects one, and never replaces a folder the i
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from .meta_checkpoint import MetaCheckpoint
 from .model_card import write_model_card
 from .plan import TensorPlan, build_plan, refuse_unplanned_tensors
 from .safetensors_writer import OutTensor, write_shards
-from .staging import commit_output, prepare_output, write_error
+from .staging import write_atomically
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default "5GB"
 
@@ -131,17 +130,10 @@ def convert_meta_to_hf(input_dir: str | Path, output_dir: str | Path,
         raise ConversionError(f"tokenizer.model not found in {ckpt.dir} or its parent; it is needed for the HF "
                               "tokenizer files (pass --no-tokenizer to convert the weights alone)")
     n_bytes = sum(e.nbytes for e in plan)
-    staging, notes = prepare_output(output_dir, options.overwrite, input_files=ckpt.input_files,
-                                    input_dirs=[ckpt.dir], needed_bytes=n_bytes)
-    warnings += notes
-    try:
-        files, replicas = _write_staging(staging, ckpt, variant, plan, options, warnings)
-        commit_output(staging, output_dir)
-    except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise write_error(e, output_dir.parent) from None
-        raise
+    files, replicas = write_atomically(
+        output_dir, lambda staging: _write_staging(staging, ckpt, variant, plan, options, warnings),
+        overwrite=options.overwrite, notes=warnings, input_files=ckpt.input_files, input_dirs=[ckpt.dir],
+        needed_bytes=n_bytes)
     return ConversionReport(variant, output_dir, files, len(plan), n_bytes, time.perf_counter() - t0,
                             replicas.max_abs_diff, replicas.worst_key, warnings)
 

@@ -27,7 +27,7 @@ from .errors import ConversionError
 from .input_checks import check_hf_folder, read_json
 from .keymap import KeyRule, meta_keys
 from .meta_checkpoint import drop_cache, pread_into
-from .staging import commit_output, prepare_output, write_error
+from .staging import write_atomically
 from .transforms import replicate_heads, unpermute_from_hf_rotary
 
 
@@ -228,17 +228,10 @@ def convert_hf_to_meta(hf_dir: str | Path, output_dir: str | Path, *, num_shards
         raise ConversionError(f"{n} shards cannot split {heads} heads / {kv} kv heads")
     lay = _Layout(n, heads, kv, rep, FAMILY_FACTS[family].embedding_shard_dim)
 
-    staging, leftovers = prepare_output(output_dir, overwrite, input_files=_input_files(hf_dir, files, tokenizer),
-                                        input_dirs=[hf_dir], needed_bytes=_weight_bytes(hf_dir, files))
-    notes += leftovers
-    try:
-        _write_meta(staging, hf_dir, cfg, params, lay, family, files, tokenizer, notes)
-        commit_output(staging, output_dir)
-    except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise write_error(e, output_dir.parent) from None
-        raise
+    write_atomically(output_dir, lambda staging: _write_meta(staging, hf_dir, cfg, params, lay, family, files,
+                                                             tokenizer, notes),
+                     overwrite=overwrite, notes=notes, input_files=_input_files(hf_dir, files, tokenizer),
+                     input_dirs=[hf_dir], needed_bytes=_weight_bytes(hf_dir, files))
     return HFToMetaReport(output_dir, n, params, family, notes)
 
 

@@ -25,7 +25,7 @@ import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 from .errors import ConversionError
 
@@ -161,6 +161,29 @@ def prepare_output(output_dir: Path, overwrite: bool, *, input_files: Iterable[P
         shutil.rmtree(staging, ignore_errors=True)
         raise write_error(e, parent) from None
     return staging, notes
+
+
+T = TypeVar("T")
+
+
+def write_atomically(output_dir: Path, write: Callable[[Path], T], *, overwrite: bool, notes: list[str],
+                     input_files: Iterable[Path] = (), input_dirs: Iterable[Path] = (), needed_bytes: int = 0) -> T:
+    """Run `write(staging)` in a fresh staging folder and rename it into place only when it returns;
+    on any failure (a signal included) the staging folder goes and the output is untouched.
+    Notes about leftovers of earlier runs are appended to `notes` before writing starts."""
+    output_dir = Path(output_dir)
+    staging, leftovers = prepare_output(output_dir, overwrite, input_files=input_files, input_dirs=input_dirs,
+                                        needed_bytes=needed_bytes)
+    notes += leftovers
+    try:
+        result = write(staging)
+        commit_output(staging, output_dir)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(e, output_dir.parent) from None
+        raise
+    return result
 
 
 def write_error(e: OSError, where: Path) -> ConversionError:
