@@ -187,7 +187,11 @@ class StreamingHF:
         with torch.device("meta"):
             layer = self.m.LlamaDecoderLayer(self.config, i)
         prefix = f"model.layers.{i}."
-        sd = {k[len(prefix):]: self._get(k) for k in self.files.keys() if k.startswith(prefix)}
+        # Extra tensors (e.g. old transformers' rotary_emb.inv_freq buffers) are ignored, as
+        # from_pretrained ignores them; a missing one still fails the strict load.
+        wanted = layer.state_dict().keys()
+        sd = {k[len(prefix):]: self._get(k) for k in self.files.keys()
+              if k.startswith(prefix) and k[len(prefix):] in wanted}
         layer.load_state_dict(sd, assign=True, strict=True)
         return layer.eval()
 
