@@ -326,6 +326,7 @@ def launch(args, parser) -> int:
     picks itself: localhost:0, no race), wait, and exit as single-process verify would."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -343,10 +344,14 @@ def launch(args, parser) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // args.nproc)))
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's socket warnings would bury the one line
-    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=f"llama-parity-{uuid.uuid4().hex}",
-                       rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
-                       shutdown_timeout=5)  # a stopped rank gets SIGKILL 5 s after SIGTERM
     with tempfile.TemporaryDirectory(prefix="llama-parity-ranks-") as errors:
+        # Ranks' stderr goes to files: a rank torn down mid-collective may print C++ noise
+        # ("terminate called without an active exception") that would bury the one line below.
+        logs = DefaultLogsSpecs(log_dir=str(Path(errors) / "logs"), redirects=Std.ERR)
+        cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, logs_specs=logs,
+                           run_id=f"llama-parity-{uuid.uuid4().hex}", rdzv_backend="c10d",
+                           rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+                           shutdown_timeout=5)  # a stopped rank gets SIGKILL 5 s after SIGTERM
         os.environ[ERRORS_ENV] = errors
         try:
             elastic_launch(cfg, sys.executable)("-m", "llama_parity", "verify", *worker_argv(args, parser))
@@ -359,7 +364,7 @@ def launch(args, parser) -> int:
 
 def _explain(failures: dict, errors: Path) -> int:
     """The rank that failed first and why; a parity failure (rank 0 exit 1) was already reported."""
-    lines = sorted(errors.glob("rank*"), key=lambda p: p.stat().st_mtime)
+    lines = sorted(errors.glob("rank*"), key=lambda p: p.stat().st_mtime)  # written by _fail
     if lines:
         code, line = lines[0].read_text().split("\n", 1)
         return _fail(None, line.strip(), int(code))
@@ -367,4 +372,14 @@ def _explain(failures: dict, errors: Path) -> int:
         return EXIT_PARITY
     rank, f = min(failures.items(), key=lambda kv: kv[1].timestamp)
     how = f"killed by signal {-f.exitcode}" if f.exitcode < 0 else f"exit code {f.exitcode}"
-    return _fail(None, f"rank {rank} stopped ({how}) without reporting why (out of memory?)")
+    last = _last_stderr_line(errors / "logs", rank)
+    return _fail(None, f"rank {rank} stopped ({how}) without reporting why (out of memory?)"
+                       + (f"; its last stderr line: {last}" if last else ""))
+
+
+def _last_stderr_line(logs: Path, rank: int) -> str:
+    for path in logs.glob(f"**/{rank}/stderr.log"):
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        if lines:
+            return lines[-1][:300]
+    return ""
