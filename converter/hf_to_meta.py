@@ -38,6 +38,7 @@ class HFToMetaReport:
     params: dict
     family: str
     notes: list[str]
+    instruct: bool = False  # the HF folder carries chat metadata (verify then needs --instruct)
 
 
 def _params_for(cfg: dict, family: str, num_shards: int | None, notes: list[str]) -> tuple[dict, int]:
@@ -232,7 +233,22 @@ def convert_hf_to_meta(hf_dir: str | Path, output_dir: str | Path, *, num_shards
                                                              tokenizer, notes),
                      overwrite=overwrite, notes=notes, input_files=_input_files(hf_dir, files, tokenizer),
                      input_dirs=[hf_dir], needed_bytes=_weight_bytes(hf_dir, files))
-    return HFToMetaReport(output_dir, n, params, family, notes)
+    return HFToMetaReport(output_dir, n, params, family, notes, _carries_chat_metadata(hf_dir, cfg, family))
+
+
+def _carries_chat_metadata(hf_dir: Path, cfg: dict, family: str) -> bool:
+    """Whether the HF folder is an instruct/chat conversion. Meta's files cannot say (base and
+    instruct share params.json), so verify must be told: Llama 3 instruct models stop on a list of
+    eos ids (<|eot_id|> among them; Llama Guard 3 has no base twin), Llama 1/2 and Code Llama chat
+    models differ by their template."""
+    gen = hf_dir / "generation_config.json"
+    eos = (read_json(gen) if gen.is_file() else cfg).get("eos_token_id")
+    if (isinstance(eos, list) and len(eos) > 1) or family == "llama-guard-3":
+        return True
+    if registry.FAMILY_FACTS[family].tokenizer == "tiktoken":
+        return False  # base Llama 3.x: <|end_of_text|> alone
+    tok_cfg = hf_dir / "tokenizer_config.json"
+    return tok_cfg.is_file() and bool(read_json(tok_cfg).get("chat_template"))
 
 
 def _weight_bytes(hf_dir: Path, files) -> int:  # each tensor written once (kv replication aside)

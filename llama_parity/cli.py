@@ -306,7 +306,8 @@ def cmd_to_meta(args) -> int:
     print(f"converted {args.hf_dir} -> {rep.output_dir} ({rep.num_shards} shard(s), {rep.family})")
     for n in rep.notes:
         print(f"  - {n}")
-    print(f"next: llama-parity verify --meta-dir {rep.output_dir} --hf-dir {args.hf_dir}")
+    print(f"next: llama-parity verify --meta-dir {rep.output_dir} --hf-dir {args.hf_dir} "
+          f"{'--instruct' if rep.instruct else '--base'}")
     return EXIT_OK
 
 

@@ -308,15 +308,17 @@ class TokenizerRelease:
     label: str = ""
 
 
-def tokenizer_release(meta_dir: Path, variant_id: str | None = None) -> TokenizerRelease | None:
+def tokenizer_release(meta_dir: Path, variant_id: str | None = None,
+                      instruct: bool | None = None) -> TokenizerRelease | None:
     """The release a Meta checkpoint is (converter.detect's decision, one home for release facts), or None
-    when it cannot be told (then the checks that need it are skipped and a note says so)."""
+    when it cannot be told (then the checks that need it are skipped and a note says so). `instruct`
+    (verify's --instruct/--base) picks the twin whose special tokens and template to expect."""
     from llama_parity.converter.detect import detect
     from llama_parity.converter.meta_checkpoint import MetaCheckpoint
     from llama_parity.fixtures.variants import guard_categories
 
     try:
-        v = detect(MetaCheckpoint(Path(meta_dir)), variant_id=variant_id)
+        v = detect(MetaCheckpoint(Path(meta_dir)), variant_id=variant_id, instruct=instruct)
     except Exception:  # noqa: BLE001 - verify reports bad input elsewhere; here: release unknown
         return None
     return TokenizerRelease(v.family, v.instruct, guard_categories(v.registry_id), v.registry_id or v.label)

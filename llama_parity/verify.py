@@ -144,7 +144,7 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", var
         _model_checks(report, meta_dir, hf_dir, rope, meta, hf, device=device, bf16=bf16, memory=memory,
                       quick=checks == "quick", model_checks=model_checks)
     if tokenizer:
-        _tokenizer_check(report, meta_dir, hf_dir, variant_id)
+        _tokenizer_check(report, meta_dir, hf_dir, variant_id, instruct)
     else:
         report.notes.append("tokenizer not checked (--no-tokenizer)")
     return report
@@ -189,7 +189,8 @@ def _model_checks(report: VerifyReport, meta_dir: Path, hf_dir: Path, rope, meta
                                    f"transformers could not load the HF folder: {type(e).__name__}: {e}"))
 
 
-def _tokenizer_check(report: VerifyReport, meta_dir: Path, hf_dir: Path, variant_id: str | None) -> None:
+def _tokenizer_check(report: VerifyReport, meta_dir: Path, hf_dir: Path, variant_id: str | None,
+                     instruct: bool | None = None) -> None:
     tok = find_tokenizer(meta_dir)
     if tok is None:
         report.notes.append("no tokenizer.model next to the Meta checkpoint: tokenizer parity not checked")
@@ -200,5 +201,5 @@ def _tokenizer_check(report: VerifyReport, meta_dir: Path, hf_dir: Path, variant
     else:
         from .tokenizer_check import check_tokenizer, tokenizer_release
 
-        report.tokenizer = check_tokenizer(tok, hf_dir, release=tokenizer_release(meta_dir, variant_id))
+        report.tokenizer = check_tokenizer(tok, hf_dir, release=tokenizer_release(meta_dir, variant_id, instruct))
         report.notes += report.tokenizer.notes

@@ -184,3 +184,21 @@ def test_overwrite_replaces_an_old_output_cleanly(tiny, tmp_path, capsys):
     assert code == 0
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@pytest.mark.parametrize("variant_id", ["llama3.2-1b-instruct", "llama3.1-8b"])
+def test_to_meta_next_hint_passes(tiny, tmp_path, capsys, variant_id):
+    """Bug class: a false failure reached by following the tool's own hint: HF -> Meta into a folder
+    whose name names no release, then the printed verify command failed on an instruct model's eos
+    and special tokens (Meta's files cannot tell base from instruct; the hint must say which)."""
+    import shlex
+
+    hf = tiny.hf(variant_id)
+    tok = next(p for p in (tiny.meta(variant_id) / "tokenizer.model", tiny.meta(variant_id).parent / "tokenizer.model")
+               if p.is_file())
+    code, out, _ = run(capsys, "to-meta", "--hf-dir", hf, "--output-dir", tmp_path / "back", "--tokenizer", tok)
+    assert code == 0
+    hint = next(ln for ln in out.splitlines() if ln.startswith("next: llama-parity "))
+    assert ("--instruct" in hint) == variant_id.endswith("instruct")
+    code, out, _ = run(capsys, *shlex.split(hint[len("next: llama-parity "):]), "--memory", "full", "--no-bf16")
+    assert code == 0, out
