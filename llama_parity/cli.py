@@ -342,8 +342,9 @@ def _add_verify_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where both models run")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 logits check")
     p.add_argument("--memory", choices=["auto", "full", "streaming"], default="auto",
-                   help="full: both models in memory; streaming: one layer at a time (real 70B+ weights); "
-                        "auto: stream when the models would not fit comfortably")
+                   help="streaming: one layer of each model at a time, every check (bounded memory, any size); "
+                        "full: both whole models in memory (transformers' from_pretrained and generate); "
+                        "auto (default): streaming")
     p.add_argument("--no-tokenizer", action="store_true", help="skip tokenizer parity")
     _add_json_arg(p)
     p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report with charts: measured "
