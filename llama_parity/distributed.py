@@ -341,8 +341,9 @@ def launch(args, parser) -> int:
         return _fail(None, str(e))
     for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # failures are reported below, in one line
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // args.nproc)))
+    from .machine import cpu_budget
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_budget() // args.nproc)))
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's socket warnings would bury the one line
     with tempfile.TemporaryDirectory(prefix="llama-parity-ranks-") as errors:
         # Ranks' stderr goes to files: a rank torn down mid-collective may print C++ noise

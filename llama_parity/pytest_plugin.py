@@ -14,7 +14,6 @@ the real pair is added to the parametrization, nothing is skipped in its absence
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -67,18 +66,6 @@ def devices() -> list:
         pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
             not _cuda_available(), reason="no CUDA device on this machine; the same test runs on GPU machines")),
     ]
-
-
-def cpu_budget() -> int:
-    """Cores this process may use (affinity and cgroup quota), so torch never runs more threads than that."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
 
 
 class TinyCheckpoints:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from llama_parity.pytest_plugin import cpu_budget, devices
+from llama_parity.machine import cpu_budget
+from llama_parity.pytest_plugin import devices
 
 # torch (OpenMP) otherwise starts a thread per core it sees, and its idle threads spin: on a busy
 # machine that quadrupled the suite's CPU time (3 model-parity modules beside other work: 177 s wall,
