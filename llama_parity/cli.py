@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -234,8 +235,8 @@ def cmd_verify(args) -> int:
     from . import distributed
     from .verify import InputError, verify
 
-    if missing := _missing_extra(args, "html"):
-        return _err(missing)
+    if missing := _missing_extra(args, "html"):  # every rank under torchrun sees it: rank 0 speaks
+        return _err(missing) if os.environ.get("RANK", "0") == "0" else EXIT_INPUT
     if args.nproc:  # launch N ranks here; each runs this command without --nproc
         return distributed.launch(args, args.verify_parser)
     if distributed.under_torchrun():
@@ -247,13 +248,20 @@ def cmd_verify(args) -> int:
                      instruct=args.instruct)
     except InputError as e:
         return _err(str(e))
-    print(rep.render())
+    return emit_verify_report(args, rep)
+
+
+def emit_verify_report(args, rep, *, measure_layers: bool = True) -> int:
+    """How every verify ends, single-process or rank 0 of a distributed run: the text report, then
+    --json and --html; the exit code says whether the files agree."""
+    print(rep.render(), flush=True)
     if args.json:
         write_json(args, rep.to_dict())
     if args.html:
         from .report_html import write_html
 
-        print(f"report: {write_html(rep, args.html, variant_id=args.variant)}")
+        path = write_html(rep, args.html, variant_id=args.variant, measure_layers=measure_layers)
+        print(f"report: {path}", flush=True)
     return EXIT_OK if rep.ok else EXIT_PARITY
 
 

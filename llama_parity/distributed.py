@@ -269,12 +269,11 @@ def run_rank(args) -> int:
     if r.rank != 0:
         return EXIT_OK
     rep.notes.append(_layout_note(Path(args.meta_dir), Path(args.hf_dir), r))
-    print(rep.render(), flush=True)
-    if args.json:
-        from .cli import write_json
+    from .cli import emit_verify_report
 
-        write_json(args, rep.to_dict())
-    return EXIT_OK if rep.ok else EXIT_PARITY
+    # No per-layer chart in the HTML: measuring it would load both whole models into rank 0, the
+    # memory the distributed run exists to avoid (the report says so and names `diagnose`).
+    return emit_verify_report(args, rep, measure_layers=False)
 
 
 def _layout_note(meta_dir: Path, hf_dir: Path, r: Rank) -> str:

@@ -66,13 +66,17 @@ def _tokenizer_section(tok) -> str:
     return "\n".join(rows)
 
 
-def layer_stages(report, variant_id: str | None = None) -> tuple[list[tuple[str, float, bool]], str]:
+def layer_stages(report, variant_id: str | None = None, *,
+                 measure: bool = True) -> tuple[list[tuple[str, float, bool]] | None, str]:
     """Error after each layer: from the streamed per-layer check when it ran, else one traced forward
     of both models (the same comparison `diagnose` makes). Returns (stages, how they were measured)."""
     for c in report.checks:
         if c.series and c.series.get("x_label") == "layer":
             return [(f"layer {x}", y, y <= c.bound) for x, y in zip(c.series["x"], c.series["y"])], \
                 "hidden state after each layer, streamed"
+    if not measure:
+        return None, ("error per layer not measured in a distributed run (it would load both whole models into "
+                      "one process): `llama-parity diagnose` measures it where the models fit")
     from llama_parity.reference_model.model import load_meta_checkpoint
 
     from .diagnose import compare_stages
@@ -140,10 +144,11 @@ device {_e(report.device)} · llama-parity {_e(__version__)} · {when}</p>
 """
 
 
-def write_html(report, path: str | Path, *, variant_id: str | None = None) -> Path:
-    """Write the report; per-layer errors are measured here when the checks did not record them."""
+def write_html(report, path: str | Path, *, variant_id: str | None = None, measure_layers: bool = True) -> Path:
+    """Write the report; per-layer errors are measured here when the checks did not record them
+    (unless `measure_layers` is False: a distributed run, whose models need not fit in one process)."""
     try:
-        stages, how = layer_stages(report, variant_id)
+        stages, how = layer_stages(report, variant_id, measure=measure_layers)
     except Exception as e:  # noqa: BLE001 - the report still shows every check; say why this part is missing
         stages, how = None, f"error per layer not measured: {type(e).__name__}: {str(e)[:200]}"
     path = Path(path)

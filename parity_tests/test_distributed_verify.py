@@ -9,6 +9,7 @@ bounded by a subprocess timeout; process start and the torch import dominate the
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -54,10 +55,12 @@ def test_two_ranks_report_equals_single_process(tiny, tmp_path):
     """Bug class: the distributed path computing something else than verify (a check dropped or renamed,
     hidden states handed to the wrong rank, a shard group or layer range lost, a collective summing twice)."""
     meta, hf = tiny.meta(VARIANT, SHARDS), tiny.hf(VARIANT, SHARDS)
-    code, out, err = _verify_2ranks(meta, hf, "--json", str(tmp_path / "d.json"))
+    page = tmp_path / "d.html"
+    code, out, err = _verify_2ranks(meta, hf, "--json", str(tmp_path / "d.json"), "--html", str(page))
     assert code == 0, err
     assert "PARITY OK" in out and "distributed over 2 ranks (gloo)" in out
     dist = _checks(json.loads((tmp_path / "d.json").read_text()))
+    _assert_html_report(out, page, [c[0] for c in dist])
     single = _checks(verify(meta, hf, tokenizer=False, memory="full").to_dict())
     assert [c[:2] for c in dist] == [c[:2] for c in single]
     for (name, _ok, m_dist, bound), (_n, _o, m_single, _b) in zip(dist, single):
@@ -65,6 +68,15 @@ def test_two_ranks_report_equals_single_process(tiny, tmp_path):
             assert m_dist == m_single, name
         else:  # numerical: both within the bound, and apart by far less than it
             assert m_dist <= bound and abs(m_dist - m_single) <= bound / 10, (name, m_dist, m_single)
+
+
+def _assert_html_report(out: str, page, names: list[str]) -> None:
+    """Bug class: `verify --nproc N --html PATH` (rank 0) silently writing no report, or one without
+    the checks the distributed run judged (the single-process path wrote it, the distributed one not)."""
+    assert f"report: {page}" in out and page.is_file()
+    text = page.read_text()
+    assert "PARITY OK" in text and all(html.escape(n) in text for n in names), names
+    assert "error per layer not measured in a distributed run" in text
 
 
 def test_mutant_fails_in_the_same_check(tiny, tmp_path):

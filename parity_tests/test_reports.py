@@ -88,7 +88,8 @@ def test_diagnose_plot_is_a_png(tiny, tmp_path, capsys):
     assert width > 500 and height > 500
 
 
-@pytest.mark.parametrize("argv", [["verify", "--html", "r.html"], ["diagnose", "--plot", "d.png"]])
+@pytest.mark.parametrize("argv", [["verify", "--html", "r.html"], ["verify", "--nproc", "2", "--html", "r.html"],
+                                  ["diagnose", "--plot", "d.png"]])
 def test_missing_plot_extra_exit_two(tmp_path, capsys, monkeypatch, argv):
     """Bug class: a missing optional dependency ending in a traceback (or after the long run) instead
     of one line naming the extra to install."""
@@ -98,4 +99,4 @@ def test_missing_plot_extra_exit_two(tmp_path, capsys, monkeypatch, argv):
     out, err = capsys.readouterr()
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("llama-parity: ") and "llama-parity[plot]" in err and "Traceback" not in err
-    assert not (tmp_path / argv[2]).exists()
+    assert not (tmp_path / argv[-1]).exists()
