@@ -74,6 +74,14 @@ def per_position(a: torch.Tensor, b: torch.Tensor, positions) -> dict:
     return {"x_label": "position", "x": [int(p) for p in positions], "y": y}
 
 
+KL_LABEL = "next-token KL (nats)"  # y_label of KL series: another unit than relative logit error, another chart
+
+
+def kl_series(kl: torch.Tensor) -> dict:
+    """KL per position (rows of the prompt, from 0): its max is the KL check's value."""
+    return {"x_label": "position", "y_label": KL_LABEL, "x": list(range(len(kl))), "y": [float(v) for v in kl]}
+
+
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float().cpu(), b.float().cpu()
     scale = max(float(a.abs().max()), 1e-6)
@@ -203,14 +211,25 @@ def next_token_kl(ref: torch.Tensor, hf: torch.Tensor) -> torch.Tensor:
     return torch.stack(out).clamp_min(0)
 
 
-def top1_disagreements(ref: torch.Tensor, hf: torch.Tensor, rel_tol: float = FP32_REL_BOUND) -> tuple[int, int]:
-    """(positions whose argmax differs, positions compared); positions whose reference top-2 margin is
-    within 2 * rel_tol of the logit scale are ties rounding may break, and are not compared."""
+def top1_flips(ref: torch.Tensor, hf: torch.Tensor, rel_tol: float = FP32_REL_BOUND) -> tuple[list[int], int]:
+    """(positions whose argmax differs, number of positions compared); positions whose reference top-2
+    margin is within 2 * rel_tol of the logit scale are ties rounding may break, and are not compared."""
     ref, hf = ref.float().cpu(), hf.float().cpu()
     top2 = ref.topk(min(2, ref.shape[-1]), -1).values
     decided = (top2[:, 0] - top2[:, -1]) > 2 * rel_tol * max(float(ref.abs().max()), 1e-6)
     differ = ref.argmax(-1) != hf.argmax(-1)
-    return int((differ & decided).sum()), int(decided.sum())
+    return torch.nonzero(differ & decided).flatten().tolist(), int(decided.sum())
+
+
+def top1_disagreements(ref: torch.Tensor, hf: torch.Tensor, rel_tol: float = FP32_REL_BOUND) -> tuple[int, int]:
+    """(positions whose argmax differs, positions compared): top1_flips counted."""
+    flips, n = top1_flips(ref, hf, rel_tol)
+    return len(flips), n
+
+
+def _at(positions: list[int], most: int = 12) -> str:
+    return "" if not positions else " (at " + ", ".join(map(str, positions[:most])) + (
+        ", ..." if len(positions) > most else "") + ")"
 
 
 def compare_fp32(name: str, catches: str, ref: torch.Tensor, hf: torch.Tensor, detail: str,
@@ -229,14 +248,17 @@ def compare_fp32(name: str, catches: str, ref: torch.Tensor, hf: torch.Tensor, d
 def distribution_checks(ref: torch.Tensor, hf: torch.Tensor, what: str) -> list[Check]:
     """The user-facing view of the fp32 logits: next-token KL per position and top-1 agreement."""
     kl = next_token_kl(ref, hf)
-    bad, n = top1_disagreements(ref, hf)
+    flips, n = top1_flips(ref, hf)
+    # Top-1 carries no series: a 0/1 flag per position has no magnitude to read against a bound (on
+    # the log axis it is the floor or 1), and flips happen where the KL series peaks; the detail
+    # lists the positions instead.
     return [
         Check("next-token KL (fp32)", "any fault that changes what the model predicts, in nats",
               float(kl.max()), FP32_KL_BOUND, float(kl.max()) <= FP32_KL_BOUND,
               f"max over {len(kl)} positions of {what}; mean {float(kl.mean()):.1e} nats; "
-              f"KL ~ Var(diff)/2, fp32 rounding gives ~1e-10"),
-        Check("top-1 agreement (fp32)", "a fault that flips the predicted token", float(bad), 0.0, bad == 0,
-              f"argmax differs at {bad} of {n} positions (positions with a top-2 margin below "
+              f"KL ~ Var(diff)/2, fp32 rounding gives ~1e-10", series=kl_series(kl)),
+        Check("top-1 agreement (fp32)", "a fault that flips the predicted token", float(len(flips)), 0.0, not flips,
+              f"argmax differs at {len(flips)} of {n} positions{_at(flips)} (positions with a top-2 margin below "
               f"{2 * FP32_REL_BOUND:.0e} of the logit scale are ties and not counted)"),
     ]
 
@@ -247,7 +269,8 @@ def bf16_checks(ref32: torch.Tensor, ref16: torch.Tensor, hf16: torch.Tensor, hf
     err = lambda x: float((x.float().cpu() - ref32.float().cpu()).abs().max()) / scale
     e_hf, e_ref = err(hf16), err(ref16)
     bound = BF16_NOISE_K * e_ref + FP32_REL_BOUND
-    kl_hf, kl_ref = float(next_token_kl(ref32, hf16).max()), float(next_token_kl(ref32, ref16).max())
+    kl_each = next_token_kl(ref32, hf16)
+    kl_hf, kl_ref = float(kl_each.max()), float(next_token_kl(ref32, ref16).max())
     kl_bound = BF16_NOISE_K ** 2 * kl_ref + FP32_KL_BOUND
     own = "" if hf32 is None else (f"; HF bf16 vs HF fp32 "
                                    f"{float((hf16.float().cpu() - hf32.float().cpu()).abs().max()) / scale:.2e}")
@@ -256,11 +279,12 @@ def bf16_checks(ref32: torch.Tensor, ref16: torch.Tensor, hf16: torch.Tensor, hf
         Check("logits (bf16)", "precision lost in conversion or a computation that rounds more than bf16 implies",
               e_hf, bound, e_hf <= bound,
               f"max |HF bf16 - Meta fp32| / max |logit|; bound {BF16_NOISE_K:g} x Meta's own bf16 error "
-              f"({e_ref:.2e}) + {FP32_REL_BOUND:.0e}{own}; top-1 vs Meta fp32 differs at {bad} of {n} positions"),
+              f"({e_ref:.2e}) + {FP32_REL_BOUND:.0e}{own}; top-1 vs Meta fp32 differs at {bad} of {n} positions",
+              series=per_position(ref32, hf16, range(len(ref32)))),
         Check("next-token KL (bf16)", "bf16 predictions further from the exact model than bf16 explains",
               kl_hf, kl_bound, kl_hf <= kl_bound,
               f"max KL(Meta fp32 || HF bf16); bound {BF16_NOISE_K ** 2:g} x max KL(Meta fp32 || Meta bf16) "
-              f"({kl_ref:.1e}) + {FP32_KL_BOUND:.0e}"),
+              f"({kl_ref:.1e}) + {FP32_KL_BOUND:.0e}", series=kl_series(kl_each)),
     ]
 
 

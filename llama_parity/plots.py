@@ -5,7 +5,8 @@ Used by `diagnose --plot` (a PNG) and `verify --html` (inline SVG). matplotlib i
 with matplotlib's object API (no pyplot), so nothing touches a display or global state.
 
 Every error axis is logarithmic: a correct conversion sits near 1e-7, the bound at 1e-4 and a layout
-bug at 1e-2..1, three decades apart. Exact zeros are drawn at the axis floor.
+bug at 1e-2..1, three decades apart. Exact zeros (and, per position, anything more than 6 decades below
+the lowest bound) are drawn at the axis floor.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import io
 from pathlib import Path
 
 PASS, FAIL, INFO = "#2e7d32", "#c62828", "#757575"
+REL_LABEL = "rel. diff"
 EXTRA_HINT = "pip install 'llama-parity[plot]'"
 
 
@@ -58,7 +60,8 @@ def checks_axes(ax, rows: list[tuple[str, float, float, bool]]) -> None:
     ax.set_xscale("log")
     ax.set_xlim(floor, 10 * max([r[1] for r in rows] + [r[2] for r in rows]))
     ax.set_yticks(ys, [r[0] for r in rows], fontsize=9)
-    ax.set_xlabel("measured (bar; green pass, red fail) vs bound (black tick): max |diff| / max |value|, log scale")
+    ax.set_xlabel("measured (bar; green pass, red fail) vs bound (black tick), log scale; "
+                  "each check in its own unit (relative error, or KL in nats)")
 
 
 def layers_axes(ax, stages: list[tuple[str, float, bool]], bound: float) -> None:
@@ -81,19 +84,23 @@ def layers_axes(ax, stages: list[tuple[str, float, bool]], bound: float) -> None
     ax.legend(loc="best", fontsize=8)
 
 
-def positions_axes(ax, series: dict[str, dict], bounds: dict[str, float]) -> None:
-    """Error per position for each check that carries one; RoPE bugs grow with position."""
+def positions_axes(ax, series: dict[str, dict], bounds: dict[str, float], ylabel: str = REL_LABEL) -> None:
+    """Error per position for each check that carries one (all in one unit); RoPE bugs grow with position."""
     values = [v for s in series.values() for v in s["y"]]
-    floor = _floor(values, list(bounds.values()))
+    # At most 6 decades below the lowest bound: float64 KL of a correct conversion reaches 1e-25 at
+    # some positions, and 20 decades of axis would flatten everything that matters.
+    floor = max(_floor(values, list(bounds.values())), min(bounds.values(), default=0) * 1e-6)
     for name, s in series.items():
         ax.plot(s["x"], [max(v, floor) for v in s["y"]], marker="o", markersize=3, linewidth=1, label=name)
     for b, style in zip(sorted(set(bounds.values())), ("--", ":", "-.")):
-        ax.axhline(b, color=FAIL, linestyle=style, linewidth=1, label=f"bound {b:.0e}")
+        whose = [k for k, v in bounds.items() if v == b]
+        label = f"bound {b:.0e}" + (f" ({', '.join(whose)})" if len(set(bounds.values())) > 1 else "")
+        ax.axhline(b, color=FAIL, linestyle=style, linewidth=1, label=label)
     ax.set_yscale("log")
     ax.ticklabel_format(axis="x", useOffset=False, style="plain")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("position")
-    ax.set_ylabel("rel. diff (0 at the bottom)")
+    ax.set_ylabel(f"{ylabel} (0 at the bottom)")
     ax.legend(loc="best", fontsize=8)
 
 
@@ -105,14 +112,14 @@ def split_near_far(series: dict[str, dict]) -> tuple[dict, dict]:
     return near, far
 
 
-def position_figure(series: dict[str, dict], bounds: dict[str, float], title: str):
+def position_figure(series: dict[str, dict], bounds: dict[str, float], title: str, ylabel: str = REL_LABEL):
     near, far = split_near_far(series)
     panels = [p for p in (near, far) if p]
     if not panels:
         return None
     fig, axes = figure(len(panels), 2.6 * len(panels))
     for ax, panel in zip(axes, panels):
-        positions_axes(ax, panel, {k: bounds[k] for k in panel})
+        positions_axes(ax, panel, {k: bounds[k] for k in panel}, ylabel)
     axes[0].set_title(title, fontsize=10)
     if far and len(panels) == 2:
         axes[1].set_title("far positions (after a jump past the original context)", fontsize=10)

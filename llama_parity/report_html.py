@@ -2,8 +2,8 @@
 
 Sections: the verdict; every check with measured value, bound and result (pass green, fail red,
 measured-only grey) and a chart of measured against bound; error per layer (where divergence starts);
-error per position (a RoPE bug grows with position); the tokenizer checks with their mismatches;
-notes. Charts need the `plot` extra (matplotlib).
+error and next-token KL per position (a RoPE bug grows with position; two charts: two units); the
+tokenizer checks with their mismatches; notes. Charts need the `plot` extra (matplotlib).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from . import plots
-from .parity import FP32_REL_BOUND
+from .parity import FP32_REL_BOUND, KL_LABEL
 from .verify import format_value
 
 CSS = """
@@ -108,10 +108,25 @@ def _charts(report, stages, stages_how: str) -> dict[str, str]:
         out["layers"] = _figure_block(fig, f"{stages_how}; relative to the largest reference value")
     else:
         out["layers"] = f"<p class=small>{_e(stages_how)}</p>"
-    series = {c.name: c.series for c in report.checks if c.series and c.series.get("x_label") == "position"}
-    fig = plots.position_figure(series, {c.name: c.bound for c in report.checks}, "error per position")
-    out["positions"] = _figure_block(fig, "max |diff| over the vocabulary at each position / max |logit|")
+    out["positions"] = _position_charts(report)
     return out
+
+
+def _position_charts(report) -> str:
+    """Relative logit error and next-token KL per position, in two charts: nats and relative error are
+    different units with different bounds (1e-6 nats vs 1e-4), one axis would misread both."""
+    series = {c.name: c.series for c in report.checks if c.series and c.series.get("x_label") == "position"}
+    bounds = {c.name: c.bound for c in report.checks}
+    kl = {k: s for k, s in series.items() if s.get("y_label") == KL_LABEL}
+    rel = {k: s for k, s in series.items() if k not in kl}
+    blocks = [_figure_block(plots.position_figure(rel, bounds, "error per position"),
+                            "max |diff| over the vocabulary at each position / max |logit|")]
+    if kl:
+        blocks.append(_figure_block(
+            plots.position_figure(kl, bounds, "next-token KL per position", ylabel="KL (nats)"),
+            "KL(p_Meta fp32 || p_HF) of the next-token distributions at each position, in nats (HF in fp32, "
+            "and in bf16 when it ran); the check's value is the maximum over positions"))
+    return "\n".join(blocks)
 
 
 def render_html(report, stages=None, stages_how: str = "") -> str:

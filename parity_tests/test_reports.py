@@ -13,10 +13,11 @@ import re
 import sys
 
 import pytest
+import torch
 
 from llama_parity.cli import main
 from llama_parity.mutations import BY_NAME, mutate_copy
-from llama_parity.parity import Check
+from llama_parity.parity import KL_LABEL, Check, bf16_checks, distribution_checks
 from llama_parity.report_html import render_html
 from llama_parity.verify import VerifyReport, format_value, verify
 
@@ -39,7 +40,8 @@ def test_series_is_the_checks_measurement(broken_report):
     """Bug class: a per-position chart that plots another quantity than the check judged (its maximum
     must be the check's value), or positions that are not the ones the check ran."""
     with_series = [c for c in broken_report.checks if c.series]
-    assert {c.name for c in with_series} >= {"logits (fp32)", "kv-cache decode", "far positions"}
+    assert {c.name for c in with_series} >= {"logits (fp32)", "kv-cache decode", "far positions",
+                                             "next-token KL (fp32)"}
     for c in with_series:
         assert max(c.series["y"]) == pytest.approx(c.measured, rel=1e-6), c.name
         assert len(c.series["x"]) == len(c.series["y"])
@@ -48,6 +50,37 @@ def test_series_is_the_checks_measurement(broken_report):
     logits = next(c for c in with_series if c.name == "logits (fp32)")
     # a RoPE theta bug: nothing at position 0 (no rotation there), large later on
     assert logits.series["y"][0] < 1e-4 < max(logits.series["y"][1:])
+
+
+def test_kl_series_shows_where_the_conversion_breaks(broken_report):
+    """Bug class: a KL chart with positions missing or lumped together (one mean for the prompt hides
+    where a conversion breaks), KL charted in the unit of relative logit error, or a broken conversion
+    whose per-position KL never crosses the bound the check failed on."""
+    by_name = {c.name: c for c in broken_report.checks}
+    kl, logits = by_name["next-token KL (fp32)"], by_name["logits (fp32)"]
+    n = len(logits.series["x"])
+    assert kl.series["x"] == list(range(n)) == logits.series["x"] and len(kl.series["y"]) == n
+    assert kl.series["y_label"] == KL_LABEL and "y_label" not in logits.series
+    assert not kl.ok and any(y > kl.bound for y in kl.series["y"])
+    assert by_name["top-1 agreement (fp32)"].series is None  # counts flips: see distribution_checks
+
+
+def test_bf16_kl_series_marks_the_broken_position():
+    """Bug class: the bf16 KL series not aligned with positions (an off-by-one, a reversed order) or not
+    the check's measurement: one position of HF's bf16 logits is scrambled, only it may cross the bound;
+    and a top-1 detail that does not name the position where the predicted token flipped."""
+    g = torch.Generator().manual_seed(0)
+    ref32 = 4 * torch.randn(6, 50, generator=g)
+    ref16 = ref32.bfloat16().float()
+    hf16 = ref16.clone()
+    hf16[3] = hf16[3].roll(1)
+    by_name = {c.name: c for c in bf16_checks(ref32, ref16, hf16, hf16)}
+    kl, rel = by_name["next-token KL (bf16)"], by_name["logits (bf16)"]
+    for c in (kl, rel):
+        assert c.series["x"] == list(range(6)) and max(c.series["y"]) == pytest.approx(c.measured, rel=1e-6)
+        assert [x for x, y in zip(c.series["x"], c.series["y"]) if y > c.bound] == [3], c.name
+    assert kl.series["y_label"] == KL_LABEL
+    assert "differs at 1 of" in (top1 := distribution_checks(ref32, hf16, "test")[1]).detail and "(at 3)" in top1.detail
 
 
 def test_html_report_has_every_check(tiny, broken, tmp_path, capsys):
@@ -63,7 +96,8 @@ def test_html_report_has_every_check(tiny, broken, tmp_path, capsys):
     for c in rep["tokenizer"]["checks"]:
         assert html.escape(c["name"]) in page and f"{c['mismatches']}/{c['total']}" in page, c["name"]
     assert "PARITY FAILED" in page and page.count('class="fail"') >= sum(not c["ok"] for c in rep["checks"])
-    assert page.count("<svg") >= 3  # measured vs bound, per layer, per position
+    assert page.count("<svg") >= 4  # measured vs bound, per layer, error per position, KL per position
+    assert "next-token KL per position" in page and "KL (nats)" in page  # KL in its own chart and unit
     assert "first divergence: layer 0" in page  # streamed (per layer) or full (per stage)
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), "report must not load from the network"
 
