@@ -152,6 +152,7 @@ class StreamingHF:
         self.rotary = modeling_llama.LlamaRotaryEmbedding(self.config).to(self.device)
         params = inspect.signature(modeling_llama.LlamaDecoderLayer.forward).parameters
         self.cache_kw = next(k for k in ("cache", "past_key_values", "past_key_value") if k in params)
+        self.buffers: dict = {}  # widened_linear's reused buffers, one per compute dtype
 
     def layout_check(self) -> tuple[Check, bool]:
         """What from_pretrained would do with these files, without loading them: every tensor
@@ -183,17 +184,26 @@ class StreamingHF:
         rows = [self.files.rows("model.embed_tokens.weight", t, t + 1) for t in tokens]
         return torch.cat(rows).to(device=self.device, dtype=dtype)[None]
 
-    def layer(self, i: int):
+    def read_layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's tensors as stored, named as in the layer (may run in a reader thread). A missing
+        one fails as a strict load would; extra ones (old transformers' rotary_emb.inv_freq buffers)
+        are ignored, as from_pretrained ignores them."""
+        with torch.device("meta"):
+            names = list(self.m.LlamaDecoderLayer(self.config, i).state_dict())
+        return {k: self.files.read(f"model.layers.{i}.{k}").to(self.device) for k in names}
+
+    def layer(self, i: int, tensors: dict[str, torch.Tensor]):
+        """Layer i built from `tensors`: its linear layers keep the file's dtype and widen it per
+        product (WidenedLinear); the norms are fp32 (`.to(torch.bfloat16)` gives the bf16 model's)."""
         with torch.device("meta"):
             layer = self.m.LlamaDecoderLayer(self.config, i)
-        prefix = f"model.layers.{i}."
-        # Extra tensors (e.g. old transformers' rotary_emb.inv_freq buffers) are ignored, as
-        # from_pretrained ignores them; a missing one still fails the strict load.
-        wanted = layer.state_dict().keys()
-        sd = {k[len(prefix):]: self._get(k) for k in self.files.keys()
-              if k.startswith(prefix) and k[len(prefix):] in wanted}
-        layer.load_state_dict(sd, assign=True, strict=True)
-        return layer.eval()
+        layer.load_state_dict(tensors, assign=True, strict=True)
+        for name, mod in list(layer.named_modules()):
+            if isinstance(mod, torch.nn.Linear):
+                parent, _, attr = name.rpartition(".")
+                setattr(layer.get_submodule(parent) if parent else layer, attr,
+                        WidenedLinear(mod.weight.data, None if mod.bias is None else mod.bias.data, self.buffers))
+        return layer.float().eval()
 
     def run(self, layer, h: torch.Tensor, positions: torch.Tensor, start: int, cache) -> torch.Tensor:
         """One layer on one step: `start` earlier tokens are in `cache` (None: a cache-less causal pass)."""
@@ -211,14 +221,57 @@ class StreamingHF:
             return "lm_head.weight"
         return "model.embed_tokens.weight" if self.config.tie_word_embeddings else None  # else: random lm_head
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and output projection in h's dtype, the output matrix read in row chunks."""
-        norm = self.m.LlamaRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
-        norm.weight.data = self._get("model.norm.weight", h.dtype)
-        hn = norm.to(self.device)(h)
+    def logits(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Final norm and output projection of each hidden state in its own dtype (fp32 logits),
+        the output matrix read once, a piece at a time, for all of them."""
+        norms = {}
+        for dtype in {h.dtype for h in hs}:
+            norm = self.m.LlamaRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
+            norm.weight.data = self._get("model.norm.weight", dtype)
+            norms[dtype] = norm.to(self.device)
+        hn = [norms[h.dtype](h) for h in hs]
         name, vocab = self.output_name(), self.config.vocab_size
-        return torch.cat([torch.nn.functional.linear(hn, self.files.rows(name, a, min(a + OUTPUT_ROWS, vocab)).to(
-            device=self.device, dtype=h.dtype)).float() for a in range(0, vocab, OUTPUT_ROWS)], dim=-1)
+        step = max(1, PIECE_BYTES // (self.config.hidden_size * 4))
+        outs = [[] for _ in hs]
+        for a in range(0, vocab, step):
+            piece = self.files.rows(name, a, min(a + step, vocab)).to(self.device)
+            for x, out in zip(hn, outs):
+                out.append(widened_linear(x, piece, self.buffers).float())
+        return [torch.cat(out, dim=-1) for out in outs]
+
+
+PIECE_BYTES = 4 << 20
+
+
+def widened_linear(x: torch.Tensor, w: torch.Tensor, buffers: dict) -> torch.Tensor:
+    """x @ w^T with w widened (or narrowed) to x's dtype a few rows at a time into one reused buffer:
+    a whole fp32 copy of each weight, freshly allocated, costs more than the product itself (page
+    faults and memory traffic; the reference does the same, reference_model/model.py _Converted)."""
+    if w.dtype == x.dtype:
+        return torch.nn.functional.linear(x, w)
+    step = max(1, PIECE_BYTES // (w.shape[1] * 4))
+    key = (x.dtype, x.device)
+    if key not in buffers or buffers[key].numel() < step * w.shape[1]:
+        buffers[key] = torch.empty(step * w.shape[1], dtype=x.dtype, device=x.device)
+    outs = []
+    for a in range(0, w.shape[0], step):
+        piece = w[a:a + step]
+        buf = buffers[key][:piece.numel()].view(piece.shape).copy_(piece)
+        outs.append(torch.nn.functional.linear(x, buf))
+    return torch.cat(outs, dim=-1)
+
+
+class WidenedLinear(torch.nn.Module):
+    """transformers' nn.Linear replaced by the same product over the weight as stored (see
+    widened_linear); a plain attribute, so `layer.to(torch.bfloat16)` converts only the norms."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, buffers: dict):
+        super().__init__()
+        self.w, self.b, self.buffers = weight, bias, buffers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = widened_linear(x, self.w, self.buffers)
+        return out if self.b is None else out + self.b.to(out.dtype)
 
 
 @dataclass
@@ -289,8 +342,8 @@ def run_reference(ref32: Transformer, ref16: Transformer, streams: list[Stream],
     refs = {torch.float32: ref32, torch.bfloat16: ref16}
     state = {s.name: _ref_begin(refs, s) for s in streams}
     hidden = []
-    for i in progress(range(ref32.args.n_layers), "reference layers"):
-        ref32.hold_layer(i)
+    for i, tensors in progress(prefetched(ref32.read_layer, ref32.args.n_layers), "reference layers", ref32.args.n_layers):
+        ref32.hold_layer(i, tensors=tensors)
         for dtype in (torch.float32, torch.bfloat16):
             if dtype == torch.bfloat16:
                 ref16.hold_layer(i, source=ref32)
@@ -301,9 +354,15 @@ def run_reference(ref32: Transformer, ref16: Transformer, streams: list[Stream],
                 _ref_set_cache(refs[dtype], None)
         ref32.release_layer()
         ref16.release_layer()
+        del tensors
         hidden.append(state["near"][0][0][0].float().cpu())
-    logits = {s.name: refs[s.dtype].head(torch.cat([st[0] for st in state[s.name]], dim=1)[:, s.logits_from:])[0]
-              for s in streams}
+    logits = {}
+    for dtype, ref in refs.items():  # one pass over the output matrix per dtype, every stream at once
+        group = [s for s in streams if s.dtype == dtype]
+        hs = [torch.cat([st[0] for st in state[s.name]], dim=1)[:, s.logits_from:] for s in group]
+        if group:
+            parts = ref.head(torch.cat(hs, dim=1))[0].split([h.shape[1] for h in hs])
+            logits.update({s.name: part for s, part in zip(group, parts)})
     return logits, hidden
 
 
@@ -327,8 +386,9 @@ def run_hf(hf: StreamingHF, streams: list[Stream], ref_hidden: list, progress) -
         s.cache = DynamicCache() if s.cached else None
         s.h = [hf.embed(s.tokens[a:b], s.dtype) for a, b in s.steps]
     diffs = []
-    for i in progress(range(hf.config.num_hidden_layers), "HF layers"):
-        layer = hf.layer(i)
+    for i, tensors in progress(prefetched(hf.read_layer, hf.config.num_hidden_layers), "HF layers", hf.config.num_hidden_layers):
+        layer = hf.layer(i, tensors)
+        del tensors
         for dtype in (torch.float32, torch.bfloat16):
             if dtype == torch.bfloat16:
                 layer = layer.to(torch.bfloat16)
@@ -340,12 +400,27 @@ def run_hf(hf: StreamingHF, streams: list[Stream], ref_hidden: list, progress) -
         diffs.append(rel_diff(ref_hidden[i], near.h[0][0]))
     if hf.output_name() is None:
         return {}, diffs
-    return {s.name: hf.logits(torch.cat(s.h, dim=1)[:, s.logits_from:])[0] for s in streams}, diffs
+    logits = hf.logits([torch.cat(s.h, dim=1)[:, s.logits_from:] for s in streams])
+    return {s.name: x[0] for s, x in zip(streams, logits)}, diffs
+
+
+def prefetched(read, n: int):
+    """(i, read(i)) for i in 0..n-1, layer i+1 read in a thread while the caller computes with layer i:
+    reads (pread, mostly waiting on the disk) overlap the products. One extra layer is resident."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="llama-parity-reader") as pool:
+        nxt = pool.submit(read, 0) if n else None
+        for i in range(n):
+            cur = nxt.result()
+            nxt = pool.submit(read, i + 1) if i + 1 < n else None
+            yield i, cur
+            del cur
 
 
 def _progress(desc_prefix: str):
     quiet = not sys.stderr.isatty()
-    return lambda it, desc: tqdm(it, desc=f"{desc_prefix}{desc}", unit="layer", disable=quiet)
+    return lambda it, desc, total=None: tqdm(it, desc=f"{desc_prefix}{desc}", unit="layer", total=total, disable=quiet)
 
 
 @torch.inference_mode()

@@ -88,3 +88,69 @@ def test_streamed_bf16_is_judged_against_meta_noise(tiny, tmp_path):
         save_file(coarse, str(f), metadata={"format": "pt"})
     checks = _streamed(tiny.meta("llama3.2-1b"), broken)
     assert not checks["logits (bf16)"].ok, checks["logits (bf16)"]
+
+
+@pytest.fixture(scope="module")
+def bf16_pair(tmp_path_factory):
+    """A tiny bf16 Meta checkpoint (real downloads are bf16) of a sharded GQA layout, converted."""
+    import torch
+
+    from llama_parity.converter.convert import ConvertOptions, convert_meta_to_hf
+    from llama_parity.fixtures import variants
+    from llama_parity.fixtures.factory import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("bf16-stream")
+    meta = make_tiny_checkpoint(variants.get("llama3.1-70b"), root, dtype=torch.bfloat16)
+    convert_meta_to_hf(meta, root / "hf", ConvertOptions(progress=False, write_tokenizer=False))
+    return meta, root / "hf"
+
+
+def test_streamed_bf16_weights_widened_in_pieces_measure_what_full_measures(bf16_pair, monkeypatch):
+    """Bug class: the bf16-stored path computing something else than the whole-model pass: weights are
+    held as stored and widened to fp32 a few rows at a time (reference and HF side), greedy passes and
+    the output matrix read from the files piece by piece. Pieces of 3 rows make every weight, the
+    output matrix and every shard cross piece boundaries; a piece lost, repeated or misplaced moves
+    the logits far beyond a tenth of the fp32 bound."""
+    from llama_parity import streaming
+    from llama_parity.reference_model import model
+
+    monkeypatch.setattr(streaming, "PIECE_BYTES", 3 * 4 * 64)  # tiny dims are <= 64 wide: ~3 rows
+    monkeypatch.setattr(model._Converted, "PIECE_BYTES", 3 * 4 * 64)
+    meta, hf = bf16_pair
+    full = {c.name: c for c in parity.run_model_checks(meta, hf, rope_scaling=parity.expected_rope_scaling(meta))}
+    streamed = _streamed(meta, hf)
+    assert all(c.ok for c in streamed.values()), [(c.name, c.measured) for c in streamed.values() if not c.ok]
+    for name, c in full.items():
+        assert abs(streamed[name].measured - c.measured) <= max(c.bound, 1e-12) / 10, (name, streamed[name], c)
+
+
+@pytest.mark.parametrize("stored,round_to", [("bfloat16", None), ("float32", "bfloat16"), ("float32", None)])
+def test_piecewise_products_equal_whole_products(tmp_path, monkeypatch, stored, round_to):
+    """Bug class: a widened product that is not x @ W^T (a piece skipped at the end, rows shifted
+    between pieces, the rounding of a declared dtype change not applied): the reference's
+    piecewise product, from a held tensor and from the file, equals F.linear on the whole converted
+    weight, for odd piece sizes; the HF side's widened_linear too. Equal to fp32 rounding, not bit for
+    bit: the product's kernel may sum in another order for another matrix shape (those bugs move
+    outputs by O(1))."""
+    import torch
+    import torch.nn.functional as F
+
+    from llama_parity import streaming
+    from llama_parity.reference_model import model
+
+    stored, round_to = getattr(torch, stored), round_to and getattr(torch, round_to)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 24, generator=g).to(stored)
+    x = torch.randn(1, 5, 24, generator=g)
+    torch.save({"w": w}, tmp_path / "consolidated.00.pth")
+    monkeypatch.setattr(model._Converted, "PIECE_BYTES", 5 * 4 * 24)
+    monkeypatch.setattr(streaming, "PIECE_BYTES", 5 * 4 * 24)
+    sd = model._Converted(model.ShardReader(tmp_path / "consolidated.00.pth"), torch.device("cpu"), torch.float32,
+                          round_to)
+    whole = F.linear(x, (w if round_to is None else w.to(round_to)).float())
+    close = lambda got: torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-5)
+    close(sd.linear(x, "w"))  # read from the file, piece by piece
+    sd.held = {"w": w}
+    close(sd.linear(x, "w"))  # held as stored
+    if round_to is None:
+        close(streaming.widened_linear(x, w, {}))
