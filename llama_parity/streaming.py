@@ -19,10 +19,16 @@ and every check's token sequence (a "stream") goes through the layer while it is
   a model more than once; the report states it.
 
 Memory: weights are read with explicit reads (never memory-mapped: mapped pages stay in RSS after
-use), one layer of one side resident at a time (fp32, then converted tensor by tensor to bf16 for
-the bf16 stream), embedding rows gathered for the prompt's tokens only, the output matrix in
-4096-row chunks. Peak above a bare torch+transformers process: one layer in fp32, the reference's
-logits of every stream and one output chunk (benchmarks/RESULTS.md has the measurements).
+use), one layer of one side resident at a time as stored (bf16 for real downloads) while the next
+is read in a thread; every product widens the weight to the stream's dtype a few rows at a time
+into one reused buffer (widened_linear, reference_model/model.py _Converted.linear), so no fp32 copy
+of a layer exists. Embedding rows are gathered for the prompt's tokens only, the output matrix is
+read once per side for every stream at once, in the same pieces. Peak above a bare
+torch+transformers process: two layers as stored, the reference's logits of every stream
+(benchmarks/RESULTS.md has the measurements).
+
+Time: each side's files are read once (the Meta shards stay in the page cache for greedy's extra
+passes when they fit), reads overlap the products of the layer before.
 """
 
 from __future__ import annotations

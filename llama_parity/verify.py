@@ -106,12 +106,45 @@ def check_dirs(meta_dir: Path, hf_dir: Path, device: str) -> None:
         raise InputError(str(e)) from None
 
 
+def available_memory() -> int | None:
+    """Bytes this process can still use without swapping: MemAvailable, capped by a cgroup limit."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+        limit, used = (Path("/sys/fs/cgroup") / n for n in ("memory.max", "memory.current"))
+        if limit.is_file() and limit.read_text().strip() != "max":
+            room = int(limit.read_text()) - int(used.read_text())
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def full_memory_need(hf_dir: Path) -> int:
+    """What --memory full holds at its peak: both models in fp32 plus the runtime (measured on the
+    1B shape: 13.8 GB of RSS where this gives 13.5 GB)."""
+    from .streaming import model_bytes_fp32
+
+    return 2 * model_bytes_fp32(hf_dir) + (3 << 29)
+
+
 def choose_memory_mode(hf_dir: Path, mode: str) -> str:
     """'full' holds both models in fp32 (then bf16) and runs transformers' from_pretrained and generate;
     'streaming' reads each side once, one layer at a time, and runs the same checks with the same
     criteria (plus a per-layer comparison and the tensor layout from_pretrained expects). 'auto'
     streams: it loses no check, and its memory is bounded (1B shape: 0.77 GB of RSS against 13.8 GB;
     its time is not yet the faster one there, benchmarks/RESULTS.md)."""
+    if mode == "full":
+        try:
+            need, avail = full_memory_need(hf_dir), available_memory()
+        except (OSError, KeyError, TypeError, ValueError, ZeroDivisionError):  # config problems: metadata's findings
+            return mode
+        if avail is not None and need > avail:  # fail in a second with a way out, not OOM-killed minutes later
+            raise InputError(f"--memory full needs about {need / 1e9:.1f} GB here (both models in fp32) and "
+                             f"{avail / 1e9:.1f} GB is available: use --memory streaming (the same checks, one "
+                             "layer at a time)")
     return "streaming" if mode == "auto" else mode
 
 
@@ -158,7 +191,7 @@ def _model_checks(report: VerifyReport, meta_dir: Path, hf_dir: Path, rope, meta
     round_to = hf_weights_dtype(hf)
     round_to = round_to if round_to is not None and round_to != meta.dtype else None
     metadata_failed = not all(c.ok for c in report.checks)
-    mode = choose_memory_mode(hf_dir, memory)
+    mode = choose_memory_mode(hf_dir, memory) if model_checks is None else "distributed"
     try:
         if model_checks is not None:
             report.checks += model_checks(meta_dir, hf_dir, rope_scaling=rope, bf16=bf16)

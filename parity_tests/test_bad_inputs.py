@@ -692,3 +692,17 @@ def test_partial_folder_of_unknown_owner_is_named(tiny, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert str(stale) in printed and f"rm -rf '{stale}'" in printed, printed
     assert stale.exists()
+
+
+def test_full_memory_mode_that_cannot_fit_is_refused_up_front(tiny, tmp_path, capsys, monkeypatch):
+    """Bug class: `verify --memory full` on a model larger than the machine's memory running for
+    minutes and dying to the OOM killer (exit 137, no report) instead of one line naming the need
+    and the way out (streaming); `auto` must never be refused for memory."""
+    from llama_parity import verify as verify_mod
+
+    meta, hf = copy_meta(tiny, SMALL, tmp_path / "in"), copy_hf(tiny, SMALL, tmp_path / "in")
+    monkeypatch.setattr(verify_mod, "available_memory", lambda: 1 << 20)  # 1 MB left on this "machine"
+    line = run_refused(capsys, tmp_path, [*_verify(meta, hf), "--memory", "full"], "--memory streaming")
+    assert "GB" in line and "available" in line, line
+    assert main([str(a) for a in _verify(meta, hf)]) == 0  # auto: streams
+    capsys.readouterr()
