@@ -11,7 +11,9 @@ converts it, and measures as child processes (peak RSS = ru_maxrss from wait4):
   passes' matrix multiplies at this machine's measured fp32 and bf16 matmul rates (the streams of
   llama_parity/streaming.py: FLOPs counted from their token counts and the layer shapes);
 - streamed verify (`--memory streaming --no-tokenizer`), page cache evicted first;
-- with --full, `--memory full` beside it.
+- with --full, `--memory full` beside it;
+- with --to-meta, `llama-parity to-meta` of the converted folder (HF -> Meta; output deleted after),
+  whose peak RSS shows whether it holds one tensor or one shard (an 8B is one 16 GB shard).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, help="real shapes, only this many layers (70B: extrapolate)")
     ap.add_argument("--work", type=Path, default=Path("/work/bench-stream"))
     ap.add_argument("--full", action="store_true", help="also run --memory full")
+    ap.add_argument("--to-meta", action="store_true", help="also run HF -> Meta on the converted folder")
     ap.add_argument("--min-free", type=float, default=1.5)
     ap.add_argument("--clean", action="store_true", help="delete the checkpoints afterwards")
     a = ap.parse_args(argv)
@@ -93,7 +96,17 @@ def main(argv=None) -> None:
         evict([*meta.glob("*.pth"), *hf.glob("*.safetensors")])
         r = run_child([sys.executable, "-m", "llama_parity.cli", "verify", "--meta-dir", str(meta), "--hf-dir", str(hf),
                        "--memory", mode, "--no-tokenizer"], int(a.min_free * GB), log=a.work / f"verify-{mode}.log")
-        rows.append((mode, r))
+        rows.append((f"verify --memory {mode}", r))
+    if a.to_meta:
+        import shutil
+
+        out = a.work / "to-meta-out"
+        shutil.rmtree(out, ignore_errors=True)
+        evict(list(hf.glob("*.safetensors")))
+        r = run_child([sys.executable, "-m", "llama_parity.cli", "to-meta", "--hf-dir", str(hf), "--output-dir",
+                       str(out)], int(a.min_free * GB), log=a.work / "to-meta.log")
+        rows.append(("to-meta (HF -> Meta, incl. sync)", r))
+        shutil.rmtree(out, ignore_errors=True)
     # token counts of the streams (streaming.py): near, kv, 3 far x 12, greedy (prompt ~35 + 7) in fp32
     # on each side plus the ref's 7 greedy decode steps; near in bf16
     n = 50
@@ -102,9 +115,10 @@ def main(argv=None) -> None:
     print(f"case {a.case}{f' ({a.layers} layers)' if a.layers else ''}: model {model_bytes / GB:.2f} GB; "
           f"bare torch+transformers {bare.peak_rss / GB:.2f} GB RSS")
     print(f"floor: read both models {read:.1f} s + matmuls {mm:.1f} s = {floor:.1f} s")
-    for mode, r in rows:
+    for what, r in rows:
         above = r.peak_rss - bare.peak_rss
-        print(f"| {a.case} | verify --memory {mode} | {r.seconds:.1f} s ({r.seconds / floor:.2f}x floor) | "
+        ratio = "" if what.startswith("to-meta") else f" ({r.seconds / floor:.2f}x floor)"  # not a verify
+        print(f"| {a.case} | {what} | {r.seconds:.1f} s{ratio} | "
               f"{r.peak_rss / GB:.2f} GB | {above / GB:.2f} GB ({100 * above / model_bytes:.0f}% of model) | {r.status} |")
     if a.clean:
         import shutil

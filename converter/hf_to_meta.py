@@ -5,8 +5,8 @@ interleaved rotary pairs, kv heads replicated when shards outnumber them, tensor
 model-parallel shards along each family's dims. params.json comes from the registry when the
 config is a known release, otherwise it is reconstructed so that Meta's FFN rounding gives the
 same hidden size. Every HF tensor is consumed or listed as harmless (keymap.py), else refused.
-Memory: one output shard at a time (torch.save needs a whole state dict), each built from only
-the rows of the HF tensors it holds.
+Memory: one tensor at a time (pth_writer.py writes torch.save's format tensor by tensor), each
+built from only the rows of the HF tensors it holds.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .errors import ConversionError
 from .input_checks import check_hf_folder, read_json
 from .keymap import KeyRule, meta_keys
 from .meta_checkpoint import drop_cache, pread_into
+from .pth_writer import save_one_at_a_time
 from .staging import write_atomically
 from .transforms import replicate_heads, unpermute_from_hf_rotary
 
@@ -187,15 +188,40 @@ def _check_tensors(hf_dir: Path, cfg: dict, files: dict[str, tuple[dict, int]]) 
         raise ConversionError(f"{hf_dir} holds {', '.join(odd)} tensors; Meta checkpoints are bf16/fp16/fp32")
 
 
-def _meta_shard(s: int, lay: _Layout, n_layers: int, reader: _Reader, rope_freqs) -> dict:
-    """Every tensor of Meta shard s, in Meta's key order (one shard in memory at a time)."""
-    sd = {}
+class _ShapeOnly:
+    """A _Slice stand-in that reads nothing: `_cut` on it gives the output tensor's shape and dtype
+    (the same indexing and transforms on a meta-device tensor)."""
+
+    def __init__(self, sl: _Slice):
+        self.sl = sl
+
+    def get_shape(self) -> list[int]:
+        return self.sl.get_shape()
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        t = torch.empty(self.sl.shape, dtype=self.sl.dtype, device="meta")
+        return t[idx] if self.sl.shape else t
+
+
+def _meta_shard(s: int, lay: _Layout, n_layers: int, reader: _Reader, rope_freqs):
+    """Meta shard s: {key: (shape, dtype)} in Meta's key order, and a function producing each tensor
+    (read then, so that only one tensor of the shard is in memory at a time)."""
+    sources = {}
     for rule, mkey, hkey in meta_keys(n_layers):
         src = hkey if hkey in reader.slices else "model.embed_tokens.weight"  # tied: output.weight is the embedding
-        sd[mkey] = _cut(reader.slices[src], rule, s, lay, mkey)
+        sources[mkey] = (rule, reader.slices[src])
+    layout = {k: (tuple(t.shape), t.dtype) for k, t in
+              ((k, _cut(_ShapeOnly(sl), rule, s, lay, k)) for k, (rule, sl) in sources.items())}
     if rope_freqs is not None:
-        sd["rope.freqs"] = rope_freqs.clone()
-    return sd
+        layout["rope.freqs"] = (tuple(rope_freqs.shape), rope_freqs.dtype)
+
+    def produce(key: str) -> torch.Tensor:
+        if key == "rope.freqs":
+            return rope_freqs.clone()
+        rule, sl = sources[key]
+        return _cut(sl, rule, s, lay, key)
+
+    return layout, produce
 
 
 def _input_files(hf_dir: Path, files, tokenizer: Path | None) -> list[Path]:
@@ -255,12 +281,11 @@ def _weight_bytes(hf_dir: Path, files) -> int:  # each tensor written once (kv r
     return sum((hf_dir / f).stat().st_size for f in files)
 
 
-def _save(sd: dict, path: Path) -> None:
-    """torch.save through a Python file, so that a full disk surfaces as the OSError it is (torch's
-    own writer reports it as an opaque RuntimeError about zip positions)."""
+def _save(path: Path, layout: dict, produce) -> None:
+    """The shard written one tensor at a time (pth_writer), with a full disk surfacing as the OSError
+    it is (torch's own zip writer reports it as an opaque RuntimeError about zip positions)."""
     try:
-        with open(path, "wb") as fh:
-            torch.save(sd, fh)
+        save_one_at_a_time(path, layout, produce)
     except RuntimeError as e:
         cause = e.__context__
         while cause is not None and not isinstance(cause, OSError):
@@ -281,9 +306,7 @@ def _write_meta(staging: Path, hf_dir: Path, cfg: dict, params: dict, lay: _Layo
             freqs = 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd))
             rope_freqs = freqs.to(reader.slices["model.embed_tokens.weight"].dtype)
         for s in range(lay.n):
-            sd = _meta_shard(s, lay, cfg["num_hidden_layers"], reader, rope_freqs)
-            _save(sd, staging / f"consolidated.{s:02d}.pth")
-            del sd
+            _save(staging / f"consolidated.{s:02d}.pth", *_meta_shard(s, lay, cfg["num_hidden_layers"], reader, rope_freqs))
     finally:
         reader.close()
     (staging / "params.json").write_text(json.dumps(params))

@@ -8,6 +8,7 @@ build a different model (FFN rounding, kv heads, theta, scaling).
 from __future__ import annotations
 
 import json
+import zipfile
 
 import pytest
 import torch
@@ -28,6 +29,8 @@ def test_meta_hf_meta_round_trip(tiny, tmp_path, variant_id):
     for p in originals:
         a = torch.load(p, weights_only=True)
         b = torch.load(back / p.name, weights_only=True)
+        with zipfile.ZipFile(back / p.name) as z:  # written tensor by tensor: every record's CRC is right
+            assert z.testzip() is None, p.name
         assert a.keys() == b.keys(), p.name
         for k in a:
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{p.name}: {k}"
@@ -39,3 +42,28 @@ def test_meta_hf_meta_round_trip(tiny, tmp_path, variant_id):
     same = lambda m: (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_hidden_dim, m.norm_eps, m.rope_theta,
                       m.use_scaled_rope, m.vocab_size if pa.get("vocab_size", -1) != -1 else -1)
     assert same(ma) == same(mb), rep.notes
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_tensor_by_tensor_pth_is_what_torch_save_writes(tmp_path, mmap):
+    """Bug class: the one-tensor-at-a-time .pth writer (HF -> Meta) mapping a tensor's bytes to
+    another tensor's record, leaving a record unfilled, or writing a zip torch.load (memory-mapped
+    or not) or a zip checker refuses: every dtype, a 0-d and an empty tensor, records crossing the
+    writer's chunk size."""
+    from llama_parity.converter import pth_writer
+
+    g = torch.Generator().manual_seed(0)
+    want = {"w.bf16": torch.randn(300, 7, generator=g).to(torch.bfloat16), "n.f32": torch.randn(11, generator=g),
+            "f16": torch.randn(5, 3, generator=g).half(), "scalar": torch.tensor(3.5), "empty": torch.empty(0, 4),
+            "i64": torch.arange(9)}
+    pytest.MonkeyPatch().setattr(pth_writer, "CHUNK", 100)  # bytes: most records take several writes
+    path = tmp_path / "consolidated.00.pth"
+    pth_writer.save_one_at_a_time(path, {k: (tuple(v.shape), v.dtype) for k, v in want.items()}, lambda k: want[k])
+    got = torch.load(path, weights_only=True, mmap=mmap)
+    assert list(got) == list(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None
+    with pytest.raises(ValueError, match="planned"):
+        pth_writer.save_one_at_a_time(tmp_path / "x.pth", {"a": ((2,), torch.float32)}, lambda k: torch.zeros(3))
