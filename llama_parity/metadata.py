@@ -106,6 +106,14 @@ def _load_shards(meta_dir: Path) -> list:
     return out
 
 
+def output_tied(meta_dir: Path) -> bool:
+    """Meta's tying: no output.weight in the first shard, or one holding the embedding's bytes."""
+    from llama_parity.reference_model.model import ShardReader, find_shards
+
+    shard = ShardReader(find_shards(meta_dir)[0])
+    return "output.weight" not in shard or shard.same_bytes("output.weight", "tok_embeddings.weight")
+
+
 def _kv_replication(shards: list, stored_kv: int, head_dim: int) -> int:
     """How often each kv head is stored. Meta replicates only so that every shard owns one kv
     head (405B MP16); found from layer 0's data: the smallest r whose r consecutive copies agree."""
@@ -149,9 +157,7 @@ def _family(params: dict, tied: bool) -> str:
 def read_meta_side(meta_dir: Path, *, variant_id: str | None = None, instruct: bool | None = None) -> MetaSide:
     params = json.loads((meta_dir / "params.json").read_text())
     shards = _load_shards(meta_dir)
-    s0 = shards[0]
-    tied = "output.weight" not in s0 or (s0["output.weight"].shape == s0["tok_embeddings.weight"].shape
-                                         and torch.equal(s0["output.weight"], s0["tok_embeddings.weight"]))
+    tied = output_tied(meta_dir)
     n_heads = int(params["n_heads"])
     stored_kv = int(params.get("n_kv_heads") or n_heads)
     rep = _kv_replication(shards, stored_kv, int(params["dim"]) // n_heads)

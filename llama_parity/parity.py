@@ -434,14 +434,10 @@ def expected_rope_scaling(meta_dir: Path, variant_id: str | None = None) -> Rope
     by asking the converter."""
     from llama_parity.fixtures import variants as registry
 
+    from .metadata import output_tied
+
     params = json.loads((Path(meta_dir) / "params.json").read_text())
     s = registry.expected_rope_scaling(params, Path(meta_dir).resolve().name, variant_id=variant_id,
-                                       tied=lambda: _output_tied(Path(meta_dir)))
+                                       tied=lambda: output_tied(Path(meta_dir)))
     return None if s is None else RopeScalingArgs(s.factor, s.low_freq_factor, s.high_freq_factor,
                                                   s.original_max_position_embeddings)
-
-
-def _output_tied(meta_dir: Path) -> bool:
-    shard = torch.load(sorted(meta_dir.glob("consolidated.*.pth"))[0], map_location="cpu", mmap=True,
-                       weights_only=True)
-    return "output.weight" not in shard or torch.equal(shard["output.weight"], shard["tok_embeddings.weight"])

@@ -462,6 +462,19 @@ class ShardReader:
         t = self.tensors[key]
         return self.rows(key, 0, t.shape[0]) if t.dim() else t.clone()
 
+    def same_bytes(self, key_a: str, key_b: str, chunk_bytes: int = 64 << 20) -> bool:
+        """Whether two tensors hold identical bytes (a tied output), compared in row chunks: torch.equal
+        through the memory map would leave both whole matrices in RSS (+1 GB on a 1B's embedding)."""
+        a, b = self.tensors[key_a], self.tensors[key_b]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.dim() == 0:
+            return bool(torch.equal(a.reshape(1).view(torch.uint8), b.reshape(1).view(torch.uint8)))
+        step = max(1, chunk_bytes // max(1, a[0].numel() * a.element_size()))
+        return all(torch.equal(self.rows(key_a, i, min(i + step, len(a))).view(torch.uint8),
+                               self.rows(key_b, i, min(i + step, len(a))).view(torch.uint8))
+                   for i in range(0, len(a), step))
+
     def rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows start..stop (along dim 0) in the file's dtype: a new tensor, or read into `out`."""
         t = self.tensors[key]
