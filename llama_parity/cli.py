@@ -45,6 +45,12 @@ def _size(text: str) -> int:
     return int(float(m.group(1)) * mult)
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
@@ -251,7 +257,7 @@ def cmd_verify(args) -> int:
         rep = verify(args.meta_dir, args.hf_dir, device=args.device, variant_id=args.variant,
                      bf16=not args.no_bf16, tokenizer=not args.no_tokenizer, memory=args.memory,
                      checks="metadata" if args.metadata_only else "quick" if args.quick else "all",
-                     instruct=args.instruct)
+                     instruct=args.instruct, greedy_tokens=args.greedy_tokens)
     except InputError as e:
         return _err(str(e))
     return emit_verify_report(args, rep)
@@ -360,6 +366,10 @@ def _add_verify_parser(sub) -> None:
                         "full: both whole models in memory (transformers' from_pretrained and generate); "
                         "auto (default): streaming")
     p.add_argument("--no-tokenizer", action="store_true", help="skip tokenizer parity")
+    p.add_argument("--greedy-tokens", type=_positive_int, metavar="N",
+                   help="tokens the greedy generation check compares (default 20 with --memory full, 8 streamed, "
+                        "where each token after the first re-reads the Meta weights: from disk when they do not "
+                        "fit in memory)")
     _add_json_arg(p)
     p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report with charts: measured "
                                                   "vs bound, error per layer and per position (needs the plot extra)")

@@ -211,7 +211,7 @@ def model_checks_on(r: Rank):
 
     from .parity import run_model_checks
 
-    def checks(meta_dir: Path, hf_dir: Path, *, rope_scaling, bf16: bool):
+    def checks(meta_dir: Path, hf_dir: Path, *, rope_scaling, bf16: bool, greedy_tokens: int = 20):
         args = reference_args(meta_dir, rope_scaling)
 
         def load(dtype):
@@ -220,7 +220,8 @@ def model_checks_on(r: Rank):
             if os.environ.get(FAULT_ENV) == str(r.rank):
                 raise RuntimeError(f"failure injected by {FAULT_ENV}={r.rank}")
             return ref, hf
-        return run_model_checks(meta_dir, hf_dir, rope_scaling=rope_scaling, device=r.device, bf16=bf16, loader=load)
+        return run_model_checks(meta_dir, hf_dir, rope_scaling=rope_scaling, device=r.device, bf16=bf16, loader=load,
+                                greedy_tokens=greedy_tokens)
     return checks
 
 
@@ -258,7 +259,8 @@ def run_rank(args) -> int:
 
         init_model_parallel(r.world, timeout)
         rep = verify(args.meta_dir, args.hf_dir, device=args.device, variant_id=args.variant, bf16=not args.no_bf16,
-                     tokenizer=not args.no_tokenizer and r.rank == 0, model_checks=model_checks_on(r))
+                     tokenizer=not args.no_tokenizer and r.rank == 0, model_checks=model_checks_on(r),
+                     greedy_tokens=getattr(args, "greedy_tokens", None))
     except InputError as e:
         return _fail(r, str(e))
     except Exception as e:  # noqa: BLE001 (a dead peer, a timeout, a damaged file: one line, exit 2)

@@ -394,7 +394,8 @@ def check_greedy(ref: Transformer, hf, tokens: list[int], device: str, *, n_new:
 
 def run_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeScalingArgs | None, device: str = "cpu",
                      n_words: int | None = None, bf16: bool = True, prompt: list[int] | None = None,
-                     loader=None, round_to: torch.dtype | None = None, quick: bool = False) -> list[Check]:
+                     loader=None, round_to: torch.dtype | None = None, quick: bool = False,
+                     greedy_tokens: int = 20) -> list[Check]:
     """All numerical checks on one Meta/HF pair; models loaded once per dtype.
 
     `loader(dtype) -> (reference, hf model)` replaces the in-process loading: distributed.py passes
@@ -420,7 +421,7 @@ def run_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeScalingA
     if quick:
         return [logits, far]
     checks = [logits, *distribution_checks(r32, h32, prompts.source), check_kv_cache(ref, hf, tokens, device),
-              far, check_greedy(ref, hf, prompts.greedy, device)]
+              far, check_greedy(ref, hf, prompts.greedy, device, n_new=greedy_tokens)]
     del ref, hf
     if bf16:
         ref, hf = load(torch.bfloat16)

@@ -150,12 +150,13 @@ def choose_memory_mode(hf_dir: Path, mode: str) -> str:
 
 def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", variant_id: str | None = None,
            bf16: bool = True, tokenizer: bool = True, memory: str = "auto", checks: str = "all",
-           instruct: bool | None = None, model_checks=None) -> VerifyReport:
+           instruct: bool | None = None, model_checks=None, greedy_tokens: int | None = None) -> VerifyReport:
     """Metadata checks (every fact of the HF folder against the Meta files and the release), then
     the model checks, then tokenizer parity. `checks`: "all"; "quick" (fp32 logits and far
     positions: every layout and RoPE bug of the catalog, no cache/greedy/bf16); "metadata" (no
     model run: seconds for any size). Model checks are skipped when the shapes say the folder holds
     another model. `instruct` says which twin's chat metadata to expect (default: the release's).
+    `greedy_tokens`: how many generated tokens the greedy check compares (default: 20 full, 8 streamed).
     `model_checks`, when given, runs the numerical checks instead of the memory modes below
     (distributed.py: the same checks with the models split across ranks)."""
     meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
@@ -175,7 +176,7 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", var
                             "(see the failed checks), so transformers would build another model")
     else:
         _model_checks(report, meta_dir, hf_dir, rope, meta, hf, device=device, bf16=bf16, memory=memory,
-                      quick=checks == "quick", model_checks=model_checks)
+                      quick=checks == "quick", model_checks=model_checks, greedy_tokens=greedy_tokens)
     if tokenizer:
         _tokenizer_check(report, meta_dir, hf_dir, variant_id, instruct)
     else:
@@ -184,7 +185,7 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", var
 
 
 def _model_checks(report: VerifyReport, meta_dir: Path, hf_dir: Path, rope, meta, hf, *, device: str, bf16: bool,
-                  memory: str, quick: bool, model_checks=None) -> None:
+                  memory: str, quick: bool, model_checks=None, greedy_tokens: int | None = None) -> None:
     """Logits, KV cache, far positions, greedy, bf16. A dtype change (HF weights in another dtype than
     the checkpoint's, label matching) is judged against the rounding it implies: the reference runs
     on Meta's weights rounded to the HF dtype, compared in fp32 with the usual bound."""
@@ -193,18 +194,19 @@ def _model_checks(report: VerifyReport, meta_dir: Path, hf_dir: Path, rope, meta
     metadata_failed = not all(c.ok for c in report.checks)
     mode = choose_memory_mode(hf_dir, memory) if model_checks is None else "distributed"
     try:
+        greedy = {} if greedy_tokens is None else {"greedy_tokens": greedy_tokens}
         if model_checks is not None:
-            report.checks += model_checks(meta_dir, hf_dir, rope_scaling=rope, bf16=bf16)
+            report.checks += model_checks(meta_dir, hf_dir, rope_scaling=rope, bf16=bf16, **greedy)
         elif mode == "streaming":
             from .streaming import streaming_model_checks
 
             report.checks += streaming_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device, bf16=bf16,
-                                                    round_to=round_to, quick=quick)
-            report.notes.append("streamed one layer at a time (bounded memory); greedy generation re-reads the "
-                                "Meta weights once per new token after the first (--memory full: whole models)")
+                                                    round_to=round_to, quick=quick, **greedy)
+            report.notes.append("streamed one layer at a time (bounded memory)" + (
+                "" if quick else "; " + _greedy_cost(meta_dir, greedy_tokens or 8)))
         else:
             report.checks += run_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device, bf16=bf16,
-                                              round_to=round_to, quick=quick)
+                                              round_to=round_to, quick=quick, **greedy)
         if round_to is not None and model_checks is None:
             report.notes.append(f"HF weights are {str(round_to)[6:]}, the checkpoint {str(meta.dtype)[6:]}: the "
                                 f"reference ran on Meta's weights rounded to {str(round_to)[6:]} (what this dtype "
@@ -220,6 +222,20 @@ def _model_checks(report: VerifyReport, meta_dir: Path, hf_dir: Path, rope, meta
         # transformers refusing that config is one more symptom, not bad input.
         report.checks.append(Check("model checks", "a config transformers cannot build a model from", 1.0, 0.0, False,
                                    f"transformers could not load the HF folder: {type(e).__name__}: {e}"))
+
+
+def _greedy_cost(meta_dir: Path, tokens: int) -> str:
+    """What streamed greedy generation costs: its extra passes over the Meta weights, from the page
+    cache when the shards fit in memory, else from the disk each time (a 70B on a 24 GiB machine)."""
+    size = sum(p.stat().st_size for p in meta_dir.glob("consolidated.*.pth"))
+    avail = available_memory()
+    passes = f"greedy generation read the Meta weights {tokens - 1} more time{'s' * (tokens != 2)} (one per new token)"
+    if tokens == 1:
+        return "greedy generation compared 1 token (no extra pass over the Meta weights)"
+    if avail is not None and size > avail:
+        return (f"{passes}, from disk: {size / 1e9:.0f} GB each, more than the {avail / 1e9:.0f} GB of memory that "
+                "could cache them; --greedy-tokens N trades tokens compared for time")
+    return f"{passes}, from the page cache ({size / 1e9:.1f} GB)"
 
 
 def _tokenizer_check(report: VerifyReport, meta_dir: Path, hf_dir: Path, variant_id: str | None,

@@ -188,3 +188,24 @@ def test_model_card_without_verify(tiny, tmp_path, capsys):
     card = (tmp_path / "hf" / "README.md").read_text()
     assert code == 0 and "Not verified yet" in card and "PARITY" not in card
     assert not (tmp_path / "hf" / "LICENSE").exists() and not (tmp_path / "hf" / "original").exists()
+
+
+def test_greedy_tokens_sets_the_check_and_says_its_cost(tiny, capsys, monkeypatch):
+    """Bug class: --greedy-tokens ignored in either memory mode (a user trading greedy's extra passes
+    over a 70B's disk-resident weights for time gets the default anyway), a nonsense count accepted,
+    or the streamed report hiding that those passes go to the disk when the weights cannot be cached."""
+    from llama_parity import verify as verify_mod
+
+    meta, hf = tiny.meta(VARIANT), tiny.hf(VARIANT)
+    for bad in ("0", "-3", "two"):
+        with pytest.raises(SystemExit) as e:
+            main(["verify", "--meta-dir", str(meta), "--hf-dir", str(hf), "--greedy-tokens", bad])
+        assert e.value.code == 2 and "positive whole number" in capsys.readouterr().err
+    for memory, n in (("full", 3), ("streaming", 2)):
+        code, out, _ = run(capsys, "verify", "--meta-dir", meta, "--hf-dir", hf, "--no-bf16", "--no-tokenizer",
+                           "--memory", memory, "--greedy-tokens", n, "--json", "-")
+        greedy = next(c for c in json.loads(out)["checks"] if c["name"] == "greedy generation")
+        assert code == 0 and greedy["detail"].startswith(f"{n} new tokens"), greedy
+    assert "1 more time (one per new token), from the page cache" in " ".join(json.loads(out)["notes"])
+    monkeypatch.setattr(verify_mod, "available_memory", lambda: 1000)  # the shards cannot stay cached
+    assert "from disk" in verify_mod._greedy_cost(meta, 8) and "--greedy-tokens" in verify_mod._greedy_cost(meta, 8)
