@@ -92,7 +92,7 @@ def test_streamed_bf16_is_judged_against_meta_noise(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def bf16_pair(tmp_path_factory):
-    """A tiny bf16 Meta checkpoint (real downloads are bf16) of a sharded GQA layout, converted."""
+    """A tiny bf16 Meta checkpoint (real downloads are bf16), GQA in 2 shards, converted."""
     import torch
 
     from llama_parity.converter.convert import ConvertOptions, convert_meta_to_hf
@@ -100,7 +100,7 @@ def bf16_pair(tmp_path_factory):
     from llama_parity.fixtures.factory import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("bf16-stream")
-    meta = make_tiny_checkpoint(variants.get("llama3.1-70b"), root, dtype=torch.bfloat16)
+    meta = make_tiny_checkpoint(variants.get("llama3.1-8b"), root, dtype=torch.bfloat16, num_shards=2)
     convert_meta_to_hf(meta, root / "hf", ConvertOptions(progress=False, write_tokenizer=False))
     return meta, root / "hf"
 
@@ -108,14 +108,14 @@ def bf16_pair(tmp_path_factory):
 def test_streamed_bf16_weights_widened_in_pieces_measure_what_full_measures(bf16_pair, monkeypatch):
     """Bug class: the bf16-stored path computing something else than the whole-model pass: weights are
     held as stored and widened to fp32 a few rows at a time (reference and HF side), greedy passes and
-    the output matrix read from the files piece by piece. Pieces of 3 rows make every weight, the
+    the output matrix read from the files piece by piece. Pieces of a few rows make every weight, the
     output matrix and every shard cross piece boundaries; a piece lost, repeated or misplaced moves
     the logits far beyond a tenth of the fp32 bound."""
     from llama_parity import streaming
     from llama_parity.reference_model import model
 
-    monkeypatch.setattr(streaming, "PIECE_BYTES", 3 * 4 * 64)  # tiny dims are <= 64 wide: ~3 rows
-    monkeypatch.setattr(model._Converted, "PIECE_BYTES", 3 * 4 * 64)
+    monkeypatch.setattr(streaming, "PIECE_BYTES", 4 * 4 * 128)  # 4 rows of the 128-wide inputs, 1 of the FFN's
+    monkeypatch.setattr(model._Converted, "PIECE_BYTES", 4 * 4 * 128)
     meta, hf = bf16_pair
     full = {c.name: c for c in parity.run_model_checks(meta, hf, rope_scaling=parity.expected_rope_scaling(meta))}
     streamed = _streamed(meta, hf)
