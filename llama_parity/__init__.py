@@ -8,7 +8,7 @@ this folder, and the loop below lets the same import names find them.
 
 from pathlib import Path as _Path
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 SUBPACKAGES = ("converter", "reference_model", "fixtures", "parity_tests")
 

@@ -236,7 +236,8 @@ def _greedy_cost(meta_dir: Path, tokens: int) -> str:
     if avail is not None and size > avail:
         return (f"{passes}, from disk: {size / 1e9:.0f} GB each, more than the {avail / 1e9:.0f} GB of memory that "
                 "could cache them; --greedy-tokens N trades tokens compared for time")
-    return f"{passes}, from the page cache ({size / 1e9:.1f} GB)"
+    return f"{passes}, from the page cache ({size / 1e9:.1f} GB)" if size >= 1e8 else \
+        f"{passes}, from the page cache ({size / 1e6:.1f} MB)"
 
 
 def _tokenizer_check(report: VerifyReport, meta_dir: Path, hf_dir: Path, variant_id: str | None,
