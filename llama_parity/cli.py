@@ -279,12 +279,14 @@ def emit_verify_report(args, rep, *, measure_layers: bool = True) -> int:
 
 def cmd_diagnose(args) -> int:
     from .diagnose import diagnose
-    from .verify import InputError, check_dirs
+    from .verify import InputError, check_dirs, refuse_if_too_big
 
     if missing := _missing_extra(args, "plot"):
         return _err(missing)
     try:
         check_dirs(Path(args.meta_dir), Path(args.hf_dir), "cpu")
+        refuse_if_too_big(Path(args.hf_dir), "diagnose", "run `llama-parity verify` instead (streamed, one layer at "
+                          "a time; its 'hidden states per layer' row names the first divergent layer)")
     except InputError as e:
         return _err(str(e))
     d = diagnose(args.meta_dir, args.hf_dir, variant_id=args.variant)

@@ -6,7 +6,8 @@
 2. Each bug of the mutation catalog (llama_parity/mutations.py) carries its repair. Repairs are
    tried on a scratch copy of the HF folder; those that restore parity name the bug. Metadata
    faults that leave the logits alone are named by the failing metadata check itself.
-Works on models that fit in memory twice (tiny checkpoints, small releases).
+Works on models that fit in memory twice (tiny checkpoints, small releases); larger ones are refused
+up front, pointing to the streamed `verify`, whose per-layer row names the first divergent layer.
 """
 
 from __future__ import annotations

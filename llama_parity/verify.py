@@ -138,15 +138,20 @@ def choose_memory_mode(hf_dir: Path, mode: str) -> str:
     and 0.76 GB of RSS against 54 s and 13.8 GB; an 8B in 3.1 minutes and 1.4 GB, where full would
     need ~66 GB; benchmarks/RESULTS.md). 'full' is refused up front when it cannot fit."""
     if mode == "full":
-        try:
-            need, avail = full_memory_need(hf_dir), available_memory()
-        except (OSError, KeyError, TypeError, ValueError, ZeroDivisionError):  # config problems: metadata's findings
-            return mode
-        if avail is not None and need > avail:  # fail in a second with a way out, not OOM-killed minutes later
-            raise InputError(f"--memory full needs about {need / 1e9:.1f} GB here (both models in fp32) and "
-                             f"{avail / 1e9:.1f} GB is available: use --memory streaming (the same checks, one "
-                             "layer at a time)")
+        refuse_if_too_big(hf_dir, "--memory full", "use --memory streaming (the same checks, one layer at a time)")
     return "streaming" if mode == "auto" else mode
+
+
+def refuse_if_too_big(hf_dir: Path, what: str, instead: str) -> None:
+    """InputError when holding both models in fp32 would not fit in the available memory: fail in a
+    second with a way out, not OOM-killed minutes later."""
+    try:
+        need, avail = full_memory_need(hf_dir), available_memory()
+    except (OSError, KeyError, TypeError, ValueError, ZeroDivisionError):  # config problems: metadata's findings
+        return
+    if avail is not None and need > avail:
+        raise InputError(f"{what} needs about {need / 1e9:.1f} GB here (both models in fp32) and "
+                         f"{avail / 1e9:.1f} GB is available: {instead}")
 
 
 def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", variant_id: str | None = None,

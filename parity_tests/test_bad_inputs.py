@@ -695,9 +695,9 @@ def test_partial_folder_of_unknown_owner_is_named(tiny, tmp_path, capsys):
 
 
 def test_full_memory_mode_that_cannot_fit_is_refused_up_front(tiny, tmp_path, capsys, monkeypatch):
-    """Bug class: `verify --memory full` on a model larger than the machine's memory running for
-    minutes and dying to the OOM killer (exit 137, no report) instead of one line naming the need
-    and the way out (streaming); `auto` must never be refused for memory."""
+    """Bug class: `verify --memory full` (or `diagnose`, which also holds both models) on a model larger
+    than the machine's memory running for minutes and dying to the OOM killer (exit 137, no report)
+    instead of one line naming the need and the way out (streaming); `auto` is never refused for memory."""
     from llama_parity import verify as verify_mod
 
     meta, hf = copy_meta(tiny, SMALL, tmp_path / "in"), copy_hf(tiny, SMALL, tmp_path / "in")
@@ -706,3 +706,5 @@ def test_full_memory_mode_that_cannot_fit_is_refused_up_front(tiny, tmp_path, ca
     assert "GB" in line and "available" in line, line
     assert main([str(a) for a in _verify(meta, hf)] + ["--quick"]) == 0  # auto: streams, never refused
     capsys.readouterr()
+    line = run_refused(capsys, tmp_path, ["diagnose", "--meta-dir", meta, "--hf-dir", hf], "llama-parity verify")
+    assert "hidden states per layer" in line, line
