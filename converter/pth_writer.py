@@ -53,7 +53,12 @@ def _records(path: Path) -> dict[int, tuple[int, int, int]]:
 def save_one_at_a_time(path: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
                        produce: Callable[[str], torch.Tensor]) -> None:
     """Write `path` as torch.save({key: tensor}) would, in `layout`'s key order, holding one tensor
-    at a time: `produce(key)` returns it (contiguous, on the CPU, of the layout's shape and dtype)."""
+    at a time: `produce(key)` returns it (contiguous, on the CPU, of the layout's shape and dtype).
+    torch before 2.5 has no skip_data: then the whole file is built in memory and torch.saved."""
+    if not hasattr(torch.serialization, "skip_data"):
+        with open(path, "wb") as fh:
+            torch.save({k: _checked(k, produce(k), *layout[k]) for k in layout}, fh)
+        return
     placeholders = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in layout.items()}
     with torch.serialization.skip_data(), open(path, "wb") as fh:
         torch.save(placeholders, fh)
@@ -64,9 +69,7 @@ def save_one_at_a_time(path: Path, layout: dict[str, tuple[tuple[int, ...], torc
     fd = os.open(path, os.O_WRONLY)
     try:
         for i, (key, (shape, dtype)) in enumerate(layout.items()):  # storage keys follow pickling order
-            t = produce(key)
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise ValueError(f"{key}: produced {tuple(t.shape)} {t.dtype}, planned {tuple(shape)} {dtype}")
+            t = _checked(key, produce(key), shape, dtype)
             data, *crc_fields = records[i]
             crc = struct.pack("<I", _write_bytes(fd, t, data))
             for at in crc_fields:
@@ -74,6 +77,12 @@ def save_one_at_a_time(path: Path, layout: dict[str, tuple[tuple[int, ...], torc
             del t
     finally:
         os.close(fd)
+
+
+def _checked(key: str, t: torch.Tensor, shape, dtype) -> torch.Tensor:
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        raise ValueError(f"{key}: produced {tuple(t.shape)} {t.dtype}, planned {tuple(shape)} {dtype}")
+    return t
 
 
 def _write_bytes(fd: int, t: torch.Tensor, offset: int) -> int:

@@ -44,19 +44,22 @@ def test_meta_hf_meta_round_trip(tiny, tmp_path, variant_id):
     assert same(ma) == same(mb), rep.notes
 
 
-@pytest.mark.parametrize("mmap", [False, True])
-def test_tensor_by_tensor_pth_is_what_torch_save_writes(tmp_path, mmap):
+@pytest.mark.parametrize("mmap,old_torch", [(False, False), (True, False), (True, True)])
+def test_tensor_by_tensor_pth_is_what_torch_save_writes(tmp_path, monkeypatch, mmap, old_torch):
     """Bug class: the one-tensor-at-a-time .pth writer (HF -> Meta) mapping a tensor's bytes to
     another tensor's record, leaving a record unfilled, or writing a zip torch.load (memory-mapped
     or not) or a zip checker refuses: every dtype, a 0-d and an empty tensor, records crossing the
-    writer's chunk size."""
+    writer's chunk size; on a torch without skip_data (before 2.5) the same file, built in memory."""
     from llama_parity.converter import pth_writer
+
+    if old_torch:
+        monkeypatch.delattr(torch.serialization, "skip_data")
 
     g = torch.Generator().manual_seed(0)
     want = {"w.bf16": torch.randn(300, 7, generator=g).to(torch.bfloat16), "n.f32": torch.randn(11, generator=g),
             "f16": torch.randn(5, 3, generator=g).half(), "scalar": torch.tensor(3.5), "empty": torch.empty(0, 4),
             "i64": torch.arange(9)}
-    pytest.MonkeyPatch().setattr(pth_writer, "CHUNK", 100)  # bytes: most records take several writes
+    monkeypatch.setattr(pth_writer, "CHUNK", 100)  # bytes: most records take several writes
     path = tmp_path / "consolidated.00.pth"
     pth_writer.save_one_at_a_time(path, {k: (tuple(v.shape), v.dtype) for k, v in want.items()}, lambda k: want[k])
     got = torch.load(path, weights_only=True, mmap=mmap)
