@@ -306,7 +306,8 @@ def _write_meta(staging: Path, hf_dir: Path, cfg: dict, params: dict, lay: _Layo
             freqs = 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd))
             rope_freqs = freqs.to(reader.slices["model.embed_tokens.weight"].dtype)
         for s in range(lay.n):
-            _save(staging / f"consolidated.{s:02d}.pth", *_meta_shard(s, lay, cfg["num_hidden_layers"], reader, rope_freqs))
+            layout, produce = _meta_shard(s, lay, cfg["num_hidden_layers"], reader, rope_freqs)
+            _save(staging / f"consolidated.{s:02d}.pth", layout, produce)
     finally:
         reader.close()
     (staging / "params.json").write_text(json.dumps(params))

@@ -52,7 +52,7 @@ from .parity import (FP32_REL_BOUND, KV_CATCHES, Check, Prompts, rel_diff, bf16_
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
-OUTPUT_ROWS = 4096  # vocab rows of the output matrix per chunk
+PIECE_BYTES = 4 << 20  # fp32 bytes of weight rows widened per product (fits the CPU's caches)
 
 
 def return_freed_memory() -> None:
@@ -246,9 +246,6 @@ class StreamingHF:
         return [torch.cat(out, dim=-1) for out in outs]
 
 
-PIECE_BYTES = 4 << 20
-
-
 def widened_linear(x: torch.Tensor, w: torch.Tensor, buffers: dict) -> torch.Tensor:
     """x @ w^T with w widened (or narrowed) to x's dtype a few rows at a time into one reused buffer:
     a whole fp32 copy of each weight, freshly allocated, costs more than the product itself (page
@@ -348,7 +345,8 @@ def run_reference(ref32: Transformer, ref16: Transformer, streams: list[Stream],
     refs = {torch.float32: ref32, torch.bfloat16: ref16}
     state = {s.name: _ref_begin(refs, s) for s in streams}
     hidden = []
-    for i, tensors in progress(prefetched(ref32.read_layer, ref32.args.n_layers), "reference layers", ref32.args.n_layers):
+    n = ref32.args.n_layers
+    for i, tensors in progress(prefetched(ref32.read_layer, n), "reference layers", n):
         ref32.hold_layer(i, tensors=tensors)
         for dtype in (torch.float32, torch.bfloat16):
             if dtype == torch.bfloat16:
@@ -392,7 +390,8 @@ def run_hf(hf: StreamingHF, streams: list[Stream], ref_hidden: list, progress) -
         s.cache = DynamicCache() if s.cached else None
         s.h = [hf.embed(s.tokens[a:b], s.dtype) for a, b in s.steps]
     diffs = []
-    for i, tensors in progress(prefetched(hf.read_layer, hf.config.num_hidden_layers), "HF layers", hf.config.num_hidden_layers):
+    n = hf.config.num_hidden_layers
+    for i, tensors in progress(prefetched(hf.read_layer, n), "HF layers", n):
         layer = hf.layer(i, tensors)
         del tensors
         for dtype in (torch.float32, torch.bfloat16):
@@ -426,7 +425,8 @@ def prefetched(read, n: int):
 
 def _progress(desc_prefix: str):
     quiet = not sys.stderr.isatty()
-    return lambda it, desc, total=None: tqdm(it, desc=f"{desc_prefix}{desc}", unit="layer", total=total, disable=quiet)
+    return lambda it, desc, total=None: tqdm(it, desc=f"{desc_prefix}{desc}", unit="layer", total=total,
+                                             disable=quiet)
 
 
 @torch.inference_mode()

@@ -247,7 +247,8 @@ class Transformer:
         out = None
         for sd in self.w:
             h = rms_norm(x, sd[pre + "ffn_norm.weight"], self.args.norm_eps)
-            g = F.silu(self._linear(sd, pre + "feed_forward.w1.weight", h)) * self._linear(sd, pre + "feed_forward.w3.weight", h)
+            gate = F.silu(self._linear(sd, pre + "feed_forward.w1.weight", h))
+            g = gate * self._linear(sd, pre + "feed_forward.w3.weight", h)
             part = self._linear(sd, pre + "feed_forward.w2.weight", g)
             out = part if out is None else out + part
         return out
