@@ -2,7 +2,8 @@
 
 Exit codes: 0 success / parity holds; 1 parity failure (the files are readable and disagree); 2 bad
 input or environment (one line, no traceback); 128+N when stopped by signal N (130 Ctrl-C, 143
-SIGTERM, 129 SIGHUP), after the same cleanup as any failure.
+SIGTERM, 129 SIGHUP), after the same cleanup as any failure; 141 (SIGPIPE), quietly, when the reader
+of the output went away (`| head`).
 """
 
 from __future__ import annotations
@@ -506,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except KeyboardInterrupt as e:
         return _interrupted(e)
+    except BrokenPipeError:  # whoever read our output went away (`| head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 128 + signal.SIGPIPE
     except OSError as e:  # the environment (permissions, a full disk, I/O errors), not a bug
         where = f" {e.filename}" if e.filename else ""
         return _err(f"{e.strerror or e}{where}")

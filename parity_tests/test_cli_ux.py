@@ -209,3 +209,13 @@ def test_greedy_tokens_sets_the_check_and_says_its_cost(tiny, capsys, monkeypatc
     assert "1 more time (one per new token), from the page cache" in " ".join(json.loads(out)["notes"])
     monkeypatch.setattr(verify_mod, "available_memory", lambda: 1000)  # the shards cannot stay cached
     assert "from disk" in verify_mod._greedy_cost(meta, 8) and "--greedy-tokens" in verify_mod._greedy_cost(meta, 8)
+
+
+def test_closed_pipe_stops_quietly(tiny):
+    """Bug class: `llama-parity inspect ... | head` printing `llama-parity: Broken pipe` and exiting 2
+    (bad input) when the reader simply went away: quiet, exit 141 (128 + SIGPIPE) as shell tools do."""
+    p = subprocess.Popen([sys.executable, "-m", "llama_parity.cli", "inspect", "--input-dir", str(tiny.meta(VARIANT))],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the first line is written
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141 and err == b"", err
