@@ -24,7 +24,8 @@ from llama_parity.reference_model.model import load_meta_checkpoint
 
 from . import mutations as m
 from .metadata import metadata_checks, structure_ok
-from .parity import FP32_REL_BOUND, check_far_positions, check_logits, expected_rope_scaling, fixed_prompt, load_hf_model
+from .parity import (FP32_REL_BOUND, check_far_positions, check_logits, expected_rope_scaling, load_hf_model,
+                     model_prompts)
 
 
 @dataclass
@@ -144,7 +145,7 @@ def diagnose(meta_dir: str | Path, hf_dir: str | Path, *, variant_id: str | None
         # e.g. a rope_scaling without its fields: transformers refuses what the metadata checks name
         return Diagnosis(parity=False, first_divergence="config.json (transformers cannot build the model: "
                          f"{type(e).__name__}: {e})", explained_by=config_faults)
-    tokens = fixed_prompt(min(hf.config.vocab_size, ref.args.vocab_size))
+    tokens = model_prompts(meta_dir, min(hf.config.vocab_size, ref.args.vocab_size)).main  # verify's prompt
     stages = compare_stages(ref, hf, tokens)
     far = check_far_positions(ref, hf, tokens, "cpu")
     first = next((s.name for s in stages if not s.ok), None)

@@ -114,7 +114,7 @@ def load_hf_model(hf_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype
 
 
 def fixed_prompt(vocab_size: int, length: int = 24, seed: int = 1234) -> list[int]:
-    """Random ordinary ids (no special tokens): kept for diagnose's stage-by-stage runs."""
+    """Random ordinary ids (no special tokens): the fairscale cross-check's prompt."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (length,), generator=g).tolist()
 
