@@ -371,11 +371,14 @@ def run_reference(ref32: Transformer, ref16: Transformer, streams: list[Stream],
 
 
 @torch.inference_mode()
-def reference_greedy(ref: Transformer, stream: Stream, first_logits: torch.Tensor, n_new: int) -> list[int]:
-    """Continue the greedy stream (its caches hold the prompt at every layer): one pass per token."""
+def reference_greedy(ref: Transformer, stream: Stream, first_logits: torch.Tensor, n_new: int,
+                     progress=None) -> list[int]:
+    """Continue the greedy stream (its caches hold the prompt at every layer): one pass per token
+    (on a 70B whose shards exceed the page cache, minutes each: `progress` shows them)."""
     out, pos = [int(first_logits[-1].argmax())], len(stream.tokens)
     _ref_set_cache(ref, stream.cache)
-    for _ in range(n_new - 1):
+    steps = range(n_new - 1)
+    for _ in (progress(steps, "greedy passes over the Meta weights", len(steps), "token") if progress else steps):
         out.append(int(ref.forward(torch.tensor([[out[-1]]]), pos)[0, -1].argmax()))
         pos += 1
     _ref_set_cache(ref, None)
@@ -425,8 +428,8 @@ def prefetched(read, n: int):
 
 def _progress(desc_prefix: str):
     quiet = not sys.stderr.isatty()
-    return lambda it, desc, total=None: tqdm(it, desc=f"{desc_prefix}{desc}", unit="layer", total=total,
-                                             disable=quiet)
+    return lambda it, desc, total=None, unit="layer": tqdm(it, desc=f"{desc_prefix}{desc}", unit=unit, total=total,
+                                                           disable=quiet)
 
 
 @torch.inference_mode()
@@ -456,7 +459,7 @@ def streaming_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeSc
     cont = []
     if not quick:
         greedy = next(s for s in ref_streams if s.name == "greedy")
-        cont = reference_greedy(ref32, greedy, r.pop("greedy"), greedy_tokens)
+        cont = reference_greedy(ref32, greedy, r.pop("greedy"), greedy_tokens, progress)
     del ref32, ref16, ref_streams
     hf_prompts = Prompts(prompts.main, prompts.greedy + cont[:-1], prompts.source)
     h, diffs = run_hf(hf, build_streams(hf_prompts, far, bf16, quick=quick, greedy_from=len(prompts.greedy) - 1),
