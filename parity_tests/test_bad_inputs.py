@@ -171,13 +171,18 @@ def c_overwrite_tokenizer_folder(tiny, tmp):
     return _convert(src, src.parent, "--overwrite"), str(src.parent)
 
 
+def _move_and_link(path: Path, folder: Path, name: str) -> Path:
+    """Move `path` to folder/name (created) and leave a symlink to it in its place."""
+    folder.mkdir()
+    path.rename(folder / name)
+    path.symlink_to(folder / name)
+    return folder
+
+
 def c_overwrite_linked_tokenizer(tiny, tmp):
     # tokenizer.model is a symlink into a shared folder: that folder is an input too.
     src = _m(tiny, tmp)
-    shared = tmp / "shared"
-    shared.mkdir()
-    (src / "tokenizer.model").rename(shared / "tokenizer.model")
-    (src / "tokenizer.model").symlink_to(shared / "tokenizer.model")
+    shared = _move_and_link(src / "tokenizer.model", tmp / "shared", "tokenizer.model")
     return _convert(src, shared, "--overwrite"), "tokenizer.model"
 
 
@@ -191,10 +196,7 @@ def c_overwrite_symlink_to_input(tiny, tmp):
 def c_overwrite_linked_blobs(tiny, tmp):
     # The Hugging Face cache layout: the shard is a symlink to a blob stored elsewhere.
     src = _m(tiny, tmp)
-    blobs = tmp / "blobs"
-    blobs.mkdir()
-    (src / "consolidated.00.pth").rename(blobs / "abc123")
-    (src / "consolidated.00.pth").symlink_to(blobs / "abc123")
+    blobs = _move_and_link(src / "consolidated.00.pth", tmp / "blobs", "abc123")
     return _convert(src, blobs, "--overwrite"), "consolidated.00.pth"
 
 
