@@ -134,20 +134,29 @@ def index_pth(path: Path) -> dict[str, RawTensor] | None:
                     return None
                 if ref.record not in data_start:
                     zi = infos.get(f"{prefix}data/{ref.record}")
-                    if zi is None or zi.compress_type != zipfile.ZIP_STORED:
+                    start = None if zi is None else stored_data_offset(fh, zi)
+                    if start is None:
                         return None
-                    fh.seek(zi.header_offset)
-                    local = fh.read(30)
-                    if local[:4] != b"PK\x03\x04":
-                        return None
-                    name_len, extra_len = struct.unpack("<HH", local[26:30])
-                    data_start[ref.record] = zi.header_offset + 30 + name_len + extra_len
+                    data_start[ref.record] = start
                 out[key] = RawTensor(data_start[ref.record] + ref.storage_offset * ref.dtype.itemsize,
                                      ref.shape, ref.dtype)
             return out
     except (_Unsupported, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError,
             AttributeError, KeyError, IndexError, OSError):
         return None
+
+
+def stored_data_offset(fh, info: zipfile.ZipInfo) -> int | None:
+    """File offset of an uncompressed zip record's first data byte (after its local header, whose
+    name and extra-field lengths may differ from the central directory's); None if not stored."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    fh.seek(info.header_offset)
+    local = fh.read(30)
+    if local[:4] != b"PK\x03\x04":
+        return None
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
 
 
 _fadvise = getattr(os, "posix_fadvise", None)

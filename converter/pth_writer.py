@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from .meta_checkpoint import stored_data_offset
+
 CHUNK = 64 << 20  # bytes per write (and per CRC update)
 
 
@@ -34,12 +36,9 @@ def _records(path: Path) -> dict[int, tuple[int, int, int]]:
         for info in z.infolist():
             parts = info.filename.split("/")
             if len(parts) >= 2 and parts[-2] == "data" and parts[-1].isdigit():
-                f.seek(info.header_offset)
-                local = f.read(30)
-                if local[:4] != b"PK\x03\x04" or info.compress_type != zipfile.ZIP_STORED:
+                data = stored_data_offset(f, info)
+                if data is None:
                     raise ValueError(f"{path}: unexpected zip layout for {info.filename}")
-                n, extra = struct.unpack("<HH", local[26:30])
-                data = info.header_offset + 30 + n + extra
                 if info.flag_bits & 8:  # the descriptor: optional signature, then the CRC
                     f.seek(data + info.file_size)
                     crc_field = data + info.file_size + (4 if f.read(4) == b"PK\x07\x08" else 0)
