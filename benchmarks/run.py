@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llama_parity.machine import available_memory
+
 GB = 1e9
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -59,10 +61,8 @@ class CaseResult:
 
 
 def mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 1 << 62
+    avail = available_memory()
+    return 1 << 62 if avail is None else avail
 
 
 def evict(paths) -> None:

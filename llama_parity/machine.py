@@ -1,4 +1,5 @@
-"""Facts about the machine this process runs on, shared by the test plugin and the launcher."""
+"""Facts about the machine this process runs on (cores, memory), shared by the test plugin, the
+launcher, verify's memory checks and the benchmarks."""
 
 from __future__ import annotations
 
@@ -16,3 +17,19 @@ def cpu_budget() -> int:
     except (OSError, ValueError):
         pass
     return max(1, n)
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still use without swapping: MemAvailable, capped by a cgroup limit."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+        limit, used = (Path("/sys/fs/cgroup") / n for n in ("memory.max", "memory.current"))
+        if limit.is_file() and limit.read_text().strip() != "max":
+            room = int(limit.read_text()) - int(used.read_text())
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail

@@ -15,6 +15,7 @@ import torch
 
 from llama_parity.fixtures.variants import find_tokenizer, fp8_refusal
 
+from .machine import available_memory
 from .metadata import hf_weights_dtype, metadata_checks, structure_ok
 from .parity import Check, expected_rope_scaling, run_model_checks
 
@@ -104,22 +105,6 @@ def check_dirs(meta_dir: Path, hf_dir: Path, device: str) -> None:
         check_hf_folder(hf_dir)
     except ConversionError as e:
         raise InputError(str(e)) from None
-
-
-def available_memory() -> int | None:
-    """Bytes this process can still use without swapping: MemAvailable, capped by a cgroup limit."""
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-        limit, used = (Path("/sys/fs/cgroup") / n for n in ("memory.max", "memory.current"))
-        if limit.is_file() and limit.read_text().strip() != "max":
-            room = int(limit.read_text()) - int(used.read_text())
-            avail = room if avail is None else min(avail, room)
-    except (OSError, ValueError):
-        pass
-    return avail
 
 
 def full_memory_need(hf_dir: Path) -> int:
