@@ -209,9 +209,9 @@ def model_checks_on(r: Rank):
     """parity.run_model_checks with this rank's parts of both models (same checks, same order)."""
     from llama_parity.reference_model.fairscale_mp import build_rank_model, reference_args
 
-    from .parity import run_model_checks
+    from .parity import GREEDY_TOKENS, run_model_checks
 
-    def checks(meta_dir: Path, hf_dir: Path, *, rope_scaling, bf16: bool, greedy_tokens: int = 20):
+    def checks(meta_dir: Path, hf_dir: Path, *, rope_scaling, bf16: bool, greedy_tokens: int = GREEDY_TOKENS):
         args = reference_args(meta_dir, rope_scaling)
 
         def load(dtype):

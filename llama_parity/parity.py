@@ -43,6 +43,7 @@ from llama_parity.reference_model.model import RopeScalingArgs, Transformer, loa
 FP32_REL_BOUND = 1e-4
 FP32_KL_BOUND = 1e-6  # nats, max over positions
 BF16_NOISE_K = 3.0  # measured e(hf bf16)/e(meta bf16) over the 22 tiny layouts: 0.78-1.88
+GREEDY_TOKENS = 20  # new tokens greedy generation compares with both whole models
 FAR_START = 12_000  # beyond Llama 3's original 8192 context: where rope scaling factors differ most
 SCALED_WINDOW = 131_072  # every Llama release with use_scaled_rope has a 128k context
 
@@ -382,7 +383,7 @@ def greedy_check(ref_tokens: list[int], hf_tokens: list[int], how: str) -> Check
 
 
 @torch.inference_mode()
-def check_greedy(ref: Transformer, hf, tokens: list[int], device: str, *, n_new: int = 20) -> Check:
+def check_greedy(ref: Transformer, hf, tokens: list[int], device: str, *, n_new: int = GREEDY_TOKENS) -> Check:
     r = ref.generate_greedy(tokens, n_new)
     ref.cache_k = None
     ids = torch.tensor([tokens], device=device)
@@ -395,7 +396,7 @@ def check_greedy(ref: Transformer, hf, tokens: list[int], device: str, *, n_new:
 def run_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeScalingArgs | None, device: str = "cpu",
                      n_words: int | None = None, bf16: bool = True, prompt: list[int] | None = None,
                      loader=None, round_to: torch.dtype | None = None, quick: bool = False,
-                     greedy_tokens: int = 20) -> list[Check]:
+                     greedy_tokens: int = GREEDY_TOKENS) -> list[Check]:
     """All numerical checks on one Meta/HF pair; models loaded once per dtype.
 
     `loader(dtype) -> (reference, hf model)` replaces the in-process loading: distributed.py passes

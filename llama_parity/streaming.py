@@ -52,6 +52,8 @@ from .parity import (FP32_REL_BOUND, KV_CATCHES, Check, Prompts, rel_diff, bf16_
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
+# Streamed, each new token after the first is one more pass over the Meta weights: fewer than full.
+STREAMED_GREEDY_TOKENS = 8
 PIECE_BYTES = 4 << 20  # fp32 bytes of weight rows widened per product (fits the CPU's caches)
 
 
@@ -435,7 +437,7 @@ def _progress(desc_prefix: str):
 @torch.inference_mode()
 def streaming_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeScalingArgs | None,
                            device: str = "cpu", prompt: list[int] | None = None, bf16: bool = True,
-                           greedy_tokens: int = 8, round_to: torch.dtype | None = None,
+                           greedy_tokens: int = STREAMED_GREEDY_TOKENS, round_to: torch.dtype | None = None,
                            quick: bool = False) -> list[Check]:
     """Every model check of the full verify, streamed; see the module docstring for what each costs.
     `round_to`: the HF weights' dtype when the conversion changed it (the reference then computes with

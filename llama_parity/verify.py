@@ -189,12 +189,12 @@ def _model_checks(report: VerifyReport, meta_dir: Path, hf_dir: Path, rope, meta
         if model_checks is not None:
             report.checks += model_checks(meta_dir, hf_dir, rope_scaling=rope, bf16=bf16, **greedy)
         elif mode == "streaming":
-            from .streaming import streaming_model_checks
+            from .streaming import STREAMED_GREEDY_TOKENS, streaming_model_checks
 
             report.checks += streaming_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device, bf16=bf16,
                                                     round_to=round_to, quick=quick, **greedy)
             report.notes.append("streamed one layer at a time (bounded memory)" + (
-                "" if quick else "; " + _greedy_cost(meta_dir, greedy_tokens or 8)))
+                "" if quick else "; " + _greedy_cost(meta_dir, greedy_tokens or STREAMED_GREEDY_TOKENS)))
         else:
             report.checks += run_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device, bf16=bf16,
                                               round_to=round_to, quick=quick, **greedy)
@@ -218,16 +218,16 @@ def _model_checks(report: VerifyReport, meta_dir: Path, hf_dir: Path, rope, meta
 def _greedy_cost(meta_dir: Path, tokens: int) -> str:
     """What streamed greedy generation costs: its extra passes over the Meta weights, from the page
     cache when the shards fit in memory, else from the disk each time (a 70B on a 24 GiB machine)."""
+    if tokens == 1:
+        return "greedy generation compared 1 token (no extra pass over the Meta weights)"
     size = sum(p.stat().st_size for p in meta_dir.glob("consolidated.*.pth"))
     avail = available_memory()
     passes = f"greedy generation read the Meta weights {tokens - 1} more time{'s' * (tokens != 2)} (one per new token)"
-    if tokens == 1:
-        return "greedy generation compared 1 token (no extra pass over the Meta weights)"
     if avail is not None and size > avail:
         return (f"{passes}, from disk: {size / 1e9:.0f} GB each, more than the {avail / 1e9:.0f} GB of memory that "
                 "could cache them; --greedy-tokens N trades tokens compared for time")
-    return f"{passes}, from the page cache ({size / 1e9:.1f} GB)" if size >= 1e8 else \
-        f"{passes}, from the page cache ({size / 1e6:.1f} MB)"
+    amount = f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+    return f"{passes}, from the page cache ({amount})"
 
 
 def _tokenizer_check(report: VerifyReport, meta_dir: Path, hf_dir: Path, variant_id: str | None,
