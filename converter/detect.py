@@ -82,12 +82,6 @@ class Variant:
         ]
 
 
-def variant_named_by_folder(directory: Path) -> VariantSpec | None:
-    """The release this folder's name names (the first when only the layout differs)."""
-    named = registry.releases_named_by(Path(directory).resolve().name)
-    return named[0] if named else None
-
-
 def tokenizer_n_words(path: Path, kind: str) -> int:
     try:
         return registry.tokenizer_n_words(path, kind)

@@ -92,11 +92,6 @@ def _write_all(fd: int, mv: memoryview) -> None:
         mv = mv[n:]
 
 
-def write_tensor_bytes(fh, t: torch.Tensor) -> None:
-    if t.numel():
-        fh.write(_as_bytes(t))
-
-
 _fadvise = getattr(os, "posix_fadvise", None)
 
 
