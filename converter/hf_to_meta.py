@@ -12,8 +12,6 @@ built from only the rows of the HF tensors it holds.
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +20,11 @@ import torch
 
 from llama_parity.fixtures import variants as registry
 from llama_parity.fixtures.variants import FAMILY_FACTS, intermediate_size
+from llama_parity.formats.safetensors import SafetensorsHeader, SafetensorsReader
 
 from .errors import ConversionError
 from .input_checks import check_hf_folder, read_json
 from .keymap import KeyRule, meta_keys
-from .meta_checkpoint import drop_cache, pread_into
 from .pth_writer import save_one_at_a_time
 from .staging import write_atomically
 from .transforms import replicate_heads, unpermute_from_hf_rotary
@@ -122,56 +120,47 @@ def _cut(sl, rule: KeyRule, s: int, lay: _Layout, key: str) -> torch.Tensor:
     return t[off * hd:(off + m) * hd].contiguous()
 
 
-_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+_META_DTYPES = {"BF16", "F16", "F32", "F64"}  # what a Meta checkpoint may hold
 
 
 class _Slice:
-    """Rows of one HF tensor, read with positioned reads when asked for.
+    """Rows of one HF tensor, read with positioned reads when asked for (formats.SafetensorsReader).
 
     Not safetensors' memory map: the pages of a mapped file count in RSS for as long as it stays
     mapped, so one output shard at a time would still show the whole model in `top`.
     """
 
-    def __init__(self, fd: int, offset: int, shape: tuple[int, ...], dtype: torch.dtype):
-        self.fd, self.offset, self.shape, self.dtype = fd, offset, shape, dtype
+    def __init__(self, files: SafetensorsReader, key: str):
+        self.files, self.key = files, key
+        self.shape, self.dtype = files.shape(key), files.dtype(key)
 
     def get_shape(self) -> list[int]:
         return list(self.shape)
 
-    def _rows(self, a: int, b: int) -> torch.Tensor:
-        rest = self.shape[1:]
-        out = torch.empty((b - a, *rest), dtype=self.dtype)
-        row = self.dtype.itemsize * math.prod(rest)
-        if out.numel():
-            pread_into(self.fd, memoryview(out.reshape(-1).view(torch.uint8).numpy()), self.offset + a * row)
-            drop_cache(self.fd, self.offset + a * row, (b - a) * row)
-        return out
-
     def __getitem__(self, idx) -> torch.Tensor:
         rows = self.shape[0] if self.shape else 1
         if isinstance(idx, tuple):  # [:, a:b]: whole rows, then the columns
-            return self._rows(0, rows)[idx]
+            return self.files.rows(self.key, 0, rows)[idx]
         a, b, _ = idx.indices(rows)
-        t = self._rows(a, b)
+        t = self.files.rows(self.key, a, b)
         return t if self.shape else t.reshape(())
 
 
 class _Reader:
-    """Every HF tensor by name, from the headers check_hf_folder read."""
+    """Every HF tensor by name, from the files check_hf_folder checked (pages read are dropped from
+    the page cache: each is read once)."""
 
-    def __init__(self, hf_dir: Path, files: dict[str, tuple[dict, int]]):
-        self.fds = {f: os.open(hf_dir / f, os.O_RDONLY) for f in files}
-        self.slices = {name: _Slice(self.fds[f], start + t["data_offsets"][0], tuple(t["shape"]), _TORCH_DTYPES[t["dtype"]])
-                       for f, (table, start) in files.items() for name, t in table.items()}
+    def __init__(self, hf_dir: Path, files: dict[str, SafetensorsHeader]):
+        self.files = SafetensorsReader(hf_dir, files)
+        self.slices = {name: _Slice(self.files, name) for name in self.files.keys()}
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
+        self.files.close()
 
 
-def _check_tensors(hf_dir: Path, cfg: dict, files: dict[str, tuple[dict, int]]) -> None:
+def _check_tensors(hf_dir: Path, cfg: dict, files: dict[str, SafetensorsHeader]) -> None:
     """Refuse an HF folder lacking a tensor the inverse plan needs (extras: check_hf_folder)."""
-    where = {k: f for f, (table, _) in files.items() for k in table}
+    where = {k: f for f, h in files.items() for k in h.tensors}
     n_layers = cfg.get("num_hidden_layers")
     if not isinstance(n_layers, int) or n_layers <= 0:
         raise ConversionError(f"{hf_dir / 'config.json'}: num_hidden_layers is {n_layers!r}, expected a positive integer")
@@ -183,7 +172,7 @@ def _check_tensors(hf_dir: Path, cfg: dict, files: dict[str, tuple[dict, int]]) 
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ConversionError(f"{hf_dir} lacks {', '.join(missing[:3])}{more} (incomplete download?)")
-    odd = sorted({t["dtype"] for table, _ in files.values() for t in table.values()} - set(_TORCH_DTYPES))
+    odd = sorted({t.dtype for h in files.values() for t in h.tensors.values()} - _META_DTYPES)
     if odd:
         raise ConversionError(f"{hf_dir} holds {', '.join(odd)} tensors; Meta checkpoints are bf16/fp16/fp32")
 

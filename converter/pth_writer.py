@@ -14,39 +14,15 @@ from __future__ import annotations
 
 import os
 import struct
-import zipfile
 import zlib
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .meta_checkpoint import stored_data_offset
+from llama_parity.formats.pth import storage_records
 
 CHUNK = 64 << 20  # bytes per write (and per CRC update)
-
-
-def _records(path: Path) -> dict[int, tuple[int, int, int]]:
-    """data/N -> (data offset, CRC-32 field offsets) of each storage record. torch's zip writer puts
-    each record's CRC in a data descriptor after its bytes (flag bit 3; the local header's field
-    stays 0) and in the central directory."""
-    out = {}
-    with open(path, "rb") as f, zipfile.ZipFile(f) as z:
-        central = z.start_dir
-        for info in z.infolist():
-            parts = info.filename.split("/")
-            if len(parts) >= 2 and parts[-2] == "data" and parts[-1].isdigit():
-                data = stored_data_offset(f, info)
-                if data is None:
-                    raise ValueError(f"{path}: unexpected zip layout for {info.filename}")
-                if info.flag_bits & 8:  # the descriptor: optional signature, then the CRC
-                    f.seek(data + info.file_size)
-                    crc_field = data + info.file_size + (4 if f.read(4) == b"PK\x07\x08" else 0)
-                else:
-                    crc_field = info.header_offset + 14
-                out[int(parts[-1])] = (data, crc_field, central + 16)
-            central += 46 + len(info.orig_filename.encode()) + len(info.extra) + len(info.comment)
-    return out
 
 
 def save_one_at_a_time(path: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
@@ -62,16 +38,16 @@ def save_one_at_a_time(path: Path, layout: dict[str, tuple[tuple[int, ...], torc
     with torch.serialization.skip_data(), open(path, "wb") as fh:
         torch.save(placeholders, fh)
     del placeholders
-    records = _records(path)
+    records = storage_records(path)
     if sorted(records) != list(range(len(layout))):
         raise ValueError(f"{path}: torch.save wrote {len(records)} storage records for {len(layout)} tensors")
     fd = os.open(path, os.O_WRONLY)
     try:
         for i, (key, (shape, dtype)) in enumerate(layout.items()):  # storage keys follow pickling order
             t = _checked(key, produce(key), shape, dtype)
-            data, *crc_fields = records[i]
-            crc = struct.pack("<I", _write_bytes(fd, t, data))
-            for at in crc_fields:
+            rec = records[i]
+            crc = struct.pack("<I", _write_bytes(fd, t, rec.data_offset))
+            for at in rec.crc_offsets:
                 os.pwrite(fd, crc, at)
             del t
     finally:

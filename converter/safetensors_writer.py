@@ -2,8 +2,9 @@
 
 `safetensors.torch.save_file` needs every tensor of a file in memory at once. The format does not:
 it is an 8-byte little-endian header length, a JSON header (dtype, shape, byte offsets of each
-tensor), then the raw bytes in offset order. The plan knows every shape and dtype up front, so we
-write the header first and then each tensor as soon as it is produced, holding one at a time.
+tensor), then the raw bytes in offset order (llama_parity/formats/safetensors.py encodes the header).
+The plan knows every shape and dtype up front, so we write the header first and then each tensor as
+soon as it is produced, holding one at a time.
 
 Tensors arrive as row chunks (converter/executor.py `iter_chunks`). A producer thread reads and
 transforms the next chunks while the main thread writes the previous ones: both spend their time
@@ -14,29 +15,20 @@ when all are in flight) and avoids re-faulting fresh pages for every chunk.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
+from llama_parity.formats.dtypes import nbytes
+from llama_parity.formats.safetensors import INDEX_NAME, encode_header, index_json
 
 def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
-    return n
+    return nbytes(shape, dtype.itemsize)
 
 
 @dataclass(frozen=True)
@@ -70,14 +62,7 @@ def file_names(n: int) -> list[str]:
 
 
 def _header(tensors: Sequence[OutTensor]) -> bytes:
-    meta: dict = {"__metadata__": {"format": "pt"}}
-    off = 0
-    for t in tensors:
-        meta[t.name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
-        off += t.nbytes
-    raw = json.dumps(meta, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-    return struct.pack("<Q", len(raw)) + raw
+    return encode_header(((t.name, t.dtype, t.shape) for t in tensors), {"format": "pt"})
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
@@ -243,36 +228,5 @@ def write_shards(out_dir: Path, tensors: Sequence[OutTensor], produce: Callable,
         producer.thread.join()
     if len(names) > 1:
         weight_map = {t.name: name for name, group in zip(names, groups) for t in group}
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (out_dir / INDEX_NAME).write_text(index_json(weight_map, sum(t.nbytes for t in tensors)))
     return names
-
-
-def read_index(hf_dir: Path) -> dict[str, str]:
-    """tensor name -> file, for a single-file or sharded HF directory."""
-    idx = hf_dir / "model.safetensors.index.json"
-    if idx.is_file():
-        return json.loads(idx.read_text())["weight_map"]
-    single = hf_dir / "model.safetensors"
-    if not single.is_file():
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {hf_dir}")
-    from safetensors import safe_open
-
-    with safe_open(str(single), "pt") as f:
-        return {k: "model.safetensors" for k in f.keys()}
-
-
-def iter_hf_tensors(hf_dir: Path, names: Iterable[str] | None = None):
-    """Yield (name, tensor) from an HF directory, one file open at a time (memory-mapped)."""
-    from safetensors import safe_open
-
-    wm = read_index(hf_dir)
-    wanted = set(names) if names is not None else None
-    by_file: dict[str, list[str]] = {}
-    for k, f in wm.items():
-        if wanted is None or k in wanted:
-            by_file.setdefault(f, []).append(k)
-    for f, keys in by_file.items():
-        with safe_open(str(hf_dir / f), "pt") as fh:
-            for k in keys:
-                yield k, fh.get_tensor(k)

@@ -200,8 +200,10 @@ def cmd_convert(args) -> int:
 def _verify_and_record(meta_dir, hf_dir, args) -> tuple[int, dict]:
     from llama_parity.converter.model_card import record_verify
 
+    from .memory import return_freed_memory
     from .verify import InputError, verify
 
+    return_freed_memory()
     try:
         rep = verify(meta_dir, hf_dir, variant_id=args.variant, instruct=args.instruct, tokenizer=not args.no_tokenizer)
     except InputError as e:
@@ -246,6 +248,7 @@ def _missing_extra(args, flag: str) -> str | None:
 
 def cmd_verify(args) -> int:
     from . import distributed
+    from .memory import return_freed_memory
     from .verify import InputError, verify
 
     if missing := _missing_extra(args, "html"):  # every rank under torchrun sees it: rank 0 speaks
@@ -254,6 +257,7 @@ def cmd_verify(args) -> int:
         return distributed.launch(args, args.verify_parser)
     if distributed.under_torchrun():
         return distributed.run_rank(args)
+    return_freed_memory()
     try:
         rep = verify(args.meta_dir, args.hf_dir, device=args.device, variant_id=args.variant,
                      bf16=not args.no_bf16, tokenizer=not args.no_tokenizer, memory=args.memory,

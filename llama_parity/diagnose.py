@@ -109,12 +109,15 @@ def _quick(ref, hf_dir: Path, tokens: list[int]) -> tuple[float, float]:
 def _dtype_narrowing(meta_dir: Path, hf_dir: Path) -> str | None:
     """Weights stored in another float format than the checkpoint's: rounding, not a layout bug.
     Recognised when the final norm (replicated, never permuted) equals Meta's rounded to it."""
-    from llama_parity.converter.safetensors_writer import iter_hf_tensors
+    from llama_parity.formats.pth import load_state_dict
+    from llama_parity.formats.safetensors import SafetensorsReader
 
-    shard = torch.load(sorted(meta_dir.glob("consolidated.*.pth"))[0], map_location="cpu", mmap=True,
-                       weights_only=True)
-    meta_norm = shard["norm.weight"]
-    _, hf_norm = next(iter_hf_tensors(hf_dir, ["model.norm.weight"]))
+    meta_norm = load_state_dict(sorted(meta_dir.glob("consolidated.*.pth"))[0])["norm.weight"]
+    hf_files = SafetensorsReader(hf_dir)
+    try:
+        hf_norm = hf_files.read("model.norm.weight")
+    finally:
+        hf_files.close()
     if hf_norm.dtype == meta_norm.dtype or not torch.equal(meta_norm.to(hf_norm.dtype), hf_norm):
         return None
     if torch.equal(meta_norm, hf_norm.to(meta_norm.dtype)):
@@ -126,7 +129,7 @@ def _dtype_narrowing(meta_dir: Path, hf_dir: Path) -> str | None:
 
 
 def diagnose(meta_dir: str | Path, hf_dir: str | Path, *, variant_id: str | None = None) -> Diagnosis:
-    from llama_parity.converter.safetensors_writer import read_index
+    from llama_parity.formats.safetensors import read_index
 
     meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
     rope = expected_rope_scaling(meta_dir, variant_id)

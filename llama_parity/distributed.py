@@ -144,15 +144,13 @@ def _owned_keys(weight_map: dict[str, str], layers: range, first: bool, last: bo
 
 
 def _read_owned(hf_dir: Path, keys: list[str], weight_map: dict[str, str], device: str, dtype: torch.dtype) -> dict:
-    from safetensors import safe_open
+    from llama_parity.formats.safetensors import SafetensorsReader
 
-    sd = {}
-    for f in sorted({weight_map[k] for k in keys}):
-        with safe_open(str(hf_dir / f), "pt") as fh:
-            for k in keys:
-                if weight_map[k] == f:
-                    sd[k] = fh.get_tensor(k).to(device=device, dtype=dtype)
-    return sd
+    files = SafetensorsReader(hf_dir, {weight_map[k] for k in keys})
+    try:
+        return {k: t.to(device=device, dtype=dtype) for k, t in files.tensors(keys)}
+    finally:
+        files.close()
 
 
 def load_hf_rank(hf_dir: Path, r: Rank, dtype: torch.dtype):
@@ -161,7 +159,7 @@ def load_hf_rank(hf_dir: Path, r: Rank, dtype: torch.dtype):
     from transformers import AutoConfig, GenerationConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from llama_parity.converter.safetensors_writer import read_index
+    from llama_parity.formats.safetensors import read_index
 
     from .parity import quiet_transformers
 

@@ -95,15 +95,11 @@ class MetaSide:
 
 
 def _load_shards(meta_dir: Path) -> list:
-    """Every shard, memory-mapped (headers read, data on demand); a damaged one is bad input (OSError)."""
-    out = []
-    for p in sorted(meta_dir.glob("consolidated.*.pth"), key=lambda p: int(p.name.split(".")[1])):
-        try:
-            out.append(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as e:  # truncated zip, unsafe pickle, ...: name the file, no traceback
-            raise OSError(f"{p} cannot be read as a Meta shard ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); re-download it") from None
-    return out
+    """Every shard, memory-mapped (headers read, data on demand); a damaged one is bad input (a
+    FormatError, an OSError naming the file)."""
+    from llama_parity.formats.pth import load_state_dict
+
+    return [load_state_dict(p) for p in sorted(meta_dir.glob("consolidated.*.pth"), key=lambda p: int(p.name.split(".")[1]))]
 
 
 def output_tied(meta_dir: Path) -> bool:
@@ -186,7 +182,8 @@ def _rebase(ids, vocab: int):
     return [one(i) for i in ids] if isinstance(ids, list) else one(ids)
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+# The float formats the judge computes in; any other stored dtype is kept as its safetensors code.
+_JUDGED_CODES = ("F32", "BF16", "F16", "F64")
 
 
 @dataclass
@@ -202,9 +199,8 @@ class HFSide:
 
 
 def read_hf_side(hf_dir: Path) -> HFSide:
-    from safetensors import safe_open
-
-    from llama_parity.converter.safetensors_writer import read_index
+    from llama_parity.formats.dtypes import torch_dtype
+    from llama_parity.formats.safetensors import read_header, read_index
 
     cfg = json.loads((hf_dir / "config.json").read_text())
     gen_path = hf_dir / "generation_config.json"
@@ -212,10 +208,8 @@ def read_hf_side(hf_dir: Path) -> HFSide:
     files = read_index(hf_dir)
     tensors = {}
     for f in sorted(set(files.values())):
-        with safe_open(str(hf_dir / f), "pt") as fh:
-            for k in fh.keys():
-                sl = fh.get_slice(k)
-                tensors[k] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+        for k, t in read_header(hf_dir / f).tensors.items():
+            tensors[k] = (t.shape, torch_dtype(t.dtype) if t.dtype in _JUDGED_CODES else t.dtype)
     return HFSide(cfg, gen, {k: v for k, v in tensors.items() if k in files}, files)
 
 

@@ -110,7 +110,7 @@ def check_dirs(meta_dir: Path, hf_dir: Path, device: str) -> None:
 def full_memory_need(hf_dir: Path) -> int:
     """What --memory full holds at its peak: both models in fp32 plus the runtime (measured on the
     1B shape: 13.8 GB of RSS where this gives 13.5 GB)."""
-    from .streaming import model_bytes_fp32
+    from .memory import model_bytes_fp32
 
     return 2 * model_bytes_fp32(hf_dir) + (3 << 29)
 

@@ -172,15 +172,22 @@ def test_mmap_fallback_gives_the_same_bytes(tmp_path, monkeypatch, bf16_checkpoi
     """Files the zip reader does not understand go through torch's memory map: same output.
 
     Bug class: the fallback path (compressed records, legacy or foreign .pth layouts) rotting
-    unnoticed because every fixture takes the fast path.
+    unnoticed because every fixture takes the fast path. Here the shards are really foreign: each
+    matrix saved as a column-major view (same values, strided storage), which the record index refuses.
     """
-    from llama_parity.converter.meta_checkpoint import MetaCheckpoint
+    import shutil
 
     spec = variants.get("llama2-70b")
     folder = bf16_checkpoint("llama2-70b", 8)
-    monkeypatch.setattr(MetaCheckpoint, "raw_index", property(lambda self: [None] * self.num_shards))
+    foreign = tmp_path / "download" / folder.name
+    shutil.copytree(folder, foreign)
+    for tok in folder.parent.glob("tokenizer.model"):  # Llama 2 ships it one folder up
+        shutil.copy(tok, foreign.parent)
+    for p in sorted(foreign.glob("consolidated.*.pth")):
+        sd = torch.load(p, weights_only=True)
+        torch.save({k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in sd.items()}, p)
     monkeypatch.setattr(executor_mod, "CHUNK_BYTES", 3000)
-    report = convert_meta_to_hf(folder, tmp_path / "hf", ConvertOptions(write_tokenizer=False))
+    report = convert_meta_to_hf(foreign, tmp_path / "hf", ConvertOptions(write_tokenizer=False))
     got = _read_output(tmp_path / "hf")
     for name, w in expected_tensors(folder, spec).items():
         assert torch.equal(_bits(got[name]), _bits(w)), name

@@ -105,27 +105,22 @@ def bf16_pair(tmp_path_factory):
     return meta, root / "hf"
 
 
-def test_streamed_bf16_weights_widened_in_pieces_measure_what_full_measures(bf16_pair, monkeypatch):
+def test_streamed_bf16_weights_widened_in_pieces_measure_what_full_measures(bf16_pair):
     """Bug class: the bf16-stored path computing something else than the whole-model pass: weights are
     held as stored and widened to fp32 a few rows at a time (reference and HF side), greedy passes and
     the output matrix read from the files piece by piece. Pieces of a few rows make every weight, the
     output matrix and every shard cross piece boundaries; a piece lost, repeated or misplaced moves
     the logits far beyond a tenth of the fp32 bound."""
-    from llama_parity import streaming
-    from llama_parity.reference_model import model
-
-    monkeypatch.setattr(streaming, "PIECE_BYTES", 4 * 4 * 128)  # 4 rows of the 128-wide inputs, 1 of the FFN's
-    monkeypatch.setattr(model._Converted, "PIECE_BYTES", 4 * 4 * 128)
     meta, hf = bf16_pair
     full = {c.name: c for c in parity.run_model_checks(meta, hf, rope_scaling=parity.expected_rope_scaling(meta))}
-    streamed = _streamed(meta, hf)
+    streamed = _streamed(meta, hf, piece_bytes=4 * 4 * 128)  # 4 rows of the 128-wide inputs, 1 of the FFN's
     assert all(c.ok for c in streamed.values()), [(c.name, c.measured) for c in streamed.values() if not c.ok]
     for name, c in full.items():
         assert abs(streamed[name].measured - c.measured) <= max(c.bound, 1e-12) / 10, (name, streamed[name], c)
 
 
 @pytest.mark.parametrize("stored,round_to", [("bfloat16", None), ("float32", "bfloat16"), ("float32", None)])
-def test_piecewise_products_equal_whole_products(tmp_path, monkeypatch, stored, round_to):
+def test_piecewise_products_equal_whole_products(tmp_path, stored, round_to):
     """Bug class: a widened product that is not x @ W^T (a piece skipped at the end, rows shifted
     between pieces, the rounding of a declared dtype change not applied): the reference's
     piecewise product, from a held tensor and from the file, equals F.linear on the whole converted
@@ -135,7 +130,7 @@ def test_piecewise_products_equal_whole_products(tmp_path, monkeypatch, stored, 
     import torch
     import torch.nn.functional as F
 
-    from llama_parity import streaming
+    from llama_parity import hf_layers
     from llama_parity.reference_model import model
 
     stored, round_to = getattr(torch, stored), round_to and getattr(torch, round_to)
@@ -143,14 +138,13 @@ def test_piecewise_products_equal_whole_products(tmp_path, monkeypatch, stored, 
     w = torch.randn(37, 24, generator=g).to(stored)
     x = torch.randn(1, 5, 24, generator=g)
     torch.save({"w": w}, tmp_path / "consolidated.00.pth")
-    monkeypatch.setattr(model._Converted, "PIECE_BYTES", 5 * 4 * 24)
-    monkeypatch.setattr(streaming, "PIECE_BYTES", 5 * 4 * 24)
+    piece = 5 * 4 * 24
     sd = model._Converted(model.ShardReader(tmp_path / "consolidated.00.pth"), torch.device("cpu"), torch.float32,
-                          round_to)
+                          round_to, piece)
     whole = F.linear(x, (w if round_to is None else w.to(round_to)).float())
     close = lambda got: torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-5)
     close(sd.linear(x, "w"))  # read from the file, piece by piece
     sd.held = {"w": w}
     close(sd.linear(x, "w"))  # held as stored
     if round_to is None:
-        close(streaming.widened_linear(x, w, {}))
+        close(hf_layers.widened_linear(x, w, {}, piece))

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from llama_parity.formats.pth import PthReader, load_state_dict
+
+
+# fp32 bytes of weight rows widened per product when reading lazily (fits the CPU's caches; see _Converted)
+PIECE_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,7 @@ class Transformer:
 
     def __init__(self, args: ModelArgs, shards: list[dict[str, torch.Tensor]], *,
                  embedding_dim: int, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 lazy: bool = False, round_to: torch.dtype | None = None):
+                 lazy: bool = False, round_to: torch.dtype | None = None, piece_bytes: int = PIECE_BYTES):
         self.args = args
         self.mp = len(shards)
         self.embedding_dim = embedding_dim
@@ -147,7 +151,7 @@ class Transformer:
             # file with explicit reads when a layer uses it (or held for one layer, `hold_layer`), in
             # the file's dtype; matrix products widen it chunk by chunk (_Converted.linear). The
             # embedding is read by row, the output matrix in vocab chunks.
-            self.w = [_Converted(sd, self.device, self._dtype, round_to) for sd in shards]
+            self.w = [_Converted(sd, self.device, self._dtype, round_to, piece_bytes) for sd in shards]
             self._conv = self.w[0].convert
         else:
             self._conv = _converter(self.device, dtype, round_to)
@@ -381,10 +385,10 @@ class _Converted:
     times one token took 87 ms widened whole (a fresh 235 MB tensor, page faults) against 9 ms in
     4 MB pieces; widening is exact, and each output feature is the same dot product either way."""
 
-    PIECE_BYTES = 4 << 20
-
-    def __init__(self, raw: "ShardReader", device: torch.device, dtype: torch.dtype, round_to: torch.dtype | None):
+    def __init__(self, raw: "ShardReader", device: torch.device, dtype: torch.dtype, round_to: torch.dtype | None,
+                 piece_bytes: int = PIECE_BYTES):
         self.raw, self.device, self.dtype, self.round_to = raw, device, dtype, round_to
+        self.piece_bytes = piece_bytes
         self.convert = _converter(device, dtype, round_to)
         self.held: dict[str, torch.Tensor] = {}
         self._bufs: dict[str, torch.Tensor] = {}
@@ -402,7 +406,7 @@ class _Converted:
         if w is not None and w.dtype == self.dtype and self.round_to in (None, self.dtype):
             return F.linear(x, w)
         n_out, n_in = w.shape if w is not None else self.raw.shape(key)
-        step = max(1, self.PIECE_BYTES // (n_in * 4))
+        step = max(1, self.piece_bytes // (n_in * 4))
         outs = []
         for a in range(0, n_out, step):
             b = min(a + step, n_out)
@@ -422,117 +426,14 @@ class _Converted:
         """A reused buffer: a fresh multi-MB tensor per piece would cost its page faults every time."""
         buf = self._bufs.get(name)
         if buf is None or buf.numel() < rows * cols or buf.dtype != dtype or buf.device != device:
-            buf = self._bufs[name] = torch.empty(max(rows * cols, self.PIECE_BYTES // 4), dtype=dtype, device=device)
+            buf = self._bufs[name] = torch.empty(max(rows * cols, self.piece_bytes // 4), dtype=dtype, device=device)
         return buf[:rows * cols].view(rows, cols)
 
 
-class ShardReader:
-    """One consolidated.NN.pth read with explicit reads (pread), never through a memory map.
-
-    Pages of a memory-mapped file stay in the process's RSS after use: what `top`, schedulers and
-    cgroup limits count, so a streamed 8B verify looked like 19.6 GB. torch.load(mmap=True) is used
-    only to learn each tensor's dtype, shape and storage (no page of data is touched); the byte
-    offset of each storage in the file comes from the zip directory (torch.save writes an
-    uncompressed zip: one `data/N` record per storage), matched to the mapped storages' addresses.
-    """
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.tensors = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
-        self.offsets = _tensor_file_offsets(self.path, self.tensors)
-        self.fd = os.open(self.path, os.O_RDONLY)
-
-    def __del__(self):
-        fd, self.fd = getattr(self, "fd", None), None
-        if fd is not None:
-            os.close(fd)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.tensors
-
-    def keys(self):
-        return self.tensors.keys()
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.tensors[key].shape)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.tensors[key].dtype
-
-    def read(self, key: str) -> torch.Tensor:
-        t = self.tensors[key]
-        return self.rows(key, 0, t.shape[0]) if t.dim() else t.clone()
-
-    def same_bytes(self, key_a: str, key_b: str, chunk_bytes: int = 64 << 20) -> bool:
-        """Whether two tensors hold identical bytes (a tied output), compared in row chunks: torch.equal
-        through the memory map would leave both whole matrices in RSS (+1 GB on a 1B's embedding)."""
-        a, b = self.tensors[key_a], self.tensors[key_b]
-        if a.shape != b.shape or a.dtype != b.dtype:
-            return False
-        if a.dim() == 0:
-            return bool(torch.equal(a.reshape(1).view(torch.uint8), b.reshape(1).view(torch.uint8)))
-        step = max(1, chunk_bytes // max(1, a[0].numel() * a.element_size()))
-        return all(torch.equal(self.rows(key_a, i, min(i + step, len(a))).view(torch.uint8),
-                               self.rows(key_b, i, min(i + step, len(a))).view(torch.uint8))
-                   for i in range(0, len(a), step))
-
-    def rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows start..stop (along dim 0) in the file's dtype: a new tensor, or read into `out`."""
-        t = self.tensors[key]
-        if not t.is_contiguous():  # not written by torch.save of a plain state dict; copy via the map
-            return t[start:stop].clone() if out is None else out.copy_(t[start:stop])
-        if out is None:
-            out = torch.empty((stop - start, *t.shape[1:]), dtype=t.dtype)
-        row = out[0].numel() * t.element_size() if out.numel() else 0
-        _pread_into(self.fd, out, self.offsets[key] + start * row, self.path)
-        return out
-
-
-def _zip_data_offsets(path: Path) -> list[int]:
-    """File offsets of the first byte of each storage record's data (`<archive>/data/N`; the pickle
-    and version records are left out: in a file of one storage, data.pkl's offset would also fit)."""
-    offsets = []
-    with open(path, "rb") as f, zipfile.ZipFile(f) as z:
-        for info in z.infolist():
-            parts = info.filename.split("/")
-            if len(parts) < 2 or parts[-2] != "data" or not parts[-1].isdigit():
-                continue
-            f.seek(info.header_offset)
-            local = f.read(30)  # local file header: name and extra-field lengths at bytes 26..29
-            n, extra = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
-            offsets.append(info.header_offset + 30 + n + extra)
-    return offsets
-
-
-def _tensor_file_offsets(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Byte offset in `path` of each tensor's first element. torch maps the whole file at one base
-    address, so (storage address - base) is the storage record's offset: find the base that maps
-    every storage onto a record, and refuse the file if none does."""
-    records = set(_zip_data_offsets(path))
-    ptrs = {k: t.untyped_storage().data_ptr() for k, t in tensors.items() if t.untyped_storage().nbytes()}
-    if not ptrs:
-        return {k: 0 for k in tensors}
-    lowest = min(ptrs.values())
-    for first in sorted(records):
-        base = lowest - first
-        if all(p - base in records for p in ptrs.values()):
-            return {k: ptrs.get(k, base) - base + t.storage_offset() * t.element_size() for k, t in tensors.items()}
-    raise ValueError(f"{path}: tensor storages do not match the file's records (not a torch.save zip?)")
-
-
-def _pread_into(fd: int, out: torch.Tensor, offset: int, path: Path) -> None:
-    buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-    done = 0
-    while done < len(buf):
-        if hasattr(os, "preadv"):
-            n = os.preadv(fd, [buf[done:]], offset + done)
-        else:  # pragma: no cover - platforms without preadv
-            chunk = os.pread(fd, len(buf) - done, offset + done)
-            n = len(chunk)
-            buf[done:done + n] = chunk
-        if n <= 0:
-            raise OSError(f"{path}: unexpected end of file at byte {offset + done} (truncated shard?)")
-        done += n
+# A consolidated.NN.pth read with explicit reads (pread), never through a memory map: pages of a mapped
+# file stay in the process's RSS after use (what `top`, schedulers and cgroup limits count; a streamed
+# 8B verify looked like 19.6 GB). The pages stay in the page cache: greedy decoding reads them again.
+ShardReader = PthReader
 
 
 def find_shards(meta_dir: Path) -> list[Path]:
@@ -545,7 +446,8 @@ def find_shards(meta_dir: Path) -> list[Path]:
 def load_meta_checkpoint(meta_dir: str | Path, *, rope_scaling: RopeScalingArgs | None,
                          tokenizer_n_words: int | None = None, embedding_dim: int | None = None,
                          device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                         lazy: bool = False, round_to: torch.dtype | None = None) -> Transformer:
+                         lazy: bool = False, round_to: torch.dtype | None = None,
+                         piece_bytes: int = PIECE_BYTES) -> Transformer:
     """Build the reference from a Meta directory, shards kept apart.
 
     `embedding_dim` (how tok_embeddings is split) is inferred from the shard shapes when not given:
@@ -556,7 +458,7 @@ def load_meta_checkpoint(meta_dir: str | Path, *, rope_scaling: RopeScalingArgs 
     if lazy:
         shards = [ShardReader(p) for p in find_shards(meta_dir)]
     else:
-        shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in find_shards(meta_dir)]
+        shards = [load_state_dict(p) for p in find_shards(meta_dir)]
     if int(params.get("vocab_size", -1)) == -1 and tokenizer_n_words is None:
         # As Meta's build(): the vocab comes from the tokenizer (Llama 2 ships it one folder up).
         from .tokenizer import load_meta_tokenizer
@@ -572,4 +474,4 @@ def load_meta_checkpoint(meta_dir: str | Path, *, rope_scaling: RopeScalingArgs 
         width = shards[0].shape("tok_embeddings.weight")[1] if lazy else shards[0]["tok_embeddings.weight"].shape[1]
         embedding_dim = 1 if (len(shards) > 1 and width != args.dim) else 0
     return Transformer(args, shards, embedding_dim=embedding_dim, device=device, dtype=dtype, lazy=lazy,
-                       round_to=round_to)
+                       round_to=round_to, piece_bytes=piece_bytes)

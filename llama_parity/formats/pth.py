@@ -1,0 +1,289 @@
+"""torch.save's `.pth` files (Meta's consolidated.NN.pth): the zip records, the pickle's tensor
+metadata, safe loading, and tensor rows read with pread.
+
+A `.pth` is an uncompressed zip: `<archive>/data.pkl` (the pickle naming each tensor's storage record,
+offset, shape and stride), `<archive>/data/N` (one record per storage, its raw bytes), plus small
+bookkeeping records. `index_pth` reads the pickle without executing it (only the few globals a state
+dict of plain tensors uses are resolved), and `stored_data_offset` finds where a record's bytes start,
+so `PthReader.rows` copies exactly the rows asked for into a caller's buffer. Files that do not fit
+this pattern (compressed records, legacy formats, strided tensors) are read through torch.load's
+memory map instead: correct, but those pages stay in RSS while mapped.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import re
+import struct
+import threading
+import zipfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from .dtypes import STORAGE_DTYPES, nbytes
+from .errors import FormatError
+from .pread import drop_cache, open_for_reading, pread_into
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """Where one contiguous tensor's bytes sit inside a .pth file."""
+    offset: int  # file offset of element 0
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def row_bytes(self) -> int:
+        return nbytes(self.shape[1:], self.dtype.itemsize)
+
+
+@dataclass(frozen=True)
+class StorageRecord:
+    """One `data/N` record: where its bytes start and where torch's zip writer keeps its CRC-32 (in a
+    data descriptor after the bytes when flag bit 3 is set, else the local header; and the central
+    directory)."""
+    data_offset: int
+    size: int
+    crc_offsets: tuple[int, int]
+
+
+def stored_data_offset(fh, info: zipfile.ZipInfo) -> int | None:
+    """File offset of an uncompressed zip record's first data byte (after its local header, whose
+    name and extra-field lengths may differ from the central directory's); None if not stored."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    fh.seek(info.header_offset)
+    local = fh.read(30)
+    if local[:4] != b"PK\x03\x04":
+        return None
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def storage_records(path: Path) -> dict[int, StorageRecord]:
+    """N -> the `data/N` record of every storage (the pickle and bookkeeping records left out); a
+    compressed or malformed record is a FormatError."""
+    out = {}
+    with open(path, "rb") as f, zipfile.ZipFile(f) as z:
+        central = z.start_dir
+        for info in z.infolist():
+            parts = info.filename.split("/")
+            if len(parts) >= 2 and parts[-2] == "data" and parts[-1].isdigit():
+                data = stored_data_offset(f, info)
+                if data is None:
+                    raise FormatError(f"{path}: unexpected zip layout for {info.filename}")
+                if info.flag_bits & 8:  # the descriptor: optional signature, then the CRC
+                    f.seek(data + info.file_size)
+                    crc_field = data + info.file_size + (4 if f.read(4) == b"PK\x07\x08" else 0)
+                else:
+                    crc_field = info.header_offset + 14
+                out[int(parts[-1])] = StorageRecord(data, info.file_size, (crc_field, central + 16))
+            central += 46 + len(info.orig_filename.encode()) + len(info.extra) + len(info.comment)
+    return out
+
+
+# --- the pickle's metadata, without executing it -----------------------------------------------------
+class _Unsupported(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    record: str
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    record: str
+    dtype: torch.dtype
+    storage_offset: int
+    shape: tuple[int, ...]
+
+
+def _rebuild_tensor_ref(storage, storage_offset, size, stride, *_ignored):
+    expected, acc = [], 1
+    for d in reversed(size):
+        expected.insert(0, acc)
+        acc *= d
+    if any(s != e for s, e, d in zip(stride, expected, size) if d > 1):
+        raise _Unsupported("non-contiguous tensor")
+    return _TensorRef(storage.record, storage.dtype, int(storage_offset), tuple(int(d) for d in size))
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Reads torch.save's pickle into (record, offset, shape, dtype) records; executes nothing else.
+
+    Only the handful of globals a state dict of plain tensors uses are resolved; anything else
+    raises _Unsupported and the caller falls back to torch.load.
+    """
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor_ref
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name in STORAGE_DTYPES:
+            return STORAGE_DTYPES[name]
+        raise _Unsupported(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise _Unsupported(f"persistent id {pid!r:.80}")
+        return _StorageRef(str(pid[2]), pid[1])
+
+
+def index_pth(path: Path) -> dict[str, RawTensor] | None:
+    """key -> RawTensor for a torch.save zip of contiguous tensors; None if the file is not one."""
+    try:
+        with zipfile.ZipFile(path) as zf, Path(path).open("rb") as fh:
+            infos = {zi.filename: zi for zi in zf.infolist()}
+            pkl = next((n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1), None)
+            if pkl is None:
+                return None
+            prefix = pkl[: -len("data.pkl")]
+            state = _IndexUnpickler(zf.open(pkl)).load()
+            if not isinstance(state, dict):
+                return None
+            data_start: dict[str, int] = {}
+            out = {}
+            for key, ref in state.items():
+                if not isinstance(ref, _TensorRef):
+                    return None
+                if ref.record not in data_start:
+                    zi = infos.get(f"{prefix}data/{ref.record}")
+                    start = None if zi is None else stored_data_offset(fh, zi)
+                    if start is None:
+                        return None
+                    data_start[ref.record] = start
+                out[key] = RawTensor(data_start[ref.record] + ref.storage_offset * ref.dtype.itemsize,
+                                     ref.shape, ref.dtype)
+            return out
+    except (_Unsupported, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError,
+            AttributeError, KeyError, IndexError, OSError):
+        return None
+
+
+def load_state_dict(p: Path) -> dict[str, torch.Tensor]:
+    """A .pth as a state dict of tensors, memory-mapped (no tensor data read), without running its pickle.
+
+    `weights_only=True` unpickles tensors and containers only: a file whose pickle would call
+    anything else (os.system, eval, ...) is refused here, before any of it runs.
+    """
+    try:
+        sd = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"GLOBAL ([\w.]+)", str(e))
+        why = f"it would call {m.group(1)}" if m else (str(e).splitlines() or ["?"])[0][:120]
+        raise FormatError(f"refusing to load {p}: its pickle holds more than tensors ({why}); a checkpoint "
+                          "from Meta never does: re-download it from a trusted source") from None
+    except Exception as e:  # torch raises many types for truncated / foreign files
+        first = (str(e).splitlines() or [""])[0].split(". ")[0][:160]
+        raise FormatError(f"cannot read {p} ({first}): truncated download or not a PyTorch checkpoint? "
+                          "Re-download it (checklist.chk and --verify-md5 tell which file is damaged)") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise FormatError(f"{p} does not hold a state dict of named tensors (not a Meta checkpoint shard?)")
+    return sd
+
+
+class PthReader:
+    """One .pth file's tensors, or rows of them, read with pread into a fresh tensor or a caller's
+    buffer; never through the memory map when the file is a plain torch.save zip (mapped pages stay
+    in the process's RSS: a streamed 8B verify looked like 19.6 GB).
+
+    The state dict (`tensors`) is torch.load(mmap=True, weights_only=True): keys, shapes and dtypes
+    without touching data. Each tensor's byte offset comes from `index_pth`; a tensor it cannot place
+    is copied from the memory map instead (its key lands in `fallback_keys`). `keep_cached=False`
+    drops the pages read from the page cache (a conversion reads each byte once).
+    """
+
+    def __init__(self, path: str | Path, *, keep_cached: bool = True):
+        self.path = Path(path)
+        self.keep_cached = keep_cached
+        self.fallback_keys: set[str] = set()
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    @cached_property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return load_state_dict(self.path)
+
+    @cached_property
+    def raw(self) -> dict[str, RawTensor]:
+        return index_pth(self.path) or {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].dtype
+
+    def read(self, key: str) -> torch.Tensor:
+        shape = self.shape(key)
+        return self.rows(key, 0, shape[0]) if shape else self.rows(key, 0, 1).reshape(())
+
+    def rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None, *,
+             keep_cached: bool | None = None) -> torch.Tensor:
+        """Rows [start, stop) along dim 0 (a 0-d tensor is one row) in the file's dtype: a new tensor,
+        or copied into `out` (contiguous, that dtype, [stop - start, *shape[1:]] elements)."""
+        t = self.tensors[key]
+        if out is None:
+            out = torch.empty((stop - start, *t.shape[1:]), dtype=t.dtype)
+        if not (0 <= start <= stop <= (t.shape[0] if t.dim() else 1)) or not out.is_contiguous() \
+                or out.dtype != t.dtype or out.numel() != (stop - start) * nbytes(t.shape[1:], 1):
+            raise ValueError(f"{self.path}: rows({key!r}, {start}, {stop}): bad range or buffer")
+        if out.numel() == 0:
+            return out
+        raw = self.raw.get(key)
+        if raw is None or raw.shape != tuple(t.shape) or raw.dtype != t.dtype:
+            self.fallback_keys.add(key)
+            out.copy_((t[start:stop] if t.dim() else t.reshape(1)).reshape(out.shape))
+            return out
+        fd, offset = self._open(), raw.offset + start * raw.row_bytes
+        pread_into(fd, memoryview(out.reshape(-1).view(torch.uint8).numpy()), offset, name=f"{self.path}: {key}")
+        if not (self.keep_cached if keep_cached is None else keep_cached):
+            drop_cache(fd, offset, out.numel() * out.element_size())
+        return out
+
+    def same_bytes(self, key_a: str, key_b: str, chunk_bytes: int = 64 << 20) -> bool:
+        """Whether two tensors hold identical bytes (a tied output), compared in row chunks: torch.equal
+        through the memory map would leave both whole matrices in RSS (+1 GB on a 1B's embedding).
+        The pages stay cached: a conversion reads the embedding again right after this check."""
+        a, b = self.tensors[key_a], self.tensors[key_b]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        n = a.shape[0] if a.dim() else 1
+        step = max(1, chunk_bytes // max(1, nbytes(a.shape[1:], a.element_size())))
+        return all(torch.equal(self.rows(key_a, i, min(i + step, n), keep_cached=True).view(torch.uint8),
+                               self.rows(key_b, i, min(i + step, n), keep_cached=True).view(torch.uint8))
+                   for i in range(0, n, step))
+
+    def _open(self) -> int:
+        with self._lock:
+            if self._fd is None:  # read front to back in large pieces: let readahead be generous
+                self._fd = open_for_reading(self.path, sequential=True)
+            return self._fd
+
+    def close(self) -> None:
+        """Close the file descriptor (the memory-mapped state dict stays usable; rows reopen it)."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,158 @@
+"""transformers' own Llama modules, one decoder layer at a time, fed from the safetensors files: the HF
+side of the streamed verify (llama_parity/streaming.py runs them).
+
+A layer's linear weights stay in the file's dtype (bf16 for real downloads) and are widened to the
+compute dtype a few rows at a time for each product (WidenedLinear), so no fp32 copy of a layer exists.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+from .formats.safetensors import SafetensorsReader
+from .parity import Check
+
+PIECE_BYTES = 4 << 20  # fp32 bytes of weight rows widened per product (fits the CPU's caches)
+
+
+def widened_linear(x: torch.Tensor, w: torch.Tensor, buffers: dict, piece_bytes: int = PIECE_BYTES) -> torch.Tensor:
+    """x @ w^T with w widened (or narrowed) to x's dtype a few rows at a time into one reused buffer:
+    a whole fp32 copy of each weight, freshly allocated, costs more than the product itself (page
+    faults and memory traffic; the reference does the same, reference_model/model.py _Converted)."""
+    if w.dtype == x.dtype:
+        return torch.nn.functional.linear(x, w)
+    step = max(1, piece_bytes // (w.shape[1] * 4))
+    key = (x.dtype, x.device)
+    if key not in buffers or buffers[key].numel() < step * w.shape[1]:
+        buffers[key] = torch.empty(step * w.shape[1], dtype=x.dtype, device=x.device)
+    outs = []
+    for a in range(0, w.shape[0], step):
+        piece = w[a:a + step]
+        buf = buffers[key][:piece.numel()].view(piece.shape).copy_(piece)
+        outs.append(torch.nn.functional.linear(x, buf))
+    return torch.cat(outs, dim=-1)
+
+
+class WidenedLinear(torch.nn.Module):
+    """transformers' nn.Linear replaced by the same product over the weight as stored (see
+    widened_linear); a plain attribute, so `layer.to(torch.bfloat16)` converts only the norms."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, buffers: dict,
+                 piece_bytes: int = PIECE_BYTES):
+        super().__init__()
+        self.w, self.b, self.buffers, self.piece_bytes = weight, bias, buffers, piece_bytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = widened_linear(x, self.w, self.buffers, self.piece_bytes)
+        return out if self.b is None else out + self.b.to(out.dtype)
+
+
+class StreamingHF:
+    """transformers' own Llama modules (LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding), built for
+    one layer at a time and given that layer's tensors from the safetensors files."""
+
+    def __init__(self, hf_dir: Path, device: str = "cpu", piece_bytes: int = PIECE_BYTES):
+        from transformers import AutoConfig
+        from transformers.models.llama import modeling_llama
+
+        self.m = modeling_llama
+        self.config = AutoConfig.from_pretrained(str(hf_dir))
+        self.config._attn_implementation = "eager"
+        self.device = torch.device(device)
+        # Pages read are dropped from the page cache: nothing here reads them twice, and the Meta
+        # shards (read again by greedy decoding) should stay.
+        self.files = SafetensorsReader(Path(hf_dir))
+        self.rotary = modeling_llama.LlamaRotaryEmbedding(self.config).to(self.device)
+        params = inspect.signature(modeling_llama.LlamaDecoderLayer.forward).parameters
+        self.cache_kw = next(k for k in ("cache", "past_key_values", "past_key_value") if k in params)
+        self.buffers: dict = {}  # widened_linear's reused buffers, one per compute dtype
+        self.piece_bytes = piece_bytes
+
+    def layout_check(self) -> tuple[Check, bool]:
+        """What from_pretrained would do with these files, without loading them: every tensor
+        transformers' LlamaForCausalLM expects is present with its shape (a missing one would be
+        initialised randomly, a misshaped one refused); extra tensors are ignored, as there."""
+        from transformers import LlamaForCausalLM
+
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in LlamaForCausalLM(self.config).state_dict().items()}
+        if self.config.tie_word_embeddings and "lm_head.weight" not in self.files:
+            expected.pop("lm_head.weight", None)
+        missing = sorted(k for k in expected if k not in self.files)
+        misshaped = sorted(f"{k} {self.files.shape(k)} (expected {expected[k]})" for k in expected
+                           if k in self.files and self.files.shape(k) != expected[k])
+        extra = sorted(k for k in self.files.keys() if k not in expected)
+        bad = len(missing) + len(misshaped)
+        detail = "; ".join(x for x in (
+            f"missing: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "") if missing else "",
+            f"wrong shape: {', '.join(misshaped[:5])}" if misshaped else "",
+            f"ignored (not used by LlamaForCausalLM): {', '.join(extra[:5])}" if extra else "") if x)
+        fatal = bool(misshaped) or any(k != "lm_head.weight" for k in missing)  # layers that cannot be built
+        return Check("weights: names and shapes", "tensors missing, misnamed or of another model's shape",
+                     float(bad), 0.0, bad == 0, detail or f"all {len(expected)} tensors present with their shapes"), fatal
+
+    def _get(self, name: str, dtype=torch.float32) -> torch.Tensor:
+        return self.files.read(name).to(device=self.device, dtype=dtype)
+
+    def embed(self, tokens: list[int], dtype: torch.dtype) -> torch.Tensor:
+        rows = [self.files.rows("model.embed_tokens.weight", t, t + 1) for t in tokens]
+        return torch.cat(rows).to(device=self.device, dtype=dtype)[None]
+
+    def read_layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's tensors as stored, named as in the layer (may run in a reader thread). A missing
+        one fails as a strict load would; extra ones (old transformers' rotary_emb.inv_freq buffers)
+        are ignored, as from_pretrained ignores them."""
+        with torch.device("meta"):
+            names = list(self.m.LlamaDecoderLayer(self.config, i).state_dict())
+        return {k: self.files.read(f"model.layers.{i}.{k}").to(self.device) for k in names}
+
+    def layer(self, i: int, tensors: dict[str, torch.Tensor]):
+        """Layer i built from `tensors`: its linear layers keep the file's dtype and widen it per
+        product (WidenedLinear); the norms are fp32 (`.to(torch.bfloat16)` gives the bf16 model's)."""
+        with torch.device("meta"):
+            layer = self.m.LlamaDecoderLayer(self.config, i)
+        layer.load_state_dict(tensors, assign=True, strict=True)
+        for name, mod in list(layer.named_modules()):
+            if isinstance(mod, torch.nn.Linear):
+                parent, _, attr = name.rpartition(".")
+                setattr(layer.get_submodule(parent) if parent else layer, attr,
+                        WidenedLinear(mod.weight.data, None if mod.bias is None else mod.bias.data, self.buffers,
+                                      self.piece_bytes))
+        return layer.float().eval()
+
+    def run(self, layer, h: torch.Tensor, positions: torch.Tensor, start: int, cache) -> torch.Tensor:
+        """One layer on one step: `start` earlier tokens are in `cache` (None: a cache-less causal pass)."""
+        n = h.shape[1]
+        mask = torch.zeros(n, start + n, dtype=h.dtype, device=self.device)
+        mask[:, start:] = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype, device=self.device).triu(1)
+        pos = positions[None].to(self.device)
+        kw = {self.cache_kw: cache, "use_cache": True} if cache is not None else {}
+        out = layer(h, attention_mask=mask[None, None], position_ids=pos, position_embeddings=self.rotary(h, pos),
+                    cache_position=pos[0], **kw)
+        return out[0] if isinstance(out, tuple) else out
+
+    def output_name(self) -> str | None:
+        if "lm_head.weight" in self.files:
+            return "lm_head.weight"
+        return "model.embed_tokens.weight" if self.config.tie_word_embeddings else None  # else: random lm_head
+
+    def logits(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Final norm and output projection of each hidden state in its own dtype (fp32 logits),
+        the output matrix read once, a piece at a time, for all of them."""
+        norms = {}
+        for dtype in {h.dtype for h in hs}:
+            norm = self.m.LlamaRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
+            norm.weight.data = self._get("model.norm.weight", dtype)
+            norms[dtype] = norm.to(self.device)
+        hn = [norms[h.dtype](h) for h in hs]
+        name, vocab = self.output_name(), self.config.vocab_size
+        step = max(1, self.piece_bytes // (self.config.hidden_size * 4))
+        outs = [[] for _ in hs]
+        for a in range(0, vocab, step):
+            piece = self.files.rows(name, a, min(a + step, vocab)).to(self.device)
+            for x, out in zip(hn, outs):
+                out.append(widened_linear(x, piece, self.buffers, self.piece_bytes).float())
+        return [torch.cat(out, dim=-1) for out in outs]
