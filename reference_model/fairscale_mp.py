@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama_parity.formats.pth import load_state_dict
+
 from .model import (ModelArgs, RopeScalingArgs, Transformer, apply_rotary, find_shards, repeat_kv, rms_norm,
                     rope_rotations)
 
@@ -217,12 +219,8 @@ def load_shard_group(meta_dir: str | Path, rank: int, world: int, embedding_dim:
     g, k = max(1, len(paths) // world), max(1, world // len(paths))
     first = rank // k * g
     group = []
-    for p in paths[first:first + g]:
-        try:
-            group.append(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as e:  # noqa: BLE001 (torch raises many kinds for a damaged file)
-            msg = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
-            raise OSError(f"cannot read {p}: {type(e).__name__}: {msg}") from None
+    for p in paths[first:first + g]:  # a damaged file: a FormatError (OSError) of one line naming it
+        group.append(load_state_dict(p))
     sd = {}
     for key, t in group[0].items():
         dim = _split_dim(key, embedding_dim)
@@ -237,7 +235,7 @@ def load_shard_group(meta_dir: str | Path, rank: int, world: int, embedding_dim:
 def build_rank_model(meta_dir: str | Path, args: ModelArgs, rank: int, world: int, *, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32) -> FairscaleTransformer:
     """This rank's part of Meta's model; fairscale's model parallel groups must be initialised."""
-    first = torch.load(find_shards(Path(meta_dir))[0], map_location="cpu", mmap=True, weights_only=True)
+    first = load_state_dict(find_shards(Path(meta_dir))[0])
     n_shards = len(find_shards(Path(meta_dir)))
     # ParallelEmbedding (Llama 1/2) splits the hidden dim; VocabParallelEmbedding (Llama 3) the vocab.
     # One shard cut for several ranks: either gives the same function; the vocab split is used.
@@ -255,7 +253,7 @@ def reference_args(meta_dir: str | Path, rope_scaling: RopeScalingArgs | None, v
     params = json.loads((meta_dir / "params.json").read_text())
     if vocab_size is None and int(params.get("vocab_size", -1)) == -1:
         # Embedding split on the hidden dim (Llama 1/2): every shard has all vocab rows.
-        first = torch.load(find_shards(meta_dir)[0], map_location="cpu", mmap=True, weights_only=True)
+        first = load_state_dict(find_shards(meta_dir)[0])
         vocab_size = first["tok_embeddings.weight"].shape[0]
     return ModelArgs.from_params(params, vocab_size=vocab_size, rope_scaling=rope_scaling)
 

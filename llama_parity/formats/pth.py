@@ -106,14 +106,28 @@ class _TensorRef:
     shape: tuple[int, ...]
 
 
-def _rebuild_tensor_ref(storage, storage_offset, size, stride, *_ignored):
+def _tensor_ref(storage, storage_offset, size, stride, dtype: torch.dtype) -> _TensorRef:
     expected, acc = [], 1
     for d in reversed(size):
         expected.insert(0, acc)
         acc *= d
     if any(s != e for s, e, d in zip(stride, expected, size) if d > 1):
         raise _Unsupported("non-contiguous tensor")
-    return _TensorRef(storage.record, storage.dtype, int(storage_offset), tuple(int(d) for d in size))
+    return _TensorRef(storage.record, dtype, int(storage_offset), tuple(int(d) for d in size))
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, *_ignored):
+    """A tensor over a typed storage (bf16, fp16, fp32, ints: what Meta's checkpoints hold)."""
+    return _tensor_ref(storage, storage_offset, size, stride, storage.dtype)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, _requires_grad, _hooks, dtype, *_ignored):
+    """A tensor over an untyped storage, its dtype given here (torch writes fp8 and uint16/32/64 so);
+    the storage offset counts elements of that dtype."""
+    return _tensor_ref(storage, storage_offset, size, stride, dtype)
+
+
+_UNTYPED = object()  # torch.storage.UntypedStorage in a persistent id
 
 
 class _IndexUnpickler(pickle.Unpickler):
@@ -124,18 +138,23 @@ class _IndexUnpickler(pickle.Unpickler):
     """
 
     def find_class(self, module, name):
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor_ref
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3"):
+            return _rebuild_tensor_v2 if name.endswith("v2") else _rebuild_tensor_v3
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
+        if (module, name) == ("torch.storage", "UntypedStorage"):
+            return _UNTYPED
         if module == "torch" and name in STORAGE_DTYPES:
             return STORAGE_DTYPES[name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)  # _rebuild_tensor_v3's dtype argument
         raise _Unsupported(f"{module}.{name}")
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and (isinstance(pid[1], torch.dtype) or pid[1] is _UNTYPED)):
             raise _Unsupported(f"persistent id {pid!r:.80}")
-        return _StorageRef(str(pid[2]), pid[1])
+        return _StorageRef(str(pid[2]), pid[1] if isinstance(pid[1], torch.dtype) else torch.uint8)
 
 
 def index_pth(path: Path) -> dict[str, RawTensor] | None:
