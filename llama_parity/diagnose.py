@@ -81,7 +81,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.inference_mode()
 def compare_stages(ref, hf, tokens: list[int]) -> list[Stage]:
     trace: list = []
-    ref.cache_k = None
     ref_logits = ref.forward(torch.tensor([tokens]), 0, trace=trace)
     captured: list = []
     hooks = [hf.model.embed_tokens.register_forward_hook(lambda mod, i, o: captured.append(o))]

@@ -198,7 +198,6 @@ def hf_logits(model, tokens: list[int], device: str) -> torch.Tensor:
 
 @torch.inference_mode()
 def ref_logits(ref: Transformer, tokens: list[int]) -> torch.Tensor:
-    ref.cache_k = None
     return ref.forward(torch.tensor([tokens]), 0)[0]
 
 
@@ -314,16 +313,15 @@ def check_kv_cache(ref: Transformer, hf, tokens: list[int], device: str) -> Chec
     """Prefill, then decode step by step (kv_steps), on both sides' KV caches."""
     from transformers import DynamicCache
 
-    ref.reset_cache(1, len(tokens))
+    cache = ref.new_cache(1, len(tokens))
     kw = {_cache_kwarg(hf): DynamicCache()}  # filled in place by each call
     ids = torch.tensor([tokens], device=device)
     r, h = [], []
     for a, b in kv_steps(len(tokens)):
-        r.append(ref.forward(torch.tensor([tokens[a:b]]), a)[0])
+        r.append(ref.forward(torch.tensor([tokens[a:b]]), a, cache=cache)[0])
         out = hf(input_ids=ids[:, a:b], use_cache=True, attention_mask=torch.ones(1, b, dtype=torch.long, device=device),
                  **kw)
         h.append(out.logits[0].float())
-    ref.cache_k = None
     return compare_fp32("kv-cache decode", KV_CATCHES, torch.cat(r), torch.cat(h), kv_detail(len(tokens)))
 
 
@@ -356,7 +354,6 @@ def check_far_positions(ref: Transformer, hf, tokens: list[int], device: str, *,
     chunk = tokens[prefix:prefix + 4]
     results = []
     for start in starts or [FAR_START]:
-        ref.cache_k = None
         pos = torch.cat([torch.arange(prefix), torch.arange(start, start + len(chunk))])
         r = ref.forward(torch.tensor([tokens[:prefix] + chunk]), positions=pos)[0, prefix:]
         kw = {_cache_kwarg(hf): DynamicCache()}
@@ -385,7 +382,6 @@ def greedy_check(ref_tokens: list[int], hf_tokens: list[int], how: str) -> Check
 @torch.inference_mode()
 def check_greedy(ref: Transformer, hf, tokens: list[int], device: str, *, n_new: int = GREEDY_TOKENS) -> Check:
     r = ref.generate_greedy(tokens, n_new)
-    ref.cache_k = None
     ids = torch.tensor([tokens], device=device)
     out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
                       max_length=None, do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None,

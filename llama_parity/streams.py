@@ -61,23 +61,15 @@ def build_streams(prompts: Prompts, far: list[int], bf16: bool, greedy_room: int
 
 
 # --- the reference side ------------------------------------------------------------------------------
-def _ref_set_cache(ref: Transformer, cache) -> None:
-    ref.cache_k, ref.cache_v, ref.cache_valid = cache if cache is not None else (None, None, None)
-
-
 def _ref_begin(refs: dict, s: Stream) -> list:
     """Per step (h, rot, mask, start) for the reference; a cached stream gets its own KV cache."""
     ref = refs[s.dtype]
-    if s.cached or s.room:
-        ref.reset_cache(1, len(s.tokens) + s.room)
-        s.cache = (ref.cache_k, ref.cache_v, ref.cache_valid)
-    _ref_set_cache(ref, s.cache)
+    s.cache = ref.new_cache(1, len(s.tokens) + s.room) if s.cached or s.room else None
     out = []
     for j, (a, b) in enumerate(s.steps):
         toks = torch.tensor([s.tokens[a:b]])
-        h, rot, mask = ref.begin(toks, a, None if s.cache is not None else s.step_positions(j))
+        h, rot, mask = ref.begin(toks, a, None if s.cache is not None else s.step_positions(j), s.cache)
         out.append([h, rot, mask, a])
-    _ref_set_cache(ref, None)
     return out
 
 
@@ -94,10 +86,8 @@ def run_reference(ref32: Transformer, ref16: Transformer, streams: list[Stream],
             if dtype == torch.bfloat16:
                 ref16.hold_layer(i, source=ref32)
             for s in (s for s in streams if s.dtype == dtype):
-                _ref_set_cache(refs[dtype], s.cache)
                 for st in state[s.name]:
-                    st[0] = refs[dtype].layer(i, st[0], st[1], st[3], st[2])
-                _ref_set_cache(refs[dtype], None)
+                    st[0] = refs[dtype].layer(i, st[0], st[1], st[3], st[2], cache=s.cache)
         ref32.release_layer()
         ref16.release_layer()
         del tensors
@@ -118,12 +108,10 @@ def reference_greedy(ref: Transformer, stream: Stream, first_logits: torch.Tenso
     """Continue the greedy stream (its caches hold the prompt at every layer): one pass per token
     (on a 70B whose shards exceed the page cache, minutes each: `progress` shows them)."""
     out, pos = [int(first_logits[-1].argmax())], len(stream.tokens)
-    _ref_set_cache(ref, stream.cache)
     steps = range(n_new - 1)
     for _ in (progress(steps, "greedy passes over the Meta weights", len(steps), "token") if progress else steps):
-        out.append(int(ref.forward(torch.tensor([[out[-1]]]), pos)[0, -1].argmax()))
+        out.append(int(ref.forward(torch.tensor([[out[-1]]]), pos, cache=stream.cache)[0, -1].argmax()))
         pos += 1
-    _ref_set_cache(ref, None)
     return out
 
 

@@ -33,8 +33,8 @@ from torch import nn
 
 from llama_parity.formats.pth import load_state_dict
 
-from .model import (ModelArgs, RopeScalingArgs, Transformer, apply_rotary, find_shards, repeat_kv, rms_norm,
-                    rope_rotations)
+from .model import (KVCache, ModelArgs, RopeScalingArgs, Transformer, apply_rotary, find_shards, repeat_kv,
+                    rms_norm, rope_rotations)
 
 # How fairscale splits each weight of Meta's model: 0 column-parallel, 1 row-parallel, absent: replicated.
 _SPLIT_DIM = {"attention.wq": 0, "attention.wk": 0, "attention.wv": 0, "attention.wo": 1,
@@ -73,9 +73,8 @@ class _Attention(nn.Module):
         k = apply_rotary(self.wk(x).view(b, s, self.n_local_kv, hd), rot)
         v = self.wv(x).view(b, s, self.n_local_kv, hd)
         if cache is not None:  # Meta's cache: written at start_pos.., read from 0
-            ck, cv = cache
-            ck[:b, start_pos:start_pos + s], cv[:b, start_pos:start_pos + s] = k, v
-            k, v = ck[:b, :start_pos + s], cv[:b, :start_pos + s]
+            kv, layer = cache
+            k, v = kv.write(layer, 0, start_pos, k, v)
         rep = self.n_local_heads // self.n_local_kv
         q, k, v = q.transpose(1, 2), repeat_kv(k, rep).transpose(1, 2), repeat_kv(v, rep).transpose(1, 2)
         scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(hd) + mask
@@ -107,8 +106,8 @@ class _Block(nn.Module):
 class FairscaleTransformer(nn.Module):
     """Module names equal Meta's checkpoint keys, so a shard group loads with strict=True.
 
-    Speaks the same interface as `model.Transformer` (forward with start_pos / positions / trace,
-    reset_cache, cache_k, generate_greedy), so parity.py's checks run on it unchanged; every rank
+    Speaks the same interface as `model.Transformer` (forward with start_pos / positions / trace /
+    cache, new_cache, generate_greedy), so parity.py's checks run on it unchanged; every rank
     calls it with the same tokens and gets the same full logits (the output layer gathers)."""
 
     def __init__(self, a: ModelArgs, mp: int, vocab_parallel_embedding: bool, n_local_kv: int | None = None):
@@ -123,8 +122,6 @@ class FairscaleTransformer(nn.Module):
         self.layers = nn.ModuleList(_Block(a, mp, self.n_local_kv) for _ in range(a.n_layers))
         self.norm = _RMSNorm(a.dim, a.norm_eps)
         self.output = ColumnParallelLinear(a.dim, a.vocab_size, bias=False, init_method=_no_init)
-        self.cache_k: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.cache_valid: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -134,26 +131,14 @@ class FairscaleTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
-    def reset_cache(self, max_batch: int, max_seq_len: int) -> None:
+    def new_cache(self, max_batch: int, max_seq_len: int) -> KVCache:
+        """An empty KV cache for one decoding: this rank's kv heads of every layer."""
         shape = (max_batch, max_seq_len, self.n_local_kv, self.a.head_dim)
-        mk = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.cache_k = [(mk(), mk()) for _ in range(self.a.n_layers)]
-        self.cache_valid = torch.zeros(max_seq_len, dtype=torch.bool, device=self.device)
-
-    def _mask(self, seqlen: int, start_pos: int) -> torch.Tensor:
-        """Causal among the new tokens; earlier cache slots visible when written (as model.Transformer)."""
-        causal = torch.triu(torch.full((seqlen, seqlen), float("-inf"), device=self.device), 1)
-        if self.cache_k is None:
-            return causal
-        self.cache_valid[start_pos:start_pos + seqlen] = True
-        mask = torch.zeros(seqlen, start_pos + seqlen, device=self.device)
-        mask[:, :start_pos][:, ~self.cache_valid[:start_pos]] = float("-inf")
-        mask[:, start_pos:] = causal
-        return mask
+        return KVCache.empty(self.a.n_layers, 1, shape, self.dtype, self.device)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, trace: list | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         tokens = tokens.to(self.device)
         s = tokens.shape[1]
         h = self.tok_embeddings(tokens)
@@ -161,13 +146,13 @@ class FairscaleTransformer(nn.Module):
             trace.append(("embedding", h))
         if positions is None:
             positions = torch.arange(start_pos, start_pos + s, device=self.device)
-        elif self.cache_k is not None:
+        elif cache is not None:
             raise ValueError("explicit positions are for cache-less passes")
         rot = rope_rotations(self.a, positions.to(self.device))
-        mask = self._mask(s, start_pos).type_as(h)
+        causal = torch.triu(torch.full((s, s), float("-inf"), device=self.device), 1)
+        mask = (causal if cache is None else cache.mask(s, start_pos)).type_as(h)
         for i, layer in enumerate(self.layers):
-            cache = None if self.cache_k is None else self.cache_k[i]
-            att = layer.attention(layer.attention_norm(h), rot, mask, cache, start_pos)
+            att = layer.attention(layer.attention_norm(h), rot, mask, None if cache is None else (cache, i), start_pos)
             h = h + att
             ff = layer.feed_forward(layer.ffn_norm(h))
             h = h + ff

@@ -129,6 +129,41 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, :, None, :].expand(bs, slen, n_kv, n_rep, hd).reshape(bs, slen, n_kv * n_rep, hd)
 
 
+@dataclass
+class KVCache:
+    """One decoding's keys and values (`k[layer][part]`, shape batch x positions x kv heads x head_dim)
+    and which positions hold them. Given explicitly to each pass that uses it (`forward`, `begin`,
+    `layer`); a pass without one is cache-less. Meta's cache is always filled contiguously from 0;
+    a caller may also jump ahead (prefill at 0, then decode at position 12000) to test far relative
+    distances: slots never written are masked out instead of being attended as zeros."""
+
+    k: list[list[torch.Tensor]]
+    v: list[list[torch.Tensor]]
+    valid: torch.Tensor
+
+    @classmethod
+    def empty(cls, n_layers: int, parts: int, shape: tuple[int, ...], dtype: torch.dtype,
+              device: torch.device) -> "KVCache":
+        mk = lambda: [torch.zeros(shape, dtype=dtype, device=device) for _ in range(parts)]
+        return cls([mk() for _ in range(n_layers)], [mk() for _ in range(n_layers)],
+                   torch.zeros(shape[1], dtype=torch.bool, device=device))
+
+    def mask(self, seqlen: int, start_pos: int) -> torch.Tensor:
+        """Marks the slots this step fills; causal among the new tokens, earlier written slots visible."""
+        self.valid[start_pos:start_pos + seqlen] = True
+        device = self.valid.device
+        mask = torch.zeros(seqlen, start_pos + seqlen, device=device)
+        mask[:, :start_pos][:, ~self.valid[:start_pos]] = float("-inf")
+        mask[:, start_pos:] = torch.triu(torch.full((seqlen, seqlen), float("-inf"), device=device), 1)
+        return mask
+
+    def write(self, layer: int, part: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's keys and values; returns every position's so far."""
+        ck, cv, b, end = self.k[layer][part], self.v[layer][part], k.shape[0], start_pos + k.shape[1]
+        ck[:b, start_pos:end], cv[:b, start_pos:end] = k, v
+        return ck[:b, :end], cv[:b, :end]
+
+
 class Transformer:
     """Meta's Transformer over unmerged shards. `shards[s]` is shard s's state dict."""
 
@@ -156,25 +191,15 @@ class Transformer:
         else:
             self._conv = _converter(self.device, dtype, round_to)
             self.w = [{k: self._conv(v) for k, v in sd.items() if k != "rope.freqs"} for sd in shards]
-        self.cache_k: list[list[torch.Tensor]] | None = None
-        self.cache_v: list[list[torch.Tensor]] | None = None
-        self.cache_valid: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return self._dtype
 
-    # --- KV cache -------------------------------------------------------------------------
-    def reset_cache(self, max_batch: int, max_seq_len: int) -> None:
-        a = self.args
-        shape = (max_batch, max_seq_len, self.n_local_kv_heads, a.head_dim)
-        mk = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.cache_k = [[mk() for _ in range(self.mp)] for _ in range(a.n_layers)]
-        self.cache_v = [[mk() for _ in range(self.mp)] for _ in range(a.n_layers)]
-        # Meta's cache is always filled contiguously from 0. We also let a caller jump ahead
-        # (prefill at 0, then decode at position 12000) to test far relative distances; slots never
-        # written are masked out instead of being attended as zeros.
-        self.cache_valid = torch.zeros(max_seq_len, dtype=torch.bool, device=self.device)
+    def new_cache(self, max_batch: int, max_seq_len: int) -> KVCache:
+        """An empty KV cache for one decoding, in this model's dtype (one part per shard)."""
+        shape = (max_batch, max_seq_len, self.n_local_kv_heads, self.args.head_dim)
+        return KVCache.empty(self.args.n_layers, self.mp, shape, self.dtype, self.device)
 
     # --- layers ---------------------------------------------------------------------------
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -217,7 +242,7 @@ class Transformer:
         return sd.linear(x, key) if self.lazy else F.linear(x, sd[key])
 
     def _attention(self, layer: int, x: torch.Tensor, rot: torch.Tensor, start_pos: int,
-                   mask: torch.Tensor | None) -> torch.Tensor:
+                   mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         a, bsz, seqlen = self.args, x.shape[0], x.shape[1]
         pre = f"layers.{layer}."
         out = None
@@ -227,13 +252,7 @@ class Transformer:
             xk = self._linear(sd, pre + "attention.wk.weight", h).view(bsz, seqlen, self.n_local_kv_heads, a.head_dim)
             xv = self._linear(sd, pre + "attention.wv.weight", h).view(bsz, seqlen, self.n_local_kv_heads, a.head_dim)
             xq, xk = apply_rotary(xq, rot), apply_rotary(xk, rot)
-            if self.cache_k is not None:
-                ck, cv = self.cache_k[layer][s], self.cache_v[layer][s]
-                ck[:bsz, start_pos:start_pos + seqlen] = xk
-                cv[:bsz, start_pos:start_pos + seqlen] = xv
-                keys, values = ck[:bsz, :start_pos + seqlen], cv[:bsz, :start_pos + seqlen]
-            else:
-                keys, values = xk, xv
+            keys, values = (xk, xv) if cache is None else cache.write(layer, s, start_pos, xk, xv)
             rep = self.n_local_heads // self.n_local_kv_heads
             keys, values = repeat_kv(keys, rep), repeat_kv(values, rep)
             q, k, v = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
@@ -282,45 +301,41 @@ class Transformer:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, trace: list | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (fp32) for `tokens` placed at positions start_pos.. ; uses the KV cache if reset.
+                positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (fp32) for `tokens` placed at positions start_pos.., through `cache` when given.
 
         `trace`, when given, receives (stage, tensor) for the embedding and every attention and
         feed-forward output: what `llama-parity diagnose` compares stage by stage.
         `positions` (no cache) places the tokens at arbitrary positions, e.g. 0..7 then 12000..:
         the long relative distances of a far-position check in one causal pass."""
-        h, rot, mask = self.begin(tokens, start_pos, positions)
+        h, rot, mask = self.begin(tokens, start_pos, positions, cache)
         if trace is not None:
             trace.append(("embedding", h))
         for layer in range(self.args.n_layers):
-            h = self.layer(layer, h, rot, start_pos, mask, trace)
+            h = self.layer(layer, h, rot, start_pos, mask, trace, cache)
         return self._output(h)
 
-    def begin(self, tokens: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None):
+    def begin(self, tokens: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None,
+              cache: KVCache | None = None):
         """Embedding, rotations and mask of one forward step (marks the cache slots it will fill)."""
         tokens = tokens.to(self.device)
         seqlen = tokens.shape[1]
         h = self._embed(tokens)
         if positions is None:
             positions = torch.arange(start_pos, start_pos + seqlen, device=self.device)
-        elif self.cache_k is not None:
+        elif cache is not None:
             raise ValueError("explicit positions are for cache-less passes")
         rot = rope_rotations(self.args, positions.to(self.device))
-        if self.cache_k is not None:
-            self.cache_valid[start_pos:start_pos + seqlen] = True
-            total = start_pos + seqlen
-            # causal among the new tokens, all earlier written slots visible, unwritten slots hidden
-            mask = torch.zeros(seqlen, total, device=self.device)
-            mask[:, :start_pos][:, ~self.cache_valid[:start_pos]] = float("-inf")
-            mask[:, start_pos:] = torch.triu(torch.full((seqlen, seqlen), float("-inf"), device=self.device), 1)
+        if cache is not None:
+            mask = cache.mask(seqlen, start_pos)
         else:
             mask = torch.triu(torch.full((seqlen, seqlen), float("-inf"), device=self.device), 1)
         return h, rot, mask.type_as(h)
 
     def layer(self, layer: int, h: torch.Tensor, rot: torch.Tensor, start_pos: int, mask: torch.Tensor,
-              trace: list | None = None) -> torch.Tensor:
+              trace: list | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """One decoder layer (attention then feed-forward, each added to the residual stream)."""
-        a = self._attention(layer, h, rot, start_pos, mask)
+        a = self._attention(layer, h, rot, start_pos, mask, cache)
         h = h + a
         f = self._feed_forward(layer, h)
         if trace is not None:
@@ -354,15 +369,15 @@ class Transformer:
     @torch.inference_mode()
     def generate_greedy(self, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
         """Greedy decoding with the KV cache, as Meta's `generate` does at temperature 0."""
-        self.reset_cache(1, len(prompt) + max_new_tokens)
-        logits = self.forward(torch.tensor([prompt]), 0)
+        cache = self.new_cache(1, len(prompt) + max_new_tokens)
+        logits = self.forward(torch.tensor([prompt]), 0, cache=cache)
         out, pos = [], len(prompt)
         for _ in range(max_new_tokens):
             nxt = int(logits[0, -1].argmax())
             out.append(nxt)
             if nxt in stop_ids:
                 break
-            logits = self.forward(torch.tensor([[nxt]]), pos)
+            logits = self.forward(torch.tensor([[nxt]]), pos, cache=cache)
             pos += 1
         return out
 
