@@ -22,6 +22,7 @@ import torch
 from llama_parity.fixtures import variants as registry
 from llama_parity.formats import FormatError
 from llama_parity.formats.pth import PthReader
+from llama_parity.inputs import subfolder_hint  # noqa: F401 (re-exported)
 
 from .errors import ConversionError
 
@@ -41,19 +42,6 @@ def _as_conversion_error():
         yield
     except FormatError as e:
         raise ConversionError(str(e)) from None
-
-
-def subfolder_hint(directory: Path) -> str:
-    """For a folder without shards: name the sub-folders that hold some (the parent-folder mistake,
-    e.g. pointing at ~/.llama/checkpoints or at Llama 2's download root)."""
-    try:
-        subs = sorted(d for d in Path(directory).iterdir() if d.is_dir() and any(d.glob("consolidated.*.pth")))
-    except OSError:
-        return ""
-    if not subs:
-        return ""
-    names = ", ".join(str(d) for d in subs[:5]) + (f" (and {len(subs) - 5} more)" if len(subs) > 5 else "")
-    return f"; the shards are in a sub-folder: pass {'one of ' if len(subs) > 1 else ''}{names}"
 
 
 class MetaCheckpoint:

@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from llama_parity import __version__  # noqa: E402
-from llama_parity.converter.errors import ConversionError  # noqa: E402
+from llama_parity.errors import InputError  # noqa: E402 (the converter's ConversionError too)
 
 EXIT_OK, EXIT_PARITY, EXIT_INPUT = 0, 1, 2
 
@@ -462,10 +462,11 @@ def _install_signal_handlers() -> dict:
         return {}
     fired: list[int] = []
 
-    from llama_parity.converter.staging import defer_signal
-
     def handler(signum, frame):
-        if fired or defer_signal(signum):
+        # Only a conversion has renames to finish; a command that never loaded the converter (verify)
+        # has none, and must not import it (the judge stands apart from the converter).
+        staging = sys.modules.get("llama_parity.converter.staging")
+        if fired or (staging is not None and staging.defer_signal(signum)):
             return
         fired.append(signum)
         raise Interrupted(signum)
@@ -503,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = _install_signal_handlers()
     try:
         return _run(args)
-    except ConversionError as e:
+    except InputError as e:
         return _err(str(e))
     except KeyError as e:
         if "unknown variant" in str(e):

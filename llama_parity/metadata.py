@@ -47,6 +47,8 @@ def hf_key(meta_key: str) -> str | None:
     if meta_key in _TOP_KEYS:
         return _TOP_KEYS[meta_key]
     parts = meta_key.split(".")
+    if parts[-1] != "weight":  # a bias or buffer has no place in Llama's layers
+        return None
     if parts[0] == "layers" and len(parts) == 5 and ".".join(parts[2:4]) in _LAYER_KEYS:
         return f"model.layers.{parts[1]}.{_LAYER_KEYS['.'.join(parts[2:4])]}.weight"
     if parts[0] == "layers" and len(parts) == 4 and parts[2] in _LAYER_KEYS:

@@ -33,7 +33,7 @@ def _option_problems(metas: list[str], hfs: list[str]) -> list[str]:
         if not d.is_dir():
             problems.append(f"--meta-dir {m}: no such folder")
         elif not (d / "params.json").is_file() or not any(d.glob("consolidated.*.pth")):
-            from llama_parity.converter.meta_checkpoint import subfolder_hint
+            from llama_parity.inputs import subfolder_hint
 
             problems.append(f"--meta-dir {m}: not a Meta checkpoint (needs params.json and consolidated.NN.pth)"
                             + subfolder_hint(d))

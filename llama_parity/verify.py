@@ -15,13 +15,13 @@ import torch
 
 from llama_parity.fixtures.variants import find_tokenizer, fp8_refusal
 
+from .errors import InputError
+from .inputs import check_hf_files, load_shard_safely, read_json, subfolder_hint
 from .machine import available_memory
-from .metadata import hf_weights_dtype, metadata_checks, structure_ok
+from .metadata import hf_key, hf_weights_dtype, metadata_checks, structure_ok
 from .parity import Check, expected_rope_scaling, run_model_checks
 
 
-class InputError(Exception):
-    """Verify cannot start: a directory or file is missing or unreadable (exit code 2)."""
 
 
 @dataclass
@@ -83,12 +83,11 @@ def format_value(x) -> str:
 
 
 def check_dirs(meta_dir: Path, hf_dir: Path, device: str) -> None:
+    """InputError (exit 2) unless both folders are there and readable: never a parity failure."""
     for d, what in ((meta_dir, "Meta checkpoint"), (hf_dir, "HF model")):
         if not d.is_dir():
             raise InputError(f"{what} directory {d} does not exist")
     if not (meta_dir / "params.json").is_file() or not list(meta_dir.glob("consolidated.*.pth")):
-        from llama_parity.converter.meta_checkpoint import subfolder_hint
-
         raise InputError(f"{meta_dir} is not a Meta checkpoint (needs params.json and consolidated.NN.pth)"
                          + subfolder_hint(meta_dir))
     if fp8_refusal(meta_dir, None):  # the reference would read scaled FP8 weights as plain numbers
@@ -97,14 +96,44 @@ def check_dirs(meta_dir: Path, hf_dir: Path, device: str) -> None:
         raise InputError(f"config.json missing in {hf_dir}: not a Hugging Face model directory")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda requested but torch sees no CUDA device")
-    from llama_parity.converter.errors import ConversionError
-    from llama_parity.converter.input_checks import check_hf_folder, check_meta_folder
+    check_meta_files(meta_dir)
+    check_hf_files(hf_dir)
 
-    try:  # unreadable is exit 2, never a parity failure: shards load safely, headers and JSON parse
-        check_meta_folder(meta_dir)
-        check_hf_folder(hf_dir)
-    except ConversionError as e:
-        raise InputError(str(e)) from None
+
+_HARMLESS_META = ("rope.freqs",)  # Llama 1/2's precomputed RoPE buffer: the reference recomputes it
+
+
+def check_meta_files(meta_dir: Path) -> None:
+    """params.json parses and names a model; shards consolidated.00.. to NN load without running
+    code; every tensor is one the judge's own key table (metadata.hf_key) has a place for, in a layer
+    params.json has. The converter's table (converter/keymap.py) is not asked: the judge stands apart."""
+    params = read_json(meta_dir / "params.json")
+    if not isinstance(params, dict):
+        raise InputError(f"{meta_dir / 'params.json'} is not a JSON object; is this a Meta Llama params.json?")
+    for key in ("dim", "n_layers", "n_heads"):
+        v = params.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise InputError(f"{meta_dir / 'params.json'}: {key} is {v!r}, expected a positive integer")
+    numbered = sorted((int(p.name.split(".")[1]), p) for p in meta_dir.glob("consolidated.*.pth")
+                      if p.name.split(".")[1].isdigit())
+    gaps = sorted(set(range(len(numbered))) - {n for n, _ in numbered})
+    if gaps:
+        raise InputError(f"consolidated.{gaps[0]:02d}.pth is missing in {meta_dir} (incomplete download?)")
+    for _, p in numbered:
+        extra = [k for k in load_shard_safely(p) if not _known_meta_key(k, params["n_layers"])]
+        if extra:
+            more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+            raise InputError(f"{p} holds tensors a Llama model of params.json's {params['n_layers']} layers has "
+                             f"no place for: {', '.join(sorted(extra)[:5])}{more}")
+
+
+def _known_meta_key(key: str, n_layers: int) -> bool:
+    if key in _HARMLESS_META:
+        return True
+    parts = key.split(".")
+    if parts[0] == "layers":
+        return parts[1].isdigit() and int(parts[1]) < n_layers and hf_key(key) is not None
+    return hf_key(key) is not None
 
 
 def full_memory_need(hf_dir: Path) -> int:
