@@ -1,8 +1,30 @@
-"""Source checkout: the parity suite's options and fixtures live in the package's pytest plugin
-(`llama_parity/pytest_plugin.py`), which an installed llama-parity registers through its `pytest11`
-entry point. Without an install (plain `PYTHONPATH=.`), register it here instead."""
+"""Source checkout: the suite runs against this checkout's editable install (`pip install -e .`),
+which maps the top-level folders into `llama_parity` (pyproject.toml's package-dir) and registers
+the suite's pytest plugin (`llama_parity/pytest_plugin.py`) through its `pytest11` entry point.
 
-from importlib.metadata import entry_points
+Without that install, or with `llama_parity` installed from somewhere else, the imports would
+resolve to another copy or fail one by one: stop at once with the command that fixes it."""
 
-if not any(ep.value == "llama_parity.pytest_plugin" for ep in entry_points(group="pytest11")):
-    pytest_plugins = ["llama_parity.pytest_plugin"]
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_here = Path(__file__).resolve().parent
+
+
+def _where(name: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except ImportError:
+        return None
+    return Path(spec.origin).resolve().parent if spec is not None and spec.origin else None
+
+
+def pytest_configure(config):
+    want = {"llama_parity": _here / "llama_parity", "llama_parity.converter": _here / "converter",
+            "llama_parity.parity_tests": _here / "parity_tests"}
+    wrong = [f"{name} -> {_where(name) or 'not importable'}" for name, path in want.items() if _where(name) != path]
+    if wrong:
+        raise pytest.UsageError(f"llama-parity: this checkout ({_here}) is not what `llama_parity` imports "
+                                f"({'; '.join(wrong)}): run `pip install -e .` here first")

@@ -1,20 +1,11 @@
 """llama-parity: verification-first conversion of Meta's Llama checkpoints to Hugging Face format.
 
 One import namespace: `llama_parity.converter`, `llama_parity.reference_model`, `llama_parity.fixtures`
-and `llama_parity.parity_tests`. An installed wheel holds them inside this package (pyproject.toml's
-package-dir maps the repository's top-level folders there); in a source checkout they stay beside
-this folder, and the loop below lets the same import names find them.
+and `llama_parity.parity_tests` are the repository's top-level folders of those names, mapped into
+this package by pyproject.toml's package-dir: an installed wheel holds them inside this folder, an
+editable install (`pip install -e .`) resolves the same names to the checkout's folders. Nothing
+else of the checkout is part of the package (`llama_parity.benchmarks` and `llama_parity.conftest`
+do not import). Layout and data flow: docs/architecture.md.
 """
 
-from pathlib import Path as _Path
-
 __version__ = "0.3.0"
-
-SUBPACKAGES = ("converter", "reference_model", "fixtures", "parity_tests")
-
-_here = _Path(__file__).resolve().parent
-_checkout = _here.parent
-if not (_here / "converter").is_dir() and (_checkout / "pyproject.toml").is_file() \
-        and all((_checkout / s / "__init__.py").is_file() for s in SUBPACKAGES):
-    # Source checkout: search the repository root for the sub-packages too (after this folder).
-    __path__.append(str(_checkout))  # noqa: F821 (a package's __path__)
