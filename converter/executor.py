@@ -9,8 +9,6 @@ needs: memory is a few chunks, whatever the tensor's size.
 
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +22,6 @@ from .transforms import dedupe_replicated_heads, permute_for_hf_rotary
 # write is one big sequential syscall, small enough that a few chunks in flight (reading one,
 # writing another) stay far below the memory of one big tensor (the 8B embedding is 1 GB).
 CHUNK_BYTES = 64 << 20
-
-# Test hook (parity_tests/test_bad_inputs.py): seconds to sleep per chunk, so that a tiny
-# conversion lasts long enough to be signalled or killed at a deterministic point.
-_DELAY_ENV = "LLAMA_PARITY_TEST_CHUNK_DELAY"
 
 
 @dataclass
@@ -170,7 +164,6 @@ def iter_chunks(entry: TensorPlan, ckpt: MetaCheckpoint, replicas: ReplicaCheck 
     that buffer: bf16 in, bf16 out, never a float round trip.
     """
     scratch = scratch or Scratch()
-    delay = float(os.environ.get(_DELAY_ENV) or 0)
     part = _shard_part(entry, ckpt)
     if entry.concat_dim is None:
         yield _replicated(entry, ckpt, part, replicas)
@@ -178,8 +171,6 @@ def iter_chunks(entry: TensorPlan, ckpt: MetaCheckpoint, replicas: ReplicaCheck 
     lay = _layout(entry, part, ckpt.num_shards, chunk_bytes or CHUNK_BYTES)
     rep = entry.kv_replication
     for a in range(0, entry.shape[0], lay.per_chunk):
-        if delay:
-            time.sleep(delay)
         b = min(entry.shape[0], a + lay.per_chunk)
         dst = take((b - a) * lay.row_elems * entry.dtype.itemsize).view(entry.dtype).view((b - a,) + lay.rest)
         sa, sb = a * rep, b * rep  # rows of the merged (stored) tensor this chunk needs

@@ -618,10 +618,26 @@ def test_disk_full(tiny, tmp_path, capsys):
 
 # ---------------------------------------------------------------- signals and SIGKILL
 
+# `llama-parity convert` with a pause before each converted chunk (0.5 s), so that a tiny conversion
+# lasts long enough to be signalled or killed at a deterministic point. The pause is added here, in
+# the test's own process, not by a hook in the product.
+_SLOW_CONVERT = """
+import sys, time
+from llama_parity.converter import convert
+chunks = convert.iter_chunks
+def paced(*args, **kwargs):
+    for chunk in chunks(*args, **kwargs):
+        time.sleep(0.5)
+        yield chunk
+convert.iter_chunks = paced
+from llama_parity.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _slow_convert(src: Path, out: Path) -> subprocess.Popen:
-    env = dict(os.environ, LLAMA_PARITY_TEST_CHUNK_DELAY="0.5")
-    return subprocess.Popen([sys.executable, "-m", "llama_parity.cli", "convert", "--input-dir", str(src),
-                             "--output-dir", str(out), "--no-progress"], env=env,
+    return subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, "convert", "--input-dir", str(src),
+                             "--output-dir", str(out), "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
