@@ -29,9 +29,6 @@ CONVERTER = "llama_parity.converter"
 # to be deleted with the edge: the test fails on any edge not listed here AND on a listed edge that
 # no longer exists, so this list can only shrink.
 KNOWN_EDGES: set[tuple[str, str]] = {
-    ("llama_parity.diagnose", "llama_parity.converter.safetensors_writer"),
-    ("llama_parity.distributed", "llama_parity.converter.safetensors_writer"),
-    ("llama_parity.metadata", "llama_parity.converter.safetensors_writer"),
     ("llama_parity.tokenizer_check", "llama_parity.converter.detect"),
     ("llama_parity.tokenizer_check", "llama_parity.converter.meta_checkpoint"),
     ("llama_parity.tokenizer_check", "llama_parity.converter.tokenizer_files"),
@@ -40,7 +37,7 @@ KNOWN_EDGES: set[tuple[str, str]] = {
 # What a `verify` run may load of the converter while KNOWN_EDGES is not empty (same rule: shrinks).
 KNOWN_LOADED = {"llama_parity.converter", "llama_parity.converter.errors", "llama_parity.converter.detect",
                 "llama_parity.converter.meta_checkpoint", "llama_parity.converter.tokenizer_files",
-                "llama_parity.converter.safetensors_writer", "llama_parity.converter.keymap"}
+                "llama_parity.converter.keymap"}
 
 
 def _modules() -> dict[str, Path]:
