@@ -16,14 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-# Before torch (and its OpenMP runtime) loads: idle OpenMP threads sleep instead of spinning. Verify
-# alternates file reads with short products; with spinning threads the same streamed 8B-shaped
-# verify (2 layers) took 63 s instead of 27 s on a 2-core VM, where a spinning thread holds the core
-# the reader needs. Set OMP_WAIT_POLICY yourself to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from llama_parity import __version__  # noqa: E402
-from llama_parity.errors import InputError  # noqa: E402 (the converter's ConversionError too)
+from llama_parity import __version__
+from llama_parity.errors import InputError  # the converter's ConversionError too
 
 EXIT_OK, EXIT_PARITY, EXIT_INPUT = 0, 1, 2
 
@@ -497,9 +491,19 @@ def _run(args) -> int:
         return args.func(args)
 
 
+def _openmp_threads_sleep() -> None:
+    """Idle OpenMP threads sleep instead of spinning; must run before torch (and its OpenMP runtime)
+    loads, so it is main's first step (importing this module changes nothing). Verify alternates file
+    reads with short products; with spinning threads the same streamed 8B-shaped verify (2 layers)
+    took 63 s instead of 27 s on a 2-core VM, where a spinning thread holds the core the reader
+    needs. Set OMP_WAIT_POLICY yourself to override."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
 
+    _openmp_threads_sleep()  # before parsing: a --variant argument already loads the registry (and torch)
     args = build_parser().parse_args(argv)
     previous = _install_signal_handlers()
     try:

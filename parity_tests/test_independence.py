@@ -225,3 +225,25 @@ def test_no_module_imports_a_checkout_folder_by_its_top_level_name():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
             bad += [f"{name}: {n}" for n in names if n.split(".")[0] in top]
     assert not bad, bad
+
+
+_CLI_IMPORT_PROBE = """
+import os, sys
+os.environ.pop("OMP_WAIT_POLICY", None)
+import llama_parity.cli as cli
+imported = ("OMP_WAIT_POLICY" in os.environ, "torch" in sys.modules)
+try:
+    cli.main(["--version"])
+except SystemExit:
+    pass
+print(imported, os.environ.get("OMP_WAIT_POLICY"))
+"""
+
+
+def test_importing_the_cli_changes_no_process_state():
+    """Bug class: process-wide state set as a side effect of an import (an environment variable set
+    when `llama_parity.cli` is imported, by a test or a library user, whether or not a command
+    runs), or set too late to matter: `main` must set OMP_WAIT_POLICY itself, before torch loads."""
+    r = subprocess.run([sys.executable, "-c", _CLI_IMPORT_PROBE], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "(False, False) PASSIVE", r.stdout
