@@ -181,8 +181,9 @@ for name in ("llama_parity.llama_parity", "llama_parity.llama_parity.cli", "llam
         pass
 subs = {n: importlib.import_module("llama_parity." + n).__file__
         for n in ("converter", "reference_model", "fixtures", "parity_tests")}
-for m in pkgutil.walk_packages(llama_parity.__path__, "llama_parity."):
-    importlib.import_module(m.name)
+for pkg in [llama_parity] + [sys.modules["llama_parity." + n] for n in subs]:  # (a checkout maps them elsewhere)
+    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        importlib.import_module(m.name)
 by_file = {}
 for name, mod in list(sys.modules.items()):
     if getattr(mod, "__file__", None) and (name == "llama_parity" or name.startswith("llama_parity.")):
