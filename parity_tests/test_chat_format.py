@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from llama_parity.converter.tokenizer_files import (chat_template_for, load_chat_template, meta_chat_template,
                                                     render_chat_template)
 from llama_parity.fixtures.tokenizers import hf_tokenizer, meta_tokenizer, tokenizer_cases
+from llama_parity.tokenizer_chat import render_template
 from llama_parity.tokenizer_check import first_diff, official_render_cases
 from llama_parity.reference_model.chat_format import Llama3ChatFormat, Message, dialog_tokens, llama2_dialog_tokens
 from llama_parity.reference_model.tokenizer import SentencePieceTokenizer
@@ -312,3 +313,7 @@ def test_jinja2_rendering_equals_transformers(tok_cases, name):
             theirs = hf.apply_chat_template(list(dialog), tokenize=False, add_generation_prompt=gp,
                                             chat_template=template, **kw)
             assert ours == theirs, f"{dialog} {kw}: first diff at {first_diff(ours, theirs)}"
+            # the judge renders with its own copy (tokenizer_chat.render_template): same rules
+            judge = render_template(template, list(dialog), bos_token=hf.bos_token, eos_token=hf.eos_token,
+                                    add_generation_prompt=gp, **kw)
+            assert judge == theirs, f"judge: {dialog} {kw}: first diff at {first_diff(judge, theirs)}"

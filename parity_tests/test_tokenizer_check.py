@@ -24,11 +24,17 @@ def test_report_shape_and_classes(tok_cases):
     rel = TokenizerRelease(case.family, case.instruct, None, "llama3.1-8b-instruct")
     report = check_tokenizer(case.model_path, case.hf_dir, corpus=["extra string", "\n\nextra"],
                              hf_tokenizer=hf_tokenizer(case), release=rel)
-    assert isinstance(report, TokenizerReport) and report.ok and not report.notes
+    assert isinstance(report, TokenizerReport) and report.ok
+    # our converter's output differs from the official files only where Meta's behaviour is kept, and says so
+    assert report.notes and all("passed, each keeping Meta's encoding, decoding and truncation" in n
+                                for n in report.notes)
     d = json.loads(json.dumps(report.to_dict()))
     assert d["ok"] is True and d["kind"] == "tiktoken"
     names = [c["name"] for c in d["checks"]]
     for expected in ("vocab size", "whole vocabulary (every id's bytes / piece)", "added tokens: special flags",
+                     "every merge at its priority (tokenizer.json merges)",
+                     "tokenizer.json model and pipeline settings",
+                     "tokenizer_config.json / special_tokens_map.json fields",
                      "special tokens in tokenizer_config.json / special_tokens_map.json",
                      "BOS from tokenizer.json post_processor (exactly once)", "encode with bos", "encode without bos",
                      "decode", "special-token text, strict (split_special_tokens=True)",

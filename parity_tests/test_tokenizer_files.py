@@ -157,8 +157,10 @@ def test_reference_matches_llama_models_names(tok_cases):
 
 # --- mutations: the check must catch each known wrong conversion ----------------------------------------
 
-def _mutate(src: Path, dst: Path, tok=None, cfg=None) -> Path:
+def _mutate(src: Path, dst: Path, tok=None, cfg=None, files=None, model: Path | None = None) -> Path:
     shutil.copytree(src, dst)
+    if files:
+        files(dst, model)
     if tok:
         t = json.loads((dst / "tokenizer.json").read_text())
         tok(t)
@@ -244,6 +246,30 @@ def _infill_pieces_swapped(t):
     v["▁<PRE>"], v["▁<SUF>"] = v["▁<SUF>"], v["▁<PRE>"]
 
 
+def _rare_merge_moved(t):
+    m = t["model"]["merges"]
+    m.append(m.pop(len(m) // 2))  # a rarely used merge to the lowest priority
+
+
+def _merge_dropped(t):
+    del t["model"]["merges"][len(t["model"]["merges"]) // 2]
+
+
+def _bpe_dropout(t):
+    t["model"]["dropout"] = 0.1
+
+
+def _shipped_model_score_changed(d: Path, model: Path):
+    """Meta's tokenizer.model shipped beside tokenizer.json (slow tokenizers read it), one score changed."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(model.read_bytes())
+    proto.pieces[len(proto.pieces) // 2].score += 7.0
+    (d / "tokenizer.model").write_bytes(proto.SerializeToString())
+
+
+MERGES = "every merge at its priority"
 VOCAB, FLAGS, SPECIAL, BOS = ("whole vocabulary", "added tokens: special flags", "special tokens in tokenizer_config",
                               "BOS from tokenizer.json post_processor")
 OFFICIAL, META = "chat template == official template", "chat template == Meta chat format"
@@ -268,6 +294,11 @@ MUTATIONS = [
     ("tiny-llama3.1-instruct", dict(cfg=_base_eos_on_instruct), {SPECIAL}),
     ("tiny-llama3.1-base", dict(cfg=_pad_token_set), {SPECIAL}),
     ("tiny-codellama-instruct", dict(tok=_infill_pieces_swapped), {"Code Llama infilling prompt", VOCAB}),
+    ("tiny-llama3.1-instruct", dict(tok=_rare_merge_moved), {MERGES}),
+    ("tiny-llama2-chat", dict(tok=_rare_merge_moved), {MERGES}),
+    ("tiny-llama3.1-instruct", dict(tok=_merge_dropped), {MERGES}),
+    ("tiny-llama2-chat", dict(tok=_bpe_dropout), {"tokenizer.json model and pipeline settings"}),
+    ("tiny-llama2-chat", dict(files=_shipped_model_score_changed), {"tokenizer.model in the HF folder"}),
 ]
 
 
@@ -280,11 +311,109 @@ def test_check_catches_mutation(tok_cases, tmp_path, case_name, mutation, expect
     Date" header, Meta's ChatFormat shipped instead of the official template, Llama 3.0 special names on a
     3.1 tokenizer, a template that raises (reported as mismatches, never a crash of verify), a vocabulary
     entry moved to another id, a special flag or a normalized flag flipped, the base eos on an instruct
-    release, a pad token the official repos do not set, Code Llama's infilling pieces at the wrong ids.
+    release, a pad token the official repos do not set, Code Llama's infilling pieces at the wrong ids, a rare
+    merge moved to another priority or a merge dropped (both pass a corpus), BPE dropout (random encodings),
+    a shipped tokenizer.model with one piece's score changed (what slow tokenizers read).
     Each failure names the check (and, in its examples, the file and field)."""
     case = tok_cases[case_name]
-    bad = _mutate(case.hf_dir, tmp_path / "bad", **mutation)
+    bad = _mutate(case.hf_dir, tmp_path / "bad", model=case.model_path, **mutation)
     report = check_tokenizer(case.model_path, bad, release=case.release)
     assert not report.ok
     failing = {c.name for c in report.checks if not c.ok}
     assert all(any(f.startswith(e) for f in failing) for e in expected), failing
+
+
+# --- configuration fields: each behaviour-changing one fails the fields check, naming itself ---------------
+
+FIELDS = "tokenizer_config.json / special_tokens_map.json fields"
+
+
+def _config_steps(case, hf_dir: Path):
+    """Only the configuration steps (they read the folder's JSON files), on a mutated folder: seconds less
+    than the whole check per mutation."""
+    from llama_parity.tokenizer_check import _context
+    from llama_parity.tokenizer_fields import field_checks, special_token_checks
+
+    ctx = _context(case.model_path, hf_dir, case.release, None, hf_tokenizer(case))
+    return special_token_checks(ctx) + field_checks(ctx)
+
+
+def _set(**kw):
+    return lambda c: c.update(kw)
+
+
+def _drop_clean_up(c):
+    del c["clean_up_tokenization_spaces"]  # transformers before 4.45 then clean up for this class
+
+
+FIELD_MUTATIONS = [
+    ("tiny-llama3.1-instruct", _set(model_max_length=2048), "model_max_length"),  # 128k context
+    ("tiny-llama3.1-instruct", _set(clean_up_tokenization_spaces=True), "clean_up_tokenization_spaces"),
+    ("tiny-llama2-chat", _set(clean_up_tokenization_spaces=True), "clean_up_tokenization_spaces"),
+    ("tiny-llama3.1-instruct", _drop_clean_up, "clean_up_tokenization_spaces"),
+    ("tiny-llama2-chat", _set(add_eos_token=True), "add_eos_token"),
+    ("tiny-llama2-chat", _set(add_bos_token=False), "add_bos_token"),
+    ("tiny-llama2-chat", _set(legacy=False), "legacy"),
+    ("tiny-llama3.1-instruct", _set(padding_side="left"), "padding_side"),
+    ("tiny-llama3.1-instruct", _set(split_special_tokens=True), "split_special_tokens"),
+    ("tiny-llama2-chat", _set(add_prefix_space=False), "add_prefix_space"),
+    ("tiny-llama3.1-instruct", _set(model_input_names=["input_ids", "token_type_ids", "attention_mask"]),
+     "model_input_names"),
+    ("tiny-llama2-chat", _set(sp_model_kwargs={"enable_sampling": True}), "sp_model_kwargs"),
+    ("tiny-llama3.1-instruct", _set(pad_token="<|eot_id|>"), "pad_token"),
+]
+
+
+@pytest.mark.parametrize("case_name,edit,field", FIELD_MUTATIONS,
+                         ids=[f"{c}-{f}" for c, _e, f in FIELD_MUTATIONS])
+def test_field_check_catches(tok_cases, tmp_path, case_name, edit, field):
+    """Bug classes (one per field): model_max_length far below the context (truncation=True cuts prompts),
+    decode clean-up on (set, or missing where transformers 4.x defaults it on), EOS appended or BOS dropped
+    on encode, legacy=False (no dummy prefix after special tokens), left padding, special-token text split
+    (chat templates break), a prefix space, other model inputs, sentencepiece sampling, a pad token that is
+    no padding token of Meta's. All pass a corpus with transformers 5; the failure names file and field."""
+    case = tok_cases[case_name]
+    bad = _mutate(case.hf_dir, tmp_path / "bad", cfg=edit)
+    failing = [c for c in _config_steps(case, bad) if not c.ok]
+    assert failing, field
+    assert any(f"tokenizer_config.json {field}" in m.text for c in failing for m in c.examples), failing
+
+
+def test_benign_fields_pass_with_a_note(tok_cases, tmp_path):
+    """Bug class: a judge that fails what only fills a gap the release leaves open (a pad token set to the one
+    Meta reserves for padding, explicit defaults, a limit above the context, a field of another tool), or
+    passes it silently. The whole check passes and the report names each such field."""
+    case = tok_cases["tiny-llama3.1-instruct"]
+
+    def benign(c):
+        c.update(pad_token="<|finetune_right_pad_id|>", padding_side="right", truncation_side="right",
+                 model_max_length=10**30, legacy=False, my_tool_version="1.2")
+
+    def benign_map(d: Path, _model):
+        m = json.loads((d / "special_tokens_map.json").read_text())
+        m["pad_token"] = "<|finetune_right_pad_id|>"
+        (d / "special_tokens_map.json").write_text(json.dumps(m))
+
+    ok = _mutate(case.hf_dir, tmp_path / "ok", cfg=benign, files=benign_map)
+    report = check_tokenizer(case.model_path, ok, release=case.release)
+    assert report.ok, [(c.name, c.examples) for c in report.checks if not c.ok]
+    notes = " ".join(report.notes)
+    for said in ("pad_token='<|finetune_right_pad_id|>'", "padding_side='right'", "truncation_side='right'",
+                 "model_max_length=1000000000000000000000000000000", "legacy=False", "my_tool_version",
+                 "clean_up_tokenization_spaces=False (official True; the official value is the one that differs"):
+        assert said in notes, said
+
+
+def test_official_templates_are_what_the_converter_writes():
+    """Bug class: the two deliberate copies of each release's chat template drifting apart (the converter's
+    chat_templates/*.jinja and the official tokenizer_config.json the judge reads, docs/facts.md): a
+    conversion would then fail verify, or a wrong template written by both would pass."""
+    from llama_parity.converter.tokenizer_files import chat_template_for
+    from llama_parity.fixtures import variants
+    from llama_parity.metadata import official_file
+
+    for v in variants.VARIANTS:
+        official = official_file(v.id, "tokenizer_config.json")
+        assert official is not None, v.id
+        want = chat_template_for(v.family, v.instruct, guard_categories=v.guard_categories)
+        assert official.get("chat_template") == want, v.id
