@@ -2,11 +2,14 @@
 
     python -m benchmarks.tokenizer_bench [convert_llama_weights_to_hf.py]   # default loading vs ours
     python -m benchmarks.tokenizer_bench --sweep                             # every code point, 5 contexts
+    python -m benchmarks.tokenizer_bench --one-merge-per-token               # why every split is a merge
 
 The first measures transformers' default ways of loading a bare Meta tokenizer.model (and, given a
 runnable copy, the output of transformers' conversion script) against ours on the real Llama 2 and
 Llama 3 tokenizers, on the same curated and fuzzed strings. The second encodes every Unicode scalar
-value in five contexts with Meta's tokenizer and with ours (minutes, not seconds).
+value in five contexts with Meta's tokenizer and with ours (minutes, not seconds). The third encodes
+158,600 strings with a tokenizer.json holding only the merge rank-limited BPE makes of each Llama 3 token's
+bytes (one per token) against Meta's tiktoken: the differences are why verify requires every split.
 """
 
 from __future__ import annotations
@@ -140,10 +143,60 @@ def codepoint_sweep(tokenizer_model: Path, hf_dir: Path, *, templates=SWEEP_TEMP
     return bad
 
 
+def _last_pair(tok: bytes, limit: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes] | None:
+    """The two parts BPE with ranks below `limit` leaves of `tok`'s bytes (None: more than two)."""
+    parts = [tok[i:i + 1] for i in range(len(tok))]
+    while len(parts) > 2:
+        pairs = [(ranks.get(parts[i] + parts[i + 1], limit), i) for i in range(len(parts) - 1)]
+        best, i = min(pairs)
+        if best >= limit:
+            return None
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts[0], parts[1]
+
+
+def one_merge_per_token(n_random: int = 30000, seed: int = 0) -> dict[str, Any]:
+    """Real Llama 3 with one merge per token (what rank-limited BPE makes of its bytes) against tiktoken."""
+    import random
+
+    from tokenizers import Tokenizer
+
+    from llama_parity.reference_model.tokenizer import read_tiktoken_ranks
+    from llama_parity.tokenizer_vocab import _gpt2_byte_decoder
+
+    path = real_llama3_tokenizer()
+    ranks = read_tiktoken_ranks(path)
+    enc = {b: c for c, b in _gpt2_byte_decoder().items()}
+    text = lambda b: "".join(enc[x] for x in b)  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp:
+        write_hf_tokenizer(path, Path(tmp), family="llama3.1", instruct=False)
+        t = json.loads((Path(tmp) / "tokenizer.json").read_text())
+    pairs = sorted((r, p) for tok, r in ranks.items() if len(tok) > 1 and (p := _last_pair(tok, r, ranks)))
+    all_splits = len(t["model"]["merges"])
+    t["model"]["merges"] = [[text(a), text(b)] for _r, (a, b) in pairs]
+    tk = Tokenizer.from_str(json.dumps(t))
+    meta = load_meta_tokenizer(path, version="3.1")
+    rng = random.Random(seed)
+    toks = [b for b in ranks if len(b) > 1]
+    texts = fuzz_corpus(3000, seed=1) + list(CURATED_CORPUS)
+    for b in toks + [b"".join(rng.choice(toks) for _ in range(rng.randint(1, 6))) for _ in range(n_random)]:
+        try:
+            texts.append(b.decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+    hs = [e.ids for e in tk.encode_batch(texts, add_special_tokens=False)]
+    bad = [s for s, m, h in zip(texts, meta.model.encode_ordinary_batch(texts), hs) if m != h]
+    return {"merges (every split)": all_splits, "merges (one per token)": len(pairs),
+            "unreachable tokens": sum(len(b) > 1 for b in ranks) - len(pairs), "strings": len(texts),
+            "differ": len(bad), "examples": bad[:5]}
+
+
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:2] == ["--sweep"]:
+    if sys.argv[1:2] == ["--one-merge-per-token"]:
+        print(json.dumps(one_merge_per_token(), indent=2, ensure_ascii=False))
+    elif sys.argv[1:2] == ["--sweep"]:
         with tempfile.TemporaryDirectory() as tmp:
             for label, path, family in (("llama2", real_llama2_tokenizer(), "llama2"),
                                         ("llama3", real_llama3_tokenizer(), "llama3.1")):

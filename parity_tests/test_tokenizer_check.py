@@ -87,3 +87,24 @@ def test_first_diff():
     assert first_diff([1, 2], [1, 2, 3]) == 2
     assert first_diff("abc", "abd") == 2
     assert first_diff(612, 628) == 0 and first_diff(5, 5) == -1
+
+
+def test_one_merge_per_token_fails(tok_cases, tmp_path):
+    """Bug class: a merge list with one merge per token (the pair a token was trained from). tiktoken merges
+    any adjacent pair whose concatenation is a token, so every split is needed: with one per token the real
+    Llama 3 file encodes 19 of 158,600 strings differently (benchmarks/tokenizer_bench.py
+    --one-merge-per-token), too few for a corpus. The merges proof names the missing ones."""
+    case = tok_cases["tiny-llama3.1-instruct"]
+    shutil.copytree(case.hf_dir, tmp_path / "hf")
+    t = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    seen, kept = set(), []
+    for m in t["model"]["merges"]:
+        if "".join(m) not in seen:
+            seen.add("".join(m))
+            kept.append(m)
+    assert len(kept) < len(t["model"]["merges"])
+    t["model"]["merges"] = kept
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(t, ensure_ascii=False))
+    report = check_tokenizer(case.model_path, tmp_path / "hf", release=case.release, chat=False)
+    merges = next(c for c in report.checks if c.name.startswith("every merge at its priority"))
+    assert not merges.ok and "merge missing from tokenizer.json" in [m.text for m in merges.examples]

@@ -252,7 +252,10 @@ def _rare_merge_moved(t):
 
 
 def _merge_dropped(t):
-    del t["model"]["merges"][len(t["model"]["merges"]) // 2]
+    """Every merge that makes one token (so the one BPE needs is surely gone)."""
+    m = t["model"]["merges"]
+    target = "".join(m[len(m) // 2])
+    m[:] = [x for x in m if "".join(x) != target]
 
 
 def _bpe_dropout(t):
