@@ -27,8 +27,10 @@ measured classes (reported with counts, never hidden, not a failure):
 - reserved special-token names (other tools name some reserved ids as Meta's official HF repos do),
 - the official Llama 3.x templates against Meta's ChatFormat (they add a dated system header and trim).
 
-The judge imports nothing from the converter. The measurements behind docs/tokenizers.md (transformers'
-default loading against ours, every code point) are in benchmarks/tokenizer_bench.py.
+The check and its steps import nothing from the converter; only `tokenizer_release` still asks the
+converter's detection which release a Meta folder is (it moves to the release registry's identification).
+The measurements behind docs/tokenizers.md (transformers' default loading against ours, every code point,
+one merge per token) are in benchmarks/tokenizer_bench.py.
 """
 
 from __future__ import annotations
