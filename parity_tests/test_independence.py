@@ -31,13 +31,10 @@ CONVERTER = "llama_parity.converter"
 KNOWN_EDGES: set[tuple[str, str]] = {
     ("llama_parity.tokenizer_check", "llama_parity.converter.detect"),
     ("llama_parity.tokenizer_check", "llama_parity.converter.meta_checkpoint"),
-    ("llama_parity.tokenizer_check", "llama_parity.converter.tokenizer_files"),
-    ("llama_parity.fixtures.tokenizers", "llama_parity.converter.tokenizer_files"),
 }
 # What a `verify` run may load of the converter while KNOWN_EDGES is not empty (same rule: shrinks).
 KNOWN_LOADED = {"llama_parity.converter", "llama_parity.converter.errors", "llama_parity.converter.detect",
-                "llama_parity.converter.meta_checkpoint", "llama_parity.converter.tokenizer_files",
-                "llama_parity.converter.keymap"}
+                "llama_parity.converter.meta_checkpoint", "llama_parity.converter.keymap"}
 
 
 def _modules() -> dict[str, Path]:
