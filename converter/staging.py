@@ -17,6 +17,7 @@ around that, and each is refused or reported here, never silently absorbed:
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -166,23 +167,94 @@ def prepare_output(output_dir: Path, overwrite: bool, *, input_files: Iterable[P
 T = TypeVar("T")
 
 
+def _open_lock(lock: Path) -> int | None:
+    """An exclusive flock on `lock` (created if needed), or None when another process holds it. The file
+    may be removed by its previous holder between our open and our lock: then we locked a dead inode
+    and try again."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+@contextmanager
+def output_lock(output_dir: Path, what: str = "--output-dir"):
+    """One writer per output for the whole run: a second convert, to-meta or demo into the same folder
+    refuses at once instead of racing to the rename (both exited 0, the second silently replacing the
+    first's output). The lock is `.NAME.lock` beside the output, removed when the run ends; the kernel
+    releases it if the process dies, so a SIGKILLed run never blocks the next one."""
+    output_dir = Path(os.path.abspath(output_dir))
+    parent = output_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"cannot create the output's parent folder {parent}: {e.strerror}; "
+                              f"choose another {what}") from None
+    lock = parent / f".{output_dir.name}.lock"
+    try:
+        fd = _open_lock(lock)
+    except OSError as e:
+        raise ConversionError(f"cannot write in {parent}: {e.strerror}; choose an {what} in a writable folder") from None
+    if fd is None:
+        try:
+            holder = lock.read_text().strip() or "?"
+        except OSError:
+            holder = "?"
+        raise ConversionError(f"another llama-parity (pid {holder}) is writing {output_dir}; wait for it to "
+                              f"finish, or stop it, or choose another {what}")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        try:
+            os.unlink(lock)  # while still holding it: a waiting opener sees a new inode and retries
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _follow_link(output_dir: Path, notes: list[str]) -> Path:
+    """A symlinked output is written through: its target is replaced, the link stays (renaming over
+    the link replaced it with a folder and left the target empty)."""
+    if not output_dir.is_symlink():
+        return output_dir
+    target = Path(os.path.realpath(output_dir))
+    notes.append(f"{output_dir} is a link: written into its target {target}")
+    return target
+
+
 def write_atomically(output_dir: Path, write: Callable[[Path], T], *, overwrite: bool, notes: list[str],
                      input_files: Iterable[Path] = (), input_dirs: Iterable[Path] = (), needed_bytes: int = 0) -> T:
     """Run `write(staging)` in a fresh staging folder and rename it into place only when it returns;
-    on any failure (a signal included) the staging folder goes and the output is untouched.
-    Notes about leftovers of earlier runs are appended to `notes` before writing starts."""
-    output_dir = Path(output_dir)
-    staging, leftovers = prepare_output(output_dir, overwrite, input_files=input_files, input_dirs=input_dirs,
-                                        needed_bytes=needed_bytes)
-    notes += leftovers
-    try:
-        result = write(staging)
-        commit_output(staging, output_dir)
-    except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise write_error(e, output_dir.parent) from None
-        raise
+    on any failure (a signal included) the staging folder goes and the output is untouched. The
+    output's lock is held from the checks to the rename. Notes about leftovers of earlier runs are
+    appended to `notes` before writing starts."""
+    if Path(output_dir).is_symlink():  # named as the user gave it: "X (a link to Y)"
+        refuse_replacing_inputs(Path(output_dir), input_files, input_dirs)
+    output_dir = _follow_link(Path(output_dir), notes)
+    with output_lock(output_dir):
+        staging, leftovers = prepare_output(output_dir, overwrite, input_files=input_files, input_dirs=input_dirs,
+                                            needed_bytes=needed_bytes)
+        notes += leftovers
+        try:
+            result = write(staging)
+            commit_output(staging, output_dir)
+        except BaseException as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise write_error(e, output_dir.parent) from None
+            raise
     return result
 
 

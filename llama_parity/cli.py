@@ -1,4 +1,4 @@
-"""The `llama-parity` command line: convert, inspect, verify, demo.
+"""The `llama-parity` command line: convert, verify, inspect, diagnose, to-meta, demo, variants.
 
 Exit codes: 0 success / parity holds; 1 parity failure (the files are readable and disagree); 2 bad
 input or environment (one line, no traceback); 128+N when stopped by signal N (130 Ctrl-C, 143
@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -27,21 +28,27 @@ def _err(msg: str) -> int:
     return EXIT_INPUT
 
 
+_UNITS = "B, KB, MB, GB (powers of 1000), KiB, MiB, GiB (powers of 1024)"
+
+
 def _size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*", text, re.I)
     if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}; write a number and a unit: {_UNITS}")
     if not m.group(2):
         # A bare number used to mean bytes: `--max-shard-size 5` wrote one file per tensor.
         raise argparse.ArgumentTypeError(f"{text!r} has no unit: write e.g. {m.group(1)}GB, {m.group(1)}MB "
                                          f"or {m.group(1)}B for bytes")
     unit = (m.group(2) or "B").upper().rstrip("B")
     mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}[unit]
-    return int(float(m.group(1)) * mult)
+    n = int(float(m.group(1)) * mult)
+    if n < 1:  # 0MB meant a file per tensor
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size (e.g. 5GB, 500MB)")
+    return n
 
 
 def _positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
+    if not text.strip().isdigit() or int(text) < 1:  # also refuses 0, -1 and 1.5
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return int(text)
 
@@ -69,7 +76,8 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
                    help="write instruct/chat metadata (eos list, chat template)")
     g.add_argument("--base", dest="instruct", action="store_false", help="write base-model metadata")
     p.add_argument("--max-shard-size", type=_size, default="5GB",
-                   help="output file size limit with a unit: 5GB (default), 500MB, 2GiB; a bare number is refused")
+                   help=f"output file size limit, a positive number with a unit: 5GB (default), 500MB, 2GiB; "
+                        f"units {_UNITS}; a bare number is refused")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--no-tokenizer", action="store_true", help="convert weights and configs only")
     p.add_argument("--verify-md5", action="store_true",
@@ -185,7 +193,7 @@ def cmd_convert(args) -> int:
     if args.verify:
         code, result["verify"] = _verify_and_record(args.input_dir, report.output_dir, args)
     else:
-        print(f"next: llama-parity verify --meta-dir {args.input_dir} --hf-dir {report.output_dir}{_verify_flags(args)}")
+        print(_next_verify(args.input_dir, report.output_dir, _verify_flags(args)))
     if args.json:
         write_json(args, report.to_dict() | result)
     return code
@@ -208,12 +216,18 @@ def _verify_and_record(meta_dir, hf_dir, args) -> tuple[int, dict]:
     return (EXIT_OK if rep.ok else EXIT_PARITY), rep.to_dict()
 
 
-def _verify_flags(args) -> str:
+def _verify_flags(args) -> list[str]:
     """The convert choices verify must be told about, so that the printed next step judges what was asked."""
-    flags = [f"--variant {args.variant}"] if args.variant else []
+    flags = ["--variant", args.variant] if args.variant else []
     flags += {True: ["--instruct"], False: ["--base"], None: []}[args.instruct]
     flags += ["--no-tokenizer"] if args.no_tokenizer else []
-    return "".join(" " + f for f in flags)
+    return flags
+
+
+def _next_verify(meta_dir, hf_dir, flags: list[str]) -> str:
+    """The verify command to run next, quoted for a POSIX shell: pasted as is, a path with spaces works."""
+    argv = ["llama-parity", "verify", "--meta-dir", str(meta_dir), "--hf-dir", str(hf_dir), *flags]
+    return "next: " + " ".join(shlex.quote(a) for a in argv)
 
 
 def write_json(dest, data: dict) -> None:
@@ -225,7 +239,9 @@ def write_json(dest, data: dict) -> None:
     if dest == "-":
         print(text, file=stream)
     else:
-        Path(dest).write_text(text + "\n")
+        from .report_files import write_atomic
+
+        write_atomic(dest, text + "\n")  # whole or not at all, even on a signal or a full disk
 
 
 def _missing_extra(args, flag: str) -> str | None:
@@ -240,10 +256,30 @@ def _missing_extra(args, flag: str) -> str | None:
     return None
 
 
+def _looks_meta(d: Path) -> bool:
+    return (d / "params.json").is_file() and any(d.glob("consolidated.*.pth"))
+
+
+def _looks_hf(d: Path) -> bool:
+    return (d / "config.json").is_file() and not _looks_meta(d)
+
+
+def swapped_dirs(meta_dir, hf_dir) -> str | None:
+    """The message for --meta-dir and --hf-dir given the other way round (each folder is the other kind)."""
+    meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
+    if meta_dir.is_dir() and hf_dir.is_dir() and _looks_hf(meta_dir) and _looks_meta(hf_dir):
+        return (f"--meta-dir {meta_dir} is a Hugging Face folder and --hf-dir {hf_dir} a Meta checkpoint: did you "
+                f"swap them? run: --meta-dir {shlex.quote(str(hf_dir))} --hf-dir {shlex.quote(str(meta_dir))}")
+    return None
+
+
 def cmd_verify(args) -> int:
     from . import distributed
     from .memory import return_freed_memory
     from .verify import InputError, verify
+
+    if swapped := swapped_dirs(args.meta_dir, args.hf_dir):
+        return _err(swapped) if os.environ.get("RANK", "0") == "0" else EXIT_INPUT
 
     if missing := _missing_extra(args, "html"):  # every rank under torchrun sees it: rank 0 speaks
         return _err(missing) if os.environ.get("RANK", "0") == "0" else EXIT_INPUT
@@ -282,6 +318,8 @@ def cmd_diagnose(args) -> int:
 
     if missing := _missing_extra(args, "plot"):
         return _err(missing)
+    if swapped := swapped_dirs(args.meta_dir, args.hf_dir):
+        return _err(swapped)
     try:
         check_dirs(Path(args.meta_dir), Path(args.hf_dir), "cpu")
         refuse_if_too_big(Path(args.hf_dir), "diagnose", "run `llama-parity verify` instead (streamed, one layer at "
@@ -302,6 +340,19 @@ def cmd_diagnose(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from llama_parity.converter.staging import output_lock
+
+    keep = args.keep
+    # One demo per kept folder (a second one would rebuild the files under the first), and never over files
+    # the user has there (edited files were restored, added ones deleted) unless told so.
+    with output_lock(Path(keep), "--keep") if isinstance(keep, str) else contextlib.nullcontext():
+        if isinstance(keep, str) and Path(keep).is_dir() and any(Path(keep).iterdir()) and not args.overwrite:
+            return _err(f"--keep {keep} is not empty; demo would replace what is there: choose an empty or new "
+                        "folder, or pass --overwrite")
+        return _demo(args)
+
+
+def _demo(args) -> int:
     from .demo import run_demo
 
     with run_demo(args.keep, args.variant, args.device, progress=False) as (workdir, conv, rep):
@@ -322,22 +373,27 @@ def cmd_demo(args) -> int:
 def cmd_to_meta(args) -> int:
     from llama_parity.converter.hf_to_meta import convert_hf_to_meta
 
+    if _looks_meta(Path(args.hf_dir)):
+        return _err(f"--hf-dir {args.hf_dir} is a Meta checkpoint (params.json, consolidated.NN.pth), not a Hugging "
+                    "Face folder: to-meta converts HF -> Meta; for Meta -> HF run: llama-parity convert --input-dir "
+                    f"{shlex.quote(str(args.hf_dir))} --output-dir HF_DIR")
+
     rep = convert_hf_to_meta(args.hf_dir, args.output_dir, num_shards=args.num_shards, overwrite=args.overwrite,
                              tokenizer=args.tokenizer)
     print(f"converted {args.hf_dir} -> {rep.output_dir} ({rep.num_shards} shard(s), {rep.family})")
     for n in rep.notes:
         print(f"  - {n}")
-    print(f"next: llama-parity verify --meta-dir {rep.output_dir} --hf-dir {args.hf_dir} "
-          f"{'--instruct' if rep.instruct else '--base'}")
+    print(_next_verify(rep.output_dir, args.hf_dir, ["--instruct" if rep.instruct else "--base"]))
     return EXIT_OK
 
 
 def cmd_variants(args) -> int:
     from llama_parity.fixtures.variants import VARIANTS
 
+    print(f"{'id (--variant)':30s} {'HF repository':40s} {'shards':6s} {'tied':5s}rope scaling")
     for v in VARIANTS:
         rs = f"rope x{v.rope_scaling.factor:g}" if v.rope_scaling else ""
-        print(f"{v.id:30s} {v.hf_repo:40s} MP{v.num_shards:<3d} {'tied' if v.tie_word_embeddings else '':5s}{rs}")
+        print(f"{v.id:30s} {v.hf_repo:40s} MP{v.num_shards:<4d} {'tied' if v.tie_word_embeddings else '':5s}{rs}")
     return EXIT_OK
 
 
@@ -377,13 +433,15 @@ def _add_verify_parser(sub) -> None:
     p.add_argument("--metadata-only", action="store_true",
                    help="check config, generation_config and tensor names/shapes/dtypes only (seconds, any size)")
     p.add_argument("--quick", action="store_true",
-                   help="metadata plus fp32 logits and far positions only (no kv-cache, greedy, bf16 checks)")
+                   help="metadata, fp32 logits, far positions and the tokenizer rows (unless --no-tokenizer); "
+                        "no kv-cache, greedy or bf16 checks")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--instruct", dest="instruct", action="store_true", default=None,
                    help="expect instruct/chat metadata (as converted with --instruct)")
     g.add_argument("--base", dest="instruct", action="store_false", help="expect base-model metadata")
-    p.add_argument("--nproc", type=int, metavar="N", help="run across N processes on this machine (torchrun; "
-                   "one rank per shard group, N must divide the shard count); under torchrun, ranks come from it")
+    p.add_argument("--nproc", type=int, metavar="N", help="run across N processes on this machine (torchrun); N "
+                   "divides the shard count (a shard group per rank) or is a multiple of it (a slice of a shard per "
+                   "rank), and divides the head count; under torchrun, ranks come from it")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
                    help="distributed runs: seconds a rank waits for the others before giving up (default 600)")
     p.set_defaults(func=cmd_verify, verify_parser=p)
@@ -406,15 +464,17 @@ def _add_other_parsers(sub) -> None:
                                                                     "(default llama3.2-1b-instruct; see `llama-parity variants`)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--keep", metavar="DIR", nargs="?", const=True,
-                   help="keep the tiny checkpoint and its conversion (in DIR, or in a temporary folder that is "
-                        "printed); by default they are removed")
+                   help="keep the tiny checkpoint and its conversion (in DIR, which must be empty or new, or in a "
+                        "temporary folder that is printed); by default they are removed")
+    p.add_argument("--overwrite", action="store_true", help="with --keep DIR: replace what DIR holds")
     _add_json_arg(p)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("to-meta", help="Hugging Face folder -> Meta checkpoint (params.json + consolidated.NN.pth)")
     p.add_argument("--hf-dir", "--hf_dir", dest="hf_dir", required=True, help="Hugging Face LlamaForCausalLM folder")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True,
                    help="where to write params.json and consolidated.NN.pth")
-    p.add_argument("--num-shards", type=int, help="model-parallel shards (default: the release's, else 1)")
+    p.add_argument("--num-shards", type=_positive_int, metavar="N",
+                   help="model-parallel shards, a positive whole number (default: the release's, else 1)")
     p.add_argument("--tokenizer", help="tokenizer.model to place next to the shards")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=cmd_to_meta)
@@ -422,8 +482,17 @@ def _add_other_parsers(sub) -> None:
     p.set_defaults(func=cmd_variants)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line, like every other refusal (argparse printed its usage block first);
+    `--help` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_INPUT, f"llama-parity: {self.prog.removeprefix('llama-parity ')}: {message} "
+                              f"(see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="llama-parity", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="llama-parity", description=__doc__.splitlines()[0])
     ap.add_argument("--version", action="version", version=f"llama-parity {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("convert", help="Meta checkpoint -> Hugging Face LlamaForCausalLM folder")
@@ -482,8 +551,31 @@ def _interrupted(e: KeyboardInterrupt) -> int:
     return 128 + signum  # the shell convention: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
 
 
+def _check_outputs(args) -> None:
+    """Every path the run will write, checked before it starts: a minutes-long verify must not fail at
+    its last step (nor `convert --json` after writing the model). Raises OutputPathError."""
+    from .report_files import check_distinct, check_output_dir, check_output_file
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 writes the reports
+        return
+    files = {f"--{k}": getattr(args, k, None) for k in ("json", "html", "plot")}
+    check_distinct(files)
+    for flag, path in files.items():
+        check_output_file(path, flag)
+    if args.cmd in ("convert", "to-meta") and not getattr(args, "dry_run", False):
+        check_output_dir(args.output_dir)
+    if args.cmd == "demo" and isinstance(args.keep, str):
+        check_output_dir(args.keep, "--keep")
+
+
 def _run(args) -> int:
     """`--json -`: stdout carries the JSON alone (so `| jq` works); the human report goes to stderr."""
+    from .report_files import OutputPathError
+
+    try:
+        _check_outputs(args)
+    except OutputPathError as e:
+        return _err(str(e))
     if getattr(args, "json", None) != "-":
         return args.func(args)
     args.json_stream = sys.stdout

@@ -144,7 +144,11 @@ def diagnosis_figure(diag, bound: float):
 
 
 def save_png(fig, path: str | Path) -> None:
-    fig.savefig(str(path), format="png", dpi=110)
+    from .report_files import write_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_atomic(path, buf.getvalue())  # whole or not at all
 
 
 def to_svg(fig) -> str:

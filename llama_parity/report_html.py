@@ -166,6 +166,6 @@ def write_html(report, path: str | Path, *, variant_id: str | None = None, measu
         stages, how = layer_stages(report, variant_id, measure=measure_layers)
     except Exception as e:  # noqa: BLE001 - the report still shows every check; say why this part is missing
         stages, how = None, f"error per layer not measured: {type(e).__name__}: {str(e)[:200]}"
-    path = Path(path)
-    path.write_text(render_html(report, stages, how), encoding="utf-8")
-    return path
+    from .report_files import write_atomic
+
+    return write_atomic(path, render_html(report, stages, how))  # whole or not at all

@@ -1,0 +1,115 @@
+"""Report files (--json, --html, --plot) and output folders: checked before the run, written whole.
+
+A verify of a big model runs for minutes; a report path that cannot be written must fail in the
+first second (exit 2), not after the run (and, for `convert --json`, not after the model is
+written). Reports go to a temporary sibling that is flushed to disk and renamed into place: a
+signal or a full disk leaves either no report or a complete one, never an empty or truncated file.
+Neutral code: the judge and the converter's CLI both use it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+class OutputPathError(Exception):
+    """An output path that cannot be written (exit 2, one line naming the flag and the path)."""
+
+
+def _existing_ancestor(p: Path) -> Path:
+    for a in [p, *p.parents]:
+        if os.path.lexists(a):
+            return a
+    return Path("/")
+
+
+def _probe_writable(folder: Path) -> str | None:
+    """None when a file can be created in `folder` (a real probe: root ignores permission bits,
+    not a read-only mount); otherwise why not."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".llama-parity-probe-", dir=folder)
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+def _check_parent(path: Path, flag: str) -> None:
+    """The folder that will hold `path` exists or can be made (nothing is made here), and is writable."""
+    base = _existing_ancestor(path.parent)
+    if not base.is_dir():
+        raise OutputPathError(f"{flag} {path}: {base} is a file, not a directory; choose another path")
+    why = _probe_writable(base)
+    if why:
+        raise OutputPathError(f"{flag} {path}: cannot write in {base} ({why}); choose a writable location")
+
+
+def check_output_file(path: str | Path | None, flag: str) -> None:
+    """Before the run: `path` can be written as a file (`-` means stdout and is always fine)."""
+    if path is None or str(path) == "-":
+        return
+    p = Path(os.path.abspath(path))
+    if p.is_dir():
+        raise OutputPathError(f"{flag} {path} is a folder; give a file path, e.g. {Path(path) / ('report' + _ext(flag))}")
+    if os.path.lexists(p) and not p.is_file():
+        raise OutputPathError(f"{flag} {path} exists and is not a regular file")
+    _check_parent(p, flag)
+
+
+def _ext(flag: str) -> str:
+    return {"--json": ".json", "--html": ".html", "--plot": ".png"}.get(flag, "")
+
+
+def check_output_dir(path: str | Path | None, flag: str = "--output-dir") -> None:
+    """Before the run: `path` is a folder or can be made one, in a writable place."""
+    if path is None:
+        return
+    p = Path(os.path.abspath(path))
+    if os.path.lexists(p) and not p.is_dir():
+        raise OutputPathError(f"{flag} {path} exists and is not a directory")
+    _check_parent(p, flag)
+
+
+def check_distinct(paths: dict[str, str | None]) -> None:
+    """Two outputs of one run given the same file: the second would overwrite the first."""
+    seen: dict[str, str] = {}
+    for flag, p in paths.items():
+        if p is None or str(p) == "-":
+            continue
+        key = os.path.realpath(p)
+        if key in seen:
+            raise OutputPathError(f"{seen[key]} and {flag} both write {p}; give each its own file")
+        seen[key] = flag
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write `data` to `path` whole or not at all: temporary sibling, fsync, rename, fsync the folder."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a report is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:  # a signal (the CLI raises it as KeyboardInterrupt) or a full disk: no half file
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return path
