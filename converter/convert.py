@@ -19,6 +19,7 @@ import torch
 from .detect import Variant, detect
 from .errors import ConversionError
 from .hf_config import write_configs
+from .input_checks import check_params_bounds
 from .executor import CHUNK_BYTES, ReplicaCheck, Scratch, iter_chunks
 from .meta_checkpoint import MetaCheckpoint
 from .model_card import write_model_card
@@ -107,6 +108,7 @@ def inspect(input_dir: str | Path, options: ConvertOptions | None = None) -> tup
     """Detection and plan only: nothing written, no tensor data read except the tie/kv checks."""
     options = options or ConvertOptions()
     ckpt = MetaCheckpoint(input_dir)
+    check_params_bounds(ckpt)
     variant = detect(ckpt, variant_id=options.variant_id, instruct=options.instruct)
     refuse_unplanned_tensors(variant, ckpt)
     return variant, build_plan(variant, ckpt, options.dtype)
@@ -118,6 +120,7 @@ def convert_meta_to_hf(input_dir: str | Path, output_dir: str | Path,
     t0 = time.perf_counter()
     output_dir = Path(output_dir)
     ckpt = MetaCheckpoint(input_dir)
+    check_params_bounds(ckpt)
     warnings = ckpt.checklist_problems(options.verify_md5)
     if any("md5" in w for w in warnings):
         raise ConversionError("checksum mismatch: " + "; ".join(warnings))

@@ -24,6 +24,10 @@ def check_hf_folder(hf_dir: Path, *, all_keys_known: bool = False) -> dict[str, 
     files = check_hf_files(hf_dir)
     n_layers = read_json(Path(hf_dir) / "config.json").get("num_hidden_layers")
     if all_keys_known and isinstance(n_layers, int):
+        held = {k.split(".")[2] for h in files.values() for k in h.tensors if k.startswith("model.layers.")}
+        if n_layers > len(held):  # bounded before any loop over the layers (10**9 ran until killed)
+            raise ConversionError(f"{hf_dir / 'config.json'}: num_hidden_layers is {n_layers} but the weights hold "
+                                  f"{len(held)} layer(s); the config does not describe these files")
         check_hf_keys([k for h in files.values() for k in h.tensors], n_layers, where=hf_dir)
     return files
 
@@ -38,3 +42,14 @@ def check_meta_folder(meta_dir: Path) -> None:
             check_meta_keys(ckpt.keys(s), int(ckpt.params["n_layers"]), where=ckpt.shard_paths[s])
     finally:
         ckpt.close()
+
+
+def check_params_bounds(ckpt) -> None:
+    """Before detection and planning: no params.json size larger than the shards hold (a layer count of
+    10**9 was planned, and grew the process until the OOM killer came)."""
+    from llama_parity.params_bounds import params_problem
+
+    shapes = {k: tuple(t.shape) for k, t in ckpt.shards[0].items()}
+    problem = params_problem(ckpt.params, shapes, str(ckpt.params_path))
+    if problem:
+        raise ConversionError(problem)

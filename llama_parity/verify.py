@@ -98,6 +98,7 @@ def check_dirs(meta_dir: Path, hf_dir: Path, device: str) -> None:
         raise InputError("--device cuda requested but torch sees no CUDA device")
     check_meta_files(meta_dir)
     check_hf_files(hf_dir)
+    _refuse_absurd_inputs(meta_dir, hf_dir)
 
 
 _HARMLESS_META = ("rope.freqs",)  # Llama 1/2's precomputed RoPE buffer: the reference recomputes it
@@ -134,6 +135,27 @@ def _known_meta_key(key: str, n_layers: int) -> bool:
     if parts[0] == "layers":
         return parts[1].isdigit() and int(parts[1]) < n_layers and hf_key(key) is not None
     return hf_key(key) is not None
+
+
+def _refuse_absurd_inputs(meta_dir: Path, hf_dir: Path) -> None:
+    """Inputs that ended in a traceback or an unbounded run: params.json sizes the shards cannot hold,
+    a config of another architecture, a tokenizer.model that is neither format (an empty file)."""
+    from llama_parity.fixtures.variants import tokenizer_kind
+
+    from .params_bounds import meta_dir_problem
+
+    if problem := meta_dir_problem(meta_dir):  # before anything iterates over params.json's sizes
+        raise InputError(problem)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    if isinstance(cfg, dict) and cfg.get("model_type", "llama") != "llama":
+        raise InputError(f"{hf_dir / 'config.json'}: model_type is {cfg.get('model_type')!r}, not 'llama': this folder "
+                         "holds another architecture, not a Llama conversion")
+    tok = find_tokenizer(meta_dir)
+    if tok is not None:
+        try:
+            tokenizer_kind(tok)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{e}; replace it with tokenizer.model from Meta's download") from None
 
 
 def full_memory_need(hf_dir: Path) -> int:
