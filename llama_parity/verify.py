@@ -160,10 +160,12 @@ def _refuse_absurd_inputs(meta_dir: Path, hf_dir: Path) -> None:
 
 def full_memory_need(hf_dir: Path) -> int:
     """What --memory full holds at its peak: both models in fp32 plus the runtime (measured on the
-    1B shape: 13.8 GB of RSS where this gives 13.5 GB)."""
+    1B shape: 13.8 GB of RSS where this gives 13.5 GB). The runtime's share scales with the model (a
+    quarter of one model: activations, the bf16 copies' turnover): a fixed 1.5 GiB refused tiny models
+    on a machine short of memory."""
     from .memory import model_bytes_fp32
 
-    return 2 * model_bytes_fp32(hf_dir) + (3 << 29)
+    return 9 * model_bytes_fp32(hf_dir) // 4
 
 
 def choose_memory_mode(hf_dir: Path, mode: str) -> str:

@@ -494,6 +494,153 @@ def c_to_meta_missing_tokenizer_flag(tiny, tmp):
     return _to_meta(hf, tmp / "out" / "meta", "--tokenizer", tmp / "no.model"), "--tokenizer"
 
 
+# ---- issue 15: output paths checked before the run (exit 2 in seconds; nothing written, no model left)
+
+def c_verify_json_is_folder(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    return [*_verify(meta, hf), "--json", tmp / "out"], f"--json {tmp / 'out'} is a folder"
+
+
+def c_verify_html_under_file(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    (tmp / "out" / "afile").write_text("x")
+    return [*_verify(meta, hf), "--html", tmp / "out" / "afile" / "r.html"], "is a file, not a directory"
+
+
+def c_convert_json_is_folder(tiny, tmp):
+    # Used to fail after writing the whole model, and leave it behind.
+    return [*_convert(_m(tiny, tmp), tmp / "out" / "hf"), "--json", tmp / "out"], "--json"
+
+
+def c_diagnose_plot_is_folder(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    return ["diagnose", "--meta-dir", meta, "--hf-dir", hf, "--plot", tmp / "out"], "--plot"
+
+
+def c_inspect_json_under_file(tiny, tmp):
+    (tmp / "out" / "afile").write_text("x")
+    return ["inspect", "--input-dir", _m(tiny, tmp), "--json", tmp / "out" / "afile" / "p.json"], "afile"
+
+
+def c_json_and_html_one_file(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    r = tmp / "out" / "r"
+    return [*_verify(meta, hf), "--json", r, "--html", r], "--json and --html both write"
+
+
+def c_to_meta_output_is_file(tiny, tmp):
+    (tmp / "out" / "afile").write_text("x")
+    return _to_meta(copy_hf(tiny, SMALL, tmp / "in"), tmp / "out" / "afile"), "is not a directory"
+
+
+def c_demo_keep_not_empty(tiny, tmp):
+    # Used to restore edited files and delete added ones in DIR.
+    (tmp / "out" / "notes.txt").write_text("mine")
+    return ["demo", "--keep", tmp / "out"], "--keep"
+
+
+# ---- issue 15: numbers that are not sizes; params.json sizes the shards cannot hold
+
+def c_max_shard_size_zero(tiny, tmp):
+    return [*_convert(_m(tiny, tmp), tmp / "out" / "hf"), "--max-shard-size", "0MB"], "not a positive size"
+
+
+def c_max_shard_size_unknown_unit(tiny, tmp):
+    return [*_convert(_m(tiny, tmp), tmp / "out" / "hf"), "--max-shard-size", "5XB"], "KiB"  # the units listed
+
+
+def c_to_meta_num_shards_zero(tiny, tmp):
+    return _to_meta(copy_hf(tiny, SMALL, tmp / "in"), tmp / "out" / "meta", "--num-shards", "0"), "--num-shards"
+
+
+def c_to_meta_num_shards_negative(tiny, tmp):
+    return _to_meta(copy_hf(tiny, SMALL, tmp / "in"), tmp / "out" / "meta", "--num-shards", "-1"), "'-1'"
+
+
+def c_unknown_flag(tiny, tmp):
+    # argparse printed its usage block before the error: one line now.
+    return [*_convert(_m(tiny, tmp), tmp / "out" / "hf"), "--frobnicate"], "--frobnicate"
+
+
+def _params(tiny, tmp, **changes):
+    src = _m(tiny, tmp)
+    edit_json(src / "params.json", **changes)
+    return src
+
+
+def c_params_absurd_layers(tiny, tmp):
+    # Was planned: the process grew past several GB within seconds (the OOM killer came).
+    return ["inspect", "--input-dir", _params(tiny, tmp, n_layers=10**9)], "n_layers is 1000000000"
+
+
+def c_convert_params_absurd_layers(tiny, tmp):
+    return _convert(_params(tiny, tmp, n_layers=10**9), tmp / "out" / "hf"), "n_layers is 1000000000"
+
+
+def c_verify_params_absurd_layers(tiny, tmp):
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    return _verify(_params(tiny, tmp, n_layers=10**9), hf), "n_layers is 1000000000"
+
+
+def c_diagnose_params_absurd_layers(tiny, tmp):
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    return ["diagnose", "--meta-dir", _params(tiny, tmp, n_layers=10**6), "--hf-dir", hf], "n_layers is 1000000"
+
+
+def c_params_absurd_vocab(tiny, tmp):
+    return ["inspect", "--input-dir", _params(tiny, tmp, vocab_size=10**12)], "vocab_size is 1000000000000"
+
+
+def c_params_absurd_heads(tiny, tmp):
+    return ["inspect", "--input-dir", _params(tiny, tmp, n_heads=10**9)], "n_heads is 1000000000"
+
+
+def c_params_absurd_kv_heads(tiny, tmp):
+    return ["inspect", "--input-dir", _params(tiny, tmp, n_kv_heads=10**9)], "n_kv_heads is 1000000000"
+
+
+def c_params_absurd_multiple_of(tiny, tmp):
+    return ["inspect", "--input-dir", _params(tiny, tmp, multiple_of=10**12)], "multiple_of"
+
+
+def c_params_absurd_dim(tiny, tmp):
+    return ["inspect", "--input-dir", _params(tiny, tmp, dim=10**9)], "dim is 1000000000"
+
+
+def c_verify_empty_tokenizer(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    (meta / "tokenizer.model").write_bytes(b"")
+    return _verify(meta, hf), f"{meta / 'tokenizer.model'}: neither"
+
+
+def c_verify_other_model_type(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    edit_json(hf / "config.json", model_type="mistral", architectures=["MistralForCausalLM"])
+    return _verify(meta, hf), "model_type is 'mistral'"
+
+
+def c_to_meta_absurd_layers(tiny, tmp):
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    edit_json(hf / "config.json", num_hidden_layers=10**9)
+    return _to_meta(hf, tmp / "out" / "meta"), "num_hidden_layers is 1000000000"
+
+
+# ---- issue 15: mistakes named as such
+
+def c_verify_swapped(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    return _verify(hf, meta), "did you swap them?"
+
+
+def c_diagnose_swapped(tiny, tmp):
+    meta, hf = _pair(tiny, tmp)
+    return ["diagnose", "--meta-dir", hf, "--hf-dir", meta], "did you swap them?"
+
+
+def c_to_meta_given_meta(tiny, tmp):
+    return _to_meta(_m(tiny, tmp), tmp / "out" / "meta"), "is a Meta checkpoint"
+
+
 CATALOG = [Case(f.__name__[2:], f) for f in [
     c_overwrite_same, c_overwrite_parent, c_overwrite_grandparent, c_overwrite_tokenizer_folder,
     c_overwrite_linked_tokenizer, c_overwrite_symlink_to_input, c_overwrite_linked_blobs, c_output_is_input_file,
@@ -507,13 +654,24 @@ CATALOG = [Case(f.__name__[2:], f) for f in [
     c_verify_truncated_pth, c_to_meta_bad_config, c_to_meta_extra_bias, c_to_meta_extra_layer,
     c_to_meta_missing_tensor, c_to_meta_pickle_only, c_to_meta_overwrite_hf, c_to_meta_overwrite_inside_hf,
     c_to_meta_overwrite_tokenizer_folder, c_to_meta_missing_tokenizer_flag,
+    # issue 15
+    c_verify_json_is_folder, c_verify_html_under_file, c_convert_json_is_folder, c_diagnose_plot_is_folder,
+    c_inspect_json_under_file, c_json_and_html_one_file, c_to_meta_output_is_file, c_demo_keep_not_empty,
+    c_max_shard_size_zero, c_max_shard_size_unknown_unit, c_to_meta_num_shards_zero, c_to_meta_num_shards_negative,
+    c_unknown_flag, c_params_absurd_layers, c_convert_params_absurd_layers, c_verify_params_absurd_layers,
+    c_diagnose_params_absurd_layers, c_params_absurd_vocab, c_params_absurd_heads, c_params_absurd_kv_heads,
+    c_params_absurd_multiple_of, c_params_absurd_dim, c_verify_empty_tokenizer, c_verify_other_model_type,
+    c_to_meta_absurd_layers, c_verify_swapped, c_diagnose_swapped, c_to_meta_given_meta,
 ]]
 
 
 def run_refused(capsys, root: Path, argv, culprit: str, code: int = 2) -> str:
     """Run the CLI in-process and assert the catalog's promises; returns stderr."""
     before = snapshot(root)
-    got = main([str(a) for a in argv])
+    try:
+        got = main([str(a) for a in argv])
+    except SystemExit as e:  # a usage error, from argparse
+        got = e.code
     out, err = capsys.readouterr()
     assert got == code, f"exit {got}, expected {code}\nstdout: {out}\nstderr: {err}"
     assert "Traceback" not in out + err
@@ -726,3 +884,135 @@ def test_full_memory_mode_that_cannot_fit_is_refused_up_front(tiny, tmp_path, ca
     capsys.readouterr()
     line = run_refused(capsys, tmp_path, ["diagnose", "--meta-dir", meta, "--hf-dir", hf], "llama-parity verify")
     assert "hidden states per layer" in line, line
+
+
+# ---------------------------------------------------------------- issue 15: reports, writers, mistakes
+
+def test_outputs_checked_before_the_run(tiny, tmp_path, capsys, monkeypatch):
+    """Bug class: a report path that cannot be written (a folder, under a file, a read-only mount)
+    failing only after the whole run: minutes on a big model, and `convert --json` then left the
+    finished model behind. The work itself is replaced by a tripwire: refusing must not reach it."""
+    from llama_parity import verify as verify_mod
+    from llama_parity.converter import convert as convert_mod
+
+    def tripwire(*a, **k):
+        raise AssertionError("the run started before its output paths were checked")
+
+    meta, hf = copy_meta(tiny, SMALL, tmp_path / "in"), copy_hf(tiny, SMALL, tmp_path / "in")
+    monkeypatch.setattr(verify_mod, "verify", tripwire)
+    monkeypatch.setattr(convert_mod, "convert_meta_to_hf", tripwire)
+    (tmp_path / "out").mkdir()
+    run_refused(capsys, tmp_path, [*_verify(meta, hf), "--json", tmp_path / "out"], "--json")
+    run_refused(capsys, tmp_path, [*_convert(meta, tmp_path / "out" / "hf"), "--json", tmp_path / "out"], "--json")
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        if ro is None:
+            print("simulated: read-only folder not mountable here; the folder and file cases above still ran")
+            return
+        before = snapshot(tmp_path / "in")
+        for argv, flag in (([*_verify(meta, hf), "--html", ro / "r.html"], "--html"),
+                           ([*_convert(meta, tmp_path / "out" / "hf"), "--json", ro / "sub" / "c.json"], "--json"),
+                           (_to_meta(hf, ro / "meta"), "--output-dir")):
+            assert main([str(a) for a in argv]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.count("\n") == 0 and flag in err and "cannot write in" in err, err
+        assert snapshot(tmp_path / "in") == before and not (tmp_path / "out" / "hf").exists()
+
+
+def test_reports_written_whole(tiny, tmp_path, capsys, monkeypatch):
+    """Bug class: a signal or a full disk during a report's write leaving an empty or truncated file
+    (or clobbering the previous report). Injected at the write: the old file stays as it was, no
+    temporary file remains, and the CLI says one line."""
+    from llama_parity import report_files
+
+    meta, hf = tiny.meta(SMALL), tiny.hf(SMALL)  # built before the injection below
+    target = tmp_path / "r.json"
+    target.write_text("previous report\n")
+    real_fsync = os.fsync
+
+    def interrupted(fd):
+        raise KeyboardInterrupt  # what the CLI's SIGTERM handler raises
+
+    monkeypatch.setattr(report_files.os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        report_files.write_atomic(target, "{" + " " * 100_000)
+    assert target.read_text() == "previous report\n" and os.listdir(tmp_path) == ["r.json"]
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report_files.os, "fsync", full)
+    new = tmp_path / "new.json"
+    run_refused(capsys, tmp_path, [*_verify(meta, hf), "--metadata-only", "--json", new], "No space left")
+    monkeypatch.setattr(report_files.os, "fsync", real_fsync)
+    assert main([str(a) for a in [*_verify(meta, hf), "--metadata-only", "--json", new]]) == 0
+    capsys.readouterr()
+    assert json.loads(new.read_text())["ok"] is True and sorted(os.listdir(tmp_path)) == ["new.json", "r.json"]
+
+
+def test_one_writer_per_output(tiny, tmp_path, capsys):
+    """Bug class: two conversions into one output both exiting 0, the second silently replacing the
+    first's output without --overwrite (each passed the checks before the other wrote). A held lock
+    makes convert, to-meta and demo --keep refuse naming the holder; then a real race of two
+    processes started together: exactly one writes, the other refuses in one line."""
+    from llama_parity.converter.staging import output_lock
+
+    meta, hf = copy_meta(tiny, SMALL, tmp_path / "in"), copy_hf(tiny, SMALL, tmp_path / "in")
+    (tmp_path / "out").mkdir()
+    for argv, out in ((_convert(meta, tmp_path / "out" / "hf"), tmp_path / "out" / "hf"),
+                      (_to_meta(hf, tmp_path / "out" / "meta"), tmp_path / "out" / "meta"),
+                      (["demo", "--keep", tmp_path / "out" / "demo"], tmp_path / "out" / "demo")):
+        with output_lock(out):
+            run_refused(capsys, tmp_path, argv, f"pid {os.getpid()}")
+    assert os.listdir(tmp_path / "out") == []
+
+    env = dict(os.environ, LLAMA_PARITY_TEST_CHUNK_DELAY="0.1")
+    out = tmp_path / "race" / "hf"
+    procs = [subprocess.Popen([sys.executable, "-m", "llama_parity.cli", *map(str, _convert(meta, out))], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = sorted((p.wait(timeout=120), p.communicate()[1]) for p in procs)
+    assert [r[0] for r in results] == [0, 2], results
+    err = results[1][1]
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert "another llama-parity" in err or "not empty" in err, err  # the loser ran during, or after, the winner
+    assert sorted(os.listdir(out.parent)) == ["hf"] and (out / "model.safetensors").is_file()
+
+
+def test_symlinked_output_is_written_through(tiny, tmp_path, capsys):
+    """Bug class: an output path that is a symlink replaced by a folder while its target stayed empty
+    (the model landed beside the link's target, not in it)."""
+    src = copy_meta(tiny, SMALL, tmp_path / "in")
+    target = tmp_path / "disk" / "models"
+    target.mkdir(parents=True)
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    assert main([str(a) for a in _convert(src, link)]) == 0
+    assert f"{link} is a link: written into its target {target}" in capsys.readouterr().out
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert (target / "model.safetensors").is_file() and os.listdir(tmp_path / "disk") == ["models"]
+
+
+def test_next_line_pastes_with_spaces(tiny, tmp_path, capsys):
+    """Bug class: the printed `next:` command breaking when pasted because a path has spaces."""
+    import shlex
+
+    src = copy_meta(tiny, SMALL, tmp_path / "my models")
+    out = tmp_path / "hf out" / "it's here"
+    assert main([str(a) for a in [*_convert(src, out), "--instruct"]]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("next: "))
+    assert shlex.split(line[len("next: "):]) == ["llama-parity", "verify", "--meta-dir", str(src), "--hf-dir",
+                                                  str(out), "--instruct"], line
+
+
+def test_memory_estimate_scales_with_the_model(tiny, monkeypatch):
+    """Bug class: a fixed 1.5 GiB added to diagnose's and --memory full's estimate, refusing tiny
+    models on a machine short of memory. The 1B shape's estimate stays at its measured peak (13.8 GB
+    of RSS); a tiny model needs megabytes and runs with 256 MB free."""
+    from llama_parity import verify as verify_mod
+
+    need = verify_mod.full_memory_need(tiny.hf(SMALL))
+    assert need < 50 << 20, need
+    monkeypatch.setattr(verify_mod, "available_memory", lambda: 256 << 20)
+    verify_mod.refuse_if_too_big(tiny.hf(SMALL), "diagnose", "-")  # not refused
+    one_b = Path(__file__).resolve().parents[1] / "fixtures" / "official" / "llama3.2-1b"
+    if (one_b / "config.json").is_file():  # a source checkout: the real 1B config
+        assert 12.5e9 < verify_mod.full_memory_need(one_b) < 14.5e9
