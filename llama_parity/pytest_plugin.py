@@ -8,8 +8,10 @@ user's checkpoint without a source checkout:
 Loading it costs nothing in other projects' test runs: torch and the rest are imported lazily.
 
 `pytest parity_tests` runs every check on tiny random checkpoints of every architecture variant.
-Pointed at real weights (`--meta-dir DIR [--hf-dir DIR]`), the same model checks run on them too:
-the real pair is added to the parametrization, nothing is skipped in its absence.
+Pointed at real weights (`--meta-dir DIR [--hf-dir DIR]`), the model checks run on them: only those
+by default (the user wants their checkpoint judged, not the ~780 tests about the tool, 7.5 minutes),
+everything with `--all-tests`. Such a run writes nothing into the working folder: pytest's cache goes
+to a temporary folder (Hypothesis keeps no example database: parity_tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ def pytest_addoption(parser):
                 help="a real Meta checkpoint folder to run the parity checks on (repeatable)")
     g.addoption("--hf-dir", action="append", default=[],
                 help="its HF conversion to judge (same order as --meta-dir); converted by us when omitted")
+    g.addoption("--all-tests", action="store_true",
+                help="with --meta-dir: also run the suite's tests on tiny checkpoints (by default only the "
+                     "tests about the given checkpoint run)")
 
 
 def _option_problems(metas: list[str], hfs: list[str]) -> list[str]:
@@ -52,6 +57,41 @@ def pytest_configure(config):
                                 config.getoption("--hf-dir", default=[]) or [])
     if problems:
         raise pytest.UsageError("llama-parity: " + "; ".join(problems))
+    if config.getoption("--meta-dir", default=[]):
+        _keep_cwd_clean(config)
+
+
+def _keep_cwd_clean(config) -> None:
+    """pytest's cache (.pytest_cache) and Hypothesis' folder would land in the user's working folder:
+    send them to a temporary one, removed at the end."""
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="llama-parity-pytest-")
+    config.add_cleanup(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    cache = getattr(config, "cache", None)
+    if cache is not None and hasattr(cache, "_cachedir"):
+        cache._cachedir = Path(tmp) / "pytest-cache"
+    try:  # Hypothesis' .hypothesis/ (its unicode tables, even with no example database)
+        from hypothesis.configuration import set_hypothesis_home_dir
+    except ImportError:
+        return
+    set_hypothesis_home_dir(Path(tmp) / "hypothesis")
+
+
+def pytest_collection_modifyitems(config, items):
+    """With --meta-dir, the tests about that checkpoint (parametrized with it) run; the rest only with
+    --all-tests."""
+    if not config.getoption("--meta-dir", default=[]) or config.getoption("--all-tests", default=False):
+        return
+    keep, drop = [], []
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        ckpt = spec.params.get("checkpoint") if spec is not None else None
+        (keep if isinstance(ckpt, tuple) and ckpt[0] == "real" else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def _cuda_available() -> bool:

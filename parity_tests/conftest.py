@@ -24,8 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 try:
     from hypothesis import settings
 
-    settings.register_profile("repro", derandomize=True, deadline=None, print_blob=True)
-    settings.register_profile("explore", deadline=None, max_examples=500, print_blob=True)
+    # database=None: no .hypothesis/ folder in the working directory (a user's, under --pyargs).
+    settings.register_profile("repro", derandomize=True, deadline=None, print_blob=True, database=None)
+    settings.register_profile("explore", deadline=None, max_examples=500, print_blob=True, database=None)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repro"))
 except ImportError:  # hypothesis is a test extra
     pass

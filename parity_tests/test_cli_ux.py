@@ -161,6 +161,27 @@ def test_pytest_bad_meta_dir_is_one_error(tmp_path):
     assert out.count("llama-parity: --meta-dir") == 1 and "no such folder" in out and "passed" not in out
 
 
+def test_pytest_meta_dir_judges_that_checkpoint_and_writes_nothing_here(tiny, tmp_path):
+    """Bug class: `pytest --pyargs llama_parity.parity_tests --meta-dir DIR` running the ~800 tests about
+    the tool (7.5 minutes) when the user wants their checkpoint judged, and leaving .pytest_cache/ and
+    .hypothesis/ in the user's folder. Run from an empty folder on a module with no checkpoint test:
+    everything is deselected (the rest needs --all-tests) and the folder stays empty (this module
+    draws Hypothesis examples, which made .hypothesis/ there)."""
+    from importlib.metadata import entry_points
+
+    cwd = tmp_path / "user"
+    cwd.mkdir()
+    plugin = [] if any(ep.value == "llama_parity.pytest_plugin" for ep in entry_points(group="pytest11")) \
+        else ["-p", "llama_parity.pytest_plugin"]  # a source checkout without an install
+    base = [sys.executable, "-m", "pytest", *plugin, "--pyargs", "llama_parity.parity_tests.test_transforms",
+            "-q", "--meta-dir", str(tiny.meta(VARIANT)), "--hf-dir", str(tiny.hf(VARIANT))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run(base, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == pytest.ExitCode.NO_TESTS_COLLECTED and " deselected" in out, out
+    assert os.listdir(cwd) == [], os.listdir(cwd)
+
+
 def test_model_card_license_and_original(tiny, tmp_path, capsys):
     """Bug class: an output folder that does not say where its weights came from, drops Meta's license
     texts, or whose original/ copies differ from the download."""
