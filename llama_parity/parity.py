@@ -336,10 +336,12 @@ def far_check(worst: list[tuple[int, Check]]) -> Check:
     pos, c = max(worst, key=lambda pc: pc[1].measured / pc[1].bound)
     ok = all(x.ok for _, x in worst)
     each = ", ".join(f"{p}: {x.measured:.1e}" for p, x in worst)
+    tail = c.detail.removeprefix(f"at {pos}").lstrip(" :;,")  # the sub-check's own "at POS" said it already
     series = {"x_label": "position", "x": [x for _, w in worst if w.series for x in w.series["x"]],
               "y": [y for _, w in worst if w.series for y in w.series["y"]]}
     return Check("far positions", FAR_CATCHES, c.measured, c.bound, ok,
-                 f"8 tokens at 0..7, 4 at each far start ({each}); worst at {pos}: {c.detail}", series=series)
+                 f"8 tokens at 0..7, 4 at each far start ({each}); worst at {pos}" + (f": {tail}" if tail else ""),
+                 series=series)
 
 
 @torch.inference_mode()

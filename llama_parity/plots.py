@@ -30,6 +30,17 @@ def require_matplotlib(flag: str) -> None:
         raise MissingExtra(f"{flag} needs matplotlib, which is not installed: {EXTRA_HINT}") from None
 
 
+def _num(x: float) -> str:
+    """A bound as the report's table prints it (verify.format_value): a label rounded to 1e-04 beside a
+    table saying 1.00e-04 is fine, but 3e-02 beside 2.50e-02 is not the same bound."""
+    return "0" if x == 0 else f"{x:.2e}"
+
+
+def _legend(ax) -> None:
+    """Beside the axes, never over the data ('best' still covered points of the far-position panel)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+
+
 def figure(rows: int, height: float, width: float = 9.0):
     from matplotlib.figure import Figure
 
@@ -43,7 +54,7 @@ def _floor(values: list[float], bounds: list[float]) -> float:
 
 
 def _bound_line(ax, bound: float, label: str | None = None) -> None:
-    ax.axhline(bound, color=FAIL, linestyle="--", linewidth=1, label=label or f"bound {bound:.0e}")
+    ax.axhline(bound, color=FAIL, linestyle="--", linewidth=1, label=label or f"bound {_num(bound)}")
 
 
 def checks_axes(ax, rows: list[tuple[str, float, float, bool]]) -> None:
@@ -81,7 +92,7 @@ def layers_axes(ax, stages: list[tuple[str, float, bool]], bound: float) -> None
     ax.set_yscale("log")
     ax.set_ylabel("rel. diff (0 at the bottom)")
     ax.set_title("error per layer (stage by stage)", fontsize=10)
-    ax.legend(loc="best", fontsize=8)
+    _legend(ax)
 
 
 def positions_axes(ax, series: dict[str, dict], bounds: dict[str, float], ylabel: str = REL_LABEL) -> None:
@@ -94,14 +105,14 @@ def positions_axes(ax, series: dict[str, dict], bounds: dict[str, float], ylabel
         ax.plot(s["x"], [max(v, floor) for v in s["y"]], marker="o", markersize=3, linewidth=1, label=name)
     for b, style in zip(sorted(set(bounds.values())), ("--", ":", "-.")):
         whose = [k for k, v in bounds.items() if v == b]
-        label = f"bound {b:.0e}" + (f" ({', '.join(whose)})" if len(set(bounds.values())) > 1 else "")
+        label = f"bound {_num(b)}" + (f" ({', '.join(whose)})" if len(set(bounds.values())) > 1 else "")
         ax.axhline(b, color=FAIL, linestyle=style, linewidth=1, label=label)
     ax.set_yscale("log")
     ax.ticklabel_format(axis="x", useOffset=False, style="plain")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("position")
     ax.set_ylabel(f"{ylabel} (0 at the bottom)")
-    ax.legend(loc="best", fontsize=8)
+    _legend(ax)
 
 
 def split_near_far(series: dict[str, dict]) -> tuple[dict, dict]:

@@ -35,7 +35,7 @@ def _e(x) -> str:
 
 def _result_cell(ok: bool, measured_only: bool = False) -> str:
     if measured_only:
-        return '<td class="measured">measured</td>'
+        return '<td class="measured">measured, not judged</td>'
     return '<td class="ok">ok</td>' if ok else '<td class="fail">FAIL</td>'
 
 
@@ -60,7 +60,8 @@ def _tokenizer_section(tok) -> str:
         examples = "<br>".join(f"<code>{_e(repr(m.text)[:80])}</code>: meta={_e(str(m.meta)[:60])} "
                                f"hf={_e(str(m.hf)[:60])}" for m in c.examples[:3])
         bound = "none" if c.bound is None else f"≤ {c.bound}"
-        rows.append(f"<tr><td>{_e(c.name)}</td><td class=num>{c.mismatches}/{c.total}</td><td class=num>{bound}</td>"
+        counted = f"{c.mismatches}/{c.total}" + (" known differences" if c.bound is None else "")
+        rows.append(f"<tr><td>{_e(c.name)}</td><td class=num>{counted}</td><td class=num>{bound}</td>"
                     f"{_result_cell(c.ok, c.bound is None)}<td class=small>{examples}</td></tr>")
     rows.append("</table>")
     return "\n".join(rows)

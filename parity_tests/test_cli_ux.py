@@ -133,8 +133,22 @@ def test_measured_rows_read_as_measurements():
     text = VerifyReport("m", "h", "cpu", tokenizer=tok).render()
     measured = next(l for l in text.splitlines() if "HF default parsing" in l)
     exact = next(l for l in text.splitlines() if "encode with bos" in l)
-    assert measured.rstrip().endswith("measured") and not measured.rstrip().endswith("ok")
+    assert measured.rstrip().endswith("measured, not judged") and "70/70 differ (known)" in measured, measured
     assert exact.rstrip().endswith("ok") and "docs/tokenizers.md" in text
+
+
+def test_report_wording():
+    """Bug class: the far-position row saying "worst at 131056: at 131056", and chart bound labels
+    rounded away from the table's value (a label 3e-02 beside a table's 2.50e-02)."""
+    from llama_parity import plots
+    from llama_parity.parity import Check, far_check
+    from llama_parity.verify import format_value
+
+    subs = [(p, Check("far", "", m, 1e-4, True, f"at {p}: max |diff| {m:.1e}")) for p, m in ((8192, 1e-6), (131056, 2e-6))]
+    detail = far_check(subs).detail
+    assert "worst at 131056: max |diff|" in detail and "131056: at 131056" not in detail, detail
+    for b in (1e-4, 2.5e-2, 1e-6):
+        assert plots._num(b) == format_value(b)
 
 
 def test_parent_folder_mistake_names_the_subfolder(tiny, tmp_path, capsys):
