@@ -25,14 +25,6 @@ def _int(params: dict, key: str) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
-def _ffn_hidden(dim: int, multiple_of: int, mult) -> int:
-    """Meta's FFN size rule (model.py's FeedForward), in exact integers where it can be."""
-    hidden = int(2 * (4 * dim) / 3)
-    if isinstance(mult, (int, float)) and not isinstance(mult, bool) and mult > 0:
-        hidden = int(mult * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
 def params_problem(params: dict, shapes: dict[str, tuple[int, ...]], where: str) -> str | None:
     """The first params.json value larger than the shards can hold, as one line; None when all fit.
     `shapes`: shard 0's tensor shapes (norms and layer counts are the same in every shard)."""
@@ -56,13 +48,15 @@ def params_problem(params: dict, shapes: dict[str, tuple[int, ...]], where: str)
         return (f"{where}: vocab_size is {vocab}, impossible for shards whose embedding is {list(emb)}; "
                 "params.json does not match")
     w1 = shapes.get("layers.0.feed_forward.w1.weight")
-    multiple_of = _int(params, "multiple_of")
-    if dim and dim > 0 and w1 and len(w1) == 2 and multiple_of and multiple_of > 0:
-        want, most = _ffn_hidden(dim, multiple_of, params.get("ffn_dim_multiplier")), w1[0] * _MAX_SHARDS
-        if want > most:
-            culprit = "multiple_of" if multiple_of > most else "ffn_dim_multiplier"
-            return (f"{where}: {culprit} ({params.get(culprit)}) gives an FFN size of {want}, impossible for "
-                    f"shards whose w1 has {w1[0]} rows; params.json does not match")
+    multiple_of, mult = _int(params, "multiple_of"), params.get("ffn_dim_multiplier")
+    if w1 and len(w1) == 2:
+        most = w1[0] * _MAX_SHARDS  # Meta's FFN size is a multiple of multiple_of and above 2 * dim * multiplier
+        if multiple_of is not None and multiple_of > most:
+            return (f"{where}: multiple_of is {multiple_of}, larger than any FFN size shards whose w1 has {w1[0]} "
+                    "rows can hold; params.json does not match")
+        if dim and isinstance(mult, (int, float)) and not isinstance(mult, bool) and 2 * dim * mult > most:
+            return (f"{where}: ffn_dim_multiplier is {mult}, which gives an FFN size beyond what shards whose w1 "
+                    f"has {w1[0]} rows can hold; params.json does not match")
     return None
 
 
