@@ -12,6 +12,7 @@ from pathlib import Path
 from llama_parity.formats.safetensors import SafetensorsHeader
 from llama_parity.inputs import check_hf_files, read_json, safetensors_header  # noqa: F401 (re-exported)
 
+from .errors import ConversionError
 from .keymap import check_hf_keys, check_meta_keys
 
 

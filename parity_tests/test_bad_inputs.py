@@ -965,9 +965,9 @@ def test_one_writer_per_output(tiny, tmp_path, capsys):
             run_refused(capsys, tmp_path, argv, f"pid {os.getpid()}")
     assert os.listdir(tmp_path / "out") == []
 
-    env = dict(os.environ, LLAMA_PARITY_TEST_CHUNK_DELAY="0.1")
     out = tmp_path / "race" / "hf"
-    procs = [subprocess.Popen([sys.executable, "-m", "llama_parity.cli", *map(str, _convert(meta, out))], env=env,
+    paced = _SLOW_CONVERT.replace("time.sleep(0.5)", "time.sleep(0.1)")  # the winner is still writing
+    procs = [subprocess.Popen([sys.executable, "-c", paced, *map(str, _convert(meta, out))],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = sorted((p.wait(timeout=120), p.communicate()[1]) for p in procs)
     assert [r[0] for r in results] == [0, 2], results
