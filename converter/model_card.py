@@ -104,7 +104,7 @@ def write_model_card(out_dir: Path, ckpt, variant, dtype: torch.dtype, *, keep_o
 
 def _verify_block(report) -> str:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"`llama-parity verify` on {when} ({report.device}): **{'PARITY OK' if report.ok else 'PARITY FAILED'}**",
+    lines = [f"`llama-parity verify` on {when} ({report.device}): **{report.verdict}**",
              "", "| check | measured | bound | result |", "|---|---|---|---|"]
     cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731
     rows = report.rows()
@@ -117,7 +117,20 @@ def _verify_block(report) -> str:
         lines.append("- measured: counted and reported, not judged (known differences, see llama-parity's "
                      "docs/tokenizers.md)")
     lines += [f"- {n}" for n in report.notes]
+    lines += _attestation_lines(getattr(report, "attestation", None))
     return "\n".join(lines).rstrip()
+
+
+def _attestation_lines(att: dict | None) -> list[str]:
+    """The files' sha256 as verify read them (the weight files' are the Hub's LFS digests), so a
+    copy can be checked with `llama-parity verify --attestation REPORT.json` or sha256sum."""
+    if not att:
+        return []
+    lines = ["", f"Attestation (sha256 of every file below, {len(att['hf_tensors'])} tensors digested one by one; "
+             f"all files together: `{att['digest']}`):", "", "| file | sha256 |", "|---|---|"]
+    lines += [f"| {name} | `{digest}` |" for name, digest in att["hf_files"].items()]
+    meta = ", ".join(f"{n} `{d[:16]}…`" for n, d in att["meta_files"].items())
+    return lines + ["", f"Judged against Meta's files: {meta}"]
 
 
 def record_verify(hf_dir: str | Path, report) -> bool:

@@ -283,6 +283,10 @@ def cmd_verify(args) -> int:
 
     if missing := _missing_extra(args, "html"):  # every rank under torchrun sees it: rank 0 speaks
         return _err(missing) if os.environ.get("RANK", "0") == "0" else EXIT_INPUT
+    if args.attestation:
+        return _recheck_attestation(args)
+    if not args.meta_dir:
+        args.verify_parser.error("the following arguments are required: --meta-dir")
     if args.nproc:  # launch N ranks here; each runs this command without --nproc
         return distributed.launch(args, args.verify_parser)
     if distributed.under_torchrun():
@@ -296,6 +300,21 @@ def cmd_verify(args) -> int:
     except InputError as e:
         return _err(str(e))
     return emit_verify_report(args, rep)
+
+
+def _recheck_attestation(args) -> int:
+    from .attestation import AttestationError, recheck
+
+    try:
+        res = recheck(Path(args.attestation), Path(args.hf_dir))
+    except AttestationError as e:
+        return _err(str(e))
+    except OSError as e:
+        return _err(f"cannot read {args.hf_dir}: {e}")
+    print(res.render(), flush=True)
+    if args.json:
+        write_json(args, res.to_dict())
+    return EXIT_OK if res.ok else EXIT_PARITY
 
 
 def emit_verify_report(args, rep, *, measure_layers: bool = True) -> int:
@@ -403,9 +422,9 @@ def _add_json_arg(p: argparse.ArgumentParser) -> None:
                         "(the human report then goes to stderr), e.g. for jq")
 
 
-def _add_pair_args(p: argparse.ArgumentParser) -> None:
+def _add_pair_args(p: argparse.ArgumentParser, meta_required: bool = True) -> None:
     """--meta-dir/--hf-dir, with the underscore spellings `convert` accepts from transformers' script."""
-    p.add_argument("--meta-dir", "--meta_dir", dest="meta_dir", required=True,
+    p.add_argument("--meta-dir", "--meta_dir", dest="meta_dir", required=meta_required,
                    help="Meta checkpoint folder (params.json, consolidated.NN.pth; tokenizer.model here or one up)")
     p.add_argument("--hf-dir", "--hf_dir", dest="hf_dir", required=True,
                    help="Hugging Face model folder to judge (config.json, *.safetensors, tokenizer files)")
@@ -415,7 +434,11 @@ def _add_pair_args(p: argparse.ArgumentParser) -> None:
 
 def _add_verify_parser(sub) -> None:
     p = sub.add_parser("verify", help="judge an HF folder against the Meta checkpoint (exit 0 ok, 1 parity failure, 2 bad input)")
-    _add_pair_args(p)
+    _add_pair_args(p, meta_required=False)  # required unless --attestation (checked in cmd_verify)
+    p.add_argument("--attestation", metavar="REPORT",
+                   help="re-check --hf-dir against the attestation in a verify --json REPORT (one read of the "
+                        "folder, no Meta checkpoint): names each file or tensor that changed since; exit 0 same, "
+                        "1 changed")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where both models run")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 logits check")
     p.add_argument("--memory", choices=["auto", "full", "streaming"], default="auto",

@@ -199,6 +199,17 @@ class HFSide:
     def dtypes(self) -> set:
         return {d for n, (_, d) in self.tensors.items() if not n.endswith(_HARMLESS_HF)}
 
+    @property
+    def matrix_dtypes(self) -> set:
+        """The dtypes of the weight matrices: what the dtype label names. Norms (vectors) may be kept
+        in float32 beside them (a faithful packaging when stored exactly: the byte check judges it)."""
+        return {d for n, (s, d) in self.tensors.items() if not n.endswith(_HARMLESS_HF) and len(s) >= 2}
+
+    def odd_vector_dtypes(self) -> set:
+        """Vector dtypes that are neither the matrices' nor float32."""
+        return {d for n, (s, d) in self.tensors.items()
+                if not n.endswith(_HARMLESS_HF) and len(s) < 2 and d not in self.matrix_dtypes | {torch.float32}}
+
 
 def read_hf_side(hf_dir: Path) -> HFSide:
     from llama_parity.formats.dtypes import torch_dtype
@@ -243,9 +254,15 @@ def tensor_checks(meta: MetaSide, hf: HFSide) -> list[Check]:
            Check("tensors: names", "a tensor dropped (lm_head of an untied model, a layer) or one the Meta "
                  "checkpoint does not have", float(len(names)), 0.0, not names,
                  _listing(names) or f"the {len(want)} tensors the Meta checkpoint implies")]
-    dtypes = sorted(_dtype_name(d) for d in hf.dtypes)
-    out.append(Check("tensors: one float dtype", "weights written in mixed precision", float(len(dtypes) - 1), 0.0,
-                     len(dtypes) == 1, f"HF weights are {', '.join(dtypes)}"))
+    dtypes = sorted(_dtype_name(d) for d in hf.matrix_dtypes)
+    odd = sorted(_dtype_name(d) for d in hf.odd_vector_dtypes())
+    vectors = sorted(_dtype_name(d) for d in hf.dtypes - hf.matrix_dtypes)
+    ok = len(dtypes) == 1 and not odd
+    out.append(Check("tensors: one float dtype", "weight matrices in mixed precision, norms in a dtype narrower than "
+                     "the matrices'", float(len(dtypes) - 1 + len(odd)), 0.0, ok,
+                     f"HF weight matrices are {', '.join(dtypes)}" + (f", norms {', '.join(vectors)} (kept wider; "
+                                                                     "their values are judged by the byte check)"
+                                                                     if vectors else "")))
     return out
 
 
@@ -316,7 +333,7 @@ def release_metadata_checks(meta: MetaSide, hf: HFSide) -> list[Check]:
     """Facts that do not change the logits but break users: context length, dtype label, tying,
     bos/eos ids, generation defaults."""
     cfg, vocab = hf.config, meta.merged_shapes()["model.embed_tokens.weight"][0]
-    dtypes = hf.dtypes
+    dtypes = hf.matrix_dtypes
     label = {cfg[k] for k in ("torch_dtype", "dtype") if isinstance(cfg.get(k), str)}
     out = [_check("config: max_position_embeddings", cfg.get("max_position_embeddings"),
                   registry.FAMILY_FACTS[meta.family].max_position_embeddings,
@@ -359,50 +376,6 @@ def generation_checks(meta: MetaSide, hf: HFSide, rel, vocab: int) -> list[Check
     return out
 
 
-def _meta_rows(meta: MetaSide, key: str, rows: list[int]) -> torch.Tensor:
-    """Rows of a merged Meta matrix, read from the shards without merging them."""
-    if key == "tok_embeddings.weight" and meta.embedding_split_dim() == 1:
-        return torch.cat([s[key][rows] for s in meta.shards], dim=1)
-    out, start = [], 0
-    for s in meta.shards:
-        t = s[key]
-        out += [t[r - start] for r in rows if start <= r < start + t.shape[0]]
-        start += t.shape[0]
-    return torch.stack(out)
-
-
-def exact_weight_check(meta: MetaSide, hf_dir: Path, hf: HFSide) -> Check:
-    """The tensors no layout transform touches (norms, embedding and output rows) must equal Meta's
-    cast to the HF dtype bit for bit: proves the stored precision (an exact upcast, or a rounding to
-    the declared dtype) and catches swapped norms by name."""
-    from safetensors import safe_open
-
-    vocab = meta.merged_shapes()["model.embed_tokens.weight"][0]
-    rows = sorted({0, 1, vocab // 2, *range(max(0, vocab - 16), vocab)})
-    pairs = [(k, hf_key(k), None) for k in meta.shards[0] if k.endswith("norm.weight")]
-    pairs.append(("tok_embeddings.weight", "model.embed_tokens.weight", rows))
-    if not meta.tied:
-        pairs.append(("output.weight", "lm_head.weight", rows))
-    bad, handles = [], {}
-    try:
-        for mkey, hkey, sel in pairs:
-            f = hf.files.get(hkey)
-            if f is None:
-                continue  # reported by the names check
-            fh = handles.setdefault(f, safe_open(str(hf_dir / f), "pt"))
-            got = fh.get_tensor(hkey) if sel is None else torch.stack([fh.get_slice(hkey)[r] for r in sel])
-            want = meta.shards[0][mkey] if sel is None else _meta_rows(meta, mkey, sel)
-            if got.shape != want.shape or not torch.equal(want.to(got.dtype), got):
-                bad.append(hkey)
-    finally:
-        handles.clear()
-    dt = _dtype_name(next(iter(hf.dtypes))) if len(hf.dtypes) == 1 else "HF dtype"
-    return Check("weights: exact copies", "norms swapped or taken from another layer, weights rounded to "
-                 "another precision than the label says, embedding rows shifted", float(len(bad)), 0.0, not bad,
-                 (f"differ from Meta's cast to {dt}: " + ", ".join(bad[:6])) if bad else
-                 f"{len(pairs)} norms and embedding/output rows equal Meta's cast to {dt}")
-
-
 STRUCTURAL = ("tensors: shapes", "config: hidden_size", "config: num_hidden_layers",
               "config: num_attention_heads", "config: num_key_value_heads", "config: intermediate_size",
               "config: vocab_size", "config: head_dim", "tensors: one float dtype")
@@ -410,14 +383,13 @@ STRUCTURAL = ("tensors: shapes", "config: hidden_size", "config: num_hidden_laye
 
 def metadata_checks(meta_dir: Path, hf_dir: Path, rope, *, variant_id: str | None = None,
                     instruct: bool | None = None) -> tuple[list[Check], MetaSide, HFSide]:
-    """Every metadata check; structural ones first. The model checks need those to pass (else
-    transformers would build another model than the Meta one, or fail to load it)."""
+    """Every metadata check; structural ones first. The model checks and the byte check
+    (exact_bytes.py) need those to pass (else transformers would build another model than the Meta
+    one, or fail to load it)."""
     meta = read_meta_side(Path(meta_dir), variant_id=variant_id, instruct=instruct)
     hf = read_hf_side(Path(hf_dir))
     checks = tensor_checks(meta, hf) + architecture_checks(meta, hf)
     checks += rope_and_norm_checks(meta, hf, rope) + release_metadata_checks(meta, hf)
-    if structure_ok(checks):
-        checks.append(exact_weight_check(meta, Path(hf_dir), hf))
     return checks, meta, hf
 
 
@@ -426,5 +398,6 @@ def structure_ok(checks: list[Check]) -> bool:
 
 
 def hf_weights_dtype(hf: HFSide) -> torch.dtype | None:
-    """The one float dtype of the HF weights (None when mixed)."""
-    return next(iter(hf.dtypes)) if len(hf.dtypes) == 1 and isinstance(next(iter(hf.dtypes)), torch.dtype) else None
+    """The one float dtype of the HF weight matrices (None when mixed)."""
+    d = hf.matrix_dtypes
+    return next(iter(d)) if len(d) == 1 and isinstance(next(iter(d)), torch.dtype) else None

@@ -141,6 +141,52 @@ def _kv_heads_duplicated(hf_dir: Path) -> None:
     edit_config(hf_dir, lambda c: c.__setitem__("num_key_value_heads", 2 * c["num_key_value_heads"]))
 
 
+# --- byte faults no prompt may reach: only the byte check (every element, exact_bytes.py) sees them --
+
+def _edit_one(name: str, change: Callable[[torch.Tensor, dict], None]) -> Callable[[Path], None]:
+    """Change tensor `name` in place (a copy of it) with change(tensor, config)."""
+    def edit(k, v, c):
+        if k == name:
+            v = v.clone()
+            change(v, c)
+            return v
+    return lambda hf: edit_tensors(hf, edit)
+
+
+def _special(c: dict, offset: int) -> int:
+    """Id of Llama 3's special token `offset` (128000 + offset in the real vocabulary): special
+    tokens follow the BPE ranks, 256 of them at the end of the (tiny or real) vocabulary."""
+    return c["vocab_size"] - 256 + offset
+
+
+def _swap_rows(i, j) -> Callable[[torch.Tensor, dict], None]:
+    def run(v, c):
+        a, b = i(c), j(c)
+        v[[a, b]] = v[[b, a]]
+    return run
+
+
+def _flip_bit(v: torch.Tensor, c: dict) -> None:
+    bits = v.view({2: torch.int16, 4: torch.int32}[v.element_size()])
+    bits[1, 2] ^= 1  # the lowest mantissa bit of one weight
+
+
+def _nan_row(v: torch.Tensor, c: dict) -> None:
+    v[c["vocab_size"] // 2 + 7, 0] = float("nan")
+
+
+def _one_ulp(v: torch.Tensor, c: dict) -> None:
+    v[3] = torch.nextafter(v[3], torch.tensor(float("inf"), dtype=v.dtype))
+
+
+def _mid(c: dict) -> int:
+    return c["num_hidden_layers"] // 2
+
+
+def _down_proj_bit(hf: Path) -> None:
+    _edit_one(f"model.layers.{_mid(read_json(hf, 'config.json'))}.mlp.down_proj.weight", _flip_bit)(hf)
+
+
 # --- bugs in config.json and generation_config.json -------------------------------------------------
 
 def _rope_field(key: str, value) -> Callable[[Path], None]:
@@ -314,6 +360,7 @@ def _m(name, bug, apply, caught_by, layouts, repair=None) -> Mutation:
 
 _LOGITS, _FAR = "logits (fp32)", "far positions"
 _RS = "config: rope scaling factor"
+_EXACT = "weights: exact copies"
 _GEN_EOS, _CFG_EOS = "generation_config: eos_token_id", "config: eos_token_id"
 
 CATALOG: tuple[Mutation, ...] = (
@@ -335,6 +382,26 @@ CATALOG: tuple[Mutation, ...] = (
        _rounded_to_bf16, [_LOGITS, "weights: exact copies"], [L31]),
     _m("kv_heads_duplicated", "replicated kv heads of the 405B MP16 layout kept twice",
        _kv_heads_duplicated, ["tensors: shapes", "config: num_key_value_heads"], [L31]),
+    # byte faults in rows and elements no prompt reaches (two ordinary tokens, reserved special tokens)
+    _m("embedding_rows_swapped", "two ordinary tokens' embedding rows exchanged",
+       _edit_one("model.embed_tokens.weight", _swap_rows(lambda c: c["vocab_size"] // 3, lambda c: c["vocab_size"] // 3 + 1)),
+       [_EXACT], [L31, L32]),
+    _m("reserved_special_row_zeroed", "a reserved special token's embedding row zeroed",
+       _edit_one("model.embed_tokens.weight", lambda v, c: v[_special(c, 250)].zero_()), [_EXACT], [L31]),
+    _m("nan_in_unused_row", "a NaN in an embedding row no prompt uses",
+       _edit_one("model.embed_tokens.weight", _nan_row), [_EXACT, "weights: finite"], [L32]),
+    _m("special_rows_exchanged", "two special tokens' embedding rows exchanged (<|reserved_special_token_0|>, _1)",
+       _edit_one("model.embed_tokens.weight", _swap_rows(lambda c: _special(c, 2), lambda c: _special(c, 3))),
+       [_EXACT], [L31]),
+    _m("bit_flipped_in_down_proj", "one bit flipped in one weight of a middle layer's w2 (down_proj)",
+       _down_proj_bit, [_EXACT], [L31]),
+    _m("output_rows_swapped", "two rows of the output matrix (lm_head) exchanged",
+       _edit_one("lm_head.weight", _swap_rows(lambda c: c["vocab_size"] // 3, lambda c: c["vocab_size"] // 3 + 1)),
+       [_EXACT], [L31]),
+    _m("q_rows_permuted_in_head", "two q rows of one head exchanged (layer 0, head 0)",
+       _edit_one("model.layers.0.self_attn.q_proj.weight", _swap_rows(lambda c: 0, lambda c: 1)), [_EXACT], [L32]),
+    _m("norm_off_by_one_ulp", "one element of the final norm changed by 1 ulp",
+       _edit_one("model.norm.weight", _one_ulp), [_EXACT], [L31]),
     # RoPE and norms: they change the function
     _m("rope_factor_8_not_32", "Llama 3.2 rope scaling factor 8 instead of 32 (llama-models' hard-coded value)",
        _rope_field("factor", 8.0), [_FAR, _RS], [L32], FIX_SCALING),

@@ -132,7 +132,7 @@ def _position_charts(report) -> str:
 
 def render_html(report, stages=None, stages_how: str = "") -> str:
     charts = _charts(report, stages, stages_how)
-    verdict = "PARITY OK" if report.ok else "PARITY FAILED"
+    verdict = report.verdict
     failed = [c for c in report.checks if not c.ok]
     fails = "".join(f"<li><b>{_e(c.name)}</b>: {_e(c.detail)} (catches: {_e(c.catches)})</li>" for c in failed)
     notes = "".join(f"<li>{_e(n)}</li>" for n in report.notes) or "<li>none</li>"

@@ -32,10 +32,20 @@ class VerifyReport:
     checks: list[Check] = field(default_factory=list)
     tokenizer: object | None = None  # llama_parity.tokenizer_check.TokenizerReport
     notes: list[str] = field(default_factory=list)
+    scope: str = "all"  # what was asked: "all", "quick" or "metadata" (no model run)
+    models_run: bool = True  # verify() says False until its model checks have run
+    attestation: dict | None = None  # attestation.build: digests of both folders
 
     @property
     def ok(self) -> bool:
         return all(c.ok for c in self.checks) and (self.tokenizer is None or self.tokenizer.ok)
+
+    @property
+    def verdict(self) -> str:
+        """PARITY OK only when the models ran and every check passed; a metadata-only run says so."""
+        if self.models_run:
+            return "PARITY OK" if self.ok else "PARITY FAILED"
+        return "METADATA OK (models not run)" if self.ok else "PARITY FAILED (models not run)"
 
     def rows(self) -> list[tuple[str, str, str, bool]]:
         rows = [(c.name, format_value(c.measured), format_value(c.bound), c.ok) for c in self.checks]
@@ -44,11 +54,15 @@ class VerifyReport:
         return rows
 
     def to_dict(self) -> dict:
+        from .attestation import with_margins
+
         return {
-            "ok": self.ok, "meta_dir": self.meta_dir, "hf_dir": self.hf_dir, "device": self.device,
+            "ok": self.ok, "verdict": self.verdict, "scope": self.scope, "models_run": self.models_run,
+            "meta_dir": self.meta_dir, "hf_dir": self.hf_dir, "device": self.device,
             "checks": [c.to_dict() for c in self.checks],
             "tokenizer": self.tokenizer.to_dict() if self.tokenizer is not None else None,
             "notes": self.notes,
+            "attestation": with_margins(self.attestation, self) if self.attestation is not None else None,
         }
 
     def render(self) -> str:
@@ -72,7 +86,7 @@ class VerifyReport:
         if self.tokenizer is not None and not self.tokenizer.ok:
             lines += ["  " + m for m in self.tokenizer.mismatch_lines()[:20]]
         lines += [f"  note: {n}" for n in self.notes]
-        lines.append("PARITY OK" if self.ok else "PARITY FAILED")
+        lines.append(self.verdict)
         return "\n".join(lines)
 
 
@@ -206,7 +220,7 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", var
     (distributed.py: the same checks with the models split across ranks)."""
     meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
     check_dirs(meta_dir, hf_dir, device)
-    report = VerifyReport(str(meta_dir), str(hf_dir), device)
+    report = VerifyReport(str(meta_dir), str(hf_dir), device, scope=checks, models_run=False)
     try:
         rope = expected_rope_scaling(meta_dir, variant_id)
         found, meta, hf = metadata_checks(meta_dir, hf_dir, rope, variant_id=variant_id, instruct=instruct)
@@ -222,11 +236,33 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", var
     else:
         _model_checks(report, meta_dir, hf_dir, rope, meta, hf, device=device, bf16=bf16, memory=memory,
                       quick=checks == "quick", model_checks=model_checks, greedy_tokens=greedy_tokens)
+    if structure_ok(found):
+        _exact_bytes(report, meta_dir, hf_dir, meta, hf)
     if tokenizer:
         _tokenizer_check(report, meta_dir, hf_dir, variant_id, instruct)
     else:
         report.notes.append("tokenizer not checked (--no-tokenizer)")
     return report
+
+
+def _exact_bytes(report: VerifyReport, meta_dir: Path, hf_dir: Path, meta, hf) -> None:
+    """Every weight byte against Meta's shards (exact_bytes.py), in every mode: no model needed. In a
+    distributed run rank 0 alone reads the folders (after the model checks, so that no rank waits
+    on it in a collective)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    from .attestation import build
+    from .exact_bytes import check_exact_bytes
+
+    try:
+        res = check_exact_bytes(meta_dir, hf_dir, meta, hf)
+    except (OSError, KeyError, ValueError) as e:
+        raise InputError(f"cannot read the weights: {type(e).__name__}: {e}") from None
+    report.checks += res.checks()
+    report.attestation = build(res, meta)
+    report.notes.append(f"weights compared bit for bit: {res.bytes_read / 1e9:.2f} GB read in {res.seconds:.1f} s")
 
 
 def _model_checks(report: VerifyReport, meta_dir: Path, hf_dir: Path, rope, meta, hf, *, device: str, bf16: bool,
@@ -252,6 +288,7 @@ def _model_checks(report: VerifyReport, meta_dir: Path, hf_dir: Path, rope, meta
         else:
             report.checks += run_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device, bf16=bf16,
                                               round_to=round_to, quick=quick, **greedy)
+        report.models_run = True
         if round_to is not None and model_checks is None:
             report.notes.append(f"HF weights are {str(round_to)[6:]}, the checkpoint {str(meta.dtype)[6:]}: the "
                                 f"reference ran on Meta's weights rounded to {str(round_to)[6:]} (what this dtype "
