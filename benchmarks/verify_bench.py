@@ -10,7 +10,10 @@ converts it, and measures as child processes (peak RSS = ru_maxrss from wait4):
 - floor: reading both models' files once from disk (page cache evicted first) plus the forward
   passes' matrix multiplies at this machine's measured fp32 and bf16 matmul rates (the streams of
   llama_parity/streaming.py: FLOPs counted from their token counts and the layer shapes);
-- streamed verify (`--memory streaming --no-tokenizer`), page cache evicted first;
+- the byte check alone (`verify --metadata-only --no-tokenizer`: every weight of both folders
+  compared bit for bit and hashed, exact_bytes.py), page cache evicted first: its time (from
+  verify's own note) against the floor's cold read of both folders, as a rate;
+- streamed verify (`--memory streaming --no-tokenizer`, the byte check included), page cache evicted first;
 - with --full, `--memory full` beside it;
 - with --to-meta, `llama-parity to-meta` of the converted folder (HF -> Meta; output deleted after),
   whose peak RSS shows whether it holds one tensor or one shard (an 8B is one 16 GB shard).
@@ -26,6 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -93,6 +97,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, help="real shapes, only this many layers (70B: extrapolate)")
     ap.add_argument("--work", type=Path, default=Path("/work/bench-stream"))
     ap.add_argument("--full", action="store_true", help="also run --memory full")
+    ap.add_argument("--no-streaming", action="store_true", help="only the byte check (no streamed verify)")
     ap.add_argument("--to-meta", action="store_true", help="also run HF -> Meta on the converted folder")
     ap.add_argument("--min-free", type=float, default=1.5)
     ap.add_argument("--clean", action="store_true", help="delete the checkpoints afterwards")
@@ -103,7 +108,13 @@ def main(argv=None) -> None:
     bare = run_child([sys.executable, "-c", "import torch, transformers; "
                       "from transformers.models.llama import modeling_llama"], 0)
     rows = []
-    for mode in ["streaming"] + (["full"] if a.full else []):
+    evict([*meta.glob("*.pth"), *hf.glob("*.safetensors")])
+    log = a.work / "verify-bytes.log"
+    r = run_child([sys.executable, "-m", "llama_parity.cli", "verify", "--meta-dir", str(meta), "--hf-dir", str(hf),
+                   "--metadata-only", "--no-tokenizer"], int(a.min_free * GB), log=log)
+    rows.append(("verify --metadata-only (byte check)", r))
+    byte_check = re.search(r"weights compared bit for bit: ([\d.]+) GB read in ([\d.]+) s", log.read_text())
+    for mode in ([] if a.no_streaming else ["streaming"]) + (["full"] if a.full else []):
         evict([*meta.glob("*.pth"), *hf.glob("*.safetensors")])
         r = run_child([sys.executable, "-m", "llama_parity.cli", "verify", "--meta-dir", str(meta), "--hf-dir", str(hf),
                        "--memory", mode, "--no-tokenizer"], int(a.min_free * GB), log=a.work / f"verify-{mode}.log")
@@ -126,9 +137,14 @@ def main(argv=None) -> None:
     print(f"case {a.case}{f' ({a.layers} layers)' if a.layers else ''}: model {model_bytes / GB:.2f} GB; "
           f"bare torch+transformers {bare.peak_rss / GB:.2f} GB RSS")
     print(f"floor: read both models {read:.1f} s + matmuls {mm:.1f} s = {floor:.1f} s")
+    if byte_check:
+        gb, sec = float(byte_check[1]), float(byte_check[2])
+        print(f"byte check: {gb:.2f} GB compared and hashed in {sec:.1f} s = {gb / sec:.2f} GB/s; the cold read "
+              f"of both folders (dd) {2 * model_bytes / GB / read:.2f} GB/s: {sec / read:.2f}x the read time")
     for what, r in rows:
         above = r.peak_rss - bare.peak_rss
-        ratio = "" if what.startswith("to-meta") else f" ({r.seconds / floor:.2f}x floor)"  # not a verify
+        ratio = "" if what.startswith("to-meta") else f" ({r.seconds / read:.2f}x the cold read of both)" \
+            if "byte check" in what else f" ({r.seconds / floor:.2f}x floor)"  # to-meta: not a verify
         print(f"| {a.case} | {what} | {r.seconds:.1f} s{ratio} | "
               f"{r.peak_rss / GB:.2f} GB | {above / GB:.2f} GB ({100 * above / model_bytes:.0f}% of model) | {r.status} |")
     if a.clean:

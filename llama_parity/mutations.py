@@ -509,6 +509,53 @@ def _inv_freq_buffers(hf: Path) -> None:
     save_tensors(hf, sd)
 
 
+def _hub_cache(hf: Path) -> None:
+    """The Hub cache's layout: the snapshot's files are relative symlinks to blobs named by digest."""
+    import hashlib
+
+    blobs = hf.parent / f"{hf.name}-blobs"
+    blobs.mkdir(exist_ok=True)
+    for f in sorted(p for p in hf.iterdir() if p.is_file()):
+        blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
+        if not blob.exists():
+            shutil.move(f, blob)
+        else:
+            f.unlink()
+        f.symlink_to(Path("..") / blobs.name / blob.name)
+
+
+def _original_folder(hf: Path) -> None:
+    """An official repo's original/ sub-folder (Meta's files beside the HF weights)."""
+    (hf / "original").mkdir()
+    torch.save({"tok_embeddings.weight": torch.zeros(4, 4)}, hf / "original" / "consolidated.00.pth")
+    (hf / "original" / "params.json").write_text(json.dumps({"dim": 4}))
+
+
+def _one_file_indexed(hf: Path) -> None:
+    sd = _load_all(hf)
+    save_tensors(hf, sd)
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    (hf / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": {k: "model.safetensors" for k in sd}}, indent=2))
+
+
+def _read_only(hf: Path) -> None:
+    for f in hf.iterdir():
+        f.chmod(0o444)
+    hf.chmod(0o555)
+
+
+def _norms_fp32(hf: Path) -> None:
+    """Norms kept in float32 beside bf16 matrices, label bf16 (exact upcasts of Meta's bf16 norms)."""
+    edit_tensors(hf, lambda k, v, c: v.float() if v.dim() == 1 else None)
+
+
+def _float16_official(hf: Path) -> None:
+    """As Meta's official Llama 2 HF repos: float16 storage and label (bf16 values rounded to float16)."""
+    edit_tensors(hf, lambda k, v, c: v.half())
+    edit_config(hf, lambda c: c.__setitem__("torch_dtype", "float16"))
+
+
 BENIGN: tuple[Benign, ...] = (
     Benign("resharded", "weights re-saved as files of 5 tensors (another max shard size)", _reshard(5), (L31,)),
     Benign("reordered", "tensors in reverse order across files", _reshard(7, reverse=True), (L32,)),
@@ -521,4 +568,16 @@ BENIGN: tuple[Benign, ...] = (
            lambda hf: edit_config(hf, _to_transformers5), (L32,)),
     Benign("inv_freq_buffers", "rotary inv_freq buffers beside the weights (transformers <= 4.31 saves)",
            _inv_freq_buffers, (L31,)),
+    Benign("one_file_without_index", "all weights in one model.safetensors, no index (files of 5 tensors first, "
+           "then joined)", lambda hf: (_reshard(5)(hf), save_tensors(hf, _load_all(hf))), (L31,)),
+    Benign("one_file_with_index", "one model.safetensors with an index naming it", _one_file_indexed, (L32,)),
+    Benign("hub_cache_symlinks", "files as relative symlinks to digest-named blobs (the Hub cache's snapshot)",
+           _hub_cache, (L32,)),
+    Benign("original_folder", "an original/ folder with Meta's files beside the weights (official repos)",
+           _original_folder, (L31,)),
+    Benign("norms_fp32_beside_bf16", "norms stored in float32 beside bf16 matrices, label bf16", _norms_fp32, (L31,),
+           torch.bfloat16),
+    Benign("float16_official_style", "bf16 weights stored and labelled float16 (as Meta's Llama 2 HF repos)",
+           _float16_official, (L32,), torch.bfloat16),
+    Benign("read_only", "every file and the folder read-only", _read_only, (L31,)),
 )

@@ -157,3 +157,20 @@ def test_attestation_recheck(tiny, tmp_path, capsys):
     assert main(["verify", "--attestation", str(report), "--hf-dir", str(hf)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a verify --json report with an attestation" in err
+
+
+def test_model_card_records_the_attestation(tiny, tmp_path):
+    """Bug class: a card that says PARITY OK without the digests a reader can check a download
+    against (or with digests of other files than verify read)."""
+    import shutil
+
+    from llama_parity.converter.model_card import record_verify
+
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny.hf(L32), hf)
+    rep = verify(tiny.meta(L32), hf, tokenizer=False, checks="metadata")
+    assert record_verify(hf, rep)
+    card = (hf / "README.md").read_text()
+    assert "**METADATA OK (models not run)**" in card and rep.attestation["digest"] in card
+    for name in ("model.safetensors", "config.json"):
+        assert f"| {name} | `{hashlib.sha256((hf / name).read_bytes()).hexdigest()}` |" in card

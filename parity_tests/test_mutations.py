@@ -7,7 +7,10 @@ Benign: changes that do not change the release (re-sharding, tensor order, an ex
 formatting, version stamps, transformers 5's spelling, old rotary buffers) must pass: a gate that
 fails a right release is not used for long.
 
-Cost: bugs that only metadata checks can see run verify with checks="metadata" (no model run);
+Byte faults no prompt reaches (rows swapped, zeroed or NaN, a flipped bit, a norm 1 ulp off) are
+caught by the byte check alone, which every mode runs (test_exact_bytes.py runs one per mode).
+
+Cost: bugs that only metadata checks and the byte check can see run verify with checks="metadata" (no model run);
 the others, and the benign changes, with checks="quick" (every metadata check, the exact-copy
 check of the weights, fp32 logits and far positions): a file-level change that keeps those passes
 leaves the same weights and config, so the cache, greedy and bf16 checks cannot differ.
