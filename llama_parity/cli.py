@@ -454,7 +454,8 @@ def _add_verify_parser(sub) -> None:
     p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report with charts: measured "
                                                   "vs bound, error per layer and per position (needs the plot extra)")
     p.add_argument("--metadata-only", action="store_true",
-                   help="check config, generation_config and tensor names/shapes/dtypes only (seconds, any size)")
+                   help="no model run: config, generation_config, tensor names/shapes/dtypes and every weight byte "
+                        "(one read of both folders at disk speed); ends METADATA OK (models not run)")
     p.add_argument("--quick", action="store_true",
                    help="metadata, fp32 logits, far positions and the tokenizer rows (unless --no-tokenizer); "
                         "no kv-cache, greedy or bf16 checks")

@@ -288,8 +288,9 @@ def _finite_bounds(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
-def _hf_pass(hf_dir: Path, files: list[str], res: BytesResult) -> None:
-    """Each HF file front to back: its sha256, each tensor's sha256, NaN/inf counts."""
+def _hf_pass(hf_dir: Path, files: list[str], res: BytesResult, index: dict[str, str] | None = None) -> None:
+    """Each HF file front to back: its sha256, each tensor's sha256, NaN/inf counts. With `index`
+    (tensor -> file, as transformers loads them), only the tensors it maps to that file are recorded."""
     for name in files:
         f = HashedFile(hf_dir / name)
         try:
@@ -308,6 +309,8 @@ def _hf_pass(hf_dir: Path, files: list[str], res: BytesResult) -> None:
                             first = done + int(nf.nonzero()[0])
                         bad += c
                     done += t.numel()
+                if index is not None and index.get(key) != name:
+                    continue  # a copy transformers does not load: part of the file's digest only
                 res.hf_tensors[key] = sha.hexdigest()
                 if bad:
                     res.nonfinite[key] = (bad, first)
@@ -406,12 +409,12 @@ def check_exact_bytes(meta_dir: Path, hf_dir: Path, meta, hf) -> BytesResult:
     weight_files = sorted(p.name for p in _attested_files(hf_dir) if p.name.endswith(".safetensors"))
     hf_res = BytesResult()
     try:
-        _run_together(lambda: _meta_pass(shards, layout, want, res), lambda: _hf_pass(hf_dir, weight_files, hf_res))
+        _run_together(lambda: _meta_pass(shards, layout, want, res), lambda: _hf_pass(hf_dir, weight_files, hf_res, hf.files))
     finally:
         for s in shards:
             s.file.close()
     res.hf_files, res.nonfinite, res.bytes_read = hf_res.hf_files, hf_res.nonfinite, res.bytes_read + hf_res.bytes_read
-    res.hf_tensors = {k: v for k, v in hf_res.hf_tensors.items()}
+    res.hf_tensors = hf_res.hf_tensors
     for path in _attested_files(hf_dir):
         res.hf_files.setdefault(path.name, file_sha256(path))
     for path in [meta_dir / "params.json", find_tokenizer(meta_dir)]:

@@ -213,8 +213,8 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", var
     """Metadata checks (every fact of the HF folder against the Meta files and the release), then
     the model checks, then tokenizer parity. `checks`: "all"; "quick" (fp32 logits and far
     positions: every layout and RoPE bug of the catalog, no cache/greedy/bf16); "metadata" (no
-    model run: seconds for any size). Model checks are skipped when the shapes say the folder holds
-    another model. `instruct` says which twin's chat metadata to expect (default: the release's).
+    model run; the byte check still reads every weight). Model checks and the byte check are
+    skipped when the shapes say the folder holds another model. `instruct` says which twin's chat metadata to expect (default: the release's).
     `greedy_tokens`: how many generated tokens the greedy check compares (default: 20 full, 8 streamed).
     `model_checks`, when given, runs the numerical checks instead of the memory modes below
     (distributed.py: the same checks with the models split across ranks)."""
