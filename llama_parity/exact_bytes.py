@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .formats.pread import open_for_reading, pread_into
 from .parity import Check
 
 BLOCK_BYTES = 64 << 20  # bytes of one side's tensor held at a time
@@ -55,7 +56,7 @@ class HashedFile:
 
     def __init__(self, path: Path, hashing: bool = True):
         self.path = Path(path)
-        self.fd = os.open(self.path, os.O_RDONLY)
+        self.fd = open_for_reading(self.path, sequential=True)
         self.size = os.fstat(self.fd).st_size
         self.sha = hashlib.sha256() if hashing else None
         self.pos, self.in_order, self.bytes_read = 0, True, 0
@@ -67,13 +68,7 @@ class HashedFile:
 
     def _pread(self, out: torch.Tensor, offset: int) -> memoryview:
         buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        done = 0
-        while done < len(buf):
-            n = os.preadv(self.fd, [buf[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"{self.path}: ends at byte {offset + done}, before the data its header names "
-                              "(truncated file)")
-            done += n
+        pread_into(self.fd, buf, offset, name=self.path)
         self.bytes_read += len(buf)
         return buf
 
@@ -108,7 +103,7 @@ def _row_blocks(rows: int, row_bytes: int, multiple: int = 1) -> list[tuple[int,
 
 @dataclass
 class MetaShard:
-    """One consolidated.NN.pth: tensor offsets from reference_model's reader, bytes through HashedFile."""
+    """One consolidated.NN.pth: tensor offsets from formats.pth, bytes through HashedFile."""
 
     path: Path
     file: HashedFile
@@ -116,14 +111,14 @@ class MetaShard:
 
     @classmethod
     def open(cls, path: Path, hashing: bool) -> "MetaShard":
-        from llama_parity.reference_model.model import ShardReader
+        from .formats.errors import FormatError
+        from .formats.pth import index_pth
 
-        r = ShardReader(path)
-        bad = [k for k, t in r.tensors.items() if not t.is_contiguous()]
-        if bad:
-            raise OSError(f"{path}: tensor {bad[0]} is not stored contiguously (not a plain torch.save of a state dict)")
-        tensors = {k: (r.offsets[k], t.dtype, tuple(t.shape)) for k, t in r.tensors.items()}
-        return cls(Path(path), HashedFile(path, hashing), tensors)
+        raw = index_pth(Path(path))
+        if raw is None:
+            raise FormatError(f"{path}: not a plain torch.save zip of contiguous tensors (as Meta's shards are): "
+                              "its bytes cannot be compared in place")
+        return cls(Path(path), HashedFile(path, hashing), {k: (r.offset, r.dtype, r.shape) for k, r in raw.items()})
 
     def rows(self, key: str, a: int, b: int) -> torch.Tensor:
         offset, dtype, shape = self.tensors[key]
@@ -190,31 +185,18 @@ def _bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
 def safetensors_entries(f: HashedFile) -> dict[str, tuple[int, torch.dtype, tuple[int, ...]]]:
-    """name -> (file offset, dtype, shape) from the header, read (and hashed) from the file's start."""
-    import json
+    """name -> (file offset, dtype, shape) from the checked header (formats.safetensors); the header's
+    bytes enter the file's digest as the gap before the first tensor read."""
+    from .formats.errors import FormatError
+    from .formats.safetensors import read_header
 
-    n = int.from_bytes(bytes(f.read(0, torch.empty(8, dtype=torch.uint8)).numpy()), "little")
-    if not 2 <= n <= min(f.size - 8, 1 << 28):
-        raise OSError(f"{f.path}: header length {n} does not fit the file (corrupt or truncated safetensors)")
-    header = json.loads(bytes(f.read(8, torch.empty(n, dtype=torch.uint8)).numpy()))
+    h = read_header(f.path)
     out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        dtype, shape = _ST_DTYPES.get(info.get("dtype")), tuple(info.get("shape", ()))
-        begin, end = info.get("data_offsets", (0, -1))
-        numel = 1
-        for d in shape:
-            numel *= d
-        if dtype is None or end - begin != numel * dtype.itemsize or 8 + n + end > f.size:
-            raise OSError(f"{f.path}: tensor {key} has a bad dtype, shape or offsets (corrupt or truncated file)")
-        out[key] = (8 + n + begin, dtype, shape)
+    for key, e in h.tensors.items():
+        if e.torch_dtype is None:
+            raise FormatError(f"{f.path}: tensor {key} has dtype {e.dtype}, which torch cannot hold")
+        out[key] = (h.data_start + e.begin, e.torch_dtype, e.shape)
     return out
 
 
