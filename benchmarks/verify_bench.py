@@ -13,6 +13,7 @@ converts it, and measures as child processes (peak RSS = ru_maxrss from wait4):
 - the byte check alone (`verify --metadata-only --no-tokenizer`: every weight of both folders
   compared bit for bit and hashed, exact_bytes.py), page cache evicted first: its time (from
   verify's own note) against the floor's cold read of both folders, as a rate;
+- `verify --attestation` of that report against the HF folder (page cache evicted): one read;
 - streamed verify (`--memory streaming --no-tokenizer`, the byte check included), page cache evicted first;
 - with --full, `--memory full` beside it;
 - with --to-meta, `llama-parity to-meta` of the converted folder (HF -> Meta; output deleted after),
@@ -111,8 +112,13 @@ def main(argv=None) -> None:
     evict([*meta.glob("*.pth"), *hf.glob("*.safetensors")])
     log = a.work / "verify-bytes.log"
     r = run_child([sys.executable, "-m", "llama_parity.cli", "verify", "--meta-dir", str(meta), "--hf-dir", str(hf),
-                   "--metadata-only", "--no-tokenizer"], int(a.min_free * GB), log=log)
+                   "--metadata-only", "--no-tokenizer", "--json", str(a.work / "bytes-report.json")],
+                  int(a.min_free * GB), log=log)
     rows.append(("verify --metadata-only (byte check)", r))
+    evict(list(hf.glob("*.safetensors")))
+    r = run_child([sys.executable, "-m", "llama_parity.cli", "verify", "--attestation", str(a.work / "bytes-report.json"),
+                   "--hf-dir", str(hf)], int(a.min_free * GB), log=a.work / "attestation.log")
+    rows.append(("verify --attestation (re-check the HF folder)", r))
     byte_check = re.search(r"weights compared bit for bit: ([\d.]+) GB read in ([\d.]+) s", log.read_text())
     for mode in ([] if a.no_streaming else ["streaming"]) + (["full"] if a.full else []):
         evict([*meta.glob("*.pth"), *hf.glob("*.safetensors")])
@@ -144,7 +150,8 @@ def main(argv=None) -> None:
     for what, r in rows:
         above = r.peak_rss - bare.peak_rss
         ratio = "" if what.startswith("to-meta") else f" ({r.seconds / read:.2f}x the cold read of both)" \
-            if "byte check" in what else f" ({r.seconds / floor:.2f}x floor)"  # to-meta: not a verify
+            if "byte check" in what else f" ({model_bytes / GB / r.seconds:.2f} GB/s)" if "attestation" in what \
+            else f" ({r.seconds / floor:.2f}x floor)"  # to-meta: not a verify
         print(f"| {a.case} | {what} | {r.seconds:.1f} s{ratio} | "
               f"{r.peak_rss / GB:.2f} GB | {above / GB:.2f} GB ({100 * above / model_bytes:.0f}% of model) | {r.status} |")
     if a.clean:
