@@ -2,7 +2,7 @@
 
 Every decision the converter makes is a field of `Variant`, with the evidence for it, so one object
 explains a conversion. The steps, each a function below; every fact they apply is decided once in
-the registry (fixtures/variants.py):
+the registry (llama_parity/releases):
 1. Refuse what cannot be converted faithfully: Meta's FP8 checkpoints (fp8_scales_N.pt, fp8 weights).
 2. params.json -> the architecture it implies (after Meta's FFN rounding), validated; the vocab
    (params.json, or the tokenizer when it says -1); tokenizer and params must describe one model.
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from llama_parity.fixtures import variants as registry
-from llama_parity.fixtures.variants import FAMILY_FACTS, Arch, RopeScaling, VariantSpec
+from llama_parity import releases as registry
+from llama_parity.releases import FAMILY_FACTS, Arch, RopeScaling, VariantSpec
 
 from .errors import ConversionError
 from .keymap import meta_keys

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from llama_parity.fixtures import variants as registry
-from llama_parity.fixtures.variants import FAMILY_FACTS, intermediate_size
+from llama_parity import releases as registry
+from llama_parity.releases import FAMILY_FACTS, intermediate_size
 from llama_parity.formats.safetensors import SafetensorsHeader, SafetensorsReader
 
 from .errors import ConversionError

@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_parity.fixtures.variants import FAMILIES, FAMILY_FACTS, tokenizer_kind
+from llama_parity.releases import FAMILIES, FAMILY_FACTS, tokenizer_kind
 
 SENTENCEPIECE_FAMILIES = tuple(f for f, facts in FAMILY_FACTS.items() if facts.tokenizer == "sentencepiece")
 TIKTOKEN_FAMILIES = tuple(f for f, facts in FAMILY_FACTS.items() if facts.tokenizer == "tiktoken")
@@ -299,7 +299,7 @@ OFFICIAL_TEMPLATES = {"llama2": "llama2-chat", "codellama": "codellama-instruct"
                       "llama3.3": "llama3.1-instruct"}  # Llama 3.3 70B ships the 3.1 template
 META_TEMPLATES = {"llama2": "llama2-chat", "codellama": "codellama-instruct", "llama3": "meta-llama3",
                   "llama3.1": "meta-llama3.1", "llama3.2": "meta-llama3.1", "llama3.3": "meta-llama3.1"}
-GUARD3_CATEGORIES = (13, 14)  # Guard 3 1B, Guard 3 8B (the release decides: fixtures.variants.guard_categories)
+GUARD3_CATEGORIES = (13, 14)  # Guard 3 1B, Guard 3 8B (the release decides: llama_parity.releases.guard_categories)
 
 
 def load_chat_template(name: str) -> str:

@@ -109,7 +109,7 @@ def _cross_check(args, variant) -> list[str]:
                          f"(using {variant.family}'s facts, e.g. rope scaling "
                          f"{variant.rope_scaling.factor if variant.rope_scaling else 'none'})")
     if args.model_size and variant.registry_id:
-        from llama_parity.fixtures.variants import get
+        from llama_parity.releases import get
 
         size = get(variant.registry_id).size
         if args.model_size.upper().rstrip("B") not in (size.rstrip("B"), "30" if size == "33B" else "-"):
@@ -388,7 +388,7 @@ def cmd_to_meta(args) -> int:
 
 
 def cmd_variants(args) -> int:
-    from llama_parity.fixtures.variants import VARIANTS
+    from llama_parity.releases import VARIANTS
 
     print(f"{'id (--variant)':30s} {'HF repository':40s} {'shards':6s} {'tied':5s}rope scaling")
     for v in VARIANTS:

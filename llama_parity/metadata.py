@@ -4,7 +4,7 @@ Nothing in the HF folder is taken as ground truth. The expected values come from
 - the Meta shards (tensor names, shapes, dtype, whether output.weight is the embedding, how many
   times each kv head is stored) and params.json (dims, eps, theta, use_scaled_rope);
 - the release those files are (registry: `--variant`, else params and the folder's name), its
-  family's facts (context length) and its official HF files in fixtures/official/ (bos/eos ids,
+  family's facts (context length) and its official HF files in llama_parity/releases/official/ (bos/eos ids,
   sampling defaults, the presence of generation_config.json), base or instruct as asked.
 
 Differences that do not change the release pass: shard sizes and counts, tensor order, JSON
@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
 
-from llama_parity.fixtures import variants as registry
+from llama_parity import releases as registry
+from llama_parity.releases import official_file
 
 from .parity import Check
 
@@ -164,11 +164,6 @@ def read_meta_side(meta_dir: Path, *, variant_id: str | None = None, instruct: b
     if instruct is None:
         instruct = release.instruct if release else registry.instruct_named_by(meta_dir.resolve().name)
     return MetaSide(params, shards, release, family, bool(instruct), tied, rep, [why])
-
-
-def official_file(release_id: str, name: str) -> dict | None:
-    path = resources.files("llama_parity.fixtures") / "official" / release_id.replace("-mp16", "") / name
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def metadata_release(meta: MetaSide) -> registry.VariantSpec:

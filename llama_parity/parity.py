@@ -430,9 +430,9 @@ def run_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeScalingA
 
 def expected_rope_scaling(meta_dir: Path, variant_id: str | None = None) -> RopeScalingArgs | None:
     """The judge's own reading of which RoPE scaling a Meta checkpoint was trained with: decided by
-    the registry's rules (fixtures/variants.py) from params.json, the folder's name and tying, not
+    the registry's rules (llama_parity/releases) from params.json, the folder's name and tying, not
     by asking the converter."""
-    from llama_parity.fixtures import variants as registry
+    from llama_parity import releases as registry
 
     from .metadata import output_tied
 

@@ -81,7 +81,7 @@ from llama_parity.tokenizer_vocab import (
 @dataclass(frozen=True)
 class TokenizerRelease:
     """What a release implies for its tokenizer files: family (special-token table, eos), chat or base,
-    and Llama Guard 3's category count (1B: 13, 8B: 14), all from fixtures.variants via detection."""
+    and Llama Guard 3's category count (1B: 13, 8B: 14), all from llama_parity.releases via detection."""
 
     family: str
     instruct: bool
@@ -96,7 +96,7 @@ def tokenizer_release(meta_dir: Path, variant_id: str | None = None,
     (verify's --instruct/--base) picks the twin whose special tokens and template to expect."""
     from llama_parity.converter.detect import detect
     from llama_parity.converter.meta_checkpoint import MetaCheckpoint
-    from llama_parity.fixtures.variants import guard_categories
+    from llama_parity.releases import guard_categories
 
     try:
         v = detect(MetaCheckpoint(Path(meta_dir)), variant_id=variant_id, instruct=instruct)

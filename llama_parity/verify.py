@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from llama_parity.fixtures.variants import find_tokenizer, fp8_refusal
+from llama_parity.releases import find_tokenizer, fp8_refusal
 
 from .errors import InputError
 from .inputs import check_hf_files, load_shard_safely, read_json, subfolder_hint
@@ -141,7 +141,7 @@ def _known_meta_key(key: str, n_layers: int) -> bool:
 def _refuse_absurd_inputs(meta_dir: Path, hf_dir: Path) -> None:
     """Inputs that ended in a traceback or an unbounded run: params.json sizes the shards cannot hold,
     a config of another architecture, a tokenizer.model that is neither format (an empty file)."""
-    from llama_parity.fixtures.variants import tokenizer_kind
+    from llama_parity.releases import tokenizer_kind
 
     from .params_bounds import meta_dir_problem
 

@@ -124,7 +124,7 @@ def test_the_graph_walk_sees_edges():
     the converter inside its command functions: both must be seen."""
     mods = _modules()
     assert {"llama_parity.verify", "llama_parity.converter.convert", "llama_parity.reference_model.model",
-            "llama_parity.fixtures.variants"} <= set(mods)
+            "llama_parity.releases.registry"} <= set(mods)
     assert "llama_parity.converter.keymap" in _imports("llama_parity.converter.input_checks",
                                                          mods["llama_parity.converter.input_checks"], set(mods))
     assert "llama_parity.converter.convert" in _imports("llama_parity.cli", mods["llama_parity.cli"], set(mods))
