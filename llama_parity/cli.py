@@ -313,6 +313,8 @@ def emit_verify_report(args, rep, *, measure_layers: bool = True) -> int:
 
 
 def cmd_diagnose(args) -> int:
+    from llama_parity.releases import IdentifyError
+
     from .diagnose import diagnose
     from .verify import InputError, check_dirs, refuse_if_too_big
 
@@ -326,7 +328,10 @@ def cmd_diagnose(args) -> int:
                           "a time; its 'hidden states per layer' row names the first divergent layer)")
     except InputError as e:
         return _err(str(e))
-    d = diagnose(args.meta_dir, args.hf_dir, variant_id=args.variant)
+    try:
+        d = diagnose(args.meta_dir, args.hf_dir, variant_id=args.variant)
+    except IdentifyError as e:  # releases the files cannot tell apart: verify's and convert's line
+        return _err(str(e))
     print(d.render())
     if args.json:
         write_json(args, d.to_dict())

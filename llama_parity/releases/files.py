@@ -48,10 +48,10 @@ def tokenizer_n_words(path: Path, kind: str | None = None) -> int:
         import sentencepiece
 
         return sentencepiece.SentencePieceProcessor(model_file=str(path)).vocab_size()
-    return sum(1 for line in Path(path).open("rb") if line.strip()) + LLAMA3_SPECIAL_TOKENS
+    return sum(1 for line in Path(path).open("rb") if line.strip()) + LLAMA3_SPECIAL_TOKEN_COUNT
 
 
-LLAMA3_SPECIAL_TOKENS = 256  # Meta's Llama 3 tokenizer appends 256 special tokens after the ranks
+LLAMA3_SPECIAL_TOKEN_COUNT = 256  # Meta's Llama 3 tokenizer appends 256 special tokens after the ranks
 
 
 # --- quantized downloads ---------------------------------------------------------------------------

@@ -9,6 +9,10 @@ from typing import Mapping
 
 # --- what a params.json implies ------------------------------------------------------------------
 
+# What a params.json without rope_theta means (Meta's ModelArgs default; Llama 1/2 files omit it).
+DEFAULT_ROPE_THETA = 10000.0
+
+
 class ParamsError(ValueError):
     """params.json cannot describe a Llama model (missing key, wrong type, impossible value)."""
 
@@ -42,6 +46,25 @@ def intermediate_size(dim: int, multiple_of: int, ffn_dim_multiplier: float | No
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def ffn_params_for(dim: int, hidden: int) -> tuple[int, float | None]:
+    """The inverse of `intermediate_size`: a (multiple_of, ffn_dim_multiplier or None) that Meta's
+    rounding turns back into `hidden` (the largest power-of-two multiple_of dividing it, up to
+    4096; a multiplier only when the plain 8/3 rule misses). ValueError when none exists."""
+    multiple_of = 1
+    while multiple_of < 4096 and hidden % (multiple_of * 2) == 0:
+        multiple_of *= 2
+    if intermediate_size(dim, multiple_of, None) == hidden:
+        return multiple_of, None
+    mult = round(hidden / int(2 * (4 * dim) / 3), 6)
+    while intermediate_size(dim, multiple_of, mult) < hidden:
+        mult = round(mult + 1e-6, 6)
+    while intermediate_size(dim, multiple_of, mult) > hidden:
+        mult = round(mult - 1e-6, 6)
+    if intermediate_size(dim, multiple_of, mult) != hidden:
+        raise ValueError(f"cannot express intermediate_size {hidden} with Meta's FFN rounding")
+    return multiple_of, mult
 
 
 def _int(params: Mapping, key: str, default=None, *, minimum: int = 1) -> int:
@@ -94,7 +117,7 @@ def implied_arch(params: Mapping) -> Arch:
     if not isinstance(scaled, bool):
         raise ParamsError(f"use_scaled_rope is {scaled!r}; it must be true or false")
     return Arch(dim, n_layers, n_heads, n_kv, hidden, vocab if vocab > 0 else None,
-                _number(params, "rope_theta", 10000.0), scaled)
+                _number(params, "rope_theta", DEFAULT_ROPE_THETA), scaled)
 
 
 def norm_eps(params: Mapping) -> float:

@@ -103,7 +103,7 @@ class VariantSpec:
         return (self.meta_dir_name,) + self.aliases
 
 
-def _p(**kw) -> dict:
+def _params(**kw) -> dict:
     return kw
 
 
@@ -113,124 +113,124 @@ _L2 = dict(multiple_of=256, norm_eps=1e-05, vocab_size=-1)
 _CL = dict(multiple_of=256, ffn_dim_multiplier=1.0, norm_eps=1e-5, rope_theta=1000000)
 _L3 = dict(vocab_size=128256, norm_eps=1e-05, rope_theta=500000.0)
 
-_P = {
-    "llama1-7b": _p(dim=4096, n_heads=32, n_layers=32, **_L1),
-    "llama1-13b": _p(dim=5120, n_heads=40, n_layers=40, **_L1),
-    "llama1-33b": _p(dim=6656, n_heads=52, n_layers=60, **_L1),
+_PARAMS = {
+    "llama1-7b": _params(dim=4096, n_heads=32, n_layers=32, **_L1),
+    "llama1-13b": _params(dim=5120, n_heads=40, n_layers=40, **_L1),
+    "llama1-33b": _params(dim=6656, n_heads=52, n_layers=60, **_L1),
     # 65B's params.json says norm_eps 1e-05, unlike the smaller Llama 1 models
-    "llama1-65b": _p(dim=8192, n_heads=64, n_layers=80, multiple_of=256, norm_eps=1e-05, vocab_size=-1),
-    "llama2-7b": _p(dim=4096, n_heads=32, n_layers=32, **_L2),
-    "llama2-13b": _p(dim=5120, n_heads=40, n_layers=40, **_L2),
-    "llama2-70b": _p(dim=8192, multiple_of=4096, ffn_dim_multiplier=1.3, n_heads=64, n_kv_heads=8,
+    "llama1-65b": _params(dim=8192, n_heads=64, n_layers=80, multiple_of=256, norm_eps=1e-05, vocab_size=-1),
+    "llama2-7b": _params(dim=4096, n_heads=32, n_layers=32, **_L2),
+    "llama2-13b": _params(dim=5120, n_heads=40, n_layers=40, **_L2),
+    "llama2-70b": _params(dim=8192, multiple_of=4096, ffn_dim_multiplier=1.3, n_heads=64, n_kv_heads=8,
                      n_layers=80, norm_eps=1e-05, vocab_size=-1),
-    "codellama-7b": _p(dim=4096, n_layers=32, n_heads=32, **_CL),
-    "codellama-13b": _p(dim=5120, n_layers=40, n_heads=40, **_CL),
-    "codellama-34b": _p(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, **_CL),
-    "codellama-70b": _p(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
+    "codellama-7b": _params(dim=4096, n_layers=32, n_heads=32, **_CL),
+    "codellama-13b": _params(dim=5120, n_layers=40, n_heads=40, **_CL),
+    "codellama-34b": _params(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, **_CL),
+    "codellama-70b": _params(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
                         ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=1000000),
-    "llama3-8b": _p(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
+    "llama3-8b": _params(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
                     ffn_dim_multiplier=1.3, **_L3),
-    "llama3-70b": _p(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
+    "llama3-70b": _params(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
                      ffn_dim_multiplier=1.3, **_L3),
-    "llama3.1-8b": _p(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
+    "llama3.1-8b": _params(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
                       ffn_dim_multiplier=1.3, use_scaled_rope=True, **_L3),
-    "llama3.1-70b": _p(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
+    "llama3.1-70b": _params(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
                        ffn_dim_multiplier=1.3, use_scaled_rope=True, **_L3),
-    "llama3.1-405b": _p(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, multiple_of=4096,
+    "llama3.1-405b": _params(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, multiple_of=4096,
                         ffn_dim_multiplier=1.2, use_scaled_rope=True, **_L3),
-    "llama3.1-405b-mp16": _p(dim=16384, n_layers=126, n_heads=128, n_kv_heads=16, multiple_of=4096,
+    "llama3.1-405b-mp16": _params(dim=16384, n_layers=126, n_heads=128, n_kv_heads=16, multiple_of=4096,
                              ffn_dim_multiplier=1.2, use_scaled_rope=True, **_L3),
     # Llama Guard 3 8B: the 3.1 8B architecture, but its params.json says use_scaled_rope false
     # (Meta's llama-models sku_list), so Meta's reference runs it without RoPE scaling.
-    "llama-guard-3-8b": _p(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
+    "llama-guard-3-8b": _params(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024,
                            ffn_dim_multiplier=1.3, use_scaled_rope=False, **_L3),
-    "llama3.2-1b": _p(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256,
+    "llama3.2-1b": _params(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256,
                       ffn_dim_multiplier=1.5, use_scaled_rope=True, **_L3),
-    "llama3.2-3b": _p(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, multiple_of=256,
+    "llama3.2-3b": _params(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, multiple_of=256,
                       ffn_dim_multiplier=1.0, use_scaled_rope=True, **_L3),
 }
 
 
-def _v(id, family, size, params_id, shards, *, instruct=False, vocab, tie=False, scaling=None,
-       repo, meta_dir, hf_kv=None, aliases=(), guard=None) -> VariantSpec:
+def _release(id, family, size, params_id, shards, *, instruct=False, vocab, tie=False, scaling=None,
+             repo, meta_dir, hf_kv=None, aliases=(), guard=None) -> VariantSpec:
     # Every release is also known by its HF repo's name (people download there, then rename).
     aliases = tuple(aliases) + (repo.split("/")[-1],)
-    return VariantSpec(id=id, family=family, size=size, params=_P[params_id], num_shards=shards,
+    return VariantSpec(id=id, family=family, size=size, params=_PARAMS[params_id], num_shards=shards,
                        instruct=instruct, vocab_size=vocab, tie_word_embeddings=tie, rope_scaling=scaling,
                        hf_repo=repo, meta_dir_name=meta_dir, hf_num_kv_heads=hf_kv, aliases=aliases,
                        guard_categories=guard)
 
 
-V = 128256
+LLAMA3_VOCAB = 128256  # Meta's Llama 3 tokenizer: 128000 BPE ranks + 256 special tokens
 VARIANTS: tuple[VariantSpec, ...] = (
     # Llama 1: no official HF repo from Meta; huggyllama's conversions are the de-facto reference.
-    _v("llama1-7b", "llama1", "7B", "llama1-7b", 1, vocab=32000, repo="huggyllama/llama-7b", meta_dir="7B", aliases=("LLaMA-7B",)),
-    _v("llama1-13b", "llama1", "13B", "llama1-13b", 2, vocab=32000, repo="huggyllama/llama-13b", meta_dir="13B"),
-    _v("llama1-33b", "llama1", "33B", "llama1-33b", 4, vocab=32000, repo="huggyllama/llama-30b", meta_dir="30B", aliases=("llama-33b",)),
-    _v("llama1-65b", "llama1", "65B", "llama1-65b", 8, vocab=32000, repo="huggyllama/llama-65b", meta_dir="65B"),
-    _v("llama2-7b", "llama2", "7B", "llama2-7b", 1, vocab=32000, repo="meta-llama/Llama-2-7b-hf", meta_dir="llama-2-7b"),
-    _v("llama2-13b", "llama2", "13B", "llama2-13b", 2, vocab=32000, repo="meta-llama/Llama-2-13b-hf", meta_dir="llama-2-13b"),
-    _v("llama2-70b", "llama2", "70B", "llama2-70b", 8, vocab=32000, repo="meta-llama/Llama-2-70b-hf", meta_dir="llama-2-70b"),
-    _v("llama2-7b-chat", "llama2", "7B", "llama2-7b", 1, instruct=True, vocab=32000,
+    _release("llama1-7b", "llama1", "7B", "llama1-7b", 1, vocab=32000, repo="huggyllama/llama-7b", meta_dir="7B", aliases=("LLaMA-7B",)),
+    _release("llama1-13b", "llama1", "13B", "llama1-13b", 2, vocab=32000, repo="huggyllama/llama-13b", meta_dir="13B"),
+    _release("llama1-33b", "llama1", "33B", "llama1-33b", 4, vocab=32000, repo="huggyllama/llama-30b", meta_dir="30B", aliases=("llama-33b",)),
+    _release("llama1-65b", "llama1", "65B", "llama1-65b", 8, vocab=32000, repo="huggyllama/llama-65b", meta_dir="65B"),
+    _release("llama2-7b", "llama2", "7B", "llama2-7b", 1, vocab=32000, repo="meta-llama/Llama-2-7b-hf", meta_dir="llama-2-7b"),
+    _release("llama2-13b", "llama2", "13B", "llama2-13b", 2, vocab=32000, repo="meta-llama/Llama-2-13b-hf", meta_dir="llama-2-13b"),
+    _release("llama2-70b", "llama2", "70B", "llama2-70b", 8, vocab=32000, repo="meta-llama/Llama-2-70b-hf", meta_dir="llama-2-70b"),
+    _release("llama2-7b-chat", "llama2", "7B", "llama2-7b", 1, instruct=True, vocab=32000,
        repo="meta-llama/Llama-2-7b-chat-hf", meta_dir="llama-2-7b-chat"),
-    _v("llama2-13b-chat", "llama2", "13B", "llama2-13b", 2, instruct=True, vocab=32000,
+    _release("llama2-13b-chat", "llama2", "13B", "llama2-13b", 2, instruct=True, vocab=32000,
        repo="meta-llama/Llama-2-13b-chat-hf", meta_dir="llama-2-13b-chat"),
-    _v("llama2-70b-chat", "llama2", "70B", "llama2-70b", 8, instruct=True, vocab=32000,
+    _release("llama2-70b-chat", "llama2", "70B", "llama2-70b", 8, instruct=True, vocab=32000,
        repo="meta-llama/Llama-2-70b-chat-hf", meta_dir="llama-2-70b-chat"),
     # Code Llama: rope_theta 1e6; 7B/13B/70B add 16 tokens (infilling) to the 32000 vocab, 34B does not.
-    _v("codellama-7b", "codellama", "7B", "codellama-7b", 1, vocab=32016, repo="codellama/CodeLlama-7b-hf", meta_dir="CodeLlama-7b"),
-    _v("codellama-13b", "codellama", "13B", "codellama-13b", 2, vocab=32016, repo="codellama/CodeLlama-13b-hf", meta_dir="CodeLlama-13b"),
-    _v("codellama-34b", "codellama", "34B", "codellama-34b", 4, vocab=32000, repo="codellama/CodeLlama-34b-hf", meta_dir="CodeLlama-34b"),
-    _v("codellama-70b", "codellama", "70B", "codellama-70b", 8, vocab=32016, repo="codellama/CodeLlama-70b-hf", meta_dir="CodeLlama-70b"),
-    _v("llama3-8b", "llama3", "8B", "llama3-8b", 1, vocab=V, repo="meta-llama/Meta-Llama-3-8B", meta_dir="Meta-Llama-3-8B"),
-    _v("llama3-8b-instruct", "llama3", "8B", "llama3-8b", 1, instruct=True, vocab=V,
+    _release("codellama-7b", "codellama", "7B", "codellama-7b", 1, vocab=32016, repo="codellama/CodeLlama-7b-hf", meta_dir="CodeLlama-7b"),
+    _release("codellama-13b", "codellama", "13B", "codellama-13b", 2, vocab=32016, repo="codellama/CodeLlama-13b-hf", meta_dir="CodeLlama-13b"),
+    _release("codellama-34b", "codellama", "34B", "codellama-34b", 4, vocab=32000, repo="codellama/CodeLlama-34b-hf", meta_dir="CodeLlama-34b"),
+    _release("codellama-70b", "codellama", "70B", "codellama-70b", 8, vocab=32016, repo="codellama/CodeLlama-70b-hf", meta_dir="CodeLlama-70b"),
+    _release("llama3-8b", "llama3", "8B", "llama3-8b", 1, vocab=LLAMA3_VOCAB, repo="meta-llama/Meta-Llama-3-8B", meta_dir="Meta-Llama-3-8B"),
+    _release("llama3-8b-instruct", "llama3", "8B", "llama3-8b", 1, instruct=True, vocab=LLAMA3_VOCAB,
        repo="meta-llama/Meta-Llama-3-8B-Instruct", meta_dir="Meta-Llama-3-8B-Instruct"),
-    _v("llama3-70b", "llama3", "70B", "llama3-70b", 8, vocab=V, repo="meta-llama/Meta-Llama-3-70B", meta_dir="Meta-Llama-3-70B"),
-    _v("llama3-70b-instruct", "llama3", "70B", "llama3-70b", 8, instruct=True, vocab=V,
+    _release("llama3-70b", "llama3", "70B", "llama3-70b", 8, vocab=LLAMA3_VOCAB, repo="meta-llama/Meta-Llama-3-70B", meta_dir="Meta-Llama-3-70B"),
+    _release("llama3-70b-instruct", "llama3", "70B", "llama3-70b", 8, instruct=True, vocab=LLAMA3_VOCAB,
        repo="meta-llama/Meta-Llama-3-70B-Instruct", meta_dir="Meta-Llama-3-70B-Instruct"),
-    _v("llama3.1-8b", "llama3.1", "8B", "llama3.1-8b", 1, vocab=V, scaling=LLAMA31_SCALING,
+    _release("llama3.1-8b", "llama3.1", "8B", "llama3.1-8b", 1, vocab=LLAMA3_VOCAB, scaling=LLAMA31_SCALING,
        repo="meta-llama/Llama-3.1-8B", meta_dir="Llama3.1-8B"),
-    _v("llama3.1-8b-instruct", "llama3.1", "8B", "llama3.1-8b", 1, instruct=True, vocab=V, scaling=LLAMA31_SCALING,
+    _release("llama3.1-8b-instruct", "llama3.1", "8B", "llama3.1-8b", 1, instruct=True, vocab=LLAMA3_VOCAB, scaling=LLAMA31_SCALING,
        repo="meta-llama/Llama-3.1-8B-Instruct", meta_dir="Llama3.1-8B-Instruct"),
-    _v("llama3.1-70b", "llama3.1", "70B", "llama3.1-70b", 8, vocab=V, scaling=LLAMA31_SCALING,
+    _release("llama3.1-70b", "llama3.1", "70B", "llama3.1-70b", 8, vocab=LLAMA3_VOCAB, scaling=LLAMA31_SCALING,
        repo="meta-llama/Llama-3.1-70B", meta_dir="Llama3.1-70B"),
-    _v("llama3.1-70b-instruct", "llama3.1", "70B", "llama3.1-70b", 8, instruct=True, vocab=V, scaling=LLAMA31_SCALING,
+    _release("llama3.1-70b-instruct", "llama3.1", "70B", "llama3.1-70b", 8, instruct=True, vocab=LLAMA3_VOCAB, scaling=LLAMA31_SCALING,
        repo="meta-llama/Llama-3.1-70B-Instruct", meta_dir="Llama3.1-70B-Instruct"),
     # 405B: `llama model download` writes the bf16 checkpoints to Llama3.1-405B-bf16-mp8 / -mp16
     # (Meta's server: Llama-3.1-405B-MP8 / -MP16); plain "Llama3.1-405B" is the FP8 checkpoint
     # (fp8_scales_N.pt beside the shards), which detection refuses.
-    _v("llama3.1-405b", "llama3.1", "405B", "llama3.1-405b", 8, vocab=V, scaling=LLAMA31_SCALING,
+    _release("llama3.1-405b", "llama3.1", "405B", "llama3.1-405b", 8, vocab=LLAMA3_VOCAB, scaling=LLAMA31_SCALING,
        repo="meta-llama/Llama-3.1-405B", meta_dir="Llama3.1-405B-bf16-mp8", aliases=("Llama-3.1-405B-MP8",)),
-    _v("llama3.1-405b-instruct", "llama3.1", "405B", "llama3.1-405b", 8, instruct=True, vocab=V, scaling=LLAMA31_SCALING,
+    _release("llama3.1-405b-instruct", "llama3.1", "405B", "llama3.1-405b", 8, instruct=True, vocab=LLAMA3_VOCAB, scaling=LLAMA31_SCALING,
        repo="meta-llama/Llama-3.1-405B-Instruct", meta_dir="Llama3.1-405B-Instruct-bf16-mp8",
        aliases=("Llama-3.1-405B-Instruct-MP8",)),
     # The MP16 layout: params say n_kv_heads 16 because each shard must own one kv head, so each
     # of the 8 real kv heads is stored twice (on shards 2i and 2i+1).
-    _v("llama3.1-405b-mp16", "llama3.1", "405B", "llama3.1-405b-mp16", 16, vocab=V, scaling=LLAMA31_SCALING,
+    _release("llama3.1-405b-mp16", "llama3.1", "405B", "llama3.1-405b-mp16", 16, vocab=LLAMA3_VOCAB, scaling=LLAMA31_SCALING,
        repo="meta-llama/Llama-3.1-405B", meta_dir="Llama3.1-405B-bf16-mp16", hf_kv=8,
        aliases=("Llama-3.1-405B-MP16", "Llama3.1-405B-MP16")),
-    _v("llama3.1-405b-instruct-mp16", "llama3.1", "405B", "llama3.1-405b-mp16", 16, instruct=True, vocab=V,
+    _release("llama3.1-405b-instruct-mp16", "llama3.1", "405B", "llama3.1-405b-mp16", 16, instruct=True, vocab=LLAMA3_VOCAB,
        scaling=LLAMA31_SCALING, repo="meta-llama/Llama-3.1-405B-Instruct", meta_dir="Llama3.1-405B-Instruct-bf16-mp16",
        hf_kv=8, aliases=("Llama-3.1-405B-Instruct-MP16", "Llama3.1-405B-Instruct-MP16")),
-    _v("llama3.2-1b", "llama3.2", "1B", "llama3.2-1b", 1, vocab=V, tie=True, scaling=LLAMA32_SCALING,
+    _release("llama3.2-1b", "llama3.2", "1B", "llama3.2-1b", 1, vocab=LLAMA3_VOCAB, tie=True, scaling=LLAMA32_SCALING,
        repo="meta-llama/Llama-3.2-1B", meta_dir="Llama3.2-1B"),
-    _v("llama3.2-1b-instruct", "llama3.2", "1B", "llama3.2-1b", 1, instruct=True, vocab=V, tie=True,
+    _release("llama3.2-1b-instruct", "llama3.2", "1B", "llama3.2-1b", 1, instruct=True, vocab=LLAMA3_VOCAB, tie=True,
        scaling=LLAMA32_SCALING, repo="meta-llama/Llama-3.2-1B-Instruct", meta_dir="Llama3.2-1B-Instruct"),
-    _v("llama3.2-3b", "llama3.2", "3B", "llama3.2-3b", 1, vocab=V, tie=True, scaling=LLAMA32_SCALING,
+    _release("llama3.2-3b", "llama3.2", "3B", "llama3.2-3b", 1, vocab=LLAMA3_VOCAB, tie=True, scaling=LLAMA32_SCALING,
        repo="meta-llama/Llama-3.2-3B", meta_dir="Llama3.2-3B"),
-    _v("llama3.2-3b-instruct", "llama3.2", "3B", "llama3.2-3b", 1, instruct=True, vocab=V, tie=True,
+    _release("llama3.2-3b-instruct", "llama3.2", "3B", "llama3.2-3b", 1, instruct=True, vocab=LLAMA3_VOCAB, tie=True,
        scaling=LLAMA32_SCALING, repo="meta-llama/Llama-3.2-3B-Instruct", meta_dir="Llama3.2-3B-Instruct"),
     # Llama 3.3 70B has exactly the 3.1 70B architecture and params.json; only the folder name
     # (and the weights) tell them apart. Their HF configs are identical, so a mix-up is harmless.
-    _v("llama3.3-70b-instruct", "llama3.3", "70B", "llama3.1-70b", 8, instruct=True, vocab=V, scaling=LLAMA31_SCALING,
+    _release("llama3.3-70b-instruct", "llama3.3", "70B", "llama3.1-70b", 8, instruct=True, vocab=LLAMA3_VOCAB, scaling=LLAMA31_SCALING,
        repo="meta-llama/Llama-3.3-70B-Instruct", meta_dir="Llama3.3-70B-Instruct"),
     # Llama Guard 3 1B: the 3.2 1B architecture (factor 32) with an untied output matrix, 13
     # hazard categories (no S14 Code Interpreter Abuse).
-    _v("llama-guard-3-1b", "llama-guard-3", "1B", "llama3.2-1b", 1, instruct=True, vocab=V, tie=False,
+    _release("llama-guard-3-1b", "llama-guard-3", "1B", "llama3.2-1b", 1, instruct=True, vocab=LLAMA3_VOCAB, tie=False,
        scaling=LLAMA32_SCALING, repo="meta-llama/Llama-Guard-3-1B", meta_dir="Llama-Guard-3-1B", guard=13),
     # Llama Guard 3 8B: 14 categories (adds S14 Code Interpreter Abuse); params.json says
     # use_scaled_rope false, so no scaling (see README "Known deviations").
-    _v("llama-guard-3-8b", "llama-guard-3", "8B", "llama-guard-3-8b", 1, instruct=True, vocab=V,
+    _release("llama-guard-3-8b", "llama-guard-3", "8B", "llama-guard-3-8b", 1, instruct=True, vocab=LLAMA3_VOCAB,
        repo="meta-llama/Llama-Guard-3-8B", meta_dir="Llama-Guard-3-8B", guard=14),
 )
 
@@ -247,12 +247,12 @@ def get(variant_id: str) -> VariantSpec:
 # Llama Guard 3's hazard categories: the 8B (a Llama 3.1 model) was trained on S1-S14, the 1B (a 3.2
 # model) on S1-S13, without Code Interpreter Abuse (Meta's model cards; llama-stack's
 # MODEL_TO_SAFETY_CATEGORIES_MAP). The converter's template and verify's expectation both read this.
-GUARD3_CATEGORIES: Mapping[str, int] = {v.id: v.guard_categories for v in VARIANTS if v.guard_categories}
+GUARD3_CATEGORY_COUNTS: Mapping[str, int] = {v.id: v.guard_categories for v in VARIANTS if v.guard_categories}
 
 
 def guard_categories(variant_id: str | None) -> int | None:
     """Number of Llama Guard 3 hazard categories of a release (None: not a Guard 3 release)."""
-    return GUARD3_CATEGORIES.get(variant_id or "")
+    return GUARD3_CATEGORY_COUNTS.get(variant_id or "")
 
 
 def architecture_variants() -> tuple[VariantSpec, ...]:

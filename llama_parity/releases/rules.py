@@ -1,6 +1,6 @@
 """Release rules, each decided once for the converter and the judge alike: which releases a
 params.json fits (`releases_matching`), which a folder name names (`releases_named_by`), RoPE
-scaling (`rope_scaling_for`, `expected_rope_scaling`), kv-head replication (`kv_replication`),
+scaling (`rope_scaling_for`), kv-head replication (`kv_replication`, `stored_kv_replication`),
 the family of an unknown shape (`family_by_traits`) and the release whose official files hold a
 conversion's chat metadata (`metadata_release`)."""
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Mapping
 
-from .params import Arch, ParamsError, implied_arch
+from .params import DEFAULT_ROPE_THETA, Arch, ParamsError, implied_arch
 from .registry import LLAMA31_SCALING, LLAMA32_SCALING, VARIANTS, RopeScaling, VariantSpec, get
 
 
@@ -71,16 +71,26 @@ def releases_named_by(folder_name: str) -> tuple[VariantSpec, ...]:
     return tuple(best)
 
 
-def instruct_named_by(folder_name: str) -> bool:
-    return any(t in ("instruct", "chat") for t in name_tokens(folder_name))
-
-
 # --- facts decided once ----------------------------------------------------------------------------
 
 def kv_replication(num_shards: int, real_kv_heads: int) -> int:
     """How many times Meta stores each kv head: model parallelism gives every shard at least one,
     so with more shards than kv heads each is replicated (405B MP16: 8 kv heads stored twice)."""
     return num_shards // real_kv_heads if num_shards > real_kv_heads else 1
+
+
+def kv_replication_choices(num_shards: int, stored_kv_heads: int) -> list[int]:
+    """The replication factors (above 1) Meta's rule allows for `stored_kv_heads` on `num_shards`
+    shards, smallest first: r such that stored/r real heads would be stored r times."""
+    return [r for r in range(2, stored_kv_heads + 1)
+            if stored_kv_heads % r == 0 and kv_replication(num_shards, stored_kv_heads // r) == r]
+
+
+def stored_kv_replication(num_shards: int, stored_kv_heads: int, copies_equal: Callable[[int], bool]) -> int:
+    """How often each kv head is stored: the smallest factor the rule allows whose r consecutive
+    stored heads are equal copies (`copies_equal(r)`, read from the data by each caller), else 1.
+    The smallest, because real heads that happen to be equal must stay distinct heads."""
+    return next((r for r in kv_replication_choices(num_shards, stored_kv_heads) if copies_equal(r)), 1)
 
 
 def rope_scaling_for(params: Mapping, spec: VariantSpec | None, tied: bool) -> RopeScaling | None:
@@ -96,27 +106,6 @@ def rope_scaling_for(params: Mapping, spec: VariantSpec | None, tied: bool) -> R
     return LLAMA32_SCALING if tied else LLAMA31_SCALING
 
 
-def expected_rope_scaling(params: Mapping, folder_name: str, *, variant_id: str | None = None,
-                          tied: Callable[[], bool]) -> RopeScaling | None:
-    """The judge's reading (verify, diagnose): the release from --variant, else the releases the
-    params fit (narrowed by the folder's name when they disagree), else the tie rule."""
-    if not params.get("use_scaled_rope"):
-        return None
-    spec = get(variant_id) if variant_id else None
-    if spec is None:
-        try:
-            arch = implied_arch(params)
-        except ParamsError:
-            arch = None
-        cands = [v for v in releases_matching(arch) if v.rope_scaling is not None] if arch else []
-        named = [v for v in cands if v in releases_named_by(folder_name)] or cands
-        if len({v.rope_scaling for v in named}) == 1:
-            spec = named[0]
-        elif not cands:
-            spec = next((v for v in releases_named_by(folder_name) if v.rope_scaling is not None), None)
-    return rope_scaling_for(params, spec, tied() if spec is None else spec.tie_word_embeddings)
-
-
 def hf_rope_scaling(cfg: Mapping) -> RopeScaling | None:
     """The llama3-type RoPE scaling an HF config.json states (rope_scaling, or transformers 5's rope_parameters)."""
     rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
@@ -128,11 +117,16 @@ def hf_rope_scaling(cfg: Mapping) -> RopeScaling | None:
                        int(rs.get("original_max_position_embeddings", d.original_max_position_embeddings)))
 
 
+def hf_rope_theta(cfg: Mapping) -> float:
+    """The rope_theta an HF config.json states (4.x top level, or 5.x's rope_parameters), else the default."""
+    return float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", DEFAULT_ROPE_THETA)))
+
+
 def releases_for_hf_config(cfg: Mapping, num_shards: int | None = None) -> list[VariantSpec]:
     """Releases whose Meta files convert to this HF config's function (HF -> Meta picks params.json so)."""
     heads = cfg["num_attention_heads"]
     kv = cfg.get("num_key_value_heads") or heads
-    theta = float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+    theta = hf_rope_theta(cfg)
     out = []
     for v in VARIANTS:
         a = v.arch
@@ -162,7 +156,7 @@ def family_by_traits(*, rope_theta: float, scaling: RopeScaling | None, norm_eps
 
 def family_for_hf_config(cfg: Mapping) -> str:
     """The family of an HF Llama config no release matches."""
-    theta = float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+    theta = hf_rope_theta(cfg)
     return family_by_traits(rope_theta=theta, scaling=hf_rope_scaling(cfg), norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
                             tokenizer=None, vocab_size=int(cfg.get("vocab_size", 0)))
 
