@@ -326,6 +326,6 @@ def _twin_from_claim(spec, family, default, claim, vocab) -> tuple[bool, str, tu
     if not votes:
         return default, (f"the HF folder's twin metadata ({', '.join(telling)}) matches neither twin: judged as "
                          f"{name[default]}"), ()
-    n_inst = sum(v == "instruct" for v in says.values())
-    twin = n_inst * 2 >= len(says)
-    return twin, f"the HF folder mixes the two twins' metadata: judged as {name[twin]}", tuple(says.items())
+    # A mix fails (the twin check names each side's fields); the rest is judged as the release's own twin.
+    return default, (f"the HF folder mixes the two twins' metadata: judged as {name[default]}, "
+                     f"the {'instruct' if default else 'base'} twin of the release"), tuple(says.items())
