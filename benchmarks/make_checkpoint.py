@@ -7,7 +7,7 @@ bytes per storage. We write the same layout with `zipfile` (records 64-byte alig
 torch.save), stream each tensor's random bf16 bytes in blocks, and check the result with
 `torch.load(mmap=True)`.
 
-Shapes, shard dims and params.json come from fixtures/variants.py (real values); the data is
+Shapes, shard dims and params.json come from llama_parity/releases (real values); the data is
 random, which is all a conversion benchmark needs. Tensors are cut for model parallelism the way
 Meta's shards are (column-parallel on dim 0, wo/w2 on dim 1, Llama 3 embedding on dim 0, norms
 replicated), computed here independently of converter/.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from llama_parity.fixtures import variants
+from llama_parity import releases as variants
 
 _ALIGN = 64
 _STORAGE_TYPES = {torch.bfloat16: "BFloat16Storage", torch.float16: "HalfStorage", torch.float32: "FloatStorage"}

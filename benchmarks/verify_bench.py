@@ -45,7 +45,7 @@ CASES = {"1b": "llama3.2-1b", "8b": "llama3.1-8b", "70b": "llama3.1-70b"}
 
 def build(work: Path, case: str, layers: int | None) -> tuple[Path, Path]:
     from benchmarks.make_checkpoint import make_checkpoint
-    from llama_parity.fixtures import variants
+    from llama_parity import releases as variants
 
     tag = f"{case}-{layers}l" if layers else case
     meta = work / f"meta-{tag}" / variants.get(CASES[case]).meta_dir_name

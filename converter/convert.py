@@ -201,10 +201,10 @@ def _check_tokenizer_size(tok_vocab: int, variant: Variant, warnings: list[str])
 
 
 def _guard_categories(variant: Variant) -> int | None:
-    """Llama Guard 3's category count (1B: 13, 8B: 14) is a release fact: fixtures.variants decides it."""
+    """Llama Guard 3's category count (1B: 13, 8B: 14) is a release fact: llama_parity.releases decides it."""
     if variant.family != "llama-guard-3":
         return None
-    from llama_parity.fixtures.variants import guard_categories
+    from llama_parity.releases import guard_categories
 
     n = guard_categories(variant.registry_id)
     if n is None:

@@ -2,18 +2,18 @@
 
 Every decision the converter makes is a field of `Variant`, with the evidence for it, so one object
 explains a conversion. The steps, each a function below; every fact they apply is decided once in
-the registry (fixtures/variants.py):
+`llama_parity.releases`:
 1. Refuse what cannot be converted faithfully: Meta's FP8 checkpoints (fp8_scales_N.pt, fp8 weights).
 2. params.json -> the architecture it implies (after Meta's FFN rounding), validated; the vocab
    (params.json, or the tokenizer when it says -1); tokenizer and params must describe one model.
 3. Every tensor's shape on every shard must agree with that architecture and the shard count.
-4. The release: the registry's releases implying the same architecture, narrowed by shard count,
-   tied output and the folder's name (Meta's download names, HF repo names, any spelling). When
-   releases that convert differently remain (Llama 1 7B vs Llama 2 7B, Llama 3 8B vs Llama Guard
-   3 8B), the folder name decides, else `--variant` is required. A shape the registry does not
-   know (a fine-tune with a custom shape, our tiny test checkpoints) takes the release named by
-   its folder when that agrees with the traits, else the family's defaults, and says so.
-5. RoPE scaling, kv-head replication, tying: the registry's rules.
+4. The release and the twin: `releases.identify` (the one decision convert, verify, the tokenizer
+   check, to-meta and diagnose share): the releases implying the same architecture, narrowed by
+   shard count, tying and the folder's name; releases that convert differently and that nothing
+   tells apart are refused with the line verify prints too ("pass --variant ID ..."). A shape no
+   release has takes the release its folder names when the traits agree, else family defaults.
+5. RoPE scaling and tying from the same identification; kv-head replication by the registry's rule,
+   confirmed from the data.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from llama_parity.fixtures import variants as registry
-from llama_parity.fixtures.variants import FAMILY_FACTS, Arch, RopeScaling, VariantSpec
+from llama_parity import releases
+from llama_parity.releases import FAMILY_FACTS, Arch, RopeScaling, VariantSpec
 
 from .errors import ConversionError
 from .keymap import meta_keys
@@ -84,7 +84,7 @@ class Variant:
 
 def tokenizer_n_words(path: Path, kind: str) -> int:
     try:
-        return registry.tokenizer_n_words(path, kind)
+        return releases.tokenizer_n_words(path, kind)
     except (OSError, RuntimeError, ValueError) as e:
         raise ConversionError(f"{path} is not a readable {kind} tokenizer: {e}") from None
 
@@ -97,10 +97,10 @@ def _is_llama3_params(arch: Arch) -> bool:
 def structural_family(params: dict, tokenizer_kind: str | None, vocab_size: int) -> str:
     """The family a checkpoint of unknown shape belongs to, from traits (not a release match); a
     scaled model counts as 3.1 here (tying, seen later, makes it 3.2)."""
-    return registry.family_by_traits(
-        rope_theta=float(params.get("rope_theta", 10000.0)),
-        scaling=registry.LLAMA31_SCALING if params.get("use_scaled_rope") else None,
-        norm_eps=registry.norm_eps(params), tokenizer=tokenizer_kind, vocab_size=vocab_size)
+    return releases.family_by_traits(
+        rope_theta=float(params.get("rope_theta", releases.DEFAULT_ROPE_THETA)),
+        scaling=releases.LLAMA31_SCALING if params.get("use_scaled_rope") else None,
+        norm_eps=releases.norm_eps(params), tokenizer=tokenizer_kind, vocab_size=vocab_size)
 
 
 # --- step 1: what cannot be converted --------------------------------------------------------------
@@ -115,8 +115,8 @@ def refuse_quantized(ckpt: MetaCheckpoint) -> None:
             raise ConversionError(f"{key!r} in {ckpt.shard_paths[0].name} is not a tensor: not a Meta "
                                   "checkpoint shard") from None
     fp8 = next((f"{k} is {str(d).replace('torch.', '')} in {ckpt.shard_paths[0].name}"
-                for k, d in dtypes.items() if d in registry.FP8_DTYPES), None)
-    problem = registry.fp8_refusal(ckpt.dir, fp8)
+                for k, d in dtypes.items() if d in releases.FP8_DTYPES), None)
+    problem = releases.fp8_refusal(ckpt.dir, fp8)
     if problem:
         raise ConversionError(problem)
     for key, dtype in dtypes.items():
@@ -129,8 +129,8 @@ def refuse_quantized(ckpt: MetaCheckpoint) -> None:
 
 def read_arch(ckpt: MetaCheckpoint) -> Arch:
     try:
-        return registry.implied_arch(ckpt.params)
-    except registry.ParamsError as e:
+        return releases.implied_arch(ckpt.params)
+    except releases.ParamsError as e:
         raise ConversionError(f"{ckpt.params_path} does not describe a Llama model: {e}") from None
 
 
@@ -214,87 +214,38 @@ def _output_tied(ckpt: MetaCheckpoint) -> tuple[bool, bool]:
 
 
 def _kv_replication(ckpt: MetaCheckpoint, n_kv_heads: int, head_dim: int) -> int:
-    """How many times each kv head is stored, confirmed from the data: the largest r of Meta's
-    rule (registry.kv_replication) for which layer 0's kv heads come in r identical copies."""
+    """How many times each kv head is stored (releases.stored_kv_replication, Meta's rule), confirmed
+    from layer 0's data here."""
     n = ckpt.num_shards
-    cands = [r for r in range(n_kv_heads, 1, -1)
-             if n_kv_heads % r == 0 and registry.kv_replication(n, n_kv_heads // r) == r]
-    if not cands:
+    if not releases.kv_replication_choices(n, n_kv_heads):
         return 1
     wk = torch.cat([ckpt.tensor("layers.0.attention.wk.weight", s) for s in range(n)], 0)
     wv = torch.cat([ckpt.tensor("layers.0.attention.wv.weight", s) for s in range(n)], 0)
-    for r in cands:
-        if all(torch.equal(g, g[:, :1].expand_as(g)) for g in (w.view(n_kv_heads // r, r, head_dim, -1) for w in (wk, wv))):
-            return r
-    return 1
+
+    def copies_equal(r: int) -> bool:
+        return all(torch.equal(g, g[:, :1].expand_as(g)) for g in (w.view(n_kv_heads // r, r, head_dim, -1) for w in (wk, wv)))
+    return releases.stored_kv_replication(n, n_kv_heads, copies_equal)
 
 
 # --- step 4: which release ---------------------------------------------------------------------------
 
-def choose_release(ckpt: MetaCheckpoint, arch: Arch, vocab: int, tied: bool, variant_id: str | None,
-                   ev: list[str]) -> VariantSpec | None:
-    if variant_id:
-        try:
-            spec = registry.get(variant_id)
-        except KeyError as e:
-            raise ConversionError(f"--variant: {e.args[0]}") from None
-        ev.append(f"variant {variant_id} given on the command line")
-        return spec
-    folder = ckpt.dir.resolve().name
-    named = registry.releases_named_by(folder)
-    cands = registry.releases_matching(arch, vocab)
-    if not cands:
-        return _custom_shape_release(ckpt, arch, named, ev)
-    cands = [v for v in cands if v.num_shards == ckpt.num_shards] or cands
-    cands = [v for v in cands if v.tie_word_embeddings == tied] or cands
-    by_name = [v for v in cands if v in named]
-    if by_name:
-        ev.append(f"params.json fits the released {by_name[0].id}; folder name {folder!r} picks it")
-        return by_name[0]
-    if len({registry.output_facts(v) for v in cands}) > 1:
-        ids = ", ".join(v.id for v in cands)
-        raise ConversionError(
-            f"params.json in {ckpt.dir} fits several releases that convert differently ({ids}) and the folder "
-            f"name {folder!r} names none of them: pass --variant ID (one of {ids}), or keep Meta's folder name")
-    hint = registry.instruct_named_by(folder)
-    spec = ([v for v in cands if v.instruct == hint] or cands)[0]
-    others = [v.id for v in cands if v is not spec]
-    ev.append(f"params.json fits the released {spec.id}" + (f" (also {', '.join(others)}: same files; "
-              "--instruct/--base decide the chat metadata)" if others else ""))
-    return spec
-
-
-def _custom_shape_release(ckpt: MetaCheckpoint, arch: Arch, named: tuple[VariantSpec, ...],
-                          ev: list[str]) -> VariantSpec | None:
-    """A shape no release has: the folder's release lends its facts when its traits agree."""
-    kind = ckpt.tokenizer_kind
-    for spec in sorted(named, key=lambda v: v.num_shards != ckpt.num_shards):  # MP8 vs MP16: the shard count
-        s = spec.arch
-        if ((kind is None or spec.facts.tokenizer == kind) and s.use_scaled_rope == arch.use_scaled_rope
-                and s.rope_theta == arch.rope_theta):
-            ev.append(f"shape not in the registry; folder name {ckpt.dir.name!r} names {spec.id}, "
-                      "whose facts (rope scaling, context, special tokens) are used")
-            return spec
-    return None
-
-
-def _family(spec: VariantSpec | None, params: dict, kind: str | None, vocab: int, tied: bool, ev: list[str]) -> str:
-    if spec is not None:
-        return spec.family
-    fam = structural_family(params, kind, vocab)
-    if fam == "llama3.1" and tied:
-        ev.append("tied embeddings with scaled RoPE: a Llama 3.2 model (rope factor 32)")
-        return "llama3.2"
-    ev.append(f"shape not in the registry; {FAMILY_FACTS[fam].label} assumed from structural traits")
-    return fam
+def identify_release(ckpt: MetaCheckpoint, vocab: int, tied: bool, variant_id: str | None,
+                     instruct: bool | None) -> releases.Identification:
+    """releases.identify on what these files say; an ambiguity is the same one line verify prints."""
+    try:
+        return releases.identify(ckpt.params, folder_name=ckpt.dir.resolve().name, num_shards=ckpt.num_shards,
+                                 tied=tied, variant_id=variant_id, instruct=instruct, vocab_size=vocab,
+                                 tokenizer_kind=ckpt.tokenizer_kind).require()
+    except releases.IdentifyError as e:
+        raise ConversionError(str(e)) from None
 
 
 def _note_deviations(spec: VariantSpec | None, params: dict, tied: bool, ev: list[str]) -> None:
     """Values this file holds that differ from the release's params.json: the file wins."""
     if spec is None:
         return
-    if registry.norm_eps(params) != registry.norm_eps(spec.params):
-        ev.append(f"norm_eps {registry.norm_eps(params):g} in params.json, {registry.norm_eps(spec.params):g} in "
+    if releases.norm_eps(params) != releases.norm_eps(spec.params):
+        ev.append(f"norm_eps {releases.norm_eps(params):g} in params.json, {releases.norm_eps(spec.params):g} in "
                   f"{spec.id}'s registry entry: the file's value is used")
     if bool(params.get("use_scaled_rope")) != bool(spec.params.get("use_scaled_rope")):
         ev.append(f"use_scaled_rope {bool(params.get('use_scaled_rope'))} in params.json, unlike {spec.id}'s; "
@@ -320,26 +271,22 @@ def detect(ckpt: MetaCheckpoint, *, variant_id: str | None = None, instruct: boo
         ev.append("no output.weight: the output matrix is the embedding (tied)")
     elif tied:
         ev.append("output.weight equals tok_embeddings.weight bit for bit: tied embeddings")
-    spec = choose_release(ckpt, arch, vocab, tied, variant_id, ev)
-    fam = _family(spec, p, kind, vocab, tied, ev)
-    scaling = registry.rope_scaling_for(p, spec, tied)
-    if p.get("rope_scaling_factor") is not None and scaling is not None:
-        ev.append(f"rope scaling factor {scaling.factor:g} from params.json")
+    ident = identify_release(ckpt, vocab, tied, variant_id, instruct)
+    ev += ident.evidence
+    spec, fam, scaling = ident.release, ident.family, ident.rope_scaling
     _note_deviations(spec, p, tied, ev)
     rep = _kv_replication(ckpt, arch.n_kv_heads, arch.head_dim)
     if rep > 1:
         ev.append(f"each kv head is stored {rep} times across the {ckpt.num_shards} shards (shards > real kv heads): "
                   "de-duplicated")
+    ev.append(f"{'instruct' if ident.instruct else 'base'} metadata: {ident.twin_reason}")
     facts = FAMILY_FACTS[fam]
-    if instruct is None:
-        instruct = spec.instruct if spec else registry.instruct_named_by(ckpt.dir.resolve().name)
-    label = (f"{facts.label} {spec.size}" + (f" {facts.instruct_label}" if spec.instruct else "")) if spec else \
-        f"{facts.label} (custom shape: {arch.n_layers} layers, dim {arch.dim})"
+    label = ident.label if spec else f"{facts.label} (custom shape: {arch.n_layers} layers, dim {arch.dim})"
     return Variant(
-        family=fam, label=label, registry_id=spec.id if spec else None, instruct=bool(instruct),
+        family=fam, label=label, registry_id=spec.id if spec else None, instruct=ident.instruct,
         dim=arch.dim, n_layers=arch.n_layers, n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads,
         hf_num_kv_heads=arch.n_kv_heads // rep, intermediate_size=arch.hidden, vocab_size=vocab,
-        norm_eps=registry.norm_eps(p), rope_theta=arch.rope_theta, rope_scaling=scaling,
+        norm_eps=releases.norm_eps(p), rope_theta=arch.rope_theta, rope_scaling=scaling,
         max_position_embeddings=facts.max_position_embeddings, num_shards=ckpt.num_shards,
         embedding_shard_dim=facts.embedding_shard_dim, kv_replication=rep, tie_word_embeddings=tied,
         has_output_weight=has_output, dtype=ckpt.info("tok_embeddings.weight").dtype,

@@ -1,6 +1,6 @@
 """config.json and generation_config.json, written the way Meta's official HF repos have them.
 
-The official file of the matched release (fixtures/official/<id>/, recorded facts) is the template:
+The official file of the matched release (llama_parity/releases/official/<id>/, recorded facts) is the template:
 it fixes which keys exist and the sampling defaults. Every architecture value is computed from the
 detected `Variant`, never copied, and tests compare the result with the official file, so a wrong
 rope factor, eos list or head count cannot pass. Token ids are taken from the template by meaning:
@@ -14,12 +14,12 @@ Written in the official format (`rope_theta` + `rope_scaling`, `torch_dtype`), w
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
 import torch
 
-from llama_parity.fixtures import variants as registry
+from llama_parity import releases as registry
+from llama_parity.releases import official_file
 
 from .detect import Variant
 
@@ -27,11 +27,6 @@ from .detect import Variant
 STAMP_KEYS = ("_name_or_path", "transformers_version", "torch_dtype")
 
 _REAL_LLAMA3_WORDS = 128256
-
-
-def official_file(variant_id: str, name: str) -> dict:
-    path = resources.files("llama_parity.fixtures") / "official" / variant_id / name
-    return json.loads(path.read_text())
 
 
 def template_id(variant: Variant) -> str:

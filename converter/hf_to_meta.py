@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from llama_parity.fixtures import variants as registry
-from llama_parity.fixtures.variants import FAMILY_FACTS, intermediate_size
+from llama_parity import releases as registry
 from llama_parity.formats.safetensors import SafetensorsHeader, SafetensorsReader
+from llama_parity.releases import FAMILY_FACTS
 
 from .errors import ConversionError
 from .input_checks import check_hf_folder, read_json
@@ -52,28 +52,20 @@ def _params_for(cfg: dict, family: str, num_shards: int | None, notes: list[str]
     params = {"dim": dim, "n_layers": cfg["num_hidden_layers"], "n_heads": heads}
     if kv != heads:
         params["n_kv_heads"] = kv
-    multiple_of = 1
-    while multiple_of < 4096 and hidden % (multiple_of * 2) == 0:
-        multiple_of *= 2
-    params["multiple_of"] = multiple_of
-    if intermediate_size(dim, multiple_of, None) != hidden:
-        base = int(2 * (4 * dim) / 3)
-        mult = round(hidden / base, 6)
-        while intermediate_size(dim, multiple_of, mult) < hidden:
-            mult = round(mult + 1e-6, 6)
-        while intermediate_size(dim, multiple_of, mult) > hidden:
-            mult = round(mult - 1e-6, 6)
-        if intermediate_size(dim, multiple_of, mult) != hidden:
-            raise ConversionError(f"cannot express intermediate_size {hidden} with Meta's FFN rounding")
+    try:
+        params["multiple_of"], mult = registry.ffn_params_for(dim, hidden)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    if mult is not None:
         params["ffn_dim_multiplier"] = mult
     params["norm_eps"] = cfg.get("rms_norm_eps", 1e-5)
     if family.startswith("llama3") or family == "llama-guard-3":
         params["vocab_size"] = cfg["vocab_size"]
     else:
         params["vocab_size"] = -1  # Llama 1/2 convention: the tokenizer decides
-    theta = cfg.get("rope_theta")
-    if theta is not None and float(theta) != 10000.0:
-        params["rope_theta"] = theta
+    theta = registry.hf_rope_theta(cfg)  # 4.x or 5.x spelling
+    if theta != registry.DEFAULT_ROPE_THETA:
+        params["rope_theta"] = cfg.get("rope_theta", theta)  # as the config writes it (Code Llama: an int)
     if family in ("llama3.1", "llama3.2"):
         params["use_scaled_rope"] = True
     notes.append("shape not in the registry: params.json reconstructed from config.json")
@@ -244,26 +236,31 @@ def convert_hf_to_meta(hf_dir: str | Path, output_dir: str | Path, *, num_shards
         raise ConversionError(f"{n} shards cannot split {heads} heads / {kv} kv heads")
     lay = _Layout(n, heads, kv, rep, FAMILY_FACTS[family].embedding_shard_dim)
 
+    ident = _identify(hf_dir, cfg, params, n, notes)
     write_atomically(output_dir, lambda staging: _write_meta(staging, hf_dir, cfg, params, lay, family, files,
                                                              tokenizer, notes),
                      overwrite=overwrite, notes=notes, input_files=_input_files(hf_dir, files, tokenizer),
                      input_dirs=[hf_dir], needed_bytes=_weight_bytes(hf_dir, files))
-    return HFToMetaReport(output_dir, n, params, family, notes, _carries_chat_metadata(hf_dir, cfg, family))
+    return HFToMetaReport(output_dir, n, params, family, notes, ident.instruct)
 
 
-def _carries_chat_metadata(hf_dir: Path, cfg: dict, family: str) -> bool:
-    """Whether the HF folder is an instruct/chat conversion. Meta's files cannot say (base and
-    instruct share params.json), so verify must be told: Llama 3 instruct models stop on a list of
-    eos ids (<|eot_id|> among them; Llama Guard 3 has no base twin), Llama 1/2 and Code Llama chat
-    models differ by their template."""
-    gen = hf_dir / "generation_config.json"
-    eos = (read_json(gen) if gen.is_file() else cfg).get("eos_token_id")
-    if (isinstance(eos, list) and len(eos) > 1) or family == "llama-guard-3":
-        return True
-    if registry.FAMILY_FACTS[family].tokenizer == "tiktoken":
-        return False  # base Llama 3.x: <|end_of_text|> alone
-    tok_cfg = hf_dir / "tokenizer_config.json"
-    return tok_cfg.is_file() and bool(read_json(tok_cfg).get("chat_template"))
+def _identify(hf_dir: Path, cfg: dict, params: dict, n: int, notes: list[str]) -> registry.Identification:
+    """releases.identify on the params.json written and what the HF folder says about itself: the
+    release and the twin (base or instruct) verify will judge. Meta's files are the same for every
+    candidate, so an ambiguity is reported here (verify will ask for --variant), not refused."""
+    try:
+        claim = registry.HFClaim.read(hf_dir)
+    except (OSError, ValueError) as e:  # a damaged generation_config / tokenizer_config: bad input
+        raise ConversionError(f"cannot read the metadata in {hf_dir}: {e}") from None
+    ident = registry.identify(params, folder_name=hf_dir.resolve().name, num_shards=n,
+                              tied=bool(cfg.get("tie_word_embeddings", False)), vocab_size=cfg["vocab_size"],
+                              hf_claim=claim)
+    if ident.ambiguity:
+        notes.append(f"release not told apart ({', '.join(v.id for v in ident.candidates)}): the Meta files are "
+                     "the same for each; verify will ask for --variant")
+    else:
+        notes.append(f"{'instruct' if ident.instruct else 'base'} metadata: {ident.twin_reason}")
+    return ident
 
 
 def _weight_bytes(hf_dir: Path, files) -> int:  # each tensor written once (kv replication aside)
@@ -291,7 +288,7 @@ def _write_meta(staging: Path, hf_dir: Path, cfg: dict, params: dict, lay: _Layo
         rope_freqs = None
         if FAMILY_FACTS[family].has_rope_freqs_key:
             hd = cfg["hidden_size"] // lay.heads
-            theta = float(params.get("rope_theta", 10000.0))
+            theta = float(params.get("rope_theta", registry.DEFAULT_ROPE_THETA))
             freqs = 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd))
             rope_freqs = freqs.to(reader.slices["model.embed_tokens.weight"].dtype)
         for s in range(lay.n):

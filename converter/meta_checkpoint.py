@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from llama_parity.fixtures import variants as registry
+from llama_parity import releases as registry
 from llama_parity.formats import FormatError
 from llama_parity.formats.pth import PthReader
 from llama_parity.inputs import subfolder_hint  # noqa: F401 (re-exported)

@@ -41,7 +41,7 @@ def original_files(ckpt) -> list[Path]:
 def _release_row(variant) -> str:
     if not variant.registry_id:
         return "not a registered release (custom shape)"
-    from llama_parity.fixtures.variants import get
+    from llama_parity.releases import get
 
     return f"`{variant.registry_id}` (Meta's own conversion: `{get(variant.registry_id).hf_repo}`)"
 

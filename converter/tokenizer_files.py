@@ -26,7 +26,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_parity.fixtures.variants import FAMILIES, FAMILY_FACTS, tokenizer_kind
+from llama_parity import releases
+from llama_parity.releases import FAMILIES, FAMILY_FACTS, tokenizer_kind
 
 SENTENCEPIECE_FAMILIES = tuple(f for f, facts in FAMILY_FACTS.items() if facts.tokenizer == "sentencepiece")
 TIKTOKEN_FAMILIES = tuple(f for f, facts in FAMILY_FACTS.items() if facts.tokenizer == "tiktoken")
@@ -299,7 +300,8 @@ OFFICIAL_TEMPLATES = {"llama2": "llama2-chat", "codellama": "codellama-instruct"
                       "llama3.3": "llama3.1-instruct"}  # Llama 3.3 70B ships the 3.1 template
 META_TEMPLATES = {"llama2": "llama2-chat", "codellama": "codellama-instruct", "llama3": "meta-llama3",
                   "llama3.1": "meta-llama3.1", "llama3.2": "meta-llama3.1", "llama3.3": "meta-llama3.1"}
-GUARD3_CATEGORIES = (13, 14)  # Guard 3 1B, Guard 3 8B (the release decides: fixtures.variants.guard_categories)
+# The counts Llama Guard 3 releases have (1B: 13, 8B: 14); which one a release has: releases.guard_categories.
+GUARD3_CATEGORY_COUNTS = frozenset(releases.GUARD3_CATEGORY_COUNTS.values())
 
 
 def load_chat_template(name: str) -> str:
@@ -309,7 +311,7 @@ def load_chat_template(name: str) -> str:
 
 def llama_guard3_chat_template(n_categories: int) -> str:
     """Meta's Llama Guard 3 prompt as a chat template: 14 categories for Guard 3 8B, 13 for Guard 3 1B."""
-    if n_categories not in GUARD3_CATEGORIES:
+    if n_categories not in GUARD3_CATEGORY_COUNTS:
         raise ValueError(f"Llama Guard 3 has 13 (1B) or 14 (8B) categories, not {n_categories}")
     return "{%- set n_categories = " + str(n_categories) + " -%}\n" + load_chat_template("llama-guard-3")
 

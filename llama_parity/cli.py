@@ -109,7 +109,7 @@ def _cross_check(args, variant) -> list[str]:
                          f"(using {variant.family}'s facts, e.g. rope scaling "
                          f"{variant.rope_scaling.factor if variant.rope_scaling else 'none'})")
     if args.model_size and variant.registry_id:
-        from llama_parity.fixtures.variants import get
+        from llama_parity.releases import get
 
         size = get(variant.registry_id).size
         if args.model_size.upper().rstrip("B") not in (size.rstrip("B"), "30" if size == "33B" else "-"):
@@ -332,6 +332,8 @@ def emit_verify_report(args, rep, *, measure_layers: bool = True) -> int:
 
 
 def cmd_diagnose(args) -> int:
+    from llama_parity.releases import IdentifyError
+
     from .diagnose import diagnose
     from .verify import InputError, check_dirs, refuse_if_too_big
 
@@ -345,7 +347,10 @@ def cmd_diagnose(args) -> int:
                           "a time; its 'hidden states per layer' row names the first divergent layer)")
     except InputError as e:
         return _err(str(e))
-    d = diagnose(args.meta_dir, args.hf_dir, variant_id=args.variant)
+    try:
+        d = diagnose(args.meta_dir, args.hf_dir, variant_id=args.variant)
+    except IdentifyError as e:  # releases the files cannot tell apart: verify's and convert's line
+        return _err(str(e))
     print(d.render())
     if args.json:
         write_json(args, d.to_dict())
@@ -407,7 +412,7 @@ def cmd_to_meta(args) -> int:
 
 
 def cmd_variants(args) -> int:
-    from llama_parity.fixtures.variants import VARIANTS
+    from llama_parity.releases import VARIANTS
 
     print(f"{'id (--variant)':30s} {'HF repository':40s} {'shards':6s} {'tied':5s}rope scaling")
     for v in VARIANTS:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from llama_parity.converter.convert import ConversionReport, ConvertOptions, convert_meta_to_hf
-from llama_parity.fixtures import variants as registry
+from llama_parity import releases as registry
 from llama_parity.fixtures.factory import make_tiny_checkpoint
 
 from .verify import VerifyReport, verify

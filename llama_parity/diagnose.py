@@ -23,7 +23,7 @@ import torch
 from llama_parity.reference_model.model import load_meta_checkpoint
 
 from . import mutations as m
-from .metadata import metadata_checks, structure_ok
+from .metadata import identify_checkpoint, metadata_checks, structure_ok
 from .parity import (FP32_REL_BOUND, check_far_positions, check_logits, expected_rope_scaling, load_hf_model,
                      model_prompts)
 
@@ -131,8 +131,10 @@ def diagnose(meta_dir: str | Path, hf_dir: str | Path, *, variant_id: str | None
     from llama_parity.formats.safetensors import read_index
 
     meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
-    rope = expected_rope_scaling(meta_dir, variant_id)
-    meta_checks = metadata_checks(meta_dir, hf_dir, rope, variant_id=variant_id)[0]
+    # verify's identification (what the HF folder claims included); an ambiguity raises IdentifyError
+    ident = identify_checkpoint(meta_dir, variant_id=variant_id, hf_dir=hf_dir).require()
+    rope = expected_rope_scaling(meta_dir, ident=ident)
+    meta_checks = metadata_checks(meta_dir, hf_dir, rope, ident=ident)[0]
     if not structure_ok(meta_checks):
         # Another model's folder: no stage can be compared; say which tensors and dims differ.
         return Diagnosis(parity=False, first_divergence="tensor shapes and config dims",

@@ -369,7 +369,7 @@ def check_exact_bytes(meta_dir: Path, hf_dir: Path, meta, hf) -> BytesResult:
     """Every HF tensor against Meta's shards, bit for bit (metadata.MetaSide / HFSide give the
     layout and the stored dtypes; run only when the shapes agree). Both folders are read once, at
     the same time, in two threads."""
-    from llama_parity.fixtures.variants import find_tokenizer
+    from llama_parity.releases import find_tokenizer
     from llama_parity.reference_model.model import find_shards
 
     from .metadata import hf_key

@@ -3,9 +3,12 @@
 Nothing in the HF folder is taken as ground truth. The expected values come from:
 - the Meta shards (tensor names, shapes, dtype, whether output.weight is the embedding, how many
   times each kv head is stored) and params.json (dims, eps, theta, use_scaled_rope);
-- the release those files are (registry: `--variant`, else params and the folder's name), its
-  family's facts (context length) and its official HF files in fixtures/official/ (bos/eos ids,
-  sampling defaults, the presence of generation_config.json), base or instruct as asked.
+- the release and twin those files are (`identify_checkpoint`, i.e. releases.identify: `--variant`,
+  else params and the folder's name, else what the HF folder claims when the Meta files allow
+  several; base or instruct from --instruct/--base, the folder's name, else the HF folder's own
+  metadata, all of which must name one twin), its family's facts (context length) and its
+  official HF files in llama_parity/releases/official/ (bos/eos ids, sampling defaults, the
+  presence of generation_config.json).
 
 Differences that do not change the release pass: shard sizes and counts, tensor order, JSON
 formatting, version stamps, a dtype change whose label matches the tensors (its rounding is judged
@@ -18,12 +21,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
 
-from llama_parity.fixtures import variants as registry
+from llama_parity import releases as registry
+from llama_parity.releases import official_file
 
 from .parity import Check
 
@@ -40,7 +43,6 @@ _CONCAT_DIM1 = ("attention.wo", "feed_forward.w2")  # row-parallel in Meta's mod
 # Buffers some converters (transformers <= 4.31) wrote beside the weights; they do not change the model.
 _HARMLESS_HF = ("rotary_emb.inv_freq",)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_REAL_LLAMA3_WORDS = 128256
 
 
 def hf_key(meta_key: str) -> str | None:
@@ -68,6 +70,7 @@ class MetaSide:
     tied: bool
     kv_replication: int
     evidence: list[str] = field(default_factory=list)
+    ident: registry.Identification | None = None  # the one identification (release, twin, why)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -113,75 +116,61 @@ def output_tied(meta_dir: Path) -> bool:
 
 
 def _kv_replication(shards: list, stored_kv: int, head_dim: int) -> int:
-    """How often each kv head is stored. Meta replicates only so that every shard owns one kv
-    head (405B MP16); found from layer 0's data: the smallest r whose r consecutive copies agree."""
-    if len(shards) < 2 or stored_kv != len(shards):
-        return 1
-    for r in range(2, stored_kv + 1):
-        if stored_kv % r == 0 and all(
-                torch.equal(w.view(stored_kv // r, r, head_dim, -1), w.view(stored_kv // r, r, head_dim, -1)[:, :1]
-                            .expand(stored_kv // r, r, head_dim, w.shape[-1]))
-                for w in (torch.cat([s[f"layers.0.attention.{k}.weight"] for s in shards]) for k in ("wk", "wv"))):
-            return r
-    return 1
+    """How often each kv head is stored: the registry's rule (Meta replicates only so that every
+    shard owns one kv head, 405B MP16), confirmed here from layer 0's data."""
+    def copies_equal(r: int) -> bool:
+        return all(torch.equal(w.view(stored_kv // r, r, head_dim, -1),
+                               w.view(stored_kv // r, r, head_dim, -1)[:, :1].expand(stored_kv // r, r, head_dim,
+                                                                                     w.shape[-1]))
+                   for w in (torch.cat([s[f"layers.0.attention.{k}.weight"] for s in shards]) for k in ("wk", "wv")))
+    return registry.stored_kv_replication(len(shards), stored_kv, copies_equal)
 
 
-def identify_release(meta_dir: Path, params: dict, variant_id: str | None, tied: bool):
-    """(release or None, evidence): --variant, else the releases params.json fits (narrowed by the
-    folder's name and tying), else the release the folder names (a custom shape of it, e.g. a
-    fine-tune or the tiny test checkpoints). Matching rules are the registry's, as detection's."""
-    if variant_id:
-        return registry.get(variant_id), f"release {variant_id} from --variant"
-    named = registry.releases_named_by(meta_dir.resolve().name)
+def identify_checkpoint(meta_dir: Path, *, variant_id: str | None = None, instruct: bool | None = None,
+                        hf_dir: Path | None = None) -> registry.Identification:
+    """The judge's identification of a Meta folder: releases.identify on what the Meta files say
+    (params.json, shard count, tying, vocab rows, tokenizer kind) and, given hf_dir, on what the HF
+    folder claims (which of several fitting releases, which twin). An ambiguity stays in the result
+    (`.require()` raises it as the one line convert prints)."""
+    from llama_parity.reference_model.model import ShardReader, find_shards
+
+    meta_dir = Path(meta_dir)
+    params = json.loads((meta_dir / "params.json").read_text())
+    paths = find_shards(meta_dir)
+    rows, cols = ShardReader(paths[0]).shape("tok_embeddings.weight")
+    vocab = rows * len(paths) if cols == params.get("dim") else rows  # Llama 3 splits rows, Llama 1/2 columns
+    tok = registry.find_tokenizer(meta_dir)
     try:
-        cands = [v for v in registry.releases_matching(registry.implied_arch(params)) if v.tie_word_embeddings == tied]
-    except registry.ParamsError:
-        cands = []
-    pick = [v for v in cands if v in named] or cands or list(named)
-    if pick:
-        how = "params.json and the folder name" if pick[0] in named and cands else \
-            "params.json" if cands else f"the folder name {meta_dir.name!r} (custom shape)"
-        return pick[0], f"release {pick[0].id} from {how}"
-    return None, "shape of no release and a folder name naming none: family facts from params.json"
+        kind = registry.tokenizer_kind(tok) if tok is not None else None
+    except ValueError:
+        kind = None  # the tokenizer check reports an unreadable tokenizer
+    claim = registry.HFClaim.read(Path(hf_dir)) if hf_dir is not None else None
+    return registry.identify(params, folder_name=meta_dir.resolve().name, num_shards=len(paths),
+                             tied=output_tied(meta_dir),
+                             variant_id=variant_id, instruct=instruct, vocab_size=vocab, tokenizer_kind=kind,
+                             hf_claim=claim)
 
 
-def _family(params: dict, tied: bool) -> str:
-    scaling = registry.rope_scaling_for(params, None, tied)
-    return registry.family_by_traits(rope_theta=float(params.get("rope_theta", 10000.0)), scaling=scaling,
-                                     norm_eps=float(params.get("norm_eps", 1e-5)), tokenizer=None,
-                                     vocab_size=int(params.get("vocab_size", -1)))
-
-
-def read_meta_side(meta_dir: Path, *, variant_id: str | None = None, instruct: bool | None = None) -> MetaSide:
+def read_meta_side(meta_dir: Path, *, variant_id: str | None = None, instruct: bool | None = None,
+                   ident: registry.Identification | None = None) -> MetaSide:
     params = json.loads((meta_dir / "params.json").read_text())
     shards = _load_shards(meta_dir)
-    tied = output_tied(meta_dir)
+    if ident is None:
+        ident = identify_checkpoint(meta_dir, variant_id=variant_id, instruct=instruct).require()
     n_heads = int(params["n_heads"])
     stored_kv = int(params.get("n_kv_heads") or n_heads)
     rep = _kv_replication(shards, stored_kv, int(params["dim"]) // n_heads)
-    release, why = identify_release(meta_dir, params, variant_id, tied)
-    family = release.family if release else _family(params, tied)
-    if instruct is None:
-        instruct = release.instruct if release else registry.instruct_named_by(meta_dir.resolve().name)
-    return MetaSide(params, shards, release, family, bool(instruct), tied, rep, [why])
-
-
-def official_file(release_id: str, name: str) -> dict | None:
-    path = resources.files("llama_parity.fixtures") / "official" / release_id.replace("-mp16", "") / name
-    return json.loads(path.read_text()) if path.is_file() else None
+    rel = ident.release
+    why = [f"release {rel.id}" if rel else f"no release: {registry.FAMILY_FACTS[ident.family].label} facts",
+           *ident.evidence, f"{'instruct' if ident.instruct else 'base'} metadata expected "
+           f"({ident.metadata_release.id}'s official files): {ident.twin_reason}"]
+    return MetaSide(params, shards, rel, ident.family, ident.instruct, ident.tied, rep, why, ident)
 
 
 def metadata_release(meta: MetaSide) -> registry.VariantSpec:
     """The release whose official files hold this conversion's chat metadata (base or instruct)."""
-    return registry.metadata_release(meta.release, meta.family, meta.instruct)
-
-
-def _rebase(ids, vocab: int):
-    """Official token ids onto this checkpoint's vocabulary: Llama 3's special tokens follow the
-    BPE ranks, so a smaller tokenizer (the tiny test ones) shifts them by the difference."""
-    def one(i):
-        return i + vocab - _REAL_LLAMA3_WORDS if isinstance(i, int) and i >= 128000 else i
-    return [one(i) for i in ids] if isinstance(ids, list) else one(ids)
+    return meta.ident.metadata_release if meta.ident else registry.metadata_release(meta.release, meta.family,
+                                                                                     meta.instruct)
 
 
 # The float formats the judge computes in; any other stored dtype is kept as its safetensors code.
@@ -276,8 +265,8 @@ def _rope_parts(cfg: dict) -> tuple[set, dict | None]:
     thetas = {float(v) for v in (cfg.get("rope_theta"), params.get("rope_theta")) if v is not None}
     scaling = cfg.get("rope_scaling") if isinstance(cfg.get("rope_scaling"), dict) else params
     if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        return thetas or {10000.0}, scaling
-    return thetas or {10000.0}, None
+        return thetas or {registry.DEFAULT_ROPE_THETA}, scaling
+    return thetas or {registry.DEFAULT_ROPE_THETA}, None
 
 
 def architecture_checks(meta: MetaSide, hf: HFSide) -> list[Check]:
@@ -305,7 +294,7 @@ def rope_and_norm_checks(meta: MetaSide, hf: HFSide, rope) -> list[Check]:
     """rope_theta, the llama3 scaling (every field, missing or wrong), rms_norm_eps."""
     p = meta.params
     thetas, rs = _rope_parts(hf.config)
-    theta = float(p.get("rope_theta", 10000.0))
+    theta = float(p.get("rope_theta", registry.DEFAULT_ROPE_THETA))
     out = [_check("config: rope_theta", thetas.pop() if len(thetas) == 1 else sorted(thetas), theta,
                   "rope_theta dropped (Code Llama 1e6, Llama 3 5e5 silently become 1e4) or stated twice differently")]
     out.append(_check("config: rope scaling factor", None if rs is None else rs.get("factor"),
@@ -320,13 +309,6 @@ def rope_and_norm_checks(meta: MetaSide, hf: HFSide, rope) -> list[Check]:
     out.append(_check("config: rms_norm_eps", eps,
                       float(p.get("norm_eps", 1e-5)), "norm eps of another version (Llama 1 1e-6 vs 1e-5)"))
     return out
-
-
-def _ids(v):
-    """Token id(s) as a sorted list: an int and a one-element list mean the same stop set."""
-    if v is None:
-        return None
-    return sorted(v) if isinstance(v, list) else [v]
 
 
 def release_metadata_checks(meta: MetaSide, hf: HFSide) -> list[Check]:
@@ -347,13 +329,22 @@ def release_metadata_checks(meta: MetaSide, hf: HFSide) -> list[Check]:
     rel = metadata_release(meta)
     off_cfg = official_file(rel.id, "config.json") or {}
     for key in ("bos_token_id", "eos_token_id"):
-        out.append(_check(f"config: {key}", _ids(cfg.get(key)), _ids(_rebase(off_cfg.get(key), vocab)),
+        want = registry.token_ids(registry.rebase_official_ids(off_cfg.get(key), vocab))
+        out.append(_check(f"config: {key}", registry.token_ids(cfg.get(key)), want,
                           f"{key} of another release or of the base/instruct twin"))
-    return out + generation_checks(meta, hf, rel, vocab)
+    return out + generation_checks(meta, hf, rel, vocab) + [twin_check(meta)]
 
 
-# transformers' GenerationConfig defaults: what an absent key means.
-_GEN_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "max_length": 20}
+def twin_check(meta: MetaSide) -> Check:
+    """Base or instruct is never assumed: the HF folder's own metadata names one twin (or the user
+    or the folder name does), and every fact that differs between the twins must name that one."""
+    ident = meta.ident
+    mix = ident.twin_mix if ident else ()
+    detail = (ident.twin_reason if ident else "") if not mix else \
+        "; ".join(f"{w}: {', '.join(f for f, t in mix if t == w)}" for w in ("base", "instruct"))
+    return Check("metadata: one twin (base or instruct)", "a folder mixing the base and instruct twins' metadata "
+                 "(a base eos list with an instruct chat template: generation never stops, or stops early)",
+                 float(len(mix)), 0.0, not mix, detail if not mix else f"the HF folder mixes the twins ({detail})")
 
 
 def generation_checks(meta: MetaSide, hf: HFSide, rel, vocab: int) -> list[Check]:
@@ -367,10 +358,11 @@ def generation_checks(meta: MetaSide, hf: HFSide, rel, vocab: int) -> list[Check
                       f"absent; the official {name} repository has one")]
     gen, out = hf.generation, []
     for key in ("bos_token_id", "eos_token_id"):
-        out.append(_check(f"generation_config: {key}", _ids(gen.get(key)), _ids(_rebase(off.get(key), vocab)),
+        want = registry.token_ids(registry.rebase_official_ids(off.get(key), vocab))
+        out.append(_check(f"generation_config: {key}", registry.token_ids(gen.get(key)), want,
                           "stop/start ids of another release (e.g. a base eos list on an instruct model: "
                           "generation never stops at <|eot_id|>)", "generation_config.json"))
-    for key, default in _GEN_DEFAULTS.items():
+    for key, default in registry.GENERATION_DEFAULTS.items():
         out.append(_check(f"generation_config: {key}", gen.get(key, default), off.get(key, default),
                           f"sampling default {key} unlike the official {name} file", "generation_config.json"))
     return out
@@ -382,11 +374,15 @@ STRUCTURAL = ("tensors: shapes", "config: hidden_size", "config: num_hidden_laye
 
 
 def metadata_checks(meta_dir: Path, hf_dir: Path, rope, *, variant_id: str | None = None,
-                    instruct: bool | None = None) -> tuple[list[Check], MetaSide, HFSide]:
+                    instruct: bool | None = None,
+                    ident: registry.Identification | None = None) -> tuple[list[Check], MetaSide, HFSide]:
     """Every metadata check; structural ones first. The model checks and the byte check
     (exact_bytes.py) need those to pass (else transformers would build another model than the Meta
-    one, or fail to load it)."""
-    meta = read_meta_side(Path(meta_dir), variant_id=variant_id, instruct=instruct)
+    one, or fail to load it). `ident`: the
+    identification verify made (else made here, with what the HF folder claims)."""
+    if ident is None:
+        ident = identify_checkpoint(Path(meta_dir), variant_id=variant_id, instruct=instruct, hf_dir=Path(hf_dir))
+    meta = read_meta_side(Path(meta_dir), ident=ident.require())
     hf = read_hf_side(Path(hf_dir))
     checks = tensor_checks(meta, hf) + architecture_checks(meta, hf)
     checks += rope_and_norm_checks(meta, hf, rope) + release_metadata_checks(meta, hf)

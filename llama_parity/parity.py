@@ -428,16 +428,16 @@ def run_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeScalingA
     return checks
 
 
-def expected_rope_scaling(meta_dir: Path, variant_id: str | None = None) -> RopeScalingArgs | None:
-    """The judge's own reading of which RoPE scaling a Meta checkpoint was trained with: decided by
-    the registry's rules (fixtures/variants.py) from params.json, the folder's name and tying, not
-    by asking the converter."""
-    from llama_parity.fixtures import variants as registry
+def expected_rope_scaling(meta_dir: Path, variant_id: str | None = None, *, hf_dir: Path | None = None,
+                          ident=None) -> RopeScalingArgs | None:
+    """The judge's own reading of which RoPE scaling a Meta checkpoint was trained with: the one
+    identification (metadata.identify_checkpoint: params.json, the folder's name, tying, and what
+    the HF folder claims when given), not the converter's decision. An ambiguity raises
+    releases.IdentifyError with the line convert prints too."""
+    from .metadata import identify_checkpoint
 
-    from .metadata import output_tied
-
-    params = json.loads((Path(meta_dir) / "params.json").read_text())
-    s = registry.expected_rope_scaling(params, Path(meta_dir).resolve().name, variant_id=variant_id,
-                                       tied=lambda: output_tied(Path(meta_dir)))
+    if ident is None:
+        ident = identify_checkpoint(Path(meta_dir), variant_id=variant_id, hf_dir=hf_dir).require()
+    s = ident.rope_scaling
     return None if s is None else RopeScalingArgs(s.factor, s.low_freq_factor, s.high_freq_factor,
                                                   s.original_max_position_embeddings)

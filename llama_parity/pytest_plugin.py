@@ -117,7 +117,7 @@ class TinyCheckpoints:
         self._hf: dict[tuple[str, int | None], Path] = {}
 
     def meta(self, variant_id: str, num_shards: int | None = None) -> Path:
-        from llama_parity.fixtures import variants
+        from llama_parity import releases as variants
         from llama_parity.fixtures.factory import make_tiny_checkpoint
 
         key = (variant_id, num_shards)

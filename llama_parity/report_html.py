@@ -84,7 +84,7 @@ def layer_stages(report, variant_id: str | None = None, *,
     from .parity import expected_rope_scaling, load_hf_model, model_prompts
 
     meta_dir, hf_dir = Path(report.meta_dir), Path(report.hf_dir)
-    ref = load_meta_checkpoint(meta_dir, rope_scaling=expected_rope_scaling(meta_dir, variant_id))
+    ref = load_meta_checkpoint(meta_dir, rope_scaling=expected_rope_scaling(meta_dir, variant_id, hf_dir=hf_dir))
     hf = load_hf_model(hf_dir)
     stages = compare_stages(ref, hf, model_prompts(meta_dir, min(hf.config.vocab_size, ref.args.vocab_size)).main)
     return [(s.name, s.rel_diff, s.ok) for s in stages], "output of each stage, one fp32 forward of both models"

@@ -1,7 +1,7 @@
 """Chat templates and Code Llama infilling, judged without the converter.
 
 The expected template is the release's official tokenizer_config.json `chat_template`
-(fixtures/official/<release>/), rendered here with jinja2 as transformers renders templates; Meta's own
+(llama_parity/releases/official/<release>/), rendered here with jinja2 as transformers renders templates; Meta's own
 formats come from reference_model.chat_format. The Code Llama infilling prompt is built from the HF
 tokenizer by Meta's rule (reference_model.tokenizer.infilling_prompt_tokens is the expectation).
 """

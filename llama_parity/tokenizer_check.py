@@ -81,7 +81,7 @@ from llama_parity.tokenizer_vocab import (
 @dataclass(frozen=True)
 class TokenizerRelease:
     """What a release implies for its tokenizer files: family (special-token table, eos), chat or base,
-    and Llama Guard 3's category count (1B: 13, 8B: 14), all from fixtures.variants via detection."""
+    and Llama Guard 3's category count (1B: 13, 8B: 14), all from llama_parity.releases.identify."""
 
     family: str
     instruct: bool
@@ -89,20 +89,26 @@ class TokenizerRelease:
     label: str = ""
 
 
-def tokenizer_release(meta_dir: Path, variant_id: str | None = None,
-                      instruct: bool | None = None) -> TokenizerRelease | None:
-    """The release a Meta checkpoint is (converter.detect's decision, one home for release facts), or None
-    when it cannot be told (then the checks that need it are skipped and a note says so). `instruct`
-    (verify's --instruct/--base) picks the twin whose special tokens and template to expect."""
-    from llama_parity.converter.detect import detect
-    from llama_parity.converter.meta_checkpoint import MetaCheckpoint
-    from llama_parity.fixtures.variants import guard_categories
+def tokenizer_release(meta_dir: Path, variant_id: str | None = None, instruct: bool | None = None, *,
+                      hf_dir: Path | None = None, ident=None) -> TokenizerRelease | None:
+    """The release a Meta checkpoint is: verify's one identification (`ident`, else made here by
+    metadata.identify_checkpoint, i.e. releases.identify), so the special tokens and template are
+    judged against the release and twin every other check uses. None when it cannot be told (an
+    ambiguity, unreadable files): the checks that need it are skipped and a note says so."""
+    from llama_parity.releases import guard_categories
 
-    try:
-        v = detect(MetaCheckpoint(Path(meta_dir)), variant_id=variant_id, instruct=instruct)
-    except Exception:  # noqa: BLE001 - verify reports bad input elsewhere; here: release unknown
+    from .metadata import identify_checkpoint
+
+    if ident is None:
+        try:
+            ident = identify_checkpoint(Path(meta_dir), variant_id=variant_id, instruct=instruct, hf_dir=hf_dir)
+        except (OSError, ValueError):  # IdentifyError and JSON errors are ValueErrors; verify reports them
+            return None
+    if ident.ambiguity:
         return None
-    return TokenizerRelease(v.family, v.instruct, guard_categories(v.registry_id), v.registry_id or v.label)
+    rel = ident.release
+    return TokenizerRelease(ident.family, ident.instruct, guard_categories(rel.id if rel else None),
+                            rel.id if rel else f"{ident.label} (custom shape)")
 
 
 # --- the check -----------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The HF folder's configuration: special tokens, BOS from the post-processor, and every
 tokenizer_config.json / special_tokens_map.json field that changes behaviour in transformers 4.x or 5.x,
-against the release's official files (fixtures/official/<release>/) and Meta's behaviour.
+against the release's official files (llama_parity/releases/official/<release>/) and Meta's behaviour.
 
 A field passes when it gives Meta's behaviour: its official value, or a value that only fills a gap the
 release leaves open (a pad token Meta reserves for padding, an explicit default, a model_max_length at
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from llama_parity.fixtures import variants
+from llama_parity import releases as variants
 from llama_parity.tokenizer_report import Acc, CheckResult, Ctx
 
 def _token_text(v: Any) -> Any:

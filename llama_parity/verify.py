@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from llama_parity.fixtures.variants import find_tokenizer, fp8_refusal
+from llama_parity.releases import IdentifyError, find_tokenizer, fp8_refusal
 
 from .errors import InputError
 from .inputs import check_hf_files, load_shard_safely, read_json, subfolder_hint
 from .machine import available_memory
-from .metadata import hf_key, hf_weights_dtype, metadata_checks, structure_ok
+from .metadata import hf_key, hf_weights_dtype, identify_checkpoint, metadata_checks, structure_ok
 from .parity import Check, expected_rope_scaling, run_model_checks
 
 
@@ -155,7 +155,7 @@ def _known_meta_key(key: str, n_layers: int) -> bool:
 def _refuse_absurd_inputs(meta_dir: Path, hf_dir: Path) -> None:
     """Inputs that ended in a traceback or an unbounded run: params.json sizes the shards cannot hold,
     a config of another architecture, a tokenizer.model that is neither format (an empty file)."""
-    from llama_parity.fixtures.variants import tokenizer_kind
+    from llama_parity.releases import tokenizer_kind
 
     from .params_bounds import meta_dir_problem
 
@@ -222,8 +222,12 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", var
     check_dirs(meta_dir, hf_dir, device)
     report = VerifyReport(str(meta_dir), str(hf_dir), device, scope=checks, models_run=False)
     try:
-        rope = expected_rope_scaling(meta_dir, variant_id)
-        found, meta, hf = metadata_checks(meta_dir, hf_dir, rope, variant_id=variant_id, instruct=instruct)
+        # One identification (release, twin, why) for every check below; an ambiguity is bad input.
+        ident = identify_checkpoint(meta_dir, variant_id=variant_id, instruct=instruct, hf_dir=hf_dir).require()
+        rope = expected_rope_scaling(meta_dir, ident=ident)
+        found, meta, hf = metadata_checks(meta_dir, hf_dir, rope, ident=ident)
+    except IdentifyError as e:
+        raise InputError(str(e)) from None
     except (OSError, json.JSONDecodeError, KeyError) as e:
         raise InputError(f"cannot read the models: {type(e).__name__}: {e}") from None
     report.checks += found
@@ -239,7 +243,7 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", var
     if structure_ok(found):
         _exact_bytes(report, meta_dir, hf_dir, meta, hf)
     if tokenizer:
-        _tokenizer_check(report, meta_dir, hf_dir, variant_id, instruct)
+        _tokenizer_check(report, meta_dir, hf_dir, ident)
     else:
         report.notes.append("tokenizer not checked (--no-tokenizer)")
     return report
@@ -321,8 +325,7 @@ def _greedy_cost(meta_dir: Path, tokens: int) -> str:
     return f"{passes}, from the page cache ({amount})"
 
 
-def _tokenizer_check(report: VerifyReport, meta_dir: Path, hf_dir: Path, variant_id: str | None,
-                     instruct: bool | None = None) -> None:
+def _tokenizer_check(report: VerifyReport, meta_dir: Path, hf_dir: Path, ident) -> None:
     tok = find_tokenizer(meta_dir)
     if tok is None:
         report.notes.append("no tokenizer.model next to the Meta checkpoint: tokenizer parity not checked")
@@ -333,5 +336,5 @@ def _tokenizer_check(report: VerifyReport, meta_dir: Path, hf_dir: Path, variant
     else:
         from .tokenizer_check import check_tokenizer, tokenizer_release
 
-        report.tokenizer = check_tokenizer(tok, hf_dir, release=tokenizer_release(meta_dir, variant_id, instruct))
+        report.tokenizer = check_tokenizer(tok, hf_dir, release=tokenizer_release(meta_dir, ident=ident))
         report.notes += report.tokenizer.notes

@@ -35,7 +35,7 @@ except ImportError:  # hypothesis is a test extra
 def pytest_generate_tests(metafunc):
     # Tests taking `checkpoint` run on every tiny architecture variant, plus any real checkpoint given.
     if "checkpoint" in metafunc.fixturenames:
-        from llama_parity.fixtures.variants import architecture_variants
+        from llama_parity.releases import architecture_variants
 
         params = [pytest.param(("tiny", v.id), id=v.id) for v in architecture_variants()]
         params += [pytest.param(("real", i), id=f"real{i}:{Path(p).name}")

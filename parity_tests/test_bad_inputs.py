@@ -1013,6 +1013,6 @@ def test_memory_estimate_scales_with_the_model(tiny, monkeypatch):
     assert need < 50 << 20, need
     monkeypatch.setattr(verify_mod, "available_memory", lambda: 256 << 20)
     verify_mod.refuse_if_too_big(tiny.hf(SMALL), "diagnose", "-")  # not refused
-    one_b = Path(__file__).resolve().parents[1] / "fixtures" / "official" / "llama3.2-1b"
+    one_b = Path(__file__).resolve().parents[1] / "llama_parity" / "releases" / "official" / "llama3.2-1b"
     if (one_b / "config.json").is_file():  # a source checkout: the real 1B config
         assert 12.5e9 < verify_mod.full_memory_need(one_b) < 14.5e9

@@ -17,8 +17,8 @@ import torch
 from llama_parity.converter import hf_config
 from llama_parity.converter.detect import detect
 from llama_parity.converter.plan import build_plan
-from llama_parity.fixtures import variants as registry
-from llama_parity.fixtures.variants import FAMILY_FACTS, VARIANTS, intermediate_size
+from llama_parity import releases as registry
+from llama_parity.releases import FAMILY_FACTS, VARIANTS, intermediate_size
 
 # Where our output deliberately differs from the official HF file, and why.
 KNOWN_DEVIATIONS = {

@@ -112,7 +112,7 @@ def test_mixed_precision_and_float16_storage_are_faithful(tmp_path):
     float16 copy whose values are not Meta's rounded to float16 passing."""
     from llama_parity.converter.convert import ConvertOptions, convert_meta_to_hf
     from llama_parity.fixtures.factory import make_tiny_checkpoint
-    from llama_parity.fixtures.variants import get
+    from llama_parity.releases import get
 
     meta = make_tiny_checkpoint(get(L31), tmp_path / "m", dtype=torch.bfloat16)
     hf = tmp_path / "hf"

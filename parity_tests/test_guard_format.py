@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from llama_parity.converter.tokenizer_files import chat_template_for, llama_guard3_chat_template, write_hf_tokenizer
 from llama_parity.fixtures.tokenizers import real_llama3_tokenizer, tokenizer_cases
-from llama_parity.fixtures.variants import guard_categories
+from llama_parity.releases import guard_categories
 from llama_parity.tokenizer_check import TokenizerRelease, check_tokenizer, first_diff
 from llama_parity.reference_model.chat_format import llama_guard3_dialog_tokens, llama_guard3_prompt
 from llama_parity.reference_model.tokenizer import load_meta_tokenizer
@@ -24,7 +24,7 @@ SOURCES = ["tiny", "real"]
 
 
 def n_categories(size: str) -> int:
-    """The release fact (fixtures.variants): Guard 3 1B has 13 categories, 8B 14."""
+    """The release fact (llama_parity.releases): Guard 3 1B has 13 categories, 8B 14."""
     return guard_categories(f"llama-guard-3-{size.lower()}")
 
 
@@ -164,7 +164,7 @@ def test_guard_roles_and_exclusions(guard):
 def test_guard_template_selection(tok_cases, tmp_path):
     """Bug class: Llama Guard 3 converted with the Llama 3.1 chat template, the 1B/8B category lists swapped,
     or a silent default count: the family always gets the moderation template (instruct or not), and the
-    category count must be given (the release decides it, fixtures.variants.guard_categories)."""
+    category count must be given (the release decides it, llama_parity.releases.guard_categories)."""
     for instruct in (False, True):
         t = chat_template_for("llama-guard-3", instruct, guard_categories=14)
         assert t == llama_guard3_chat_template(14) and "<BEGIN UNSAFE CONTENT CATEGORIES>" in t

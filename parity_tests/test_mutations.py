@@ -45,7 +45,7 @@ def bf16_tiny(tmp_path_factory):
     """Tiny checkpoints stored in bf16 (as Meta ships Llama 3), converted: the start of an upcast."""
     from llama_parity.converter.convert import ConvertOptions, convert_meta_to_hf
     from llama_parity.fixtures.factory import make_tiny_checkpoint
-    from llama_parity.fixtures.variants import get
+    from llama_parity.releases import get
 
     made = {}
 

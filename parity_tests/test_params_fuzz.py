@@ -30,7 +30,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from llama_parity.fixtures import variants as registry  # noqa: E402
+from llama_parity import releases as registry  # noqa: E402
 from llama_parity.fixtures.factory import make_tokenizer, shard_state_dict  # noqa: E402
 
 EXAMPLES = 400 if os.environ.get("HYPOTHESIS_PROFILE") == "explore" else 16

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llama_parity.converter.hf_to_meta import convert_hf_to_meta
-from llama_parity.fixtures.variants import architecture_variants
+from llama_parity.releases import architecture_variants
 from llama_parity.reference_model.model import ModelArgs, RopeScalingArgs
 
 

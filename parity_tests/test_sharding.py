@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from llama_parity.converter.convert import ConvertOptions, convert_meta_to_hf
 from llama_parity.converter.errors import ConversionError
-from llama_parity.fixtures.variants import architecture_variants
+from llama_parity.releases import architecture_variants
 
 SHARDED = [v.id for v in architecture_variants() if v.num_shards > 1]
 

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from llama_parity.converter import executor as executor_mod
 from llama_parity.converter.convert import ConvertOptions, convert_meta_to_hf
-from llama_parity.fixtures import variants
+from llama_parity import releases as variants
 from llama_parity.fixtures.factory import make_tiny_checkpoint
 
 # (variant, shards): single file, Llama 3 vocab-parallel embedding (dim 0), Llama 2 hidden-parallel

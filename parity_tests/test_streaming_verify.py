@@ -96,7 +96,7 @@ def bf16_pair(tmp_path_factory):
     import torch
 
     from llama_parity.converter.convert import ConvertOptions, convert_meta_to_hf
-    from llama_parity.fixtures import variants
+    from llama_parity import releases as variants
     from llama_parity.fixtures.factory import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("bf16-stream")

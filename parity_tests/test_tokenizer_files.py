@@ -412,7 +412,7 @@ def test_official_templates_are_what_the_converter_writes():
     chat_templates/*.jinja and the official tokenizer_config.json the judge reads, docs/facts.md): a
     conversion would then fail verify, or a wrong template written by both would pass."""
     from llama_parity.converter.tokenizer_files import chat_template_for
-    from llama_parity.fixtures import variants
+    from llama_parity import releases as variants
     from llama_parity.metadata import official_file
 
     for v in variants.VARIANTS:

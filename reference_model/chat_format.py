@@ -208,7 +208,7 @@ LLAMA_GUARD3_CATEGORIES = (
     "Sexual Content", "Elections", "Code Interpreter Abuse",
 )
 # Guard 3 8B: S1-S14; Guard 3 1B has no S14 (Code Interpreter Abuse). Which release has which count is a
-# release fact: fixtures.variants.guard_categories; callers pass it.
+# release fact: llama_parity.releases.guard_categories; callers pass it.
 
 
 def _guard_role(role: str) -> str:

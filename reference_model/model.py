@@ -478,7 +478,7 @@ def load_meta_checkpoint(meta_dir: str | Path, *, rope_scaling: RopeScalingArgs 
         # As Meta's build(): the vocab comes from the tokenizer (Llama 2 ships it one folder up).
         from .tokenizer import load_meta_tokenizer
 
-        from llama_parity.fixtures.variants import find_tokenizer
+        from llama_parity.releases import find_tokenizer
 
         tok = find_tokenizer(meta_dir)
         if tok is None:

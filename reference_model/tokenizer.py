@@ -307,8 +307,8 @@ def infilling_prompt_tokens(tokenizer: SentencePieceTokenizer, prefix: str, suff
 
 def detect_tokenizer_kind(path: Path | str) -> str:
     """'tiktoken' for a base64-rank text file, 'sentencepiece' for a sentencepiece protobuf (the
-    registry's sniff, fixtures/variants.py: a file-format fact, not a converter decision)."""
-    from llama_parity.fixtures.variants import tokenizer_kind
+    registry's sniff, llama_parity/releases: a file-format fact, not a converter decision)."""
+    from llama_parity.releases import tokenizer_kind
 
     return tokenizer_kind(Path(path))
 
