@@ -203,11 +203,12 @@ def _verify_and_record(meta_dir, hf_dir, args) -> tuple[int, dict]:
     from llama_parity.converter.model_card import record_verify
 
     from .memory import return_freed_memory
-    from .verify import InputError, verify
+    from .verify import InputError, VerifyOptions, verify
 
     return_freed_memory()
     try:
-        rep = verify(meta_dir, hf_dir, variant_id=args.variant, instruct=args.instruct, tokenizer=not args.no_tokenizer)
+        rep = verify(meta_dir, hf_dir, VerifyOptions(variant_id=args.variant, instruct=args.instruct,
+                                                     tokenizer=not args.no_tokenizer))
     except InputError as e:
         return _err(f"converted, but verify could not run: {e}"), {"error": str(e)}
     print(rep.render())
@@ -230,14 +231,14 @@ def _next_verify(meta_dir, hf_dir, flags: list[str]) -> str:
     return "next: " + " ".join(shlex.quote(a) for a in argv)
 
 
-def write_json(dest, data: dict) -> None:
-    """dest: the parsed args (their --json) or a path. '-': the JSON alone on stdout (the human report
-    went to stderr, see _run)."""
-    stream = getattr(dest, "json_stream", sys.stdout)
+def write_json(dest, data: dict, stream=None) -> None:
+    """dest: the parsed args (their --json) or a path. '-': the JSON alone on `stream` (default: the
+    real stdout, which _run saved in args.json_stream; the human report went to stderr)."""
+    stream = stream or getattr(dest, "json_stream", None) or sys.stdout
     dest = getattr(dest, "json", dest)
     text = json.dumps(data, indent=2, default=str)
     if dest == "-":
-        print(text, file=stream)
+        print(text, file=stream, flush=True)
     else:
         from .report_files import write_atomic
 
@@ -273,6 +274,18 @@ def swapped_dirs(meta_dir, hf_dir) -> str | None:
     return None
 
 
+def options_from_args(args):
+    """The one VerifyOptions of this command line: every path (single-process, streamed, --nproc
+    ranks, bare torchrun ranks) judges with it."""
+    from .verify import VerifyOptions
+
+    return VerifyOptions(device=args.device, variant_id=args.variant, instruct=args.instruct, bf16=not args.no_bf16,
+                         tokenizer=not args.no_tokenizer, memory=args.memory,
+                         checks="metadata" if args.metadata_only else "quick" if args.quick else "all",
+                         greedy_tokens=args.greedy_tokens, json=args.json, html=args.html, nproc=args.nproc,
+                         timeout=args.timeout)
+
+
 def cmd_verify(args) -> int:
     from . import distributed
     from .memory import return_freed_memory
@@ -281,25 +294,24 @@ def cmd_verify(args) -> int:
     if swapped := swapped_dirs(args.meta_dir, args.hf_dir):
         return _err(swapped) if os.environ.get("RANK", "0") == "0" else EXIT_INPUT
 
+    opts = options_from_args(args)
+    json_stream = getattr(args, "json_stream", sys.stdout)
     if missing := _missing_extra(args, "html"):  # every rank under torchrun sees it: rank 0 speaks
         return _err(missing) if os.environ.get("RANK", "0") == "0" else EXIT_INPUT
     if args.attestation:
         return _recheck_attestation(args)
     if not args.meta_dir:
         args.verify_parser.error("the following arguments are required: --meta-dir")
-    if args.nproc:  # launch N ranks here; each runs this command without --nproc
-        return distributed.launch(args, args.verify_parser)
     if distributed.under_torchrun():
-        return distributed.run_rank(args)
+        return distributed.run_rank(args.meta_dir, args.hf_dir, opts, json_stream)
+    if opts.nproc:  # launch N ranks here; each runs this command's options
+        return distributed.launch(args.meta_dir, args.hf_dir, opts, json_stream)
     return_freed_memory()
     try:
-        rep = verify(args.meta_dir, args.hf_dir, device=args.device, variant_id=args.variant,
-                     bf16=not args.no_bf16, tokenizer=not args.no_tokenizer, memory=args.memory,
-                     checks="metadata" if args.metadata_only else "quick" if args.quick else "all",
-                     instruct=args.instruct, greedy_tokens=args.greedy_tokens)
+        rep = verify(args.meta_dir, args.hf_dir, opts)
     except InputError as e:
         return _err(str(e))
-    return emit_verify_report(args, rep)
+    return emit_verify_report(opts, rep, json_stream)
 
 
 def _recheck_attestation(args) -> int:
@@ -317,16 +329,16 @@ def _recheck_attestation(args) -> int:
     return EXIT_OK if res.ok else EXIT_PARITY
 
 
-def emit_verify_report(args, rep, *, measure_layers: bool = True) -> int:
+def emit_verify_report(opts, rep, json_stream=None, *, measure_layers: bool = True) -> int:
     """How every verify ends, single-process or rank 0 of a distributed run: the text report, then
     --json and --html; the exit code says whether the files agree."""
     print(rep.render(), flush=True)
-    if args.json:
-        write_json(args, rep.to_dict())
-    if args.html:
+    if opts.json:
+        write_json(opts.json, rep.to_dict(), json_stream)
+    if opts.html:
         from .report_html import write_html
 
-        path = write_html(rep, args.html, variant_id=args.variant, measure_layers=measure_layers)
+        path = write_html(rep, opts.html, variant_id=opts.variant_id, measure_layers=measure_layers)
         print(f"report: {path}", flush=True)
     return EXIT_OK if rep.ok else EXIT_PARITY
 
@@ -468,9 +480,8 @@ def _add_verify_parser(sub) -> None:
     g.add_argument("--instruct", dest="instruct", action="store_true", default=None,
                    help="expect instruct/chat metadata (as converted with --instruct)")
     g.add_argument("--base", dest="instruct", action="store_false", help="expect base-model metadata")
-    p.add_argument("--nproc", type=int, metavar="N", help="run across N processes on this machine (torchrun); N "
-                   "divides the shard count (a shard group per rank) or is a multiple of it (a slice of a shard per "
-                   "rank), and divides the head count; under torchrun, ranks come from it")
+    p.add_argument("--nproc", type=int, metavar="N", help="run across N processes on this machine (torchrun), "
+                   "each streaming a range of layers of both models; under torchrun, ranks come from it")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
                    help="distributed runs: seconds a rank waits for the others before giving up (default 600)")
     p.set_defaults(func=cmd_verify, verify_parser=p)
@@ -574,9 +585,15 @@ def _install_signal_handlers() -> dict:
 def _interrupted(e: KeyboardInterrupt) -> int:
     import signal
 
-    signum = getattr(e, "signum", signal.SIGINT)
+    return interrupted(getattr(e, "signum", signal.SIGINT))
+
+
+def interrupted(signum: int) -> int:
+    """One line and the shell's code for a stop by signal (also `verify --nproc`'s launcher's)."""
+    import signal
+
     print(f"llama-parity: interrupted by {signal.Signals(signum).name}; nothing was left half-written, "
-          "inputs untouched", file=sys.stderr)
+          "inputs untouched", file=sys.stderr, flush=True)
     return 128 + signum  # the shell convention: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
 
 

@@ -1,43 +1,42 @@
-"""`verify` across processes, GPUs and nodes: torchrun ranks share both models, rank 0 reports.
+"""`verify` across processes, GPUs and nodes: torchrun ranks stream the layers of both models, rank 0 reports.
 
     torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT ...] -m llama_parity verify ...
     llama-parity verify --nproc N ...          (launches the same thing on this machine)
 
-Every rank runs the same program (SPMD) and the same checks from parity.py; only the models differ:
-- Reference: Meta's model on fairscale's model-parallel layers over the unmerged shards
-  (reference_model/fairscale_mp.py). The world size N divides the shard count S (rank r holds
-  shard group r: S/N consecutive shards) or is a multiple of it (rank r holds a 1/(N/S) slice of
-  whole heads of one shard). The collectives inside fairscale's layers give every rank the same
-  full logits.
-- HF: transformers' own LlamaForCausalLM, its decoder layers cut into N contiguous ranges, rank r
-  holding range r only (rank 0 also the embedding, the last rank the final norm and lm_head). A
-  layer held elsewhere is a pass-through; after the last layer of each range its owner broadcasts
-  the hidden states to all ranks, and the last rank broadcasts the logits. So `generate`, the KV
-  cache and every check run through transformers' real forward on every rank. Layer ranges rather
-  than transformers' tensor parallelism: they work for every head count and world size up to the
-  layer count, on gloo and NCCL alike, and load only each rank's tensors from the safetensors files.
+Every rank runs the single-process streamed verify (streaming.py) with the launcher's options
+(verify.VerifyOptions, as JSON): the same streams, checks, criteria, dtype rounding and scope. The
+decoder layers are cut into N contiguous ranges and rank r streams range r of both models, held as
+stored and widened per product, one layer at a time (RankRelay): after each range its owner
+broadcasts the hidden states to the others, rank 0 applies the final norm and output matrix,
+judges, and tells the others each greedy token. So the rows, the verdicts and the numbers are the
+single-process streamed verify's (the same operations on the same values), whatever N.
 
-Memory per rank: 1/N of each model in the check's dtype (fp32, then bf16), plus the embedding on
-rank 0 and lm_head on the last rank. Failures: a rank that fails reports one line naming itself
-and exits; torchrun's agent stops the others; every collective has a timeout (`--timeout`).
+What N ranks buy: each rank reads only its 1/N of the weights, so on N machines the shards that
+greedy decoding re-reads stay in each one's page cache where one machine's could not hold them all,
+and each GPU holds one layer. What they do not: the ranges run one after the other (a pipeline of
+one batch), so on one CPU machine --nproc is no faster than one process, and each rank's memory is
+the single-process streamed verify's (one layer as stored plus the streams), not 1/N of it.
+Failures: a rank that fails reports one line naming itself and exits; torchrun's agent stops the
+others; every collective has a timeout (`--timeout`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
 import torch
-from torch import nn
 
 ERRORS_ENV = "LLAMA_PARITY_DIST_ERRORS"  # set by the --nproc launcher: ranks leave their one line there
 # Fault injection for the teardown test: this rank fails after loading, while the others wait in a collective.
 FAULT_ENV = "LLAMA_PARITY_FAIL_RANK"
+OPTIONS_ENV = "LLAMA_PARITY_VERIFY_OPTIONS"  # set by the --nproc launcher: its VerifyOptions, as JSON
 EXIT_OK, EXIT_PARITY, EXIT_INPUT = 0, 1, 2
 
 
@@ -71,155 +70,70 @@ def layer_ranges(n_layers: int, world: int) -> list[range]:
 
 def precheck(meta_dir: Path, hf_dir: Path, world: int) -> None:
     """What makes a distributed run impossible, told before any process starts (InputError, exit 2)."""
-    import json
-
     from .verify import InputError
 
-    n = len(list(meta_dir.glob("consolidated.*.pth")))
-    if n and n % world and world % n:
-        raise InputError(f"{n} shard file(s) in {meta_dir} cannot be split over {world} ranks: use a rank count "
-                         f"that divides {n} or is a multiple of it (each rank runs a shard group or a shard's slice)")
     try:
-        n_heads = json.loads((meta_dir / "params.json").read_text())["n_heads"]
-        n_layers = json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"]
+        n_layers = json.loads((meta_dir / "params.json").read_text())["n_layers"]
     except (OSError, ValueError, KeyError):
         return  # verify's own checks name the problem
-    if n_heads % world:
-        raise InputError(f"{n_heads} attention heads cannot be split over {world} ranks: use a rank count that "
-                         f"divides {n_heads}")
     if n_layers < world:
-        raise InputError(f"{world} ranks for {n_layers} decoder layers in {hf_dir}: use at most {n_layers} ranks")
-
-
-# --- HF side: transformers' model, cut into layer ranges ------------------------------------------------
-class _Elsewhere(nn.Module):
-    """A decoder layer another rank runs: passes hidden states through and keeps the cache's length
-    right (transformers reads positions and masks from it) with a one-float-per-token placeholder."""
-
-    def __init__(self, idx: int, tuple_output: bool):
-        super().__init__()
-        self.idx, self.tuple_output = idx, tuple_output
-
-    def forward(self, hidden_states, *args, **kwargs):
-        cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None),
-                     None)
-        if cache is not None:
-            b, s = hidden_states.shape[:2]
-            ph = hidden_states.new_zeros(b, 1, s, 1)
-            cache.update(ph, ph, self.idx)
-        return (hidden_states,) if self.tuple_output else hidden_states
-
-
-class _Zeros(nn.Module):
-    """Embedding or lm_head held by another rank: the right shape, overwritten by its broadcast."""
-
-    def __init__(self, width: int, dtype: torch.dtype):
-        super().__init__()
-        self.width, self.dtype = width, dtype
-
-    def forward(self, x):
-        shape = x.shape + (self.width,) if x.dtype in (torch.long, torch.int) else x.shape[:-1] + (self.width,)
-        return torch.zeros(shape, dtype=self.dtype, device=x.device)
-
-
-def _broadcast_hook(src: int):
-    import torch.distributed as dist
-
-    def hook(module, inputs, output):
-        t = (output[0] if isinstance(output, tuple) else output).contiguous()
-        dist.broadcast(t, src=src)
-        return (t,) + tuple(output[1:]) if isinstance(output, tuple) else t
-    return hook
-
-
-def _owned_keys(weight_map: dict[str, str], layers: range, first: bool, last: bool) -> list[str]:
-    keep = []
-    for k in weight_map:
-        if k.startswith("model.layers."):
-            if int(k.split(".")[2]) in layers:
-                keep.append(k)
-        elif k == "model.norm.weight" or (first and k == "model.embed_tokens.weight") or (last and k == "lm_head.weight"):
-            keep.append(k)
-    return keep
-
-
-def _read_owned(hf_dir: Path, keys: list[str], weight_map: dict[str, str], device: str, dtype: torch.dtype) -> dict:
-    from llama_parity.formats.safetensors import SafetensorsReader
-
-    files = SafetensorsReader(hf_dir, {weight_map[k] for k in keys})
-    try:
-        return {k: t.to(device=device, dtype=dtype) for k, t in files.tensors(keys)}
-    finally:
-        files.close()
-
-
-def load_hf_rank(hf_dir: Path, r: Rank, dtype: torch.dtype):
-    """transformers' LlamaForCausalLM holding only rank r's layers; collectives join the ranges."""
-    import transformers
-    from transformers import AutoConfig, GenerationConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    from llama_parity.formats.safetensors import read_index
-
-    from .parity import quiet_transformers
-
-    quiet_transformers()
-    config = AutoConfig.from_pretrained(str(hf_dir))
-    with torch.device("meta"):
-        model = LlamaForCausalLM._from_config(config, attn_implementation="eager", dtype=dtype)
-    ranges = layer_ranges(config.num_hidden_layers, r.world)
-    mine, first, last = ranges[r.rank], r.rank == 0, r.rank == r.world - 1
-    tuple_output = int(transformers.__version__.split(".")[0]) < 5
-    for i in range(config.num_hidden_layers):
-        if i not in mine:
-            model.model.layers[i] = _Elsewhere(i, tuple_output)
-    for src, rng in enumerate(ranges[:-1]):  # the owner of each range hands its output on
-        model.model.layers[rng[-1]].register_forward_hook(_broadcast_hook(src))
-    if not first:
-        model.model.embed_tokens = _Zeros(config.hidden_size, dtype)
-    weight_map = read_index(hf_dir)
-    sd = _read_owned(hf_dir, _owned_keys(weight_map, mine, first, last), weight_map, r.device, dtype)
-    if last:
-        w = sd.pop("lm_head.weight", None)
-        if w is None and config.tie_word_embeddings:
-            w = sd["model.embed_tokens.weight"] if first else _read_owned(
-                hf_dir, ["model.embed_tokens.weight"], weight_map, r.device, dtype)["model.embed_tokens.weight"]
-        if w is None:  # as from_pretrained: an lm_head absent from the files is initialised randomly
-            w = torch.empty(config.vocab_size, config.hidden_size, device=r.device, dtype=dtype).normal_(
-                std=config.initializer_range)
-        model.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=r.device, dtype=dtype)
-        model.lm_head.weight = nn.Parameter(w, requires_grad=False)
-    else:
-        model.lm_head = _Zeros(config.vocab_size, dtype)
-    model.lm_head.register_forward_hook(_broadcast_hook(r.world - 1))
-    model.load_state_dict(sd, assign=True, strict=False)
-    model.model.rotary_emb = LlamaRotaryEmbedding(config=config).to(r.device)  # buffers built off meta
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise KeyError(f"{hf_dir} lacks tensors rank {r.rank} needs: {', '.join(left[:3])}")
-    if (hf_dir / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(str(hf_dir))
-    return model.eval()
+        raise InputError(f"{world} ranks for {n_layers} decoder layers in {meta_dir}: use at most {n_layers} ranks "
+                         "(each rank streams a range of layers)")
 
 
 # --- the checks, on every rank ----------------------------------------------------------------------
+class RankRelay:
+    """streams.Relay across ranks: this rank's layer range, hidden states broadcast by each range's
+    owner in range order (every rank takes part in every broadcast, so the order is the same
+    everywhere), rank 0 judging."""
+
+    def __init__(self, n_layers: int, r: Rank):
+        self.ranges, self.r = layer_ranges(n_layers, r.world), r
+        self.layers, self.judges = self.ranges[r.rank], r.rank == 0
+        self.started = False
+
+    def _broadcast(self, tensors: list, owners) -> None:
+        import torch.distributed as dist
+
+        for src in owners:
+            for t in tensors:
+                dist.broadcast(t, src=src)
+
+    def before(self, tensors: list) -> None:
+        if not self.started and os.environ.get(FAULT_ENV) == str(self.r.rank):
+            raise RuntimeError(f"failure injected by {FAULT_ENV}={self.r.rank}")  # the others wait for us
+        self.started = True
+        self._broadcast(tensors, range(self.r.rank))
+
+    def after(self, tensors: list) -> None:
+        self._broadcast(tensors, range(self.r.rank, self.r.world))
+
+    def decide(self, f):
+        import torch.distributed as dist
+
+        box = [f() if self.judges else None]
+        dist.broadcast_object_list(box, src=0, device=torch.device(self.r.device))
+        return box[0]
+
+    def gather(self, values: list) -> list:
+        import torch.distributed as dist
+
+        parts = [None] * self.r.world
+        dist.all_gather_object(parts, values)
+        return [v for part in parts for v in part]
+
+
 def model_checks_on(r: Rank):
-    """parity.run_model_checks with this rank's parts of both models (same checks, same order)."""
-    from llama_parity.reference_model.fairscale_mp import build_rank_model, reference_args
+    """streaming.streaming_model_checks on this rank's layer range, with verify's options (scope,
+    bf16, greedy tokens) and the rounding a dtype change implies; rank 0 returns the checks."""
+    from .streaming import STREAMED_GREEDY_TOKENS, streaming_model_checks
 
-    from .parity import GREEDY_TOKENS, run_model_checks
-
-    def checks(meta_dir: Path, hf_dir: Path, *, rope_scaling, bf16: bool, greedy_tokens: int = GREEDY_TOKENS):
-        args = reference_args(meta_dir, rope_scaling)
-
-        def load(dtype):
-            ref = build_rank_model(meta_dir, args, r.rank, r.world, device=r.device, dtype=dtype)
-            hf = load_hf_rank(hf_dir, r, dtype)
-            if os.environ.get(FAULT_ENV) == str(r.rank):
-                raise RuntimeError(f"failure injected by {FAULT_ENV}={r.rank}")
-            return ref, hf
-        return run_model_checks(meta_dir, hf_dir, rope_scaling=rope_scaling, device=r.device, bf16=bf16, loader=load,
-                                greedy_tokens=greedy_tokens)
+    def checks(meta_dir: Path, hf_dir: Path, *, rope_scaling, round_to, options) -> list:
+        n_layers = json.loads((Path(meta_dir) / "params.json").read_text())["n_layers"]
+        return streaming_model_checks(meta_dir, hf_dir, rope_scaling=rope_scaling, device=r.device,
+                                      bf16=options.bf16, round_to=round_to, quick=options.checks == "quick",
+                                      greedy_tokens=options.greedy_tokens or STREAMED_GREEDY_TOKENS,
+                                      relay=RankRelay(n_layers, r))
     return checks
 
 
@@ -234,61 +148,90 @@ def _fail(r: Rank | None, message: str, code: int = EXIT_INPUT) -> int:
     return code
 
 
-def run_rank(args) -> int:
-    """One torchrun rank of `verify`: rank 0 prints the report; exit codes as single-process verify."""
+def _answer_signals(r: Rank) -> None:
+    """SIGINT/SIGTERM/SIGHUP end a rank at once with 128+signal, rank 0 saying so in one line (the
+    other ranks are stopped by the same signal: one line is enough). Immediately, not by raising:
+    a rank blocked in a collective would otherwise wait for peers that are gone, and a torn-down
+    gloo group prints C++ noise. Under the --nproc launcher the launcher speaks instead."""
     import signal
 
+    def handler(signum, frame):
+        if r.rank == 0 and not os.environ.get(ERRORS_ENV):
+            os.write(2, f"llama-parity: interrupted by {signal.Signals(signum).name}; nothing was left "
+                        "half-written, inputs untouched\n".encode())
+        os._exit(128 + signum)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, handler)
+
+
+def run_rank(meta_dir: str, hf_dir: str, opts, json_stream=None) -> int:
+    """One torchrun rank of `verify`: rank 0 reports; exit codes as single-process verify. Under the
+    --nproc launcher the options come from it (OPTIONS_ENV, exactly the launcher's) and rank 0 hands
+    the report back to it, which prints it as single-process verify would (--json - included)."""
     import torch.distributed as dist
 
-    from .verify import InputError, verify
+    from .verify import InputError, VerifyOptions, verify
 
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's agent stops ranks when one fails: quietly
-    r = Rank.from_env(args.device)
+    from .memory import return_freed_memory
+
+    r = Rank.from_env(opts.device)
+    _answer_signals(r)
+    return_freed_memory()  # as single-process verify: weight pieces freed go back to the system
+    if os.environ.get(OPTIONS_ENV):
+        opts = VerifyOptions.from_json(os.environ[OPTIONS_ENV])
+    elif opts.nproc:
+        return _fail(None, "--nproc under torchrun: torchrun already started the ranks (drop --nproc)") \
+            if r.rank == 0 else EXIT_INPUT
     try:
-        precheck(Path(args.meta_dir), Path(args.hf_dir), r.world)
+        precheck(Path(meta_dir), Path(hf_dir), r.world)
     except InputError as e:  # every rank sees the same files: only rank 0 speaks
         return _fail(None, str(e)) if r.rank == 0 else EXIT_INPUT
     try:
         if r.device.startswith("cuda"):
             torch.cuda.set_device(r.local_rank)
-        timeout = timedelta(seconds=args.timeout)
+        timeout = timedelta(seconds=opts.timeout)
         dist.init_process_group(r.backend, timeout=timeout)
-        from llama_parity.reference_model.fairscale_mp import init_model_parallel
-
-        init_model_parallel(r.world, timeout)
-        rep = verify(args.meta_dir, args.hf_dir, device=args.device, variant_id=args.variant, bf16=not args.no_bf16,
-                     tokenizer=not args.no_tokenizer and r.rank == 0, model_checks=model_checks_on(r),
-                     greedy_tokens=getattr(args, "greedy_tokens", None))
+        rep = verify(meta_dir, hf_dir, opts, tokenizer=opts.tokenizer and r.rank == 0, model_checks=model_checks_on(r))
     except InputError as e:
         return _fail(r, str(e))
     except Exception as e:  # noqa: BLE001 (a dead peer, a timeout, a damaged file: one line, exit 2)
-        return _fail(r, _describe(e, args.timeout))
+        return _fail(r, _describe(e, opts.timeout))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if r.rank != 0:
         return EXIT_OK
-    rep.notes.append(_layout_note(Path(args.meta_dir), Path(args.hf_dir), r))
+    rep.notes.append(_layout_note(json.loads((Path(meta_dir) / "params.json").read_text())["n_layers"], r,
+                                  opts.memory))
+    if os.environ.get(ERRORS_ENV):
+        return _hand_back(rep, opts, Path(os.environ[ERRORS_ENV]))
     from .cli import emit_verify_report
 
-    # No per-layer chart in the HTML: measuring it would load both whole models into rank 0, the
-    # memory the distributed run exists to avoid (the report says so and names `diagnose`).
-    return emit_verify_report(args, rep, measure_layers=False)
+    return emit_verify_report(opts, rep, json_stream, measure_layers=False)
 
 
-def _layout_note(meta_dir: Path, hf_dir: Path, r: Rank) -> str:
-    import json
+def _hand_back(rep, opts, folder: Path) -> int:
+    """Rank 0 under the launcher: the report goes to the launcher's folder (the launcher prints it on
+    its own stdout or stderr, and writes --json); the HTML file is written here, where the report is."""
+    html = None
+    if opts.html:
+        from .report_html import write_html
 
-    n_shards = len(list(meta_dir.glob("consolidated.*.pth")))
-    g, k = max(1, n_shards // r.world), max(1, r.world // n_shards)
-    ranges = layer_ranges(int(json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"]), r.world)
+        html = str(write_html(rep, opts.html, variant_id=opts.variant_id, measure_layers=False))
+    tmp = folder / "report.json.tmp"
+    tmp.write_text(json.dumps({"ok": rep.ok, "text": rep.render(), "report": rep.to_dict(), "html": html},
+                              default=str))
+    tmp.rename(folder / "report.json")  # whole or absent
+    return EXIT_OK
 
-    def shards(i: int) -> str:
-        if k > 1:
-            return f"shard {i // k:02d} piece {i % k + 1}/{k}"
-        return f"shard{'s' if g > 1 else ''} {i * g:02d}{f'-{i * g + g - 1:02d}' if g > 1 else ''}"
-    parts = [f"rank {i}: {shards(i)}, HF layers {x.start}-{x.stop - 1}" for i, x in enumerate(ranges)]
-    return f"distributed over {r.world} ranks ({r.backend}): " + "; ".join(parts)
+
+def _layout_note(n_layers: int, r: Rank, memory: str) -> str:
+    ranges = layer_ranges(n_layers, r.world)
+    parts = "; ".join(f"rank {i}: layers {x.start}-{x.stop - 1}" for i, x in enumerate(ranges))
+    full = " (--memory full is for one process: ranks always stream)" if memory == "full" else ""
+    return f"distributed over {r.world} ranks ({r.backend}), each streaming its layers of both models: {parts}{full}"
 
 
 def _describe(e: Exception, timeout: float) -> str:
@@ -302,64 +245,76 @@ def _describe(e: Exception, timeout: float) -> str:
 
 
 # --- `llama-parity verify --nproc N`: torchrun's launcher, started from here --------------------------
-def worker_argv(args, parser) -> list[str]:
-    """The verify command line each rank runs: every option the user gave, except --nproc."""
-    import argparse
-
-    out = []
-    for a in parser._actions:
-        if not a.option_strings or a.dest in ("nproc", "help"):
-            continue
-        val = getattr(args, a.dest, a.default)
-        if val == a.default or val is None:
-            continue
-        if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            out.append(a.option_strings[0])
-        else:
-            out += [a.option_strings[0], str(val)]
-    return out
-
-
-def launch(args, parser) -> int:
+def launch(meta_dir: str, hf_dir: str, opts, json_stream=None) -> int:
     """Start N ranks on this machine with torchrun's elastic launcher (rendezvous on a port the store
-    picks itself: localhost:0, no race), wait, and exit as single-process verify would."""
+    picks itself: localhost:0, no race), wait, and end as single-process verify would: the report
+    printed here (so `--json -` keeps the table on stderr), exit 0/1/2, and SIGINT/SIGTERM/SIGHUP
+    answered with one line and 130/143/129 after the ranks are stopped."""
     import logging
+    import signal
 
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from .verify import InputError, check_dirs
 
     try:
-        if args.nproc < 1:
-            raise InputError(f"--nproc {args.nproc}: needs at least 1 process")
-        check_dirs(Path(args.meta_dir), Path(args.hf_dir), args.device)
-        precheck(Path(args.meta_dir), Path(args.hf_dir), args.nproc)
+        if opts.nproc < 1:
+            raise InputError(f"--nproc {opts.nproc}: needs at least 1 process")
+        check_dirs(Path(meta_dir), Path(hf_dir), opts.device)
+        precheck(Path(meta_dir), Path(hf_dir), opts.nproc)
     except InputError as e:
         return _fail(None, str(e))
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)  # failures are reported below, in one line
+    # Failures and signals are reported below, in one line. torch's elastic loggers each set their own
+    # level when created (so the parents' level is not enough): quiet every one that exists by now.
+    for name in [n for n in logging.Logger.manager.loggerDict if n.startswith("torch.distributed")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     from .machine import cpu_budget
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_budget() // args.nproc)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_budget() // opts.nproc)))
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's socket warnings would bury the one line
+    ours = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     with tempfile.TemporaryDirectory(prefix="llama-parity-ranks-") as errors:
         # Ranks' stderr goes to files: a rank torn down mid-collective may print C++ noise
         # ("terminate called without an active exception") that would bury the one line below.
         logs = DefaultLogsSpecs(log_dir=str(Path(errors) / "logs"), redirects=Std.ERR)
-        cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, logs_specs=logs,
+        cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=opts.nproc, logs_specs=logs,
                            run_id=f"llama-parity-{uuid.uuid4().hex}", rdzv_backend="c10d",
                            rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
                            shutdown_timeout=5)  # a stopped rank gets SIGKILL 5 s after SIGTERM
         os.environ[ERRORS_ENV] = errors
+        os.environ[OPTIONS_ENV] = replace(opts, nproc=None).to_json()  # each rank judges with these
         try:
-            elastic_launch(cfg, sys.executable)("-m", "llama_parity", "verify", *worker_argv(args, parser))
-            return EXIT_OK
+            elastic_launch(cfg, sys.executable)("-m", "llama_parity", "verify", "--meta-dir", str(meta_dir),
+                                                "--hf-dir", str(hf_dir))
         except ChildFailedError as e:
             return _explain(e.failures, Path(errors))
+        except SignalException as e:  # the agent has stopped the ranks with the same signal
+            from .cli import interrupted
+
+            return interrupted(e.sigval)
         finally:
             os.environ.pop(ERRORS_ENV, None)
+            os.environ.pop(OPTIONS_ENV, None)
+            for sig, handler in ours.items():  # torch's handlers raise SignalException: not after the run
+                signal.signal(sig, handler)
+        return _emit(Path(errors) / "report.json", opts, json_stream)
+
+
+def _emit(path: Path, opts, json_stream) -> int:
+    """The report rank 0 handed back, ended as emit_verify_report ends a single-process verify."""
+    from .cli import write_json
+
+    if not path.is_file():
+        return _fail(None, "the ranks ended without a report (rank 0 stopped early?)")
+    got = json.loads(path.read_text())
+    print(got["text"], flush=True)
+    if opts.json:
+        write_json(opts.json, got["report"], json_stream)
+    if got["html"]:
+        print(f"report: {got['html']}", flush=True)
+    return EXIT_OK if got["ok"] else EXIT_PARITY
 
 
 def _explain(failures: dict, errors: Path) -> int:
@@ -368,8 +323,6 @@ def _explain(failures: dict, errors: Path) -> int:
     if lines:
         code, line = lines[0].read_text().split("\n", 1)
         return _fail(None, line.strip(), int(code))
-    if 0 in failures and failures[0].exitcode == EXIT_PARITY:  # others may be stopped after it: fine
-        return EXIT_PARITY
     rank, f = min(failures.items(), key=lambda kv: kv[1].timestamp)
     how = f"killed by signal {-f.exitcode}" if f.exitcode < 0 else f"exit code {f.exitcode}"
     last = _last_stderr_line(errors / "logs", rank)

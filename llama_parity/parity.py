@@ -413,19 +413,64 @@ def run_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeScalingA
     ref, hf = load(torch.float32)
     prompts = model_prompts(meta_dir, min(hf.config.vocab_size, ref.args.vocab_size))
     tokens = prompt or prompts.main
-    r32, h32 = ref_logits(ref, tokens), hf_logits(hf, tokens, device)
+    (r32, ref_hidden), (h32, hf_hidden) = ref_traced(ref, tokens), hf_traced(hf, tokens, device)
     logits = compare_fp32("logits (fp32)", "weights permuted/merged wrongly, wrong norm eps, wrong FFN size or theta",
                           r32, h32, f"max |diff| / max |logit| over {len(tokens)} positions ({prompts.source})")
+    checks = [_layout_check(hf_dir), layers_check([rel_diff(a, b) for a, b in zip(ref_hidden, hf_hidden)]),
+              logits, *distribution_checks(r32, h32, prompts.source)]
     far = check_far_positions(ref, hf, tokens, device, starts=far_positions(rope_scaling))
-    if quick:
-        return [logits, far]
-    checks = [logits, *distribution_checks(r32, h32, prompts.source), check_kv_cache(ref, hf, tokens, device),
-              far, check_greedy(ref, hf, prompts.greedy, device, n_new=greedy_tokens)]
+    if quick:  # the streamed verify's rows and order (streaming._judge)
+        return checks + [far]
+    checks += [check_kv_cache(ref, hf, tokens, device), far, check_greedy(ref, hf, prompts.greedy, device,
+                                                                          n_new=greedy_tokens)]
     del ref, hf
     if bf16:
         ref, hf = load(torch.bfloat16)
         checks += bf16_checks(r32, ref_logits(ref, tokens), hf_logits(hf, tokens, device), h32)
     return checks
+
+
+def _layout_check(hf_dir: Path) -> Check:
+    """What from_pretrained did with the files, judged as the streamed verify judges it (the same row)."""
+    from .hf_layers import StreamingHF
+
+    return StreamingHF(Path(hf_dir)).layout_check()[0]
+
+
+@torch.inference_mode()
+def ref_traced(ref: Transformer, tokens: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits and the hidden state after each layer (the residual stream, as Meta's forward adds it)."""
+    trace = []
+    logits = ref.forward(torch.tensor([tokens]), 0, trace=trace)[0]
+    h, hidden = trace[0][1], []
+    for name, t in trace[1:]:
+        h = h + t
+        if name.endswith("feed-forward"):
+            hidden.append(h[0].float().cpu())
+    return logits, hidden
+
+
+@torch.inference_mode()
+def hf_traced(model, tokens: list[int], device: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits and each decoder layer's output, caught by forward hooks (the same in transformers 4 and 5)."""
+    hidden = []
+    hook = lambda mod, inp, out: hidden.append((out[0] if isinstance(out, tuple) else out)[0].float().cpu())
+    handles = [layer.register_forward_hook(hook) for layer in model.model.layers]
+    try:
+        return hf_logits(model, tokens, device), hidden
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def layers_check(diffs: list[float]) -> Check:
+    """Hidden states after each layer: the first divergent layer is named."""
+    worst = max(range(len(diffs)), key=lambda i: diffs[i])
+    first_bad = next((i for i, d in enumerate(diffs) if d > FP32_REL_BOUND), None)
+    return Check("hidden states per layer", "a fault inside one layer (permutation, merge, norm)",
+                 diffs[worst], FP32_REL_BOUND, first_bad is None,
+                 "all layers agree" if first_bad is None else f"first divergent layer: {first_bad}",
+                 series={"x_label": "layer", "x": list(range(len(diffs))), "y": list(diffs)})
 
 
 def expected_rope_scaling(meta_dir: Path, variant_id: str | None = None, *, hf_dir: Path | None = None,

@@ -29,6 +29,10 @@ def pytest_addoption(parser):
     g.addoption("--all-tests", action="store_true",
                 help="with --meta-dir: also run the suite's tests on tiny checkpoints (by default only the "
                      "tests about the given checkpoint run)")
+    # verify's options that change what real weights are judged against, spelled as verify spells them
+    g.addoption("--variant", default=None, help="registry id of the real checkpoints' release (as verify --variant)")
+    g.addoption("--greedy-tokens", type=int, default=None, metavar="N",
+                help="tokens the greedy check compares on real weights (as verify --greedy-tokens)")
 
 
 def _option_problems(metas: list[str], hfs: list[str]) -> list[str]:
@@ -92,6 +96,20 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def verify_options_of(config):
+    """The VerifyOptions `llama-parity verify` would build from the same flags: the suite judges real
+    weights with the scope, release and token count verify would use (streamed: any size fits)."""
+    from llama_parity.verify import VerifyOptions
+
+    return VerifyOptions(variant_id=config.getoption("--variant", default=None),
+                         greedy_tokens=config.getoption("--greedy-tokens", default=None), memory="streaming")
+
+
+@pytest.fixture(scope="session")
+def verify_options(request):
+    return verify_options_of(request.config)
 
 
 def _cuda_available() -> bool:

@@ -48,15 +48,15 @@ from llama_parity.reference_model.model import RopeScalingArgs, Transformer, loa
 
 from .hf_layers import PIECE_BYTES, StreamingHF
 from .parity import (FP32_REL_BOUND, KV_CATCHES, Check, Prompts, bf16_checks, compare_fp32, distribution_checks,
-                     far_check, far_positions, greedy_check, kv_detail, model_prompts)
-from .streams import build_streams, reference_greedy, run_hf, run_reference
+                     far_check, far_positions, greedy_check, kv_detail, layers_check, model_prompts)
+from .streams import Relay, build_streams, reference_greedy, run_hf, run_reference
 
 # Streamed, each new token after the first is one more pass over the Meta weights: fewer than full.
 STREAMED_GREEDY_TOKENS = 8
 
 
-def _progress(desc_prefix: str):
-    quiet = not sys.stderr.isatty()
+def _progress(desc_prefix: str, quiet: bool = False):
+    quiet = quiet or not sys.stderr.isatty()
     return lambda it, desc, total=None, unit="layer": tqdm(it, desc=f"{desc_prefix}{desc}", unit=unit, total=total,
                                                            disable=quiet)
 
@@ -65,11 +65,14 @@ def _progress(desc_prefix: str):
 def streaming_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeScalingArgs | None,
                            device: str = "cpu", prompt: list[int] | None = None, bf16: bool = True,
                            greedy_tokens: int = STREAMED_GREEDY_TOKENS, round_to: torch.dtype | None = None,
-                           quick: bool = False, piece_bytes: int = PIECE_BYTES) -> list[Check]:
+                           quick: bool = False, piece_bytes: int = PIECE_BYTES,
+                           relay: Relay | None = None) -> list[Check]:
     """Every model check of the full verify, streamed; see the module docstring for what each costs.
     `round_to`: the HF weights' dtype when the conversion changed it (the reference then computes with
     Meta's weights rounded to it); `quick`: fp32 logits and far positions only; `piece_bytes`: fp32
-    bytes of weight rows widened per product on both sides (tests make it tiny to cross piece edges).
+    bytes of weight rows widened per product on both sides (tests make it tiny to cross piece edges);
+    `relay`: this process's layers when several share the model (distributed.py); only the one that
+    judges returns checks.
 
     Run from the CLI, the process first calls memory.return_freed_memory (a process-wide allocator
     policy: without it, RSS grows by the weight pieces glibc keeps in its heap)."""
@@ -85,22 +88,25 @@ def streaming_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeSc
     if prompt:
         prompts = Prompts(prompt, prompt[:8], "given ids")
     far, bf16 = far_positions(rope_scaling), bf16 and not quick
-    progress = _progress("verifying ")
+    relay = relay or Relay(ref32.args.n_layers)
+    progress = _progress("verifying ", quiet=not relay.judges)
     ref_streams = build_streams(prompts, far, bf16, greedy_room=greedy_tokens, quick=quick)
-    r, ref_hidden = run_reference(ref32, ref16, ref_streams, progress)
+    r, ref_hidden = run_reference(ref32, ref16, ref_streams, progress, relay)
     cont = []
     if not quick:
         greedy = next(s for s in ref_streams if s.name == "greedy")
-        cont = reference_greedy(ref32, greedy, r.pop("greedy"), greedy_tokens, progress)
+        cont = reference_greedy(ref32, greedy, r.pop("greedy", None), greedy_tokens, progress, relay)
     del ref32, ref16, ref_streams
     hf_prompts = Prompts(prompts.main, prompts.greedy + cont[:-1], prompts.source)
     h, diffs = run_hf(hf, build_streams(hf_prompts, far, bf16, quick=quick, greedy_from=len(prompts.greedy) - 1),
-                      ref_hidden, progress)
+                      ref_hidden, progress, relay)
+    if not relay.judges:
+        return []
     if not h:  # named as the full check that catches it there
-        return [layout, _layers_check(diffs), Check(
+        return [layout, layers_check(diffs), Check(
             "logits (fp32)", "tie_word_embeddings lost on a tied model (random lm_head)", 1.0, FP32_REL_BOUND, False,
             "no lm_head.weight and tie_word_embeddings is false: transformers would initialise lm_head randomly")]
-    return [layout, _layers_check(diffs)] + _judge(r, h, prompts, far, cont, greedy_tokens)
+    return [layout, layers_check(diffs)] + _judge(r, h, prompts, far, cont, greedy_tokens)
 
 
 def _judge(r: dict, h: dict, prompts: Prompts, far: list[int], cont: list[int], greedy_tokens: int) -> list[Check]:
@@ -121,12 +127,3 @@ def _judge(r: dict, h: dict, prompts: Prompts, far: list[int], cont: list[int], 
     if "near bf16" in r:
         checks += bf16_checks(r["near"], r["near bf16"], h["near bf16"], h["near"])
     return checks
-
-
-def _layers_check(diffs: list[float]) -> Check:
-    worst = max(range(len(diffs)), key=lambda i: diffs[i])
-    first_bad = next((i for i, d in enumerate(diffs) if d > FP32_REL_BOUND), None)
-    return Check("hidden states per layer", "a fault inside one layer (permutation, merge, norm)",
-                 diffs[worst], FP32_REL_BOUND, first_bad is None,
-                 "all layers agree" if first_bad is None else f"first divergent layer: {first_bad}",
-                 series={"x_label": "layer", "x": list(range(len(diffs))), "y": list(diffs)})

@@ -4,7 +4,8 @@ A stream is one check's tokens (near, kv, far@P, greedy, near bf16). Each side's
 layer once (the next one in a reader thread, `prefetched`) and runs every stream through it while it
 is resident: the reference (reference_model/model.py, Meta's math over unmerged shards) first, then
 the HF side (llama_parity/hf_layers.py, transformers' own modules), which also compares its hidden
-state after each layer with the reference's.
+state after each layer with the reference's. A `Relay` says which layers this process runs: all of
+them here, one range per rank in distributed.py (the same passes, hidden states handed on).
 """
 
 from __future__ import annotations
@@ -73,14 +74,16 @@ def _ref_begin(refs: dict, s: Stream) -> list:
     return out
 
 
-def run_reference(ref32: Transformer, ref16: Transformer, streams: list[Stream], progress) -> tuple[dict, list]:
-    """All streams through every reference layer, each layer read once; returns logits per stream and
-    the near stream's hidden state after each layer."""
+def run_reference(ref32: Transformer, ref16: Transformer, streams: list[Stream], progress,
+                  relay: "Relay | None" = None) -> tuple[dict, list]:
+    """All streams through the reference layers (relay.layers: every one here), each layer read once;
+    returns logits per stream (where relay.judges) and the near stream's hidden state after each layer."""
+    relay = relay or Relay(ref32.args.n_layers)
     refs = {torch.float32: ref32, torch.bfloat16: ref16}
     state = {s.name: _ref_begin(refs, s) for s in streams}
     hidden = []
-    n = ref32.args.n_layers
-    for i, tensors in progress(prefetched(ref32.read_layer, n), "reference layers", n):
+    relay.before([st[0] for s in streams for st in state[s.name]])
+    for i, tensors in progress(prefetched(ref32.read_layer, relay.layers), "reference layers", len(relay.layers)):
         ref32.hold_layer(i, tensors=tensors)
         for dtype in (torch.float32, torch.bfloat16):
             if dtype == torch.bfloat16:
@@ -91,9 +94,11 @@ def run_reference(ref32: Transformer, ref16: Transformer, streams: list[Stream],
         ref32.release_layer()
         ref16.release_layer()
         del tensors
-        hidden.append(state["near"][0][0][0].float().cpu())
+        hidden.append(state["near"][0][0][0].to("cpu", torch.float32, copy=True))  # after(): received in place
+    relay.after([st[0] for s in streams for st in state[s.name]])
     logits = {}
-    for dtype, ref in refs.items():  # one pass over the output matrix per dtype, every stream at once
+    # one pass over the output matrix per dtype, every stream at once (where the verdict is made)
+    for dtype, ref in refs.items() if relay.judges else ():
         group = [s for s in streams if s.dtype == dtype]
         hs = [torch.cat([st[0] for st in state[s.name]], dim=1)[:, s.logits_from:] for s in group]
         if group:
@@ -103,28 +108,40 @@ def run_reference(ref32: Transformer, ref16: Transformer, streams: list[Stream],
 
 
 @torch.inference_mode()
-def reference_greedy(ref: Transformer, stream: Stream, first_logits: torch.Tensor, n_new: int,
-                     progress=None) -> list[int]:
+def reference_greedy(ref: Transformer, stream: Stream, first_logits: torch.Tensor | None, n_new: int,
+                     progress=None, relay: "Relay | None" = None) -> list[int]:
     """Continue the greedy stream (its caches hold the prompt at every layer): one pass per token
-    (on a 70B whose shards exceed the page cache, minutes each: `progress` shows them)."""
-    out, pos = [int(first_logits[-1].argmax())], len(stream.tokens)
+    (on a 70B whose shards exceed the page cache, minutes each: `progress` shows them). Each pass
+    goes through relay.layers; the process that judges picks the token and tells the others."""
+    relay = relay or Relay(ref.args.n_layers)
+    out, pos = [relay.decide(lambda: int(first_logits[-1].argmax()))], len(stream.tokens)
     steps = range(n_new - 1)
     for _ in (progress(steps, "greedy passes over the Meta weights", len(steps), "token") if progress else steps):
-        out.append(int(ref.forward(torch.tensor([[out[-1]]]), pos, cache=stream.cache)[0, -1].argmax()))
+        h, rot, mask = ref.begin(torch.tensor([[out[-1]]]), pos, cache=stream.cache)
+        relay.before([h])
+        for i in relay.layers:
+            h = ref.layer(i, h, rot, pos, mask, cache=stream.cache)
+        relay.after([h])
+        out.append(relay.decide(lambda: int(ref.head(h)[0, -1].argmax())))
         pos += 1
     return out
 
 
 # --- the HF side ------------------------------------------------------------------------------------
-def run_hf(hf: StreamingHF, streams: list[Stream], ref_hidden: list, progress) -> tuple[dict, list[float]]:
+def run_hf(hf: StreamingHF, streams: list[Stream], ref_hidden: list, progress,
+           relay: "Relay | None" = None) -> tuple[dict, list[float]]:
+    """The HF side of run_reference: logits per stream (where relay.judges) and the near stream's
+    difference to the reference after each layer (every layer's, gathered from all processes)."""
     from transformers import DynamicCache
 
+    relay = relay or Relay(hf.config.num_hidden_layers)
     for s in streams:
         s.cache = DynamicCache() if s.cached else None
         s.h = [hf.embed(s.tokens[a:b], s.dtype) for a, b in s.steps]
     diffs = []
-    n = hf.config.num_hidden_layers
-    for i, tensors in progress(prefetched(hf.read_layer, n), "HF layers", n):
+    relay.before([h for s in streams for h in s.h])
+    for k, (i, tensors) in enumerate(progress(prefetched(hf.read_layer, relay.layers), "HF layers",
+                                              len(relay.layers))):
         layer = hf.layer(i, tensors)
         del tensors
         for dtype in (torch.float32, torch.bfloat16):
@@ -135,22 +152,53 @@ def run_hf(hf: StreamingHF, streams: list[Stream], ref_hidden: list, progress) -
                     s.h[j] = hf.run(layer, s.h[j], s.step_positions(j), a if s.cached else 0, s.cache)
         del layer
         near = next(s for s in streams if s.name == "near")
-        diffs.append(rel_diff(ref_hidden[i], near.h[0][0]))
-    if hf.output_name() is None:
+        diffs.append(rel_diff(ref_hidden[k], near.h[0][0]))
+    relay.after([h for s in streams for h in s.h])
+    diffs = relay.gather(diffs)
+    if hf.output_name() is None or not relay.judges:
         return {}, diffs
     logits = hf.logits([torch.cat(s.h, dim=1)[:, s.logits_from:] for s in streams])
     return {s.name: x[0] for s, x in zip(streams, logits)}, diffs
 
 
-def prefetched(read, n: int):
-    """(i, read(i)) for i in 0..n-1, layer i+1 read in a thread while the caller computes with layer i:
-    reads (pread, mostly waiting on the disk) overlap the products. One extra layer is resident."""
+def prefetched(read, layers):
+    """(i, read(i)) for i in `layers` (a count: 0..n-1), the next layer read in a thread while the caller
+    computes with layer i: reads (pread, mostly waiting on the disk) overlap the products. One extra
+    layer is resident."""
     from concurrent.futures import ThreadPoolExecutor
 
+    layers = list(range(layers) if isinstance(layers, int) else layers)
     with ThreadPoolExecutor(1, thread_name_prefix="llama-parity-reader") as pool:
-        nxt = pool.submit(read, 0) if n else None
-        for i in range(n):
+        nxt = pool.submit(read, layers[0]) if layers else None
+        for k, i in enumerate(layers):
             cur = nxt.result()
-            nxt = pool.submit(read, i + 1) if i + 1 < n else None
+            nxt = pool.submit(read, layers[k + 1]) if k + 1 < len(layers) else None
             yield i, cur
             del cur
+
+
+class Relay:
+    """Which decoder layers this process runs and how hidden states reach the processes that run the
+    others: here every layer, nothing to pass. distributed.py's ranks each run one contiguous range
+    (RankRelay), so the same functions stream a model split across processes.
+
+    before(ts)/after(ts): around this process's layers, the hidden states `ts` (in place) receive the
+    earlier ranges' results / hand this range's to the later ones. decide(f): f() where the verdict
+    is made, its value told to all. gather(xs): each range's per-layer values, in layer order."""
+
+    judges = True
+
+    def __init__(self, n_layers: int):
+        self.layers = range(n_layers)
+
+    def before(self, tensors: list) -> None:
+        pass
+
+    def after(self, tensors: list) -> None:
+        pass
+
+    def decide(self, f):
+        return f()
+
+    def gather(self, values: list) -> list:
+        return values

@@ -8,7 +8,7 @@ and the registry's facts. Output from any converter (ours, transformers' script)
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -207,23 +207,67 @@ def refuse_if_too_big(hf_dir: Path, what: str, instead: str) -> None:
                          f"{avail / 1e9:.1f} GB is available: {instead}")
 
 
-def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", variant_id: str | None = None,
-           bf16: bool = True, tokenizer: bool = True, memory: str = "auto", checks: str = "all",
-           instruct: bool | None = None, model_checks=None, greedy_tokens: int | None = None) -> VerifyReport:
+CHECK_SCOPES = ("all", "quick", "metadata")
+MEMORY_MODES = ("auto", "full", "streaming")
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """Everything that decides what `verify` judges and how, built once (cli.options_from_args, the
+    pytest plugin, a caller) and handed unchanged to every path: single-process full or streamed,
+    every torchrun rank (as JSON, distributed.py), `convert --verify`. A new verify option is a field
+    here; no path can then drop it.
+
+    checks: "all"; "quick" (fp32 logits and far positions: every layout and RoPE bug of the catalog,
+    no cache/greedy/bf16); "metadata" (no model run: seconds for any size). instruct: which twin's
+    chat metadata to expect (None: the release's). greedy_tokens: generated tokens the greedy check
+    compares (None: 20 full, 8 streamed). json/html: where the report goes besides the table ("-":
+    the JSON alone on stdout). nproc: ranks to launch on this machine; timeout: seconds a rank waits
+    for the others."""
+
+    device: str = "cpu"
+    variant_id: str | None = None
+    instruct: bool | None = None
+    bf16: bool = True
+    tokenizer: bool = True
+    memory: str = "auto"
+    checks: str = "all"
+    greedy_tokens: int | None = None
+    json: str | None = None
+    html: str | None = None
+    nproc: int | None = None
+    timeout: float = 600.0
+
+    def __post_init__(self):
+        if self.checks not in CHECK_SCOPES:
+            raise ValueError(f"checks={self.checks!r}: one of {', '.join(CHECK_SCOPES)}")
+        if self.memory not in MEMORY_MODES:
+            raise ValueError(f"memory={self.memory!r}: one of {', '.join(MEMORY_MODES)}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "VerifyOptions":
+        return cls(**json.loads(text))
+
+
+def verify(meta_dir: str | Path, hf_dir: str | Path, options: VerifyOptions | None = None, *, model_checks=None,
+           **fields) -> VerifyReport:
     """Metadata checks (every fact of the HF folder against the Meta files and the release), then
-    the model checks, then tokenizer parity. `checks`: "all"; "quick" (fp32 logits and far
-    positions: every layout and RoPE bug of the catalog, no cache/greedy/bf16); "metadata" (no
-    model run; the byte check still reads every weight). Model checks and the byte check are
-    skipped when the shapes say the folder holds another model. `instruct` says which twin's chat metadata to expect (default: the release's).
-    `greedy_tokens`: how many generated tokens the greedy check compares (default: 20 full, 8 streamed).
-    `model_checks`, when given, runs the numerical checks instead of the memory modes below
-    (distributed.py: the same checks with the models split across ranks)."""
+    the model checks, then tokenizer parity, as `options` say (VerifyOptions; keyword `fields`
+    replace some of them: `verify(m, h, tokenizer=False, checks="quick")`). "metadata" runs no model;
+    the byte check still reads every weight. Model checks and the byte check are skipped when the
+    shapes say the folder holds another model. `model_checks`, when given, runs the numerical checks
+    instead of the memory modes (distributed.py: the same checks split across ranks)."""
+    opts = replace(options or VerifyOptions(), **fields)
     meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
-    check_dirs(meta_dir, hf_dir, device)
-    report = VerifyReport(str(meta_dir), str(hf_dir), device, scope=checks, models_run=False)
+    check_dirs(meta_dir, hf_dir, opts.device)
+    report = VerifyReport(str(meta_dir), str(hf_dir), opts.device, scope=opts.checks, models_run=False)
     try:
         # One identification (release, twin, why) for every check below; an ambiguity is bad input.
-        ident = identify_checkpoint(meta_dir, variant_id=variant_id, instruct=instruct, hf_dir=hf_dir).require()
+        ident = identify_checkpoint(meta_dir, variant_id=opts.variant_id, instruct=opts.instruct,
+                                    hf_dir=hf_dir).require()
         rope = expected_rope_scaling(meta_dir, ident=ident)
         found, meta, hf = metadata_checks(meta_dir, hf_dir, rope, ident=ident)
     except IdentifyError as e:
@@ -232,17 +276,16 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, *, device: str = "cpu", var
         raise InputError(f"cannot read the models: {type(e).__name__}: {e}") from None
     report.checks += found
     report.notes += meta.evidence
-    if checks == "metadata":
+    if opts.checks == "metadata":
         report.notes.append("model checks not run (metadata only): run without --metadata-only for logits parity")
     elif not structure_ok(found):
         report.notes.append("model checks not run: the HF folder's shapes or dims are not the Meta checkpoint's "
                             "(see the failed checks), so transformers would build another model")
     else:
-        _model_checks(report, meta_dir, hf_dir, rope, meta, hf, device=device, bf16=bf16, memory=memory,
-                      quick=checks == "quick", model_checks=model_checks, greedy_tokens=greedy_tokens)
+        _model_checks(report, meta_dir, hf_dir, rope, meta, hf, opts, model_checks)
     if structure_ok(found):
         _exact_bytes(report, meta_dir, hf_dir, meta, hf)
-    if tokenizer:
+    if opts.tokenizer:
         _tokenizer_check(report, meta_dir, hf_dir, ident)
     else:
         report.notes.append("tokenizer not checked (--no-tokenizer)")
@@ -269,31 +312,34 @@ def _exact_bytes(report: VerifyReport, meta_dir: Path, hf_dir: Path, meta, hf) -
     report.notes.append(f"weights compared bit for bit: {res.bytes_read / 1e9:.2f} GB read in {res.seconds:.1f} s")
 
 
-def _model_checks(report: VerifyReport, meta_dir: Path, hf_dir: Path, rope, meta, hf, *, device: str, bf16: bool,
-                  memory: str, quick: bool, model_checks=None, greedy_tokens: int | None = None) -> None:
+def _model_checks(report: VerifyReport, meta_dir: Path, hf_dir: Path, rope, meta, hf, opts: VerifyOptions,
+                  model_checks=None) -> None:
     """Logits, KV cache, far positions, greedy, bf16. A dtype change (HF weights in another dtype than
     the checkpoint's, label matching) is judged against the rounding it implies: the reference runs
-    on Meta's weights rounded to the HF dtype, compared in fp32 with the usual bound."""
+    on Meta's weights rounded to the HF dtype, compared in fp32 with the usual bound. Every path gets
+    the same rounding, scope and token count (`model_checks(meta_dir, hf_dir, rope_scaling=, round_to=,
+    options=)` runs them elsewhere: distributed.py)."""
     round_to = hf_weights_dtype(hf)
     round_to = round_to if round_to is not None and round_to != meta.dtype else None
     metadata_failed = not all(c.ok for c in report.checks)
-    mode = choose_memory_mode(hf_dir, memory) if model_checks is None else "distributed"
+    quick, greedy_tokens = opts.checks == "quick", opts.greedy_tokens
+    mode = choose_memory_mode(hf_dir, opts.memory) if model_checks is None else "distributed"
     try:
         greedy = {} if greedy_tokens is None else {"greedy_tokens": greedy_tokens}
         if model_checks is not None:
-            report.checks += model_checks(meta_dir, hf_dir, rope_scaling=rope, bf16=bf16, **greedy)
+            report.checks += model_checks(meta_dir, hf_dir, rope_scaling=rope, round_to=round_to, options=opts)
         elif mode == "streaming":
             from .streaming import STREAMED_GREEDY_TOKENS, streaming_model_checks
 
-            report.checks += streaming_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device, bf16=bf16,
-                                                    round_to=round_to, quick=quick, **greedy)
+            report.checks += streaming_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=opts.device,
+                                                    bf16=opts.bf16, round_to=round_to, quick=quick, **greedy)
             report.notes.append("streamed one layer at a time (bounded memory)" + (
                 "" if quick else "; " + _greedy_cost(meta_dir, greedy_tokens or STREAMED_GREEDY_TOKENS)))
         else:
-            report.checks += run_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=device, bf16=bf16,
+            report.checks += run_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=opts.device, bf16=opts.bf16,
                                               round_to=round_to, quick=quick, **greedy)
         report.models_run = True
-        if round_to is not None and model_checks is None:
+        if round_to is not None:
             report.notes.append(f"HF weights are {str(round_to)[6:]}, the checkpoint {str(meta.dtype)[6:]}: the "
                                 f"reference ran on Meta's weights rounded to {str(round_to)[6:]} (what this dtype "
                                 "change implies)")

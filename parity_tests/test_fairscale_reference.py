@@ -6,7 +6,7 @@ One gloo process per shard runs Meta's model with fairscale's parallel layers
 start (a process per shard group), so it runs on the two embedding layouts, Llama 2's
 ParallelEmbedding (split on the hidden dim) and Llama 3's VocabParallelEmbedding (split on the
 vocab), and on shard groups: the 405B MP16 layout (kv heads replicated across shards) on 2 ranks of
-8 shards each, as `verify --nproc 2` runs it.
+8 shards each.
 """
 
 from __future__ import annotations

@@ -16,34 +16,38 @@ from llama_parity import parity
 
 
 @pytest.fixture(scope="session")
-def pair_of(tiny, real_pairs):
+def pair_of(tiny, real_pairs, verify_options):
     def get(checkpoint) -> tuple[Path, Path, str | None]:
         kind, key = checkpoint
         if kind == "tiny":
             return tiny.meta(key), tiny.hf(key), key
         meta, hf = real_pairs[key]
-        return meta, hf, None
+        return meta, hf, verify_options.variant_id
     return get
 
 
 @lru_cache(maxsize=2)
-def _checks(meta: Path, hf: Path, variant_id: str | None, device: str, streamed: bool) -> dict[str, parity.Check]:
+def _checks(meta: Path, hf: Path, variant_id: str | None, device: str, streamed: bool,
+            greedy_tokens: int | None = None) -> dict[str, parity.Check]:
     """Every model check on one pair, run once per module. Tiny checkpoints hold both models in memory
-    (the full path); real weights of any size stream one layer at a time (verify's default path)."""
+    (the full path); real weights of any size stream one layer at a time (verify's default path),
+    with the options given to pytest as verify takes them (llama_parity.pytest_plugin)."""
     rope = parity.expected_rope_scaling(meta, variant_id)
     if streamed:
         from llama_parity.streaming import streaming_model_checks
 
-        checks = streaming_model_checks(meta, hf, rope_scaling=rope, device=device)
+        greedy = {} if greedy_tokens is None else {"greedy_tokens": greedy_tokens}
+        checks = streaming_model_checks(meta, hf, rope_scaling=rope, device=device, **greedy)
     else:
         checks = parity.run_model_checks(meta, hf, rope_scaling=rope, device=device)
     return {c.name: c for c in checks}
 
 
 @pytest.fixture
-def judged(pair_of, checkpoint, device):
+def judged(pair_of, checkpoint, device, verify_options):
     meta, hf, vid = pair_of(checkpoint)
-    return _checks(meta, hf, vid, device, checkpoint[0] == "real")
+    real = checkpoint[0] == "real"
+    return _checks(meta, hf, vid, device, real, verify_options.greedy_tokens if real else None)
 
 
 def _assert(check: parity.Check):

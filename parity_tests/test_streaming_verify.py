@@ -16,8 +16,9 @@ from llama_parity.mutations import BY_NAME, mutate_copy
 from llama_parity.streaming import streaming_model_checks
 
 LAYOUTS = ["llama2-70b", "codellama-34b", "llama3.1-405b-mp16", "llama3.2-1b", "llama-guard-3-1b"]
-FULL_CHECKS = {"logits (fp32)", "next-token KL (fp32)", "top-1 agreement (fp32)", "kv-cache decode", "far positions",
-               "greedy generation", "logits (bf16)", "next-token KL (bf16)"}
+FULL_CHECKS = {"weights: names and shapes", "hidden states per layer", "logits (fp32)", "next-token KL (fp32)",
+               "top-1 agreement (fp32)", "kv-cache decode", "far positions", "greedy generation", "logits (bf16)",
+               "next-token KL (bf16)"}
 
 
 def _streamed(meta, hf, **kw):
@@ -46,7 +47,7 @@ def test_streamed_measures_what_full_measures(tiny, variant_id):
     meta, hf = tiny.meta(variant_id), tiny.hf(variant_id)
     full = {c.name: c for c in parity.run_model_checks(meta, hf, rope_scaling=parity.expected_rope_scaling(meta))}
     streamed = _correct(tiny, variant_id)
-    assert set(full) == FULL_CHECKS
+    assert set(full) == set(streamed) == FULL_CHECKS  # the same rows in either memory mode
     for name, c in full.items():
         assert abs(streamed[name].measured - c.measured) <= max(c.bound, 1e-12) / 10, (name, streamed[name], c)
 

@@ -1,0 +1,156 @@
+"""One verdict whatever the path: every verify option reaches single-process full, streamed and --nproc.
+
+`llama-parity verify` builds one VerifyOptions from its command line (cli.options_from_args) and
+hands it to whichever path runs: both models in memory (--memory full), one layer at a time (the
+default), or torchrun ranks (--nproc N: the options reach every rank as JSON). Each option set
+below runs through the three paths on one tiny MP2 checkpoint and must give the same rows, the
+same verdict per row and the same exit code. 2-rank launches cost seconds each (process start,
+torch import), so the option sets are combined: each launch carries several options at once.
+The launcher also answers signals as single-process verify does (one line, 128+signal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_parity.cli import main
+
+VARIANT, SHARDS = "llama3.1-70b", 2  # GQA, vocab-parallel embedding, RoPE scaling: one rank per shard
+TIMEOUT = 300  # generous: on a machine shared with other test runs a 2-rank launch took 2 minutes
+
+# Flags combined per launch (and the folder they judge): every verify option is in one of them.
+OPTION_SETS = {
+    # a conversion that changed the dtype (fp32 -> bf16): judged against the rounding it implies;
+    # --instruct on a base release: the chat metadata rows must fail in every path alike
+    "bf16-folder instruct greedy3": ("bf16", ["--instruct", "--greedy-tokens", "3"]),
+    "base quick no-bf16 variant": ("as-stored", ["--base", "--quick", "--no-bf16", "--variant", VARIANT]),
+    "metadata-only no-tokenizer": ("as-stored", ["--metadata-only", "--no-tokenizer"]),
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tiny, tmp_path_factory) -> dict[str, Path]:
+    from llama_parity.converter.convert import ConvertOptions, convert_meta_to_hf
+
+    meta = tiny.meta(VARIANT, SHARDS)
+    bf16 = tmp_path_factory.mktemp("bf16") / "hf"
+    convert_meta_to_hf(meta, bf16, ConvertOptions(dtype=torch.bfloat16, progress=False))
+    return {"meta": meta, "as-stored": tiny.hf(VARIANT, SHARDS), "bf16": bf16}
+
+
+def _rows(report: dict) -> list[tuple[str, bool]]:
+    rows = [(c["name"], c["ok"]) for c in report["checks"]]
+    tok = report["tokenizer"]
+    return rows + ([] if tok is None else [("tokenizer", tok["ok"])]) + [("verdict", report["ok"])]
+
+
+def _single(meta: Path, hf: Path, flags: list[str], memory: str, out: Path) -> tuple[int, dict]:
+    code = main(["verify", "--meta-dir", str(meta), "--hf-dir", str(hf), "--memory", memory, *flags,
+                 "--json", str(out)])
+    return code, json.loads(out.read_text())
+
+
+def _launch(meta: Path, hf: Path, *extra: str, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "llama_parity", "verify", "--nproc", "2", "--meta-dir", str(meta),
+           "--hf-dir", str(hf), "--timeout", "200", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True, **kw)
+
+
+def _finish(p: subprocess.Popen) -> tuple[int, str, str]:
+    try:
+        out, err = p.communicate(timeout=TIMEOUT)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return p.returncode, out, err
+
+
+@pytest.mark.parametrize("name", list(OPTION_SETS))
+def test_every_path_gives_the_same_verdicts(folders, tmp_path, name):
+    """Bug class: a path that drops or changes an option (the declared dtype change's rounding,
+    --instruct/--base, --quick, --metadata-only, --greedy-tokens, --no-tokenizer, --no-bf16), so that
+    one conversion passes in one path and fails in another, or is judged by other rows."""
+    kind, flags = OPTION_SETS[name]
+    meta, hf = folders["meta"], folders[kind]
+    full = _single(meta, hf, flags, "full", tmp_path / "full.json")
+    streamed = _single(meta, hf, flags, "streaming", tmp_path / "streamed.json")
+    code, out, err = _finish(_launch(meta, hf, *flags, "--json", "-"))
+    assert code in (0, 1), err
+    dist = json.loads(out)  # --json -: stdout holds the JSON alone, the table went to stderr
+    assert ("PARITY OK" if dist["ok"] else "PARITY FAILED") in err and "distributed over 2 ranks" in err
+    assert _rows(full[1]) == _rows(streamed[1]) == _rows(dist), name
+    assert full[0] == streamed[0] == code
+
+
+# A value for each verify flag that is not its default (store_true flags need none).
+_NON_DEFAULT = {"--device": "cuda", "--variant": "llama3.1-8b", "--memory": "full", "--greedy-tokens": "3",
+                "--json": "-", "--html": "r.html", "--nproc": "2", "--timeout": "5"}
+
+
+def test_every_verify_flag_reaches_the_options():
+    """Bug class: a verify flag added to the command line but not to VerifyOptions (or read from
+    args somewhere else), so that some path (ranks, streamed, the plugin) never sees it."""
+    from llama_parity.cli import build_parser, options_from_args
+    from llama_parity.verify import VerifyOptions
+
+    base = ["verify", "--meta-dir", "m", "--hf-dir", "h"]
+    parser = build_parser()
+    default = options_from_args(parser.parse_args(base))
+    verify_parser = parser.parse_args(base).verify_parser
+    for action in verify_parser._actions:
+        if not action.option_strings or action.dest in ("help", "meta_dir", "hf_dir"):
+            continue
+        flag = action.option_strings[0]
+        extra = [flag] if action.nargs == 0 else [flag, _NON_DEFAULT[flag]]
+        opts = options_from_args(parser.parse_args(base + extra))
+        assert opts != default, f"{flag} does not reach VerifyOptions"
+        assert VerifyOptions.from_json(opts.to_json()) == opts  # what the ranks receive
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_launcher_answers_sigterm_like_single_process(folders):
+    """Bug class: `verify --nproc N` stopped by SIGTERM (timeout, systemd, Slurm) answering with
+    torch's traceback and exit 1 (the 'parity failed' code), or leaving ranks running."""
+    p = _launch(folders["meta"], folders["as-stored"], "--no-tokenizer")
+    deadline, ranks = time.monotonic() + 60, []
+    while time.monotonic() < deadline and len(ranks) < 2:  # the agent's ranks are its children
+        ranks = [k for k in _children(p.pid) if b"llama_parity" in Path(f"/proc/{k}/cmdline").read_bytes()]
+        time.sleep(0.2)
+    assert len(ranks) == 2, "the ranks did not start"
+    p.send_signal(signal.SIGTERM)
+    code, out, err = _finish(p)
+    assert code == 143, err
+    assert err.strip().splitlines() == ["llama-parity: interrupted by SIGTERM; nothing was left half-written, "
+                                        "inputs untouched"], err
+    assert out == ""
+    assert not any(_alive(r) for r in ranks)
