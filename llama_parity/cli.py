@@ -253,10 +253,18 @@ def cmd_verify(args) -> int:
 
     if missing := _missing_extra(args, "html"):  # every rank under torchrun sees it: rank 0 speaks
         return _err(missing) if os.environ.get("RANK", "0") == "0" else EXIT_INPUT
+    if args.meta_dir is None:  # an official repo (or its HF cache snapshot) judged against its own original/
+        original = Path(args.hf_dir or ".") / "original"
+        if not args.hf_dir or not (original / "params.json").is_file():
+            return _err("verify needs --meta-dir META (or an --hf-dir whose original/ holds Meta's params.json and "
+                        "consolidated.NN.pth)")
+        args.meta_dir = str(original)
     if args.nproc:  # launch N ranks here; each runs this command without --nproc
         return distributed.launch(args, args.verify_parser)
     if distributed.under_torchrun():
         return distributed.run_rank(args)
+    if args.gguf or not args.hf_dir:
+        return _verify_gguf(args)
     return_freed_memory()
     try:
         rep = verify(args.meta_dir, args.hf_dir, device=args.device, variant_id=args.variant,
@@ -266,6 +274,21 @@ def cmd_verify(args) -> int:
     except InputError as e:
         return _err(str(e))
     return emit_verify_report(args, rep)
+
+
+def _verify_gguf(args) -> int:
+    from .verify import InputError
+
+    if not args.gguf or args.hf_dir:
+        return _err("verify needs --hf-dir HF or --gguf FILE (one of them)")
+    try:
+        from .gguf_judge import verify_gguf
+
+        rep = verify_gguf(args.meta_dir, args.gguf, variant_id=args.variant, instruct=args.instruct,
+                          checks="metadata" if args.metadata_only else "quick" if args.quick else "all")
+    except InputError as e:
+        return _err(str(e))
+    return emit_verify_report(args, rep, measure_layers=False)
 
 
 def emit_verify_report(args, rep, *, measure_layers: bool = True) -> int:
@@ -353,11 +376,14 @@ def _add_json_arg(p: argparse.ArgumentParser) -> None:
                         "(the human report then goes to stderr), e.g. for jq")
 
 
-def _add_pair_args(p: argparse.ArgumentParser) -> None:
-    """--meta-dir/--hf-dir, with the underscore spellings `convert` accepts from transformers' script."""
-    p.add_argument("--meta-dir", "--meta_dir", dest="meta_dir", required=True,
-                   help="Meta checkpoint folder (params.json, consolidated.NN.pth; tokenizer.model here or one up)")
-    p.add_argument("--hf-dir", "--hf_dir", dest="hf_dir", required=True,
+def _add_pair_args(p: argparse.ArgumentParser, *, hf_required: bool = True) -> None:
+    """--meta-dir/--hf-dir, with the underscore spellings `convert` accepts from transformers' script.
+    verify (hf_required False) may omit --meta-dir when the HF folder's original/ holds Meta's files."""
+    p.add_argument("--meta-dir", "--meta_dir", dest="meta_dir", required=hf_required,
+                   help="Meta checkpoint folder (params.json, consolidated.NN.pth; tokenizer.model here or one up)"
+                        + ("" if hf_required else "; default: the HF folder's original/ (official repos, HF cache "
+                           "snapshots)"))
+    p.add_argument("--hf-dir", "--hf_dir", dest="hf_dir", required=hf_required,
                    help="Hugging Face model folder to judge (config.json, *.safetensors, tokenizer files)")
     p.add_argument("--variant", help="registry id (see `llama-parity variants`) when params.json and the folder "
                                      "name cannot tell the release, e.g. which RoPE factor it was trained with")
@@ -365,7 +391,9 @@ def _add_pair_args(p: argparse.ArgumentParser) -> None:
 
 def _add_verify_parser(sub) -> None:
     p = sub.add_parser("verify", help="judge an HF folder against the Meta checkpoint (exit 0 ok, 1 parity failure, 2 bad input)")
-    _add_pair_args(p)
+    _add_pair_args(p, hf_required=False)
+    p.add_argument("--gguf", metavar="FILE", help="judge a llama.cpp GGUF file instead of an HF folder: metadata, "
+                   "tokenizer, every weight (bound per quantisation type) and the outputs (needs the gguf extra)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where both models run")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 logits check")
     p.add_argument("--memory", choices=["auto", "full", "streaming"], default="auto",
