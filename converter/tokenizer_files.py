@@ -1,6 +1,7 @@
 """Write the Hugging Face tokenizer files for a Meta tokenizer.model, built offline with `tokenizers`.
 
-Outputs `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json` (and copies nothing else).
+Outputs `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`, and for sentencepiece families
+Meta's `tokenizer.model` itself (as the official HF repos ship it; llama.cpp's converter reads its scores).
 Every id is computed from the file (Llama 3's bos = number of ranks, ...), so tiny test tokenizers work.
 
 Design against the root causes measured for issue 4 (see docs/tokenizers.md):
@@ -453,10 +454,15 @@ def write_hf_tokenizer(tokenizer_model: Path, out_dir: Path, *, family: str, ins
         "tokenizer_config.json": json.dumps(config, ensure_ascii=False, indent=2),
         "special_tokens_map.json": json.dumps(special_map, ensure_ascii=False, indent=2),
     }
-    for name, text in files.items():
+    # Sentencepiece families ship Meta's tokenizer.model too, as the official HF repos do: llama.cpp's
+    # converter reads the pieces' scores from it (without it every score is -1000 and the GGUF splits
+    # ordinary words unlike Meta: " jumps" -> "▁jump", "s").
+    data = {name: (text + "\n").encode("utf-8") for name, text in files.items()}
+    if family in SENTENCEPIECE_FAMILIES:
+        data["tokenizer.model"] = tokenizer_model.read_bytes()
+    for name, blob in data.items():
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.write("\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
         os.replace(tmp, out_dir / name)
     return info

@@ -300,8 +300,14 @@ def cmd_verify(args) -> int:
         return _err(missing) if os.environ.get("RANK", "0") == "0" else EXIT_INPUT
     if args.attestation:
         return _recheck_attestation(args)
-    if not args.meta_dir:
-        args.verify_parser.error("the following arguments are required: --meta-dir")
+    if args.meta_dir is None:  # an official repo (or its HF cache snapshot) judged against its own original/
+        original = Path(args.hf_dir or ".") / "original"
+        if not args.hf_dir or not (original / "params.json").is_file():
+            return _err("verify needs --meta-dir META (or an --hf-dir whose original/ holds Meta's params.json and "
+                        "consolidated.NN.pth)")
+        args.meta_dir = str(original)
+    if args.gguf or not args.hf_dir:
+        return _verify_gguf(args, opts, json_stream)
     if distributed.under_torchrun():
         return distributed.run_rank(args.meta_dir, args.hf_dir, opts, json_stream)
     if opts.nproc:  # launch N ranks here; each runs this command's options
@@ -327,6 +333,21 @@ def _recheck_attestation(args) -> int:
     if args.json:
         write_json(args, res.to_dict())
     return EXIT_OK if res.ok else EXIT_PARITY
+
+
+def _verify_gguf(args, opts, json_stream) -> int:
+    from .verify import InputError
+
+    if not args.gguf or args.hf_dir:
+        return _err("verify needs --hf-dir HF or --gguf FILE (one of them)")
+    try:
+        from .gguf_judge import verify_gguf
+
+        rep = verify_gguf(args.meta_dir, args.gguf, variant_id=args.variant, instruct=args.instruct,
+                          checks="metadata" if args.metadata_only else "quick" if args.quick else "all")
+    except InputError as e:
+        return _err(str(e))
+    return emit_verify_report(opts, rep, json_stream, measure_layers=False)
 
 
 def emit_verify_report(opts, rep, json_stream=None, *, measure_layers: bool = True) -> int:
@@ -439,11 +460,15 @@ def _add_json_arg(p: argparse.ArgumentParser) -> None:
                         "(the human report then goes to stderr), e.g. for jq")
 
 
-def _add_pair_args(p: argparse.ArgumentParser, meta_required: bool = True) -> None:
-    """--meta-dir/--hf-dir, with the underscore spellings `convert` accepts from transformers' script."""
+def _add_pair_args(p: argparse.ArgumentParser, *, meta_required: bool = True, hf_required: bool = True) -> None:
+    """--meta-dir/--hf-dir, with the underscore spellings `convert` accepts from transformers' script.
+    verify requires neither: --meta-dir defaults to the HF folder's original/, --gguf stands for
+    --hf-dir, --attestation needs no Meta checkpoint (checked in cmd_verify)."""
     p.add_argument("--meta-dir", "--meta_dir", dest="meta_dir", required=meta_required,
-                   help="Meta checkpoint folder (params.json, consolidated.NN.pth; tokenizer.model here or one up)")
-    p.add_argument("--hf-dir", "--hf_dir", dest="hf_dir", required=True,
+                   help="Meta checkpoint folder (params.json, consolidated.NN.pth; tokenizer.model here or one up)"
+                        + ("" if meta_required else "; default: the HF folder's original/ (official repos, HF cache "
+                           "snapshots)"))
+    p.add_argument("--hf-dir", "--hf_dir", dest="hf_dir", required=hf_required,
                    help="Hugging Face model folder to judge (config.json, *.safetensors, tokenizer files)")
     p.add_argument("--variant", help="registry id (see `llama-parity variants`) when params.json and the folder "
                                      "name cannot tell the release, e.g. which RoPE factor it was trained with")
@@ -451,11 +476,13 @@ def _add_pair_args(p: argparse.ArgumentParser, meta_required: bool = True) -> No
 
 def _add_verify_parser(sub) -> None:
     p = sub.add_parser("verify", help="judge an HF folder against the Meta checkpoint (exit 0 ok, 1 parity failure, 2 bad input)")
-    _add_pair_args(p, meta_required=False)  # required unless --attestation (checked in cmd_verify)
+    _add_pair_args(p, meta_required=False, hf_required=False)
     p.add_argument("--attestation", metavar="REPORT",
                    help="re-check --hf-dir against the attestation in a verify --json REPORT (one read of the "
                         "folder, no Meta checkpoint): names each file or tensor that changed since; exit 0 same, "
                         "1 changed")
+    p.add_argument("--gguf", metavar="FILE", help="judge a llama.cpp GGUF file instead of an HF folder: metadata, "
+                   "tokenizer, every weight (bound per quantisation type) and the outputs (needs the gguf extra)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where both models run")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 logits check")
     p.add_argument("--memory", choices=["auto", "full", "streaming"], default="auto",

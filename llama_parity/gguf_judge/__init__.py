@@ -1,0 +1,96 @@
+"""`llama-parity verify --meta-dir META --gguf FILE.gguf`: judge a llama.cpp GGUF against Meta's checkpoint.
+
+Steps (each a list of checks in the same report verify prints, --json, --html):
+metadata (meta_checks, weights.file_type_check) -> tokenizer (vocab, chat) -> weights (weights, one
+tensor at a time) -> outputs (outputs: the reference on the dequantised weights) -> llama.cpp itself
+(planned: llama.cpp itself through the llama-cpp-python binding in a child process). Nothing is imported from the
+converter: the judge holds its own name table and reads the GGUF with its own header parser and gguf's
+type tables.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .gguf_file import GGUFInputError, read_gguf
+
+__all__ = ["GGUFInputError", "verify_gguf", "read_gguf"]
+
+
+def _progress():
+    from tqdm import tqdm
+
+    quiet = not sys.stderr.isatty()
+    return lambda it, desc, total=None, unit="tensor": tqdm(it, desc=desc, unit=unit, total=total, disable=quiet)
+
+
+def _meta_tokenizer(meta_dir: Path, family: str):
+    from llama_parity.releases import find_tokenizer
+    from llama_parity.reference_model.tokenizer import LLAMA3_FAMILY_VERSION, load_meta_tokenizer
+
+    path = find_tokenizer(meta_dir)
+    if path is None:
+        return None, None
+    return load_meta_tokenizer(path, version=LLAMA3_FAMILY_VERSION.get(family, "3.2")), path
+
+
+def verify_gguf(meta_dir: str | Path, gguf_path: str | Path, *, variant_id: str | None = None,
+                instruct: bool | None = None, checks: str = "all", report=None):
+    """Every check of a GGUF file against the Meta checkpoint. `checks`: "all", "quick" (no outputs run:
+    metadata, tokenizer, weights), "metadata" (no tensor data beyond rope_freqs). Returns a
+    verify.VerifyReport (the same table, JSON and HTML as an HF folder's); `report` appends to one."""
+    from llama_parity.metadata import read_meta_side
+    from llama_parity.parity import expected_rope_scaling, model_prompts
+    from llama_parity.tokenizer_check import TokenizerRelease
+    from llama_parity.verify import InputError, VerifyReport
+
+    from .meta_checks import architecture_checks, expected_from, rope_scaling_checks, structure_ok, \
+        tensor_table_checks, tying_check
+    from .vocab import tokenizer_report
+    from .weights import file_type_check, weight_checks
+
+    meta_dir = Path(meta_dir)
+    try:
+        gf = read_gguf(gguf_path)
+        meta = read_meta_side(meta_dir, variant_id=variant_id, instruct=instruct)
+        rope = expected_rope_scaling(meta_dir, variant_id)
+    except GGUFInputError as e:
+        raise InputError(str(e)) from None
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise InputError(f"cannot read the Meta checkpoint: {type(e).__name__}: {e}") from None
+    tok, tok_path = _meta_tokenizer(meta_dir, meta.family)
+    ex = expected_from(meta, tok, rope)
+    report = report or VerifyReport(str(meta_dir), str(gguf_path), "cpu")
+    found = tensor_table_checks(gf, ex) + architecture_checks(gf, ex) + rope_scaling_checks(gf, ex)
+    found += [tying_check(gf, ex), file_type_check(gf)]
+    report.checks += found
+    report.notes += meta.evidence
+    release = TokenizerRelease(meta.family, meta.instruct, None, meta.release.id if meta.release else meta.family)
+    if tok is None:
+        report.notes.append("no tokenizer.model next to the Meta checkpoint: the GGUF's tokenizer not checked")
+    else:
+        report.tokenizer = tokenizer_report(gf, tok, _guard(release, meta), tok_path)
+    if checks == "metadata" or not structure_ok(found):
+        report.notes.append("GGUF weights and outputs not run: " + ("metadata only" if checks == "metadata" else
+                            "the GGUF's tensor table is not the Meta checkpoint's (see the failed checks)"))
+        return report
+    progress = _progress()
+    report.checks += weight_checks(gf, meta, progress)
+    if checks != "quick":
+        from .outputs import output_checks
+
+        report.checks += output_checks(gf, meta, ex, model_prompts(meta_dir, ex.vocab).main, progress)
+    return report
+
+
+def _guard(release, meta):
+    """Llama Guard 3's category count (1B: 13, 8B: 14) for its chat template."""
+    from dataclasses import replace
+
+    from llama_parity.releases import guard_categories
+
+    if meta.family != "llama-guard-3" or meta.release is None:
+        return release
+    return replace(release, guard_categories=guard_categories(meta.release.id))

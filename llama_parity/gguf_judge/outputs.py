@@ -1,0 +1,162 @@
+"""Outputs: the reference model (reference_model/, Meta's math) run on the GGUF's dequantised weights
+against the same reference on Meta's weights, one layer at a time (bounded memory).
+
+The bound comes from the quantisation types in the file: a third run uses Meta's weights passed
+through each tensor's type honestly: F32/F16/BF16 cast and back; Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 quantised
+with gguf's reference implementation and dequantised; k-/i-quants given Gaussian noise of the largest
+per-block RMS error the weights check admits (weights.block_bound). With h = that honest run:
+- next-token KL(meta || gguf) per position <= K^2 * max KL(meta || h) + 1e-6 nats, K = 3 for exact and
+  deterministic types (as verify's bf16 rule: KL grows with the square of the logit error), K = 1 where
+  h already sits at the weights bound (k-/i-quants);
+- top-1 agreement wherever Meta's top-2 margin exceeds 2*K*max|logits(meta) - logits(h)| at that position;
+- far positions (12000; scaled models also 32768 and 131056) under the same KL rule.
+The report states each bound and the measured margin (bound / measured)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from llama_parity.parity import FP32_KL_BOUND, Check, far_positions, kl_series, next_token_kl
+from llama_parity.reference_model.model import ModelArgs, Transformer, rms_norm, rope_frequencies
+
+from .gguf_file import gguf_module
+from .names import expected_names, merged
+from .weights import DETERMINISTIC, FLOATS, block_bound
+
+FAR_PREFIX, FAR_CHUNK = 8, 4
+
+
+def _honest(t, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Meta's tensor x through tensor t's type, honestly (see module doc)."""
+    if t.type_name in FLOATS:
+        return x.to(FLOATS[t.type_name]).float()
+    x2 = x.float().reshape(x.shape[0] if x.dim() == 2 else 1, -1)
+    if t.type_name in DETERMINISTIC:
+        g = gguf_module()
+        deq = g.quants.dequantize(g.quants.quantize(x2.numpy(), t.qtype), t.qtype)
+        return torch.from_numpy(np.ascontiguousarray(deq.reshape(x2.shape), dtype=np.float32)).reshape(x.shape)
+    n = t.block[0]
+    blocks = x2.reshape(-1, n)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(blocks.shape, generator=gen) * blocks.pow(2).mean(1, keepdim=True).sqrt()
+    return (blocks + block_bound(t.type_name) * noise).reshape(x.shape)
+
+
+class _Weights:
+    """Fp32 weights of one variant ('meta', 'gguf', 'honest'), Meta's key names, built per layer."""
+
+    def __init__(self, gf, meta, variant: str):
+        self.gf, self.meta, self.variant = gf, meta, variant
+        self.names = {k: n for n, k in expected_names(meta).items()}
+
+    def tensor(self, key: str, seed: int = 0) -> torch.Tensor:
+        name = self.names.get(key)
+        if name is None and key == "output.weight":  # tied
+            return self.tensor("tok_embeddings.weight", seed)
+        t = self.gf.tensors[name]
+        if self.variant == "gguf":
+            return torch.from_numpy(t.dequantized()).reshape(t.shape)
+        x = merged(self.meta, key)
+        return x.float() if self.variant == "meta" else _honest(t, x, seed)
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        pre = f"layers.{i}."
+        keys = [k for k in self.names if k.startswith(pre)]
+        return {k: self.tensor(k, seed=hash(k) & 0xFFFF) for k in keys}
+
+
+def _args(meta, ex) -> ModelArgs:
+    p = meta.params
+    return ModelArgs(dim=int(p["dim"]), n_layers=int(p["n_layers"]), n_heads=int(p["n_heads"]), n_kv_heads=ex.kv_heads,
+                     vocab_size=ex.vocab, multiple_of=int(p.get("multiple_of", 256)),
+                     ffn_dim_multiplier=p.get("ffn_dim_multiplier"), norm_eps=float(p.get("norm_eps", 1e-5)),
+                     rope_theta=float(p.get("rope_theta", 10000.0)), use_scaled_rope=ex.rope is not None,
+                     rope_scaling=ex.rope)
+
+
+def _gguf_args(gf, args: ModelArgs) -> tuple[ModelArgs, torch.Tensor]:
+    """What llama.cpp computes with: the file's theta, eps and per-pair RoPE factors (not Meta's)."""
+    from .names import ROPE_FREQS
+
+    theta = float(gf.key("rope.freq_base", 10000.0))
+    eps = float(gf.key("attention.layer_norm_rms_epsilon", args.norm_eps))
+    plain = ModelArgs(**{**args.__dict__, "rope_theta": theta, "norm_eps": eps, "use_scaled_rope": False,
+                         "rope_scaling": None})
+    freqs = rope_frequencies(plain)
+    t = gf.tensors.get(ROPE_FREQS)
+    if t is not None and t.dequantized().size == freqs.numel():
+        freqs = freqs / torch.from_numpy(t.dequantized().reshape(-1))
+    return plain, freqs
+
+
+@torch.inference_mode()
+def run_all(gf, meta, ex, cases: list[tuple[list[int], torch.Tensor]], progress=None) -> dict[str, list]:
+    """Logits of every case (tokens, positions) for the three variants, one layer in memory at a time.
+    The GGUF variant runs with the file's own RoPE (theta, rope_freqs) and eps, as llama.cpp would."""
+    args = _args(meta, ex)
+    gargs, gfreqs = _gguf_args(gf, args)
+    setup = {"meta": (args, rope_frequencies(args)), "gguf": (gargs, gfreqs), "honest": (args, rope_frequencies(args))}
+    variants = {v: _Weights(gf, meta, v) for v in setup}
+    refs = {v: Transformer(a, [{"tok_embeddings.weight": torch.zeros(1, 1)}], embedding_dim=0, dtype=torch.float32)
+            for v, (a, _) in setup.items()}
+    rots = {v: [torch.polar(torch.ones(len(pos), f.numel()), torch.outer(pos.float(), f)) for _, pos in cases]
+            for v, (_, f) in setup.items()}
+    uniq = sorted({t for toks, _ in cases for t in toks})
+    index = {t: i for i, t in enumerate(uniq)}
+    state = {}
+    for v, w in variants.items():
+        table = w.tensor("tok_embeddings.weight", seed=1)[uniq]
+        state[v] = [table[[index[t] for t in toks]][None] for toks, _ in cases]
+    masks = [torch.triu(torch.full((len(toks), len(toks)), float("-inf")), 1) for toks, _ in cases]
+    layers = range(args.n_layers)
+    for i in (progress(layers, "reference on GGUF weights", unit="layer") if progress else layers):
+        for v, w in variants.items():
+            refs[v].w = [w.layer(i)]
+            state[v] = [refs[v].layer(i, h, rot, 0, m) for h, rot, m in zip(state[v], rots[v], masks)]
+            refs[v].w = []
+    out = {}
+    for v, w in variants.items():
+        norm, head = w.tensor("norm.weight"), w.tensor("output.weight", seed=2)
+        eps = setup[v][0].norm_eps
+        out[v] = [(rms_norm(h, norm, eps) @ head.T)[0].float() for h in state[v]]
+    return out
+
+
+def _kl_rule(types: set[str]) -> float:
+    return 1.0 if types - set(FLOATS) - set(DETERMINISTIC) else 3.0
+
+
+def output_checks(gf, meta, ex, prompt: list[int], progress=None) -> list[Check]:
+    n = len(prompt)
+    cases = [(prompt, torch.arange(n))]
+    far = far_positions(ex.rope)
+    chunk = prompt[:FAR_PREFIX + FAR_CHUNK]
+    cases += [(chunk, torch.cat([torch.arange(FAR_PREFIX), torch.arange(s, s + FAR_CHUNK)])) for s in far]
+    logits = run_all(gf, meta, ex, cases, progress)
+    k = _kl_rule({t.type_name for name, t in gf.tensors.items() if len(t.shape) == 2})
+    m, g, h = (logits[v][0] for v in ("meta", "gguf", "honest"))
+    kl, kl_h = next_token_kl(m, g), next_token_kl(m, h)
+    bound = k * k * float(kl_h.max()) + FP32_KL_BOUND
+    catches = "weights misplaced or dequantised wrong, a RoPE or norm setting llama.cpp reads from the file"
+    out = [Check("gguf outputs: next-token KL (reference on GGUF weights)", catches, float(kl.max()), bound,
+                 float(kl.max()) <= bound, f"{n} positions, mean {float(kl.mean()):.2e} nats; bound {k:g}^2 x "
+                 f"{float(kl_h.max()):.2e} (Meta's weights quantised honestly) + 1e-6; margin "
+                 f"{bound / max(float(kl.max()), 1e-30):.3g}x", series=kl_series(kl))]
+    top_m = m.topk(2, dim=-1).values
+    margin = top_m[:, 0] - top_m[:, 1]
+    need = 2 * k * (m - h).abs().amax(-1)
+    decided = margin > need
+    flips = [i for i in range(n) if decided[i] and int(m[i].argmax()) != int(g[i].argmax())]
+    out.append(Check("gguf outputs: top-1 agreement", catches, float(len(flips)), 0.0, not flips,
+                     f"{int(decided.sum())}/{n} positions decided (Meta's top-2 margin > 2*{k:g}*the honest run's "
+                     "logit error)" + (f"; flipped at {flips[:10]}" if flips else "")))
+    worst = []
+    for j, s in enumerate(far, start=1):
+        a, b, c = logits["meta"][j][FAR_PREFIX:], logits["gguf"][j][FAR_PREFIX:], logits["honest"][j][FAR_PREFIX:]
+        worst.append((s, float(next_token_kl(a, b).max()), k * k * float(next_token_kl(a, c).max()) + FP32_KL_BOUND))
+    s, got, lim = max(worst, key=lambda w: w[1] / w[2])
+    out.append(Check("gguf outputs: far positions (KL)", "RoPE frequency factors or theta llama.cpp reads wrong: "
+                     "invisible at short distances", got, lim, all(w[1] <= w[2] for w in worst),
+                     "; ".join(f"{p}: {a:.1e} <= {b:.1e}" for p, a, b in worst) + f"; worst at {s}"))
+    return out

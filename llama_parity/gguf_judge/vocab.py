@@ -1,0 +1,182 @@
+"""A GGUF's tokenizer proven whole against Meta's tokenizer.model.
+
+- tokenizer model (`gpt2` byte-level BPE for Llama 3's tiktoken file, `llama` for sentencepiece) and
+  pre-tokenizer (`llama-bpe`: llama.cpp's Llama 3 split; a GGUF with `default` splits text unlike Meta);
+- every token's bytes (tiktoken ranks in GPT-2's byte-to-unicode spelling, special-token names) or
+  sentencepiece piece, every token type, and the sentencepiece scores;
+- merges (gpt2): exactly the pairs (a, b) of tokens whose concatenation is a token, listed in the order
+  of that token's rank. That is what makes merge-rank BPE equal to tiktoken's rank BPE: both merge, at
+  each step, the adjacent pair whose concatenation ranks lowest (two pairs forming the same token never
+  coexist, so their relative order is free);
+- bos/eos/eot/eom/unk ids and add_bos/add_eos as the release implies (eos <|eot_id|> for instruct);
+- the chat template rendered on fixed dialogs against the release's official template (and, for
+  Llama 2 / Code Llama / Guard, Meta's own format), through tokenizer_check's steps.
+What llama.cpp itself encodes from the file needs its runtime (not run yet).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llama_parity.tokenizer_check import CheckResult, Mismatch, TokenizerReport, first_diff
+
+MAX_EXAMPLES = 5
+# GGUF token types (llama.cpp's llama_token_type), numbered as sentencepiece's piece types.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+class Acc:
+    """Counts comparisons and keeps the first mismatches as examples (bound 0 unless told)."""
+
+    def __init__(self, name: str, bound: int | None = 0, note: str = ""):
+        self.r = CheckResult(name, 0, 0, bound, note=note)
+
+    def add(self, text: Any, meta: Any, gguf: Any) -> None:
+        self.r.total += 1
+        if meta != gguf:
+            self.r.mismatches += 1
+            if len(self.r.examples) < MAX_EXAMPLES:
+                self.r.examples.append(Mismatch(str(text)[:200], _short(meta), _short(gguf), first_diff(meta, gguf)))
+
+
+def _short(x):
+    if isinstance(x, list) and len(x) > 40:
+        return x[:20] + ["..."] + x[-8:]
+    if isinstance(x, str) and len(x) > 200:
+        return x[:120] + "..."
+    return x
+
+
+def byte_to_unicode() -> str:
+    """GPT-2's printable spelling of the 256 bytes (index = byte), as byte-level BPE vocabularies use."""
+    printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return "".join(table[b] for b in range(256))
+
+
+def expected_tokens(meta) -> tuple[list[str], list[int], list[float] | None]:
+    """(token text, token type, score or None) for every id of Meta's tokenizer, as GGUF spells them."""
+    if getattr(meta, "kind", "") == "tiktoken":
+        spell = {i: c for i, c in enumerate(byte_to_unicode())}
+        texts = [""] * meta.n_words
+        for tok, rank in meta.mergeable_ranks.items():
+            texts[rank] = tok.decode("latin-1").translate(spell)
+        types = [NORMAL] * meta.n_words
+        for name, i in meta.special_tokens.items():
+            texts[i], types[i] = name, CONTROL
+        return texts, types, None
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(meta.path.read_bytes())
+    return [p.piece for p in proto.pieces], [int(p.type) for p in proto.pieces], [p.score for p in proto.pieces]
+
+
+def expected_merges(texts: list[str], n_ordinary: int) -> tuple[set[str], dict[str, int]]:
+    """Every 'a b' whose parts and concatenation are ordinary tokens, and each token's rank."""
+    rank = {t: i for i, t in enumerate(texts[:n_ordinary])}
+    pairs = set()
+    for t in texts[:n_ordinary]:
+        for k in range(1, len(t)):
+            if t[:k] in rank and t[k:] in rank:
+                pairs.add(f"{t[:k]} {t[k:]}")
+    return pairs, rank
+
+
+def merges_check(gf, texts: list[str], n_ordinary: int) -> CheckResult:
+    got = gf.get("tokenizer.ggml.merges") or []
+    want, rank = expected_merges(texts, n_ordinary)
+    acc = Acc("merges (the pairs Meta's ranks imply, in rank order)",
+              note="merge-rank BPE equals Meta's rank BPE only with exactly these pairs in this order")
+    have = set(got)
+    for m in sorted(want - have)[:1000]:
+        acc.add("missing merge", m, None)
+    for m in sorted(have - want)[:1000]:
+        acc.add("merge Meta's ranks do not imply", None, m)
+    last, disorder = -1, 0
+    for i, m in enumerate(got):
+        r = rank.get(m.replace(" ", "", 1), -1)
+        if r < last:
+            disorder += 1
+            if disorder <= 3:
+                acc.add(f"merge #{i} out of rank order", f"rank >= {last}", f"{m!r} rank {r}")
+        last = max(last, r)
+    acc.r.total = max(acc.r.total, len(want))
+    acc.r.mismatches += max(0, len(want - have) - 1000) + max(0, len(have - want) - 1000) + max(0, disorder - 3)
+    return acc.r
+
+
+def vocabulary_checks(gf, meta) -> list[CheckResult]:
+    tiktoken = getattr(meta, "kind", "") == "tiktoken"
+    kind = Acc("tokenizer model and pre-tokenizer", note="gpt2 + llama-bpe for Llama 3 (tiktoken); llama (spm)")
+    kind.add("tokenizer.ggml.model", "gpt2" if tiktoken else "llama", gf.get("tokenizer.ggml.model"))
+    pre = gf.get("tokenizer.ggml.pre")
+    kind.add("tokenizer.ggml.pre", "llama-bpe" if tiktoken else "default", pre if pre or tiktoken else "default")
+    texts, types, scores = expected_tokens(meta)
+    got_texts = gf.get("tokenizer.ggml.tokens") or []
+    size = Acc("vocabulary size")
+    size.add("tokenizer.ggml.tokens", len(texts), len(got_texts))
+    whole = Acc("every token's bytes / piece")
+    for i, t in enumerate(texts):
+        whole.add(f"id {i}", t, got_texts[i] if i < len(got_texts) else None)
+    got_types = gf.get("tokenizer.ggml.token_type") or []
+    typ = Acc("token types", note="normal / control / byte / unknown / user-defined as Meta's file says (<unk> may "
+              "be control: llama.cpp finds it by unknown_token_id)")
+    for i, t in enumerate(types):
+        got = got_types[i] if i < len(got_types) else None
+        typ.add(f"id {i} {texts[i]!r}", got if t == UNKNOWN and got == CONTROL else t, got)
+    out = [kind.r, size.r, whole.r, typ.r]
+    if tiktoken:
+        out.append(merges_check(gf, texts, len(meta.mergeable_ranks)))
+    else:
+        got_scores = gf.get("tokenizer.ggml.scores") or []
+        sc = Acc("sentencepiece scores", note="all -1000 when llama.cpp built the vocabulary without tokenizer.model; "
+                 "control and unknown pieces are never merged into, so their scores are not compared")
+        for i, s in enumerate(scores):
+            if types[i] not in (CONTROL, UNKNOWN):
+                sc.add(f"id {i} {texts[i]!r}", s, got_scores[i] if i < len(got_scores) else None)
+        out.append(sc.r)
+    return out
+
+
+def expected_special_ids(meta, family: str, instruct: bool) -> dict[str, int | None]:
+    """bos/eos/eot/eom/unk as Meta's tokenizer and the release imply (eos <|eot_id|> for Llama 3.x
+    instruct and Llama Guard 3, <|end_of_text|> for base models; </s> for sentencepiece)."""
+    if getattr(meta, "kind", "") == "tiktoken":
+        eos = meta.eot_id if instruct or family == "llama-guard-3" else meta.eos_id
+        return {"bos": meta.bos_id, "eos": eos, "eot": meta.eot_id, "eom": meta.eom_id, "unknown": None}
+    return {"bos": meta.bos_id, "eos": meta.eos_id, "eot": meta.eot_id, "eom": None, "unknown": meta.unk_id}
+
+
+def special_checks(gf, meta, family: str, instruct: bool) -> list[CheckResult]:
+    """Required: bos, eos (the instruct eos bug), add_bos true. Optional keys, when present, must hold
+    Meta's id (eot, eom: llama.cpp also finds them by name; unknown) and add_eos must be false."""
+    acc = Acc("special token ids and add_bos/add_eos", note="eos <|eot_id|> for instruct (Llama 3 GGUFs shipped "
+              "<|end_of_text|>: generation never stopped)")
+    want = expected_special_ids(meta, family, instruct)
+    for key in ("bos", "eos"):
+        acc.add(f"tokenizer.ggml.{key}_token_id", want[key], gf.get(f"tokenizer.ggml.{key}_token_id"))
+    for key in ("eot", "eom", "unknown"):
+        got = gf.get(f"tokenizer.ggml.{key}_token_id")
+        if got is not None:
+            acc.add(f"tokenizer.ggml.{key}_token_id", want[key], got)
+    acc.add("tokenizer.ggml.add_bos_token", True, gf.get("tokenizer.ggml.add_bos_token", True))
+    acc.add("tokenizer.ggml.add_eos_token", False, gf.get("tokenizer.ggml.add_eos_token", False))
+    return [acc.r]
+
+
+def tokenizer_report(gf, meta, release, tokenizer_path) -> TokenizerReport:
+    from .chat import chat_template_checks
+
+    family = release.family if release is not None else ""
+    instruct = bool(release.instruct) if release is not None else False
+    checks = vocabulary_checks(gf, meta) + special_checks(gf, meta, family, instruct)
+    checks += chat_template_checks(gf, meta, release)
+    report = TokenizerReport(str(tokenizer_path), str(gf.path), meta.kind, checks)
+    if release is None:
+        report.notes.append("release unknown: eos and the chat template judged against the tokenizer alone")
+    return report

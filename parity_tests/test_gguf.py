@@ -1,0 +1,164 @@
+"""GGUF files made by llama.cpp's own converter from our conversions, judged against Meta's checkpoint,
+and a mutation catalog of the bugs that shipped in real GGUFs, each failing the check that names it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gguf", reason="the gguf extra (pip install 'llama-parity[gguf]') is not installed")
+
+from llama_parity.converter.convert import convert_meta_to_hf  # noqa: E402
+from llama_parity.fixtures.factory import make_tiny_checkpoint  # noqa: E402
+from llama_parity.fixtures.tokenizers import real_llama2_tokenizer, real_llama3_tokenizer  # noqa: E402
+from llama_parity.releases import get  # noqa: E402
+from llama_parity.gguf_judge import read_gguf, verify_gguf  # noqa: E402
+from llama_parity.gguf_judge.mutate import write_gguf  # noqa: E402
+
+from .llamacpp import convert_to_gguf  # noqa: E402
+
+# case -> (release, tokenizer, llama.cpp outtypes): every family's trait llama.cpp must carry
+CASES = {
+    "llama3.1-instruct": ("llama3.1-8b-instruct", "llama3", ("f16", "q8_0")),  # rope_freqs, GQA, eot eos
+    "llama3.2-tied": ("llama3.2-1b-instruct", "llama3", ("bf16",)),  # tied, factor 32
+    "llama2-chat": ("llama2-7b-chat", "llama2", ("f16",)),  # sentencepiece scores from tokenizer.model
+    "llama2-13b-mp2": ("llama2-13b", "llama2", ("q8_0",)),  # two shards, embedding split on dim 1
+}
+
+
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory):
+    """(meta folder, {outtype: gguf path}) per case: tiny checkpoints with the real vocabularies (llama.cpp
+    only names the Llama 3 pre-tokenizer for the real one), converted by us, then by llama.cpp."""
+    root = tmp_path_factory.mktemp("gguf")
+    toks = {"llama3": real_llama3_tokenizer(), "llama2": real_llama2_tokenizer()}
+    out, jobs = {}, []
+    for case, (vid, tok, types) in CASES.items():
+        if toks[tok] is None:
+            pytest.fail("the real Llama 3 tokenizer (llama-models, a test dependency) is missing")
+        meta = make_tiny_checkpoint(get(vid), root / case, tokenizer=toks[tok], dtype=torch.bfloat16)
+        hf = root / f"{case}-hf"
+        convert_meta_to_hf(meta, hf)
+        out[case] = (meta, {t: root / f"{case}-{t}.gguf" for t in types})
+        jobs += [(hf, t, root / f"{case}-{t}.gguf") for t in types]
+    convert_to_gguf(jobs)
+    return out
+
+
+@pytest.mark.parametrize("case,outtype", [(c, t) for c, (_, _, ts) in CASES.items() for t in ts])
+def test_llamacpp_gguf_passes(ggufs, case, outtype):
+    """Bug class: a judge that fails honest GGUFs (llama.cpp's own converter, f16/bf16/q8_0) of any family:
+    sentencepiece and tiktoken vocabularies, GQA, tied output, RoPE factors 8 and 32, MP shards."""
+    meta, files = ggufs[case]
+    rep = verify_gguf(meta, files[outtype], checks="all" if outtype == "q8_0" else "quick")
+    assert rep.ok, rep.render()
+
+
+def _permute_q_half_split(gf):
+    t = gf.tensors["blk.0.attn_q.weight"]
+    hd = int(gf.key("rope.dimension_count"))
+    perm = [h * hd + 2 * j + half for h in range(t.shape[0] // hd) for half in (0, 1) for j in range(hd // 2)]
+    return {"tensors": {t.name: np.asarray(t.data)[perm]}}
+
+
+def _swap_kv_heads(gf):
+    t = gf.tensors["blk.1.attn_k.weight"]
+    hd = int(gf.key("rope.dimension_count"))
+    data = np.asarray(t.data).copy()
+    data[:hd], data[hd:2 * hd] = np.asarray(t.data)[hd:2 * hd], np.asarray(t.data)[:hd]
+    return {"tensors": {t.name: data}}
+
+
+def _rope_factor(gf, factor):
+    from llama_parity.gguf_judge.meta_checks import expected_rope_factors  # noqa: F401 - the judge's formula
+
+    t = gf.tensors["rope_freqs.weight"]
+    f = np.asarray(t.data).view(np.float32).copy()
+    f[f > 1] = np.where(f[f > 1] == f.max(), factor, f[f > 1])
+    return {"tensors": {t.name: f.view(np.uint8).reshape(t.data.shape)}}
+
+
+# name -> (case, outtype, edit of the read file -> write_gguf kwargs, the check that must fail)
+MUTATIONS = {
+    "instruct eos <|end_of_text|>": ("llama3.1-instruct", "f16",
+                                     lambda gf: {"fields": {"tokenizer.ggml.eos_token_id": 128001}},
+                                     "tokenizer: special token ids"),
+    "pre-tokenizer not llama-bpe": ("llama3.1-instruct", "f16",
+                                    lambda gf: {"fields": {"tokenizer.ggml.pre": "default"}},
+                                    "tokenizer: tokenizer model and pre-tokenizer"),
+    "rope_freqs missing": ("llama3.1-instruct", "f16", lambda gf: {"drop_tensors": ["rope_freqs.weight"]},
+                           "gguf: rope_freqs"),
+    "rope factor 32 on 3.1": ("llama3.1-instruct", "f16", lambda gf: _rope_factor(gf, 32.0), "gguf: rope_freqs"),
+    "rope factor 8 on 3.2": ("llama3.2-tied", "bf16", lambda gf: _rope_factor(gf, 8.0), "gguf: rope_freqs"),
+    "q rows in half-split layout": ("llama3.1-instruct", "q8_0", _permute_q_half_split, "gguf weights: Q8_0"),
+    "kv heads swapped": ("llama3.1-instruct", "f16", _swap_kv_heads, "gguf weights: F32/F16/BF16"),
+    "embedding rows shifted": ("llama2-chat", "f16", lambda gf: {"tensors": {"token_embd.weight": np.roll(
+        np.asarray(gf.tensors["token_embd.weight"].data), 1, axis=0)}}, "gguf weights: F32/F16/BF16"),
+    "vocabulary shifted": ("llama3.1-instruct", "f16", lambda gf: {"fields": {"tokenizer.ggml.tokens": (
+        lambda t: t[1:] + t[:1])(gf.get("tokenizer.ggml.tokens"))}}, "tokenizer: every token's bytes"),
+    "chat template dropped": ("llama3.1-instruct", "f16", lambda gf: {"drop_fields": ["tokenizer.chat_template"]},
+                              "tokenizer: chat template present"),
+    "scores -1000 (no tokenizer.model)": ("llama2-chat", "f16", lambda gf: {"fields": {"tokenizer.ggml.scores": [
+        -1000.0] * len(gf.get("tokenizer.ggml.scores"))}}, "tokenizer: sentencepiece scores"),
+    "output matrix dropped": ("llama3.1-instruct", "f16", lambda gf: {"drop_tensors": ["output.weight"]},
+                              "gguf: separate output matrix"),
+    "context length 8192 on 3.1": ("llama3.1-instruct", "f16",
+                                   lambda gf: {"fields": {"llama.context_length": 8192}}, "gguf: llama.context_length"),
+    "file type says q8_0": ("llama2-chat", "f16", lambda gf: {"fields": {"general.file_type": 7}},
+                            "gguf: general.file_type"),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_gguf_mutation_fails_named_check(ggufs, tmp_path, mutation):
+    """Bug classes: the GGUF release bugs (instruct eos, pre-tokenizer, missing or wrong RoPE factors, q/k rows
+    in another rotary layout) and misplaced heads/rows, a shifted vocabulary, a dropped chat template or
+    output matrix, -1000 scores, a wrong context length or file type: each fails the check naming it."""
+    case, outtype, edit, check = MUTATIONS[mutation]
+    meta, files = ggufs[case]
+    gf = read_gguf(files[outtype])
+    bad = write_gguf(gf, tmp_path / "mutant.gguf", **edit(gf))
+    rep = verify_gguf(meta, bad, checks="quick")
+    failed = [n for n, _, _, ok in rep.rows() if not ok]
+    assert any(n.startswith(check) for n in failed), (mutation, failed, rep.render())
+
+
+def test_spm_conversion_ships_tokenizer_model(ggufs):
+    """Bug class: our Llama 2 folder without tokenizer.model, so llama.cpp scores every piece -1000 and
+    splits ordinary words unlike Meta (the shipped file is Meta's, byte for byte)."""
+    meta, files = ggufs["llama2-chat"]
+    hf = files["f16"].parent / "llama2-chat-hf"
+    assert (hf / "tokenizer.model").read_bytes() == real_llama2_tokenizer().read_bytes()
+    scores = read_gguf(files["f16"]).get("tokenizer.ggml.scores")
+    assert len(set(scores)) > 1000
+
+
+@pytest.mark.parametrize("content", [b"not a gguf file", b"GGUF\x03\x00\x00\x00" + b"\xff" * 16])
+def test_cli_bad_gguf_is_exit_2(ggufs, tmp_path, content, capsys):
+    """Bug class: a foreign or truncated file judged as a parity failure or crashing with a traceback,
+    instead of one line naming the file and exit 2."""
+    from llama_parity.cli import main
+
+    meta, _ = ggufs["llama2-chat"]
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(content)
+    assert main(["verify", "--meta-dir", str(meta), "--gguf", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llama-parity: ") and "bad.gguf" in err[0], err
+
+
+def test_cli_gguf_report_exit_codes(ggufs, tmp_path, capsys):
+    """Bug class: verify --gguf exiting 0 on a failed GGUF (scripts and CI gate on the exit code) or the
+    JSON report missing the verdict."""
+    import json
+
+    from llama_parity.cli import main
+
+    meta, files = ggufs["llama2-chat"]
+    gf = read_gguf(files["f16"])
+    bad = write_gguf(gf, tmp_path / "bad.gguf", fields={"tokenizer.ggml.bos_token_id": 2})
+    assert main(["verify", "--meta-dir", str(meta), "--gguf", str(files["f16"]), "--metadata-only"]) == 0
+    assert main(["verify", "--meta-dir", str(meta), "--gguf", str(bad), "--metadata-only",
+                 "--json", str(tmp_path / "r.json")]) == 1
+    assert json.loads((tmp_path / "r.json").read_text())["ok"] is False
