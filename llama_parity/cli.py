@@ -266,7 +266,10 @@ def _looks_hf(d: Path) -> bool:
 
 
 def swapped_dirs(meta_dir, hf_dir) -> str | None:
-    """The message for --meta-dir and --hf-dir given the other way round (each folder is the other kind)."""
+    """The message for --meta-dir and --hf-dir given the other way round (each folder is the other kind).
+    Either may be absent (verify --attestation needs no Meta folder)."""
+    if meta_dir is None or hf_dir is None:
+        return None
     meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
     if meta_dir.is_dir() and hf_dir.is_dir() and _looks_hf(meta_dir) and _looks_meta(hf_dir):
         return (f"--meta-dir {meta_dir} is a Hugging Face folder and --hf-dir {hf_dir} a Meta checkpoint: did you "
