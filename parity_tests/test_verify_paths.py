@@ -97,8 +97,8 @@ def test_every_path_gives_the_same_verdicts(folders, tmp_path, name):
 
 # A value for each verify flag that is not its default (store_true flags need none).
 # Flags that choose another judgement than verify's paths (no rank, no stream): they are not options
-# of this one. --attestation re-checks a folder against a report.
-_OTHER_JUDGES = ("attestation",)
+# of this one. --attestation re-checks a folder against a report; --gguf judges a llama.cpp file.
+_OTHER_JUDGES = ("attestation", "gguf")
 _NON_DEFAULT = {"--device": "cuda", "--variant": "llama3.1-8b", "--memory": "full", "--greedy-tokens": "3",
                 "--json": "-", "--html": "r.html", "--nproc": "2", "--timeout": "5"}
 
