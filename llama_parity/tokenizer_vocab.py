@@ -17,16 +17,22 @@ from typing import Any
 from llama_parity.reference_model.tokenizer import TiktokenTokenizer, read_tiktoken_ranks
 from llama_parity.tokenizer_report import Acc, CheckResult, Ctx, Mismatch, MAX_EXAMPLES, is_reserved_name
 
-def _gpt2_byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's byte -> printable character table (HF byte-level BPE vocabularies use it).
-    A copy kept on purpose: the judge does not import the converter's table."""
+def gpt2_byte_spelling() -> str:
+    """GPT-2's printable spelling of the 256 bytes (index = byte), as HF and GGUF byte-level BPE
+    vocabularies write them. A copy kept on purpose: the judge does not import the converter's table;
+    the GGUF judge spells with this one."""
     printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
     table, extra = {b: chr(b) for b in printable}, 0
     for b in range(256):
         if b not in table:
             table[b] = chr(256 + extra)
             extra += 1
-    return {c: b for b, c in table.items()}
+    return "".join(table[b] for b in range(256))
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """Inverse of gpt2_byte_spelling: printable character -> byte."""
+    return {c: b for b, c in enumerate(gpt2_byte_spelling())}
 
 
 def _meta_pieces(meta) -> list[Any]:

@@ -34,6 +34,21 @@ def tok_cases(tmp_path_factory):
     return tokenizer_cases(tmp_path_factory.mktemp("tokenizers"))
 
 
+@pytest.fixture(scope="session")
+def tok_report(tok_cases):
+    """One whole-tokenizer report per case for the session: the report is a pure function of the files,
+    and proving the real 128k vocabulary and its merges costs seconds each time."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            case = _case(tok_cases, name)
+            done[name] = check_tokenizer(case.model_path, case.hf_dir, hf_tokenizer=hf_tokenizer(case),
+                                         release=case.release)
+        return done[name]
+    return get
+
+
 def _case(tok_cases, name):
     if name not in tok_cases:
         assert name.startswith("real-llama3"), name
@@ -73,14 +88,14 @@ def _assert_same(s, meta_ids, hf_ids):
 # --- tests ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ALL_CASES)
-def test_curated_corpus_report_ok(tok_cases, name):
+def test_curated_corpus_report_ok(tok_cases, tok_report, name):
     """Bug class: any converted tokenizer that differs from Meta's on known trouble (leading/trailing/double
     spaces, "\\n\\n", empty string, digits, CJK, emoji, byte fallback), on special ids, vocab size, decode,
     strict special-token text, or the chat template; false failures of the release-aware checks (whole
     vocabulary, added-token flags, config special tokens, post-processor BOS, official template, Guard
     categories, infilling) on a right folder. The report lists string, both id lists, first diff."""
     case = _case(tok_cases, name)
-    report = check_tokenizer(case.model_path, case.hf_dir, hf_tokenizer=hf_tokenizer(case), release=case.release)
+    report = tok_report(name)
     assert report.ok, "\n".join(report.mismatch_lines())
     exact = {c.name: c for c in report.checks}
     assert exact["encode with bos"].total >= len(CURATED_CORPUS) - 10
@@ -131,7 +146,7 @@ def test_whitespace_runs_and_newlines(tok_cases, name):
 
 @pytest.mark.parametrize("name", ["tiny-llama2-chat", "tiny-codellama-instruct", "tiny-llama3.1-instruct",
                                   "real-llama2-chat", "real-llama3.1-instruct"])
-def test_special_token_text_strict_and_default(tok_cases, name):
+def test_special_token_text_strict_and_default(tok_cases, tok_report, name):
     """Bug class: special-token text typed by a user ("<|eot_id|>", "<s>"). Strict mode
     (split_special_tokens=True) must give Meta's plain-text ids; the default HF parsing gives the control
     token, a documented difference that must stay visible (counted separately in the report)."""
@@ -146,23 +161,21 @@ def test_special_token_text_strict_and_default(tok_cases, name):
         # Meta's allowed_special mode matches HF's default parsing
         if not isinstance(meta, SentencePieceTokenizer) or special in ("<s>", "</s>"):
             assert meta.encode(s, bos=True, eos=False, allowed_special="all") == hf(s)["input_ids"]
-    report = check_tokenizer(case.model_path, case.hf_dir, hf_tokenizer=hf)
-    by = {c.name: c for c in report.checks}
+    by = {c.name: c for c in tok_report(name).checks}
     assert by["special-token text, HF default parsing"].mismatches > 0
     assert by["special-token text, HF default parsing"].bound is None
     assert by["special-token text, strict (split_special_tokens=True)"].mismatches == 0
 
 
 @pytest.mark.parametrize("name", ["tiny-llama3.1-instruct", "real-llama3.1-instruct"])
-def test_long_runs_measured_not_hidden(tok_cases, name):
+def test_long_runs_measured_not_hidden(tok_cases, tok_report, name):
     """Bug class: Meta cuts runs longer than 25,000 chars before encoding, which tokenizer.json cannot
     express; text below the cut must match exactly, and the report must count the >25k class separately."""
     case = _case(tok_cases, name)
     meta, hf = meta_tokenizer(case), hf_tokenizer(case)
     for s in ("a" * 25_000, " " * 24_999 + "x", ("word " * 5000)):
         _assert_same(s[:40], meta.encode(s, bos=True, eos=False), hf(s)["input_ids"])
-    report = check_tokenizer(case.model_path, case.hf_dir, hf_tokenizer=hf, chat=False)
-    runs = next(c for c in report.checks if c.name.startswith("runs longer"))
+    runs = next(c for c in tok_report(name).checks if c.name.startswith("runs longer"))
     assert runs.total == 3 and runs.bound is None
 
 
@@ -191,7 +204,7 @@ def test_real_llama3_known_strings(tok_cases):
 
 @pytest.mark.parametrize("name", ["tiny-llama2-chat", "tiny-codellama-instruct", "tiny-llama3.1-instruct",
                                   "real-llama2-chat", "real-llama3.1-instruct"])
-def test_decode_random_ids(tok_cases, name):
+def test_decode_random_ids(tok_cases, tok_report, name):
     """Bug class: decoder chain wrong for ids a model can sample but encoding never yields (byte pieces,
     leading "▁", odd merges): HF decode == Meta decode on random non-special id sequences, except runs of
     sentencepiece byte pieces that are not valid UTF-8 (sentencepiece replaces each bad byte, HF's
@@ -213,8 +226,7 @@ def test_decode_random_ids(tok_cases, name):
         assert hf.decode(ids, skip_special_tokens=sp) == meta.decode(ids), ids
 
     run()
-    report = check_tokenizer(case.model_path, case.hf_dir, hf_tokenizer=hf, chat=False)
-    by = {c.name: c for c in report.checks}
+    by = {c.name: c for c in tok_report(name).checks}
     assert by["decode of random ids"].ok
     if sp:
         assert by["decode of random ids with invalid UTF-8 byte pieces"].mismatches > 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from llama_parity.tokenizer_check import CheckResult, Mismatch, TokenizerReport, first_diff
+from llama_parity.tokenizer_vocab import gpt2_byte_spelling
 
 MAX_EXAMPLES = 5
 # GGUF token types (llama.cpp's llama_token_type), numbered as sentencepiece's piece types.
@@ -47,21 +48,10 @@ def _short(x):
     return x
 
 
-def byte_to_unicode() -> str:
-    """GPT-2's printable spelling of the 256 bytes (index = byte), as byte-level BPE vocabularies use."""
-    printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
-    table, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return "".join(table[b] for b in range(256))
-
-
 def expected_tokens(meta) -> tuple[list[str], list[int], list[float] | None]:
     """(token text, token type, score or None) for every id of Meta's tokenizer, as GGUF spells them."""
     if getattr(meta, "kind", "") == "tiktoken":
-        spell = {i: c for i, c in enumerate(byte_to_unicode())}
+        spell = {i: c for i, c in enumerate(gpt2_byte_spelling())}
         texts = [""] * meta.n_words
         for tok, rank in meta.mergeable_ranks.items():
             texts[rank] = tok.decode("latin-1").translate(spell)
