@@ -110,6 +110,16 @@ MUTATIONS = {
 }
 
 
+_READ = {}
+
+
+def _read(path):
+    """Each honest file read once (its 128k-token header parsed once) for all its mutants."""
+    if path not in _READ:
+        _READ[path] = read_gguf(path)
+    return _READ[path]
+
+
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
 def test_gguf_mutation_fails_named_check(ggufs, tmp_path, mutation):
     """Bug classes: the GGUF release bugs (instruct eos, pre-tokenizer, missing or wrong RoPE factors, q/k rows
@@ -117,7 +127,7 @@ def test_gguf_mutation_fails_named_check(ggufs, tmp_path, mutation):
     output matrix, -1000 scores, a wrong context length or file type: each fails the check naming it."""
     case, outtype, edit, check = MUTATIONS[mutation]
     meta, files = ggufs[case]
-    gf = read_gguf(files[outtype])
+    gf = _read(files[outtype])
     bad = write_gguf(gf, tmp_path / "mutant.gguf", **edit(gf))
     rep = verify_gguf(meta, bad, checks="quick")
     failed = [n for n, _, _, ok in rep.rows() if not ok]

@@ -10,6 +10,7 @@ type tables.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -30,10 +31,16 @@ def _meta_tokenizer(meta_dir: Path, family: str):
     from llama_parity.releases import find_tokenizer
     from llama_parity.reference_model.tokenizer import LLAMA3_FAMILY_VERSION, load_meta_tokenizer
 
+    from .vocab import memo
+
     path = find_tokenizer(meta_dir)
     if path is None:
         return None, None
-    return load_meta_tokenizer(path, version=LLAMA3_FAMILY_VERSION.get(family, "3.2")), path
+    version = LLAMA3_FAMILY_VERSION.get(family, "3.2")
+    # loaded once per file content (read-only afterwards): several GGUFs of one checkpoint share it
+    key = ("meta tokenizer", str(path), hashlib.sha256(path.read_bytes()).hexdigest(), version)
+    tok = memo(key, lambda: load_meta_tokenizer(path, version=version), fresh=False)
+    return tok, path
 
 
 def verify_gguf(meta_dir: str | Path, gguf_path: str | Path, *, variant_id: str | None = None,

@@ -9,29 +9,38 @@ transformers do with a rendered template)."""
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 
 from llama_parity.tokenizer_check import CheckResult
 
-from .vocab import Acc
+from .vocab import Acc, memo, tokenizer_digest
 
 
-def render(template: str, messages: list[dict], *, bos_token: str, eos_token: str, add_generation_prompt: bool,
-           **kwargs) -> str:
+def _raise_exception(message):
     from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str):
+    """The template compiled once (compiling a Llama 3.1 template costs ~0.1 s; the checks render ~50 dialogs)."""
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TemplateError(message)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-    env.globals["raise_exception"] = raise_exception
+    env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    return env.from_string(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                                            add_generation_prompt=add_generation_prompt, **kwargs)
+    return env.from_string(template)
+
+
+def render(template: str, messages: list[dict], *, bos_token: str, eos_token: str, add_generation_prompt: bool,
+           **kwargs) -> str:
+    return _compiled(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
+                                      add_generation_prompt=add_generation_prompt, **kwargs)
 
 
 class GGUFChat:
@@ -52,6 +61,13 @@ class GGUFChat:
 
 
 def chat_template_checks(gf, meta, release) -> list[CheckResult]:
+    """Memoised by all they read: the template, the bos/eos token names, Meta's tokenizer, the release."""
+    chat = GGUFChat(gf, meta)
+    key = ("chat", chat.chat_template, chat.bos, chat.eos, tokenizer_digest(meta), repr(release))
+    return memo(key, lambda: _chat_template_checks(gf, meta, release))
+
+
+def _chat_template_checks(gf, meta, release) -> list[CheckResult]:
     from llama_parity.tokenizer_chat import meta_format_checks, official_template_checks
     from llama_parity.tokenizer_report import Ctx as _Ctx
 

@@ -9,6 +9,7 @@ one at a time, rows on demand, from a memory map (bounded memory whatever the fi
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,25 @@ class GGUFFile:
     fields: dict[str, object]  # key -> python value (str, int, float, bool, list)
     tensors: dict[str, GGUFTensor]
     types: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # key -> (value type, array item type)
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> [start, end) of its value in the file
+    raw: object = None  # the file's bytes (memory map) the spans index
+
+    def raw_value(self, key: str) -> bytes | None:
+        """A value's bytes exactly as stored (None for a key not read from this file)."""
+        span = self.spans.get(key)
+        return None if span is None or self.raw is None else bytes(self.raw[span[0]:span[1]])
+
+    def digest(self, keys) -> str:
+        """sha256 over the stored bytes (and types) of `keys` as the file holds them: what a check reading
+        only these keys depends on, so a result may be reused for another file with the same digest."""
+        h = hashlib.sha256()
+        for k in sorted(keys):
+            h.update(repr((k, self.types.get(k))).encode())
+            if k in self.spans:
+                h.update(memoryview(self.raw)[self.spans[k][0]:self.spans[k][1]])
+            else:
+                h.update(repr(self.fields.get(k)).encode())  # edited in memory: its value stands for it
+        return h.hexdigest()
 
     def get(self, key: str, default=None):
         return self.fields.get(key, default)
@@ -107,6 +127,24 @@ class _Cursor:
     def string(self) -> str:
         return bytes(self.take(self.scalar("<Q"))).decode("utf-8", errors="surrogateescape")
 
+    def strings(self, n: int) -> list[str]:
+        """n strings in a row: the vocabulary and merges (hundreds of thousands), in one tight loop."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        if n * 8 > end - pos:
+            raise GGUFInputError(f"{self.path} is truncated or corrupt (header runs past the end of the file)")
+        length = struct.Struct("<Q").unpack_from
+        for _ in range(n):
+            if pos + 8 > end:
+                break
+            k = length(buf, pos)[0]
+            pos += 8
+            out.append(str(buf[pos:pos + k], "utf-8", "surrogateescape"))
+            pos += k
+        if pos > end or len(out) < n:
+            raise GGUFInputError(f"{self.path} is truncated or corrupt (header runs past the end of the file)")
+        self.pos = pos
+        return out
+
     def value(self, vtype: int):
         if vtype == _STRING:
             return self.string()
@@ -119,6 +157,8 @@ class _Cursor:
         if etype in _NUMPY:
             arr = np.frombuffer(self.take(n * np.dtype(_NUMPY[etype]).itemsize), dtype=_NUMPY[etype])
             return arr.astype(bool).tolist() if etype == 7 else arr.tolist()
+        if etype == _STRING:
+            return self.strings(n)
         return [self.value(etype) for _ in range(n)]
 
 
@@ -138,12 +178,14 @@ def read_gguf(path: str | Path) -> GGUFFile:
     version, n_tensors, n_kv = cur.scalar("<I"), cur.scalar("<Q"), cur.scalar("<Q")
     if version not in (2, 3):
         raise GGUFInputError(f"{path}: GGUF version {version} (big-endian or unknown) is not supported")
-    fields, types = {}, {}
+    fields, types, spans = {}, {}, {}
     for _ in range(n_kv):
         key = cur.string()
         vtype = cur.scalar("<I")
         etype = struct.unpack_from("<I", cur.buf, cur.pos)[0] if vtype == _ARRAY else None
+        start = cur.pos
         fields[key], types[key] = cur.value(vtype), (vtype, etype)
+        spans[key] = (start, cur.pos)
     infos = []
     for _ in range(n_tensors):
         name = cur.string()
@@ -165,4 +207,4 @@ def read_gguf(path: str | Path) -> GGUFFile:
         if dims[0] % block or first + rows * row_bytes > len(mm):
             raise GGUFInputError(f"{path}: tensor {name} lies outside the file (truncated?) or has a bad shape")
         tensors[name] = GGUFTensor(name, qt.name, shape, mm[first:first + rows * row_bytes].reshape(rows, row_bytes))
-    return GGUFFile(path, version, fields, tensors, types)
+    return GGUFFile(path, version, fields, tensors, types, spans, mm)

@@ -38,7 +38,8 @@ def write_gguf(gf: GGUFFile, path: str | Path, *, fields: dict | None = None, dr
     head = b"GGUF" + struct.pack("<IQQ", 3, len(gf.tensors) - len(set(drop_tensors) & set(gf.tensors)), len(values))
     for k, v in values.items():
         vtype, etype = gf.types.get(k, (_STRING, None))
-        head += _string(k) + struct.pack("<I", vtype) + _value(vtype, etype, v)
+        stored = None if k in (fields or {}) else gf.raw_value(k)  # unchanged: its bytes as read (fast, exact)
+        head += _string(k) + struct.pack("<I", vtype) + (stored if stored is not None else _value(vtype, etype, v))
     datas, offset = [], 0
     for name, t in gf.tensors.items():
         if name in drop_tensors:

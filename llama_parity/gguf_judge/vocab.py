@@ -12,16 +12,42 @@
 - the chat template rendered on fixed dialogs against the release's official template (and, for
   Llama 2 / Code Llama / Guard, Meta's own format), through tokenizer_check's steps.
 What llama.cpp itself encodes from the file needs its runtime (not run yet).
+
+Results are memoised per process by content (`memo`): Meta's side by the tokenizer file's sha256, each
+GGUF-side check by the sha256 of the exact stored bytes of the keys it reads. Several GGUFs of one
+checkpoint (f16 and q8_0, or mutants of one file) then prove the 128k-token vocabulary once; any byte
+of a key a check reads that differs is another key, so the check runs again.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import hashlib
+from typing import Any, Callable
 
 from llama_parity.tokenizer_check import CheckResult, Mismatch, TokenizerReport, first_diff
 from llama_parity.tokenizer_vocab import gpt2_byte_spelling
 
 MAX_EXAMPLES = 5
+MEMO_SIZE = 16
+_MEMO: dict[tuple, Any] = {}
+VOCAB_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+              "tokenizer.ggml.merges", "tokenizer.ggml.scores")
+
+
+def memo(key: tuple, compute: Callable[[], Any], *, fresh: bool = True):
+    """compute() once per key (a few entries kept); `fresh`: each caller gets its own deep copy (reports
+    are edited after the fact), else the shared value (read-only tables)."""
+    if key not in _MEMO:
+        if len(_MEMO) >= MEMO_SIZE:
+            _MEMO.pop(next(iter(_MEMO)))
+        _MEMO[key] = compute()
+    return copy.deepcopy(_MEMO[key]) if fresh else _MEMO[key]
+
+
+def tokenizer_digest(meta) -> tuple:
+    """What Meta's tokenizer object is made of: its file's bytes, kind and (tiktoken) version."""
+    return hashlib.sha256(meta.path.read_bytes()).hexdigest(), getattr(meta, "kind", ""), getattr(meta, "version", None)
 # GGUF token types (llama.cpp's llama_token_type), numbered as sentencepiece's piece types.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -77,9 +103,9 @@ def expected_merges(texts: list[str], n_ordinary: int) -> tuple[set[str], dict[s
     return pairs, rank
 
 
-def merges_check(gf, texts: list[str], n_ordinary: int) -> CheckResult:
+def merges_check(gf, texts: list[str], n_ordinary: int, want_rank=None) -> CheckResult:
     got = gf.get("tokenizer.ggml.merges") or []
-    want, rank = expected_merges(texts, n_ordinary)
+    want, rank = want_rank or expected_merges(texts, n_ordinary)
     acc = Acc("merges (the pairs Meta's ranks imply, in rank order)",
               note="merge-rank BPE equals Meta's rank BPE only with exactly these pairs in this order")
     have = set(got)
@@ -101,12 +127,27 @@ def merges_check(gf, texts: list[str], n_ordinary: int) -> CheckResult:
 
 
 def vocabulary_checks(gf, meta) -> list[CheckResult]:
+    """The checks of the module doc on the vocabulary keys (memoised by their bytes and Meta's file)."""
+    digest = tokenizer_digest(meta)
+    return memo(("vocab", gf.digest(VOCAB_KEYS), digest), lambda: _vocabulary_checks(gf, meta, digest))
+
+
+def _meta_side(meta, digest) -> tuple:
+    """Meta's tokens, types, scores and (tiktoken) implied merges, computed once per tokenizer file."""
+    def compute():
+        texts, types, scores = expected_tokens(meta)
+        tiktoken = getattr(meta, "kind", "") == "tiktoken"
+        return texts, types, scores, expected_merges(texts, len(meta.mergeable_ranks)) if tiktoken else None
+    return memo(("meta", digest), compute, fresh=False)
+
+
+def _vocabulary_checks(gf, meta, digest) -> list[CheckResult]:
     tiktoken = getattr(meta, "kind", "") == "tiktoken"
     kind = Acc("tokenizer model and pre-tokenizer", note="gpt2 + llama-bpe for Llama 3 (tiktoken); llama (spm)")
     kind.add("tokenizer.ggml.model", "gpt2" if tiktoken else "llama", gf.get("tokenizer.ggml.model"))
     pre = gf.get("tokenizer.ggml.pre")
     kind.add("tokenizer.ggml.pre", "llama-bpe" if tiktoken else "default", pre if pre or tiktoken else "default")
-    texts, types, scores = expected_tokens(meta)
+    texts, types, scores, merges = _meta_side(meta, digest)
     got_texts = gf.get("tokenizer.ggml.tokens") or []
     size = Acc("vocabulary size")
     size.add("tokenizer.ggml.tokens", len(texts), len(got_texts))
@@ -121,7 +162,7 @@ def vocabulary_checks(gf, meta) -> list[CheckResult]:
         typ.add(f"id {i} {texts[i]!r}", got if t == UNKNOWN and got == CONTROL else t, got)
     out = [kind.r, size.r, whole.r, typ.r]
     if tiktoken:
-        out.append(merges_check(gf, texts, len(meta.mergeable_ranks)))
+        out.append(merges_check(gf, texts, len(meta.mergeable_ranks), merges))
     else:
         got_scores = gf.get("tokenizer.ggml.scores") or []
         sc = Acc("sentencepiece scores", note="all -1000 when llama.cpp built the vocabulary without tokenizer.model; "
