@@ -509,17 +509,19 @@ def c_verify_html_under_file(tiny, tmp):
 
 def c_convert_json_is_folder(tiny, tmp):
     # Used to fail after writing the whole model, and leave it behind.
-    return [*_convert(_m(tiny, tmp), tmp / "out" / "hf"), "--json", tmp / "out"], "--json"
+    return [*_convert(_m(tiny, tmp), tmp / "out" / "hf"), "--json", tmp / "out"], f"--json {tmp / 'out'} is a folder"
 
 
 def c_diagnose_plot_is_folder(tiny, tmp):
     meta, hf = _pair(tiny, tmp)
-    return ["diagnose", "--meta-dir", meta, "--hf-dir", hf, "--plot", tmp / "out"], "--plot"
+    return ["diagnose", "--meta-dir", meta, "--hf-dir", hf, "--plot", tmp / "out"], f"--plot {tmp / 'out'} is a folder"
 
 
 def c_inspect_json_under_file(tiny, tmp):
     (tmp / "out" / "afile").write_text("x")
-    return ["inspect", "--input-dir", _m(tiny, tmp), "--json", tmp / "out" / "afile" / "p.json"], "afile"
+    # The check names the file in the way, before the run (the late write said only "Not a directory").
+    return (["inspect", "--input-dir", _m(tiny, tmp), "--json", tmp / "out" / "afile" / "p.json"],
+            f"{tmp / 'out' / 'afile'} is a file, not a directory")
 
 
 def c_json_and_html_one_file(tiny, tmp):
@@ -530,7 +532,8 @@ def c_json_and_html_one_file(tiny, tmp):
 
 def c_to_meta_output_is_file(tiny, tmp):
     (tmp / "out" / "afile").write_text("x")
-    return _to_meta(copy_hf(tiny, SMALL, tmp / "in"), tmp / "out" / "afile"), "is not a directory"
+    # Named by the check before the run (flag first), not by the conversion's own late refusal.
+    return _to_meta(copy_hf(tiny, SMALL, tmp / "in"), tmp / "out" / "afile"), "--output-dir"
 
 
 def c_demo_keep_not_empty(tiny, tmp):
@@ -893,7 +896,7 @@ def test_outputs_checked_before_the_run(tiny, tmp_path, capsys, monkeypatch):
     failing only after the whole run: minutes on a big model, and `convert --json` then left the
     finished model behind. The work itself is replaced by a tripwire: refusing must not reach it."""
     from llama_parity import verify as verify_mod
-    from llama_parity.converter import convert as convert_mod
+    from llama_parity.converter import convert as convert_mod, hf_to_meta
 
     def tripwire(*a, **k):
         raise AssertionError("the run started before its output paths were checked")
@@ -901,6 +904,7 @@ def test_outputs_checked_before_the_run(tiny, tmp_path, capsys, monkeypatch):
     meta, hf = copy_meta(tiny, SMALL, tmp_path / "in"), copy_hf(tiny, SMALL, tmp_path / "in")
     monkeypatch.setattr(verify_mod, "verify", tripwire)
     monkeypatch.setattr(convert_mod, "convert_meta_to_hf", tripwire)
+    monkeypatch.setattr(hf_to_meta, "convert_hf_to_meta", tripwire)
     (tmp_path / "out").mkdir()
     run_refused(capsys, tmp_path, [*_verify(meta, hf), "--json", tmp_path / "out"], "--json")
     run_refused(capsys, tmp_path, [*_convert(meta, tmp_path / "out" / "hf"), "--json", tmp_path / "out"], "--json")
