@@ -17,7 +17,11 @@ and each GPU holds one layer. What they do not: the ranges run one after the oth
 one batch), so on one CPU machine --nproc is no faster than one process, and each rank's memory is
 the single-process streamed verify's (one layer as stored plus the streams), not 1/N of it.
 Failures: a rank that fails reports one line naming itself and exits; torchrun's agent stops the
-others; every collective has a timeout (`--timeout`).
+others; every collective has a timeout (`--timeout`). A rank that has done its part waits for rank 0
+to finish (it runs the byte check after the last collective) and ends with os._exit: no teardown
+runs that could abort it and make the agent stop rank 0 (_leave). The launcher keeps a verdict rank 0
+handed back whole whatever another rank's exit (launch_many); it can judge several folders in one
+launch of the ranks (one process group, the same code per folder).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -36,7 +41,9 @@ import torch
 ERRORS_ENV = "LLAMA_PARITY_DIST_ERRORS"  # set by the --nproc launcher: ranks leave their one line there
 # Fault injection for the teardown test: this rank fails after loading, while the others wait in a collective.
 FAULT_ENV = "LLAMA_PARITY_FAIL_RANK"
-OPTIONS_ENV = "LLAMA_PARITY_VERIFY_OPTIONS"  # set by the --nproc launcher: its VerifyOptions, as JSON
+# set by the --nproc launcher: [[meta_dir, hf_dir, VerifyOptions as JSON], ...], the folders each rank judges
+JOBS_ENV = "LLAMA_PARITY_VERIFY_JOBS"
+FAULT_EXIT_ENV = "LLAMA_PARITY_ABORT_RANK_AT_EXIT"  # fault injection: this rank aborts as it exits
 EXIT_OK, EXIT_PARITY, EXIT_INPUT = 0, 1, 2
 
 
@@ -166,63 +173,114 @@ def _answer_signals(r: Rank) -> None:
             signal.signal(sig, handler)
 
 
+Job = tuple  # (meta_dir, hf_dir, VerifyOptions): one folder judged, as `verify` judges it alone
+
+
+def _jobs(meta_dir: str, hf_dir: str, opts) -> list | None:
+    """What this rank judges: the launcher's jobs (JOBS_ENV: its options exactly, for one folder or
+    several judged in one group), or this command line's under a bare torchrun."""
+    from .verify import VerifyOptions
+
+    if os.environ.get(JOBS_ENV):
+        return [(m, h, VerifyOptions.from_json(o)) for m, h, o in json.loads(os.environ[JOBS_ENV])]
+    return None if opts.nproc else [(meta_dir, hf_dir, opts)]
+
+
 def run_rank(meta_dir: str, hf_dir: str, opts, json_stream=None) -> int:
     """One torchrun rank of `verify`: rank 0 reports; exit codes as single-process verify. Under the
-    --nproc launcher the options come from it (OPTIONS_ENV, exactly the launcher's) and rank 0 hands
-    the report back to it, which prints it as single-process verify would (--json - included)."""
-    import torch.distributed as dist
-
-    from .verify import InputError, VerifyOptions, verify
-
+    --nproc launcher the options (or several folders' jobs) come from it and rank 0 hands the reports
+    back to it, which prints them as single-process verify would (--json - included). Once a rank has
+    started judging it ends through _leave (no teardown that could turn its result into a crash)."""
     from .memory import return_freed_memory
+    from .verify import InputError
 
     r = Rank.from_env(opts.device)
     _answer_signals(r)
     return_freed_memory()  # as single-process verify: weight pieces freed go back to the system
-    if os.environ.get(OPTIONS_ENV):
-        opts = VerifyOptions.from_json(os.environ[OPTIONS_ENV])
-    elif opts.nproc:
+    jobs = _jobs(meta_dir, hf_dir, opts)
+    if jobs is None:
         return _fail(None, "--nproc under torchrun: torchrun already started the ranks (drop --nproc)") \
             if r.rank == 0 else EXIT_INPUT
     try:
-        precheck(Path(meta_dir), Path(hf_dir), r.world)
+        for m, h, _ in jobs:
+            precheck(Path(m), Path(h), r.world)
     except InputError as e:  # every rank sees the same files: only rank 0 speaks
         return _fail(None, str(e)) if r.rank == 0 else EXIT_INPUT
+    _leave(r, _judge_jobs(r, jobs, json_stream))
+
+
+def _judge_jobs(r: Rank, jobs: list, json_stream) -> int:
+    """Every job judged in one process group, each by verify() with this rank's share of the model
+    checks (the same function single-process verify runs); rank 0 reports each, exit code the worst."""
+    import torch.distributed as dist
+
+    from .verify import InputError, verify
+
+    timeout = max(o.timeout for _, _, o in jobs)
     try:
         if r.device.startswith("cuda"):
             torch.cuda.set_device(r.local_rank)
-        timeout = timedelta(seconds=opts.timeout)
-        dist.init_process_group(r.backend, timeout=timeout)
-        rep = verify(meta_dir, hf_dir, opts, tokenizer=opts.tokenizer and r.rank == 0, model_checks=model_checks_on(r))
+        dist.init_process_group(r.backend, timeout=timedelta(seconds=timeout))
+        # --metadata-only runs no collective: rank 0 alone judges (the others would only compete for its cores)
+        reports = [verify(m, h, o, tokenizer=o.tokenizer and r.rank == 0, model_checks=model_checks_on(r))
+                   for m, h, o in jobs if r.rank == 0 or o.checks != "metadata"]
     except InputError as e:
         return _fail(r, str(e))
     except Exception as e:  # noqa: BLE001 (a dead peer, a timeout, a damaged file: one line, exit 2)
-        return _fail(r, _describe(e, opts.timeout))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        return _fail(r, _describe(e, timeout))
     if r.rank != 0:
         return EXIT_OK
-    rep.notes.append(_layout_note(json.loads((Path(meta_dir) / "params.json").read_text())["n_layers"], r,
-                                  opts.memory))
+    for rep, (m, _, o) in zip(reports, jobs):
+        rep.notes.append(_layout_note(json.loads((Path(m) / "params.json").read_text())["n_layers"], r, o.memory))
     if os.environ.get(ERRORS_ENV):
-        return _hand_back(rep, opts, Path(os.environ[ERRORS_ENV]))
+        return _hand_back(reports, [o for _, _, o in jobs], Path(os.environ[ERRORS_ENV]))
     from .cli import emit_verify_report
 
-    return emit_verify_report(opts, rep, json_stream, measure_layers=False)
+    return max(emit_verify_report(o, rep, json_stream, measure_layers=False) for rep, (_, _, o) in zip(reports, jobs))
 
 
-def _hand_back(rep, opts, folder: Path) -> int:
-    """Rank 0 under the launcher: the report goes to the launcher's folder (the launcher prints it on
-    its own stdout or stderr, and writes --json); the HTML file is written here, where the report is."""
-    html = None
-    if opts.html:
-        from .report_html import write_html
+_DONE_KEY = "llama-parity/rank0-done"
 
-        html = str(write_html(rep, opts.html, variant_id=opts.variant_id, measure_layers=False))
+
+def _leave(r: Rank, code: int):
+    """How a rank process ends once its result is known. Rank 0 says it is done (a key in the group's
+    store); the others wait for that before leaving, so the agent never stops rank 0 (still running
+    the byte check, after the last collective) because another rank's exit went wrong. Then stdout and
+    stderr are flushed and the process ends with os._exit: no process-group teardown, no interpreter
+    shutdown. Both ran C++ destructors while a peer still worked or a helper thread was alive, and a
+    rank once aborted there ("terminate called without an active exception"), turning a verdict into
+    a crash. The kernel closes the sockets; every file was written and closed before."""
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+    try:
+        if store is not None and r.rank == 0:
+            store.set(_DONE_KEY, "1")
+        elif store is not None and code == EXIT_OK:
+            while not store.check([_DONE_KEY]):
+                time.sleep(0.2)
+    except Exception:  # noqa: BLE001 (the store is gone: rank 0's side has ended the run)
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.environ.get(FAULT_EXIT_ENV) == str(r.rank):
+        os.abort()  # fault injection: this rank's exit crashes (tests: the verdict must stand)
+    os._exit(code)
+
+
+def _hand_back(reports: list, options: list, folder: Path) -> int:
+    """Rank 0 under the launcher: the reports go to the launcher's folder (the launcher prints them on
+    its own stdout or stderr, and writes --json); HTML files are written here, where the reports are."""
+    got = []
+    for rep, opts in zip(reports, options):
+        html = None
+        if opts.html:
+            from .report_html import write_html
+
+            html = str(write_html(rep, opts.html, variant_id=opts.variant_id, measure_layers=False))
+        got.append({"ok": rep.ok, "text": rep.render(), "report": rep.to_dict(), "html": html})
     tmp = folder / "report.json.tmp"
-    tmp.write_text(json.dumps({"ok": rep.ok, "text": rep.render(), "report": rep.to_dict(), "html": html},
-                              default=str))
+    tmp.write_text(json.dumps(got, default=str))
     tmp.rename(folder / "report.json")  # whole or absent
     return EXIT_OK
 
@@ -246,10 +304,38 @@ def _describe(e: Exception, timeout: float) -> str:
 
 # --- `llama-parity verify --nproc N`: torchrun's launcher, started from here --------------------------
 def launch(meta_dir: str, hf_dir: str, opts, json_stream=None) -> int:
-    """Start N ranks on this machine with torchrun's elastic launcher (rendezvous on a port the store
-    picks itself: localhost:0, no race), wait, and end as single-process verify would: the report
-    printed here (so `--json -` keeps the table on stderr), exit 0/1/2, and SIGINT/SIGTERM/SIGHUP
-    answered with one line and 130/143/129 after the ranks are stopped."""
+    """Start N ranks on this machine with torchrun's elastic launcher, wait, and end as single-process
+    verify would: the report printed here (so `--json -` keeps the table on stderr), exit 0/1/2, and
+    SIGINT/SIGTERM/SIGHUP answered with one line and 130/143/129 after the ranks are stopped."""
+    got = launch_many([(meta_dir, hf_dir, opts)], opts)
+    return got if isinstance(got, int) else _emit(got[0], opts, json_stream)
+
+
+def launch_many(jobs: list, opts) -> list[dict] | int:
+    """Judge several folders in one launch of opts.nproc ranks (one rendezvous, one torch import per
+    rank, one process group): each job (meta_dir, hf_dir, VerifyOptions) exactly as `verify --nproc N`
+    judges it alone, by the same rank code. Returns rank 0's reports ({"ok", "text", "report", "html"},
+    in job order) or, when the launch failed, its exit code (its one line printed)."""
+    from .verify import InputError, check_dirs
+
+    try:
+        if opts.nproc < 1:
+            raise InputError(f"--nproc {opts.nproc}: needs at least 1 process")
+        for meta_dir, hf_dir, o in jobs:
+            check_dirs(Path(meta_dir), Path(hf_dir), o.device)
+            precheck(Path(meta_dir), Path(hf_dir), opts.nproc)
+    except InputError as e:
+        return _fail(None, str(e))
+    os.environ[JOBS_ENV] = json.dumps([[str(m), str(h), replace(o, nproc=None).to_json()] for m, h, o in jobs])
+    try:
+        return _run_agent(str(jobs[0][0]), str(jobs[0][1]), opts)
+    finally:
+        os.environ.pop(JOBS_ENV, None)
+
+
+def _run_agent(meta_dir: str, hf_dir: str, opts) -> list[dict] | int:
+    """torchrun's elastic agent on this machine (rendezvous on a port the store picks itself:
+    localhost:0, no race) running `python -m llama_parity verify` in opts.nproc ranks."""
     import logging
     import signal
 
@@ -257,15 +343,6 @@ def launch(meta_dir: str, hf_dir: str, opts, json_stream=None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from .verify import InputError, check_dirs
-
-    try:
-        if opts.nproc < 1:
-            raise InputError(f"--nproc {opts.nproc}: needs at least 1 process")
-        check_dirs(Path(meta_dir), Path(hf_dir), opts.device)
-        precheck(Path(meta_dir), Path(hf_dir), opts.nproc)
-    except InputError as e:
-        return _fail(None, str(e))
     # Failures and signals are reported below, in one line. torch's elastic loggers each set their own
     # level when created (so the parents' level is not enough): quiet every one that exists by now.
     for name in [n for n in logging.Logger.manager.loggerDict if n.startswith("torch.distributed")]:
@@ -284,31 +361,41 @@ def launch(meta_dir: str, hf_dir: str, opts, json_stream=None) -> int:
                            rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
                            shutdown_timeout=5)  # a stopped rank gets SIGKILL 5 s after SIGTERM
         os.environ[ERRORS_ENV] = errors
-        os.environ[OPTIONS_ENV] = replace(opts, nproc=None).to_json()  # each rank judges with these
+        report = Path(errors) / "report.json"
         try:
             elastic_launch(cfg, sys.executable)("-m", "llama_parity", "verify", "--meta-dir", str(meta_dir),
                                                 "--hf-dir", str(hf_dir))
         except ChildFailedError as e:
-            return _explain(e.failures, Path(errors))
+            if not report.is_file():
+                return _explain(e.failures, Path(errors))
+            _after_report(e.failures)  # rank 0 had handed its reports back whole: the verdict stands
         except SignalException as e:  # the agent has stopped the ranks with the same signal
             from .cli import interrupted
 
             return interrupted(e.sigval)
         finally:
             os.environ.pop(ERRORS_ENV, None)
-            os.environ.pop(OPTIONS_ENV, None)
             for sig, handler in ours.items():  # torch's handlers raise SignalException: not after the run
                 signal.signal(sig, handler)
-        return _emit(Path(errors) / "report.json", opts, json_stream)
+        if not report.is_file():
+            return _fail(None, "the ranks ended without a report (rank 0 stopped early?)")
+        return json.loads(report.read_text())
 
 
-def _emit(path: Path, opts, json_stream) -> int:
+def _after_report(failures: dict) -> None:
+    """A rank that failed after rank 0 had the whole verdict (every collective done, the reports
+    written): the first one said in one line on stderr (the agent then stops the others: not news);
+    it changes nothing the report says."""
+    rank, f = min(failures.items(), key=lambda kv: kv[1].timestamp)
+    how = f"signal {-f.exitcode}" if f.exitcode < 0 else f"exit code {f.exitcode}"
+    print(f"llama-parity: note: rank {rank} ended with {how} after the report was complete (the verdict stands)",
+          file=sys.stderr, flush=True)
+
+
+def _emit(got: dict, opts, json_stream) -> int:
     """The report rank 0 handed back, ended as emit_verify_report ends a single-process verify."""
     from .cli import write_json
 
-    if not path.is_file():
-        return _fail(None, "the ranks ended without a report (rank 0 stopped early?)")
-    got = json.loads(path.read_text())
     print(got["text"], flush=True)
     if opts.json:
         write_json(opts.json, got["report"], json_stream)

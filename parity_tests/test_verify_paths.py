@@ -4,8 +4,10 @@
 hands it to whichever path runs: both models in memory (--memory full), one layer at a time (the
 default), or torchrun ranks (--nproc N: the options reach every rank as JSON). Each option set
 below runs through the three paths on one tiny MP2 checkpoint and must give the same rows, the
-same verdict per row and the same exit code. 2-rank launches cost seconds each (process start,
-torch import), so the option sets are combined: each launch carries several options at once.
+same verdict per row and the same exit code, and the two streamed paths (one process, two ranks)
+the same numbers. 2-rank launches cost seconds each (process start, torch import), so the option
+sets are combined: each launch carries several options at once, one of them on a mutant, and the
+single-process runs overlap the launch. Every catalog entry through 2 ranks: test_mutations.py.
 The launcher also answers signals as single-process verify does (one line, 128+signal).
 """
 
@@ -29,22 +31,30 @@ TIMEOUT = 300  # generous: on a machine shared with other test runs a 2-rank lau
 
 # Flags combined per launch (and the folder they judge): every verify option is in one of them.
 OPTION_SETS = {
-    # a conversion that changed the dtype (fp32 -> bf16): judged against the rounding it implies;
-    # --instruct on a base release: the chat metadata rows must fail in every path alike
-    "bf16-folder instruct greedy3": ("bf16", ["--instruct", "--greedy-tokens", "3"]),
-    "base quick no-bf16 variant": ("as-stored", ["--base", "--quick", "--no-bf16", "--variant", VARIANT]),
+    # a conversion that changed the dtype (fp32 -> bf16), every check (kv cache, greedy, bf16): judged
+    # against the rounding it implies, the same numbers in both streamed paths; --instruct on a base
+    # release: the chat metadata rows fail in every path alike; the tokenizer; the HTML report
+    "bf16-folder instruct greedy3 html": ("bf16", ["--instruct", "--greedy-tokens", "3", "--html", "{html}"]),
+    # a broken conversion (wk permuted with n_heads, visible only through the HF layers): the same
+    # failed checks in every path
+    "mutant base quick no-bf16 variant": ("mutant", ["--base", "--quick", "--no-bf16", "--variant", VARIANT,
+                                                     "--no-tokenizer"]),
     "metadata-only no-tokenizer": ("as-stored", ["--metadata-only", "--no-tokenizer"]),
 }
+MUTANT = "k_permuted_with_n_heads"
 
 
 @pytest.fixture(scope="module")
 def folders(tiny, tmp_path_factory) -> dict[str, Path]:
     from llama_parity.converter.convert import ConvertOptions, convert_meta_to_hf
+    from llama_parity.mutations import BY_NAME, mutate_copy
 
-    meta = tiny.meta(VARIANT, SHARDS)
+    meta, hf = tiny.meta(VARIANT, SHARDS), tiny.hf(VARIANT, SHARDS)
     bf16 = tmp_path_factory.mktemp("bf16") / "hf"
     convert_meta_to_hf(meta, bf16, ConvertOptions(dtype=torch.bfloat16, progress=False))
-    return {"meta": meta, "as-stored": tiny.hf(VARIANT, SHARDS), "bf16": bf16}
+    assert BY_NAME[MUTANT].applies(json.loads((hf / "config.json").read_text()))
+    mutant = mutate_copy(hf, tmp_path_factory.mktemp("mutant") / "hf", BY_NAME[MUTANT])
+    return {"meta": meta, "as-stored": hf, "bf16": bf16, "mutant": mutant}
 
 
 def _rows(report: dict) -> list[tuple[str, bool]]:
@@ -53,7 +63,12 @@ def _rows(report: dict) -> list[tuple[str, bool]]:
     return rows + ([] if tok is None else [("tokenizer", tok["ok"])]) + [("verdict", report["ok"])]
 
 
+def _numbers(report: dict) -> list[tuple[str, bool, float, float]]:
+    return [(c["name"], c["ok"], c["measured"], c["bound"]) for c in report["checks"]]
+
+
 def _single(meta: Path, hf: Path, flags: list[str], memory: str, out: Path) -> tuple[int, dict]:
+    flags = [f.replace("{html}", str(out.with_suffix(".html"))) for f in flags]
     code = main(["verify", "--meta-dir", str(meta), "--hf-dir", str(hf), "--memory", memory, *flags,
                  "--json", str(out)])
     return code, json.loads(out.read_text())
@@ -80,19 +95,45 @@ def _finish(p: subprocess.Popen) -> tuple[int, str, str]:
 @pytest.mark.parametrize("name", list(OPTION_SETS))
 def test_every_path_gives_the_same_verdicts(folders, tmp_path, name):
     """Bug class: a path that drops or changes an option (the declared dtype change's rounding,
-    --instruct/--base, --quick, --metadata-only, --greedy-tokens, --no-tokenizer, --no-bf16), so that
-    one conversion passes in one path and fails in another, or is judged by other rows."""
+    --instruct/--base, --quick, --metadata-only, --greedy-tokens, --no-tokenizer, --no-bf16, --html),
+    so that one conversion passes in one path and fails in another, or is judged by other rows; the
+    distributed path computing something else than the streamed one (a check dropped or renamed, hidden
+    states handed to the wrong rank, a layer range lost or run twice: the same operations on the same
+    values give the same numbers); a mutant the ranks pass or fail in another check."""
     kind, flags = OPTION_SETS[name]
     meta, hf = folders["meta"], folders[kind]
+    page = tmp_path / "dist.html"
+    # the ranks start first: the single-process runs overlap their start (process start, torch import)
+    launched = _launch(meta, hf, *[f.replace("{html}", str(page)) for f in flags], "--json", "-")
     full = _single(meta, hf, flags, "full", tmp_path / "full.json")
     streamed = _single(meta, hf, flags, "streaming", tmp_path / "streamed.json")
-    code, out, err = _finish(_launch(meta, hf, *flags, "--json", "-"))
+    code, out, err = _finish(launched)
     assert code in (0, 1), err
     dist = json.loads(out)  # --json -: stdout holds the JSON alone, the table went to stderr
-    assert dist["verdict"] in err and "distributed over 2 ranks" in err  # e.g. METADATA OK when no model ran
+    assert dist["verdict"] in err and "distributed over 2 ranks (gloo)" in err  # e.g. METADATA OK: no model ran
     assert full[1]["verdict"] == streamed[1]["verdict"] == dist["verdict"], name
     assert _rows(full[1]) == _rows(streamed[1]) == _rows(dist), name
     assert full[0] == streamed[0] == code
+    assert _numbers(streamed[1]) == _numbers(dist), name
+    if "{html}" in flags:
+        _assert_html_report(err, page, dist)
+    if kind == "mutant":
+        from llama_parity.mutations import BY_NAME
+
+        assert dist["verdict"] == "PARITY FAILED"
+        assert {c for c, ok in _rows(dist) if not ok} & set(BY_NAME[MUTANT].caught_by)
+
+
+def _assert_html_report(err: str, page: Path, report: dict) -> None:
+    """Bug class: `verify --nproc N --html PATH` (rank 0) silently writing no report, or one without
+    the checks the distributed run judged (the single-process path wrote it, the distributed one not)."""
+    import html
+
+    assert f"report: {page}" in err and page.is_file()
+    text = page.read_text()
+    names = [c["name"] for c in report["checks"]]
+    assert report["verdict"] in text and all(html.escape(n) in text for n in names), names
+    assert "hidden state after each layer, streamed" in text  # the per-layer chart, from the ranks' rows
 
 
 # A value for each verify flag that is not its default (store_true flags need none).
