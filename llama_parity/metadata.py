@@ -300,7 +300,10 @@ def rope_and_norm_checks(meta: MetaSide, hf: HFSide, rope) -> list[Check]:
     out.append(_check("config: rope scaling factor", None if rs is None else rs.get("factor"),
                       None if rope is None else float(rope.factor),
                       "RoPE scaling missing or with the wrong factor (Llama 3.2 / Guard 3 1B need 32, 3.1 needs 8)"))
-    if rope is not None:
+    if rope is not None:  # the rule too: "linear" or "dynamic" with these fields is another function
+        got = None if rs is None else rs.get("rope_type", rs.get("type"))
+        out.append(_check("config: rope_scaling.rope_type", got, "llama3", "RoPE scaling of another rule (linear, "
+                          "dynamic) than Llama 3.1's"))
         for key in _ROPE_FIELDS:
             got = None if rs is None else rs.get(key)
             out.append(_check(f"config: rope_scaling.{key}", got, getattr(rope, key),

@@ -159,6 +159,11 @@ def _special(c: dict, offset: int) -> int:
     return c["vocab_size"] - 256 + offset
 
 
+def _edit_whole(name: str, change: Callable[[torch.Tensor, dict], torch.Tensor]) -> Callable[[Path], None]:
+    """Replace tensor `name` by change(tensor, config)."""
+    return lambda hf: edit_tensors(hf, lambda k, v, c: change(v, c) if k == name else None)
+
+
 def _swap_rows(i, j) -> Callable[[torch.Tensor, dict], None]:
     def run(v, c):
         a, b = i(c), j(c)
@@ -185,6 +190,90 @@ def _mid(c: dict) -> int:
 
 def _down_proj_bit(hf: Path) -> None:
     _edit_one(f"model.layers.{_mid(read_json(hf, 'config.json'))}.mlp.down_proj.weight", _flip_bit)(hf)
+
+
+def _layer_tensor(layer: Callable[[dict], int], suffix: str, change: Callable[[torch.Tensor, dict], torch.Tensor]):
+    """Replace model.layers.{layer(config)}.{suffix} by change(tensor, config) (a new tensor)."""
+    def run(hf: Path) -> None:
+        name = f"model.layers.{layer(read_json(hf, 'config.json'))}.{suffix}"
+        edit_tensors(hf, lambda k, v, c: change(v, c) if k == name else None)
+    return run
+
+
+def _kv_heads_exchanged(v: torch.Tensor, c: dict) -> torch.Tensor:
+    """kv heads 0 and 1 exchanged (their rows in k_proj or v_proj)."""
+    hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    heads = v.view(-1, hd, v.shape[1]).clone()
+    heads[[0, 1]] = heads[[1, 0]]
+    return heads.reshape(v.shape)
+
+
+def _kv_heads_swapped(hf: Path) -> None:
+    for proj in ("k_proj", "v_proj"):
+        _layer_tensor(_mid, f"self_attn.{proj}.weight", _kv_heads_exchanged)(hf)
+
+
+def _gate_up_one_layer(hf: Path) -> None:
+    """Only the last layer's w1/w3 exchanged (a per-layer key table with one entry wrong)."""
+    sd = _load_all(hf)
+    last = read_json(hf, "config.json")["num_hidden_layers"] - 1
+    g, u = (f"model.layers.{last}.mlp.{n}_proj.weight" for n in ("gate", "up"))
+    sd[g], sd[u] = sd[u], sd[g]
+    save_tensors(hf, sd)
+
+
+def _norm_of_layer_0(hf: Path) -> None:
+    """The last layer's attention norm taken from layer 0 (a layer index off in the key table)."""
+    sd = _load_all(hf)
+    last = read_json(hf, "config.json")["num_hidden_layers"] - 1
+    sd[f"model.layers.{last}.input_layernorm.weight"] = sd["model.layers.0.input_layernorm.weight"].clone()
+    save_tensors(hf, sd)
+
+
+def _layers_exchanged(hf: Path) -> None:
+    """Decoder layers 0 and 1 exchanged whole (a layer numbering off, or shards concatenated in the
+    wrong order)."""
+    sd = _load_all(hf)
+    swap = {"model.layers.0.": "model.layers.1.", "model.layers.1.": "model.layers.0."}
+    out = {}
+    for k, v in sd.items():
+        prefix = next((a for a in swap if k.startswith(a)), None)
+        out[swap[prefix] + k[len(prefix):] if prefix else k] = v
+    save_tensors(hf, out)
+
+
+def _transposed_reshaped(v: torch.Tensor, c: dict) -> torch.Tensor:
+    """The transpose of the matrix read back in the original shape (a missing .t() before a view)."""
+    return v.t().contiguous().reshape(v.shape)
+
+
+def _attention_bias(hf: Path) -> None:
+    """q_proj biases written (and attention_bias set) for a model that has none."""
+    c = read_json(hf, "config.json")
+    sd = _load_all(hf)
+    g = torch.Generator().manual_seed(0)
+    for i in range(c["num_hidden_layers"]):
+        w = sd[f"model.layers.{i}.self_attn.q_proj.weight"]
+        sd[f"model.layers.{i}.self_attn.q_proj.bias"] = torch.randn(w.shape[0], generator=g).to(w.dtype)
+    save_tensors(hf, sd)
+    edit_config(hf, lambda cfg: cfg.__setitem__("attention_bias", True))
+
+
+def _extra_layer(hf: Path) -> None:
+    """A decoder layer's tensor beyond num_hidden_layers (a leftover of a deeper model): from_pretrained
+    ignores it with a warning, the folder is not the release."""
+    c = read_json(hf, "config.json")
+    sd = _load_all(hf)
+    n = c["num_hidden_layers"]
+    sd[f"model.layers.{n}.mlp.down_proj.weight"] = sd[f"model.layers.{n - 1}.mlp.down_proj.weight"].clone()
+    save_tensors(hf, sd)
+
+
+def _stored_half_labelled_bf16(hf: Path) -> None:
+    """fp32 weights rounded to float16 and stored so, the label saying bfloat16 (the dtype a loader
+    would then cast them to: another rounding than the one declared)."""
+    edit_tensors(hf, lambda k, v, c: v.half())
+    edit_config(hf, lambda c: c.__setitem__("torch_dtype", "bfloat16"))
 
 
 # --- bugs in config.json and generation_config.json -------------------------------------------------
@@ -349,6 +438,13 @@ class Mutation:
     def needs_model(self) -> bool:
         return any(c in MODEL_CHECKS for c in self.caught_by)
 
+    @property
+    def in_metadata(self) -> bool:
+        """The weights are Meta's (exact copies would pass): the fault is in what the HF folder says
+        about them (config, generation_config, names), which each model path reads its own way
+        (transformers' from_pretrained, the streamed layers)."""
+        return _EXACT not in self.caught_by
+
     def applies(self, cfg: dict) -> bool:
         """Whether this HF config is one where the bug can show (its repair's condition, e.g. GQA)."""
         return self.repair is None or self.repair.applies(cfg)
@@ -366,13 +462,13 @@ _GEN_EOS, _CFG_EOS = "generation_config: eos_token_id", "config: eos_token_id"
 CATALOG: tuple[Mutation, ...] = (
     # weights
     _m("k_permuted_with_n_heads", "wk permuted with n_heads instead of n_kv_heads (GQA models)",
-       _permute_k("num_key_value_heads", "num_attention_heads"), [_LOGITS], [L31], FIX_K_HEADS),
+       _permute_k("num_key_value_heads", "num_attention_heads"), [_LOGITS, _EXACT], [L31], FIX_K_HEADS),
     _m("q_not_permuted", "wq left in Meta's interleaved rotary layout", _unpermute("q_proj", "num_attention_heads"),
-       [_LOGITS], [L32], FIX_Q),
+       [_LOGITS, _EXACT], [L32], FIX_Q),
     _m("k_not_permuted", "wk left in Meta's interleaved rotary layout", _unpermute("k_proj", "num_key_value_heads"),
-       [_LOGITS], [L31], FIX_K),
+       [_LOGITS, _EXACT], [L31], FIX_K),
     _m("gate_up_swapped", "w1/w3 mapped to up/gate the wrong way round", _swap_pair("mlp.gate_proj", "mlp.up_proj"),
-       [_LOGITS], [L31], FIX_GATE_UP),
+       [_LOGITS, _EXACT], [L31], FIX_GATE_UP),
     _m("norms_swapped", "attention_norm/ffn_norm mapped to the wrong HF norm",
        _swap_pair(".input_layernorm", ".post_attention_layernorm"), [_LOGITS, "weights: exact copies"], [L32],
        FIX_NORMS),
@@ -402,6 +498,24 @@ CATALOG: tuple[Mutation, ...] = (
        _edit_one("model.layers.0.self_attn.q_proj.weight", _swap_rows(lambda c: 0, lambda c: 1)), [_EXACT], [L32]),
     _m("norm_off_by_one_ulp", "one element of the final norm changed by 1 ulp",
        _edit_one("model.norm.weight", _one_ulp), [_EXACT], [L31]),
+    # weights at the wrong place: a head, a layer, a matrix's orientation
+    _m("kv_heads_exchanged", "kv heads 0 and 1 exchanged in a middle layer's wk and wv (heads regrouped)",
+       _kv_heads_swapped, [_LOGITS, _EXACT], [L31]),
+    _m("gate_up_swapped_in_one_layer", "w1/w3 exchanged in the last layer only (one key-table entry wrong)",
+       _gate_up_one_layer, [_LOGITS, _EXACT], [L32]),
+    _m("norm_from_another_layer", "the last layer's attention norm taken from layer 0",
+       _norm_of_layer_0, [_LOGITS, _EXACT], [L31]),
+    _m("layers_exchanged", "decoder layers 0 and 1 exchanged whole", _layers_exchanged, [_LOGITS, _EXACT], [L32]),
+    _m("output_transposed_reshaped", "lm_head's transpose read back in lm_head's shape (a .t() lost before a view)",
+       _edit_whole("lm_head.weight", _transposed_reshaped), [_LOGITS, _EXACT], [L31]),
+    _m("o_proj_transposed", "a middle layer's wo transposed (square: the shapes cannot tell)",
+       _layer_tensor(_mid, "self_attn.o_proj.weight", lambda v, c: v.t().contiguous()), [_LOGITS, _EXACT], [L31]),
+    _m("attention_bias_added", "q_proj biases added and attention_bias set on a model without biases",
+       _attention_bias, ["tensors: names"], [L32]),
+    _m("extra_tensor_of_a_deeper_model", "a tensor of a layer beyond num_hidden_layers (ignored by loaders)",
+       _extra_layer, ["tensors: names"], [L31]),
+    _m("float16_labelled_bfloat16", "weights stored float16, the label bfloat16", _stored_half_labelled_bf16,
+       ["config: dtype label"], [L31]),
     # RoPE and norms: they change the function
     _m("rope_factor_8_not_32", "Llama 3.2 rope scaling factor 8 instead of 32 (llama-models' hard-coded value)",
        _rope_field("factor", 8.0), [_FAR, _RS], [L32], FIX_SCALING),
@@ -418,6 +532,10 @@ CATALOG: tuple[Mutation, ...] = (
        [L31], FIX_SCALING),
     _m("low_freq_factor_missing", "rope_scaling without low_freq_factor (transformers cannot build the rope)",
        _rope_field("low_freq_factor", None), ["config: rope_scaling.low_freq_factor"], [L31], FIX_SCALING),
+    _m("rope_theta_of_code_llama", "rope_theta 1e6 (Code Llama's) on a Llama 3.1 model",
+       _setter("config.json", "rope_theta", 1000000.0), [_LOGITS, "config: rope_theta"], [L31], FIX_THETA),
+    _m("rope_type_linear", "rope_scaling with rope_type linear instead of llama3 (another frequency rule)",
+       _rope_field("rope_type", "linear"), [_LOGITS, _FAR, "config: rope_scaling.rope_type"], [L32], FIX_SCALING),
     _m("rope_theta_dropped", "rope_theta missing (falls back to 10000)",
        lambda hf: edit_config(hf, lambda c: c.pop("rope_theta")), [_LOGITS, "config: rope_theta"], [L31], FIX_THETA),
     _m("rope_parameters_theta_10000", "transformers 5 spelling (rope_parameters) with the default theta",
@@ -436,6 +554,8 @@ CATALOG: tuple[Mutation, ...] = (
     _m("instruct_eos_on_base", "a base model with the instruct eos list", _instruct_eos, [_GEN_EOS, _CFG_EOS], [L31]),
     _m("generation_eos_missing", "generation_config.json without eos_token_id",
        lambda hf: edit_json(hf, "generation_config.json", lambda c: c.pop("eos_token_id")), [_GEN_EOS], [L32]),
+    _m("generation_eos_of_llama2", "generation_config eos_token_id 2 (Llama 2's </s>) on a Llama 3 model",
+       _setter("generation_config.json", "eos_token_id", 2), [_GEN_EOS], [L31]),
     _m("generation_config_missing", "no generation_config.json where the official repo has one",
        lambda hf: (hf / "generation_config.json").unlink(), ["generation_config.json"], [L32]),
     _m("wrong_bos_id", "bos_token_id 1 (Llama 2's) on a Llama 3 model", _setter("config.json", "bos_token_id", 1),

@@ -18,26 +18,44 @@ leaves the same weights and config, so the cache, greedy and bf16 checks cannot 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from llama_parity.mutations import BENIGN, CATALOG, MODEL_CHECKS, mutate_copy
 from llama_parity.verify import verify
 
-HARMFUL = [pytest.param(m, v, id=f"{m.name}-{v}") for m in CATALOG for v in m.layouts]
+# Model-visible faults in the HF folder's metadata run in both single-process model paths (both
+# models in memory, and streamed), each of which reads config.json its own way; model-visible weight
+# faults, which reach both paths through the same tensor names, run streamed (and fail the exact-copy
+# check in every path); the others are judged with no model run, by code that runs before any path
+# is chosen.
+HARMFUL = [pytest.param(m, v, mode, id=f"{m.name}-{v}-{mode}") for m in CATALOG for v in m.layouts
+           for mode in (("streaming", "full") if m.needs_model and m.in_metadata else ("streaming",)
+                        if m.needs_model else ("metadata",))]
 
 
-@pytest.mark.parametrize("mutation,variant_id", HARMFUL)
-def test_mutation_is_caught(tiny, tmp_path, mutation, variant_id):
-    """Bug class: whichever the mutation names (see its `bug` field): the checks must not pass it,
-    and the check meant for it must be among the failures (not an unrelated one by luck)."""
-    broken = mutate_copy(tiny.hf(variant_id), tmp_path / "broken", mutation)
-    rep = verify(tiny.meta(variant_id), broken, bf16=False, tokenizer=False,
-                 checks="quick" if mutation.needs_model else "metadata")
-    failed = {c.name for c in rep.checks if not c.ok}
-    assert not rep.ok, f"{mutation.name} ({mutation.bug}) passed verify on {variant_id}"
+def _judge(meta, hf, mutation, mode: str):
+    return verify(meta, hf, bf16=False, tokenizer=False, checks="metadata" if mode == "metadata" else "quick",
+                  memory="streaming" if mode == "metadata" else mode)
+
+
+def _assert_caught(mutation, variant_id: str, rep: dict) -> None:
+    failed = {c["name"] for c in rep["checks"] if not c["ok"]}
+    assert not rep["ok"], f"{mutation.name} ({mutation.bug}) passed verify on {variant_id}"
     missing = set(mutation.caught_by) - failed
-    assert not missing, f"{mutation.name}: {sorted(missing)} did not fail; failed: {sorted(failed)}\n{rep.render()}"
+    assert not missing, f"{mutation.name}: {sorted(missing)} did not fail; failed: {sorted(failed)}"
+
+
+@pytest.mark.parametrize("mutation,variant_id,mode", HARMFUL)
+def test_mutation_is_caught(tiny, tmp_path, mutation, variant_id, mode):
+    """Bug class: whichever the mutation names (see its `bug` field): the checks must not pass it,
+    and the check meant for it must be among the failures (not an unrelated one by luck), in
+    every single-process path (both models in memory, streamed; --nproc: test_every_fault_with_two_ranks)."""
+    broken = mutate_copy(tiny.hf(variant_id), tmp_path / "broken", mutation)
+    rep = _judge(tiny.meta(variant_id), broken, mutation, mode)
+    _assert_caught(mutation, variant_id, rep.to_dict())
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +100,52 @@ def test_full_verify_includes_the_metadata_checks(tiny, tmp_path):
 
 
 def test_catalog_size():
-    """Bug class: a catalog that shrinks unnoticed (issue 8: at least 20 harmful, 5 benign), or a
+    """Bug class: a catalog that shrinks unnoticed (issue 16: at least 40 harmful, 12 benign), or a
     mutation with no layout to run on (its bug untested)."""
-    assert len(CATALOG) >= 20 and len(BENIGN) >= 5
+    assert len(CATALOG) >= 40 and len(BENIGN) >= 12
     assert all(m.layouts for m in CATALOG) and all(b.layouts for b in BENIGN)
     assert len({m.name for m in CATALOG} | {b.name for b in BENIGN}) == len(CATALOG) + len(BENIGN)
+
+
+# Judged with the model checks in the 2-rank launch: a weight layout fault, weights at the wrong
+# place, a RoPE config fault, a tying fault. The ranks' model checks are the streamed ones with the
+# hidden states relayed between ranks (number for number the single-process ones:
+# test_verify_paths.py), so the other model-visible faults are judged there --metadata-only.
+WITH_MODELS_ON_RANKS = ("k_permuted_with_n_heads", "kv_heads_exchanged", "rope_factor_8_not_32", "untied_without_lm_head")
+
+
+def test_every_fault_with_two_ranks(tiny, bf16_tiny, tmp_path, monkeypatch, capfd):
+    """Bug class: a fault class that `verify --nproc 2` passes while single-process verify fails it
+    (a check the ranks drop, a mode they ignore), a benign twin the ranks fail; and a rank whose exit
+    crashes after the verdict (gloo teardown: "terminate called without an active exception") turning
+    that verdict into a failed run. One launch of 2 ranks judges every catalog entry on every layout
+    (distributed.launch_many: the ranks' code of `verify --nproc 2`, several folders in one process
+    group): WITH_MODELS_ON_RANKS with the model checks (--quick), every other entry --metadata-only,
+    where each must fail every check its entry names that needs no model. Rank 1 aborts as it exits."""
+    from llama_parity.distributed import FAULT_EXIT_ENV, launch_many
+    from llama_parity.verify import VerifyOptions
+
+    quick, meta_only = (VerifyOptions(bf16=False, tokenizer=False, checks=c, timeout=300) for c in ("quick", "metadata"))
+    jobs, expect = [], []
+    for i, (m, v) in enumerate((m, v) for m in CATALOG for v in m.layouts):
+        opts = quick if m.name in WITH_MODELS_ON_RANKS else meta_only
+        jobs.append((tiny.meta(v), mutate_copy(tiny.hf(v), tmp_path / f"m{i}", m), opts))
+        expect.append((m, v, opts.checks))
+    for i, b in enumerate(BENIGN):
+        v = b.layouts[0]
+        meta, hf = bf16_tiny(v) if b.meta_dtype == torch.bfloat16 else (tiny.meta(v), tiny.hf(v))
+        jobs.append((meta, mutate_copy(hf, tmp_path / f"b{i}", b), meta_only))
+        expect.append((b, v, "metadata"))
+    monkeypatch.setenv(FAULT_EXIT_ENV, "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    got = launch_many(jobs, VerifyOptions(nproc=2, timeout=300))
+    assert isinstance(got, list) and len(got) == len(jobs), capfd.readouterr().err
+    assert "rank 1 ended with signal 6 after the report was complete" in capfd.readouterr().err
+    for (entry, v, scope), g in zip(expect, got):
+        assert "distributed over 2 ranks" in g["text"] and g["report"]["scope"] == scope
+        if entry in BENIGN:
+            assert g["ok"], f"{entry.name} failed with 2 ranks on {v}\n{g['text']}"
+            continue
+        named = set(entry.caught_by) - (set() if scope == "quick" else set(MODEL_CHECKS))
+        assert named, f"{entry.name}: no check it names runs without a model"
+        _assert_caught(replace(entry, caught_by=tuple(named)), v, g["report"])
