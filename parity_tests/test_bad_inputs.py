@@ -859,6 +859,70 @@ def test_signals_clean_up_and_exit_128_plus_signal(tiny, tmp_path, capsys):
     assert snapshot(tmp_path / "in") == before
 
 
+# `llama-parity verify` that stops at one point (a marker file says it got there) until a signal comes:
+# in the model checks, or while a report is being flushed to its temporary file (before its rename).
+# The pause is added here, in the test's own child process, by wrapping the product's functions.
+_PAUSED_VERIFY = """
+import os, sys, time
+stop, marker = sys.argv[1], sys.argv[2]
+from llama_parity import report_files, verify
+def pause():
+    open(marker, "w").close()
+    time.sleep(120)  # ended by the signal the test sends
+if stop == "model":
+    checks = verify._model_checks
+    def paused(*a, **k):
+        pause()
+        return checks(*a, **k)
+    verify._model_checks = paused
+else:  # the report named `stop` is stopped between its write and its rename
+    fsync = os.fsync
+    def paused_fsync(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{stop}.tmp-"):
+            pause()
+        return fsync(fd)
+    report_files.os.fsync = paused_fsync
+from llama_parity.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_signal_during_verify_leaves_no_report_or_a_whole_one(tiny, tmp_path):
+    """Bug class: SIGTERM (timeout, a scheduler) or Ctrl-C during `verify --json R --html H` leaving an
+    empty or truncated report, a temporary file, a traceback, or an exit code that reads as bad input
+    or parity failure. Real subprocesses, each stopped at one point and signalled there: SIGTERM in
+    the model checks (143, no report), Ctrl-C while R's bytes sit in their temporary file (130, no R,
+    no temporary file, no H). A report is never half there: test_reports_written_whole."""
+    meta, hf = tiny.meta(SMALL), tiny.hf(SMALL)
+    cases = {"model": signal.SIGTERM, "r.json": signal.SIGINT}
+    procs = {}
+    for stop in cases:
+        out = tmp_path / stop.replace(".", "_")
+        out.mkdir()
+        scope = "--quick" if stop == "model" else "--metadata-only"  # the reports' stops need no model run
+        argv = [*map(str, _verify(meta, hf)), scope, "--no-tokenizer", "--json", str(out / "r.json"),
+                "--html", str(out / "r.html")]
+        procs[stop] = (out, subprocess.Popen([sys.executable, "-c", _PAUSED_VERIFY, stop, str(out / "marker"),
+                                              *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    pending = set(procs)
+    t0 = time.monotonic()
+    while pending:  # signal each as soon as it reaches its stop
+        assert time.monotonic() - t0 < 120, "verify never reached its stop"
+        for stop in list(pending):
+            out, p = procs[stop]
+            assert p.poll() is None, (stop, p.communicate())
+            if (out / "marker").exists():
+                p.send_signal(cases[stop])
+                pending.discard(stop)
+        time.sleep(0.02)
+    for stop, (out, p) in procs.items():
+        sig = cases[stop]
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 128 + sig, (stop, p.returncode, err)
+        assert "Traceback" not in err and err.count("\n") == 1 and sig.name in err, (stop, err)
+        assert os.listdir(out) == ["marker"], (stop, os.listdir(out))
+
+
 def test_partial_folder_of_unknown_owner_is_named(tiny, tmp_path, capsys):
     """Bug class: a partial folder the tool cannot attribute (another host, an older version)
     removed silently, or left unmentioned to fill the disk."""
