@@ -309,6 +309,8 @@ def cmd_verify(args) -> int:
             return _err("verify needs --meta-dir META (or an --hf-dir whose original/ holds Meta's params.json and "
                         "consolidated.NN.pth)")
         args.meta_dir = str(original)
+    if len(getattr(args, "hf_dirs", None) or []) + len(getattr(args, "ggufs", None) or []) > 1:
+        return _verify_many(args, opts, json_stream)
     if args.gguf or not args.hf_dir:
         return _verify_gguf(args, opts, json_stream)
     if distributed.under_torchrun():
@@ -351,6 +353,25 @@ def _verify_gguf(args, opts, json_stream) -> int:
     except InputError as e:
         return _err(str(e))
     return emit_verify_report(opts, rep, json_stream, measure_layers=False)
+
+
+def _verify_many(args, opts, json_stream) -> int:
+    """Several --hf-dir / --gguf: one report, a section per output, exit 1 if any fails (multi_verify)."""
+    from .gguf_judge import GGUFInputError
+    from .multi_verify import refusal, verify_many
+    from .verify import InputError
+
+    if why := refusal(args):
+        return _err(why)
+    try:
+        multi = verify_many(args.meta_dir, getattr(args, "hf_dirs", None) or [], getattr(args, "ggufs", None) or [],
+                            opts)
+    except (InputError, GGUFInputError) as e:
+        return _err(str(e))
+    print(multi.render(), flush=True)
+    if opts.json:
+        write_json(opts.json, multi.to_dict(), json_stream)
+    return EXIT_OK if multi.ok else EXIT_PARITY
 
 
 def emit_verify_report(opts, rep, json_stream=None, *, measure_layers: bool = True) -> int:
@@ -463,6 +484,16 @@ def _add_json_arg(p: argparse.ArgumentParser) -> None:
                         "(the human report then goes to stderr), e.g. for jq")
 
 
+class _EachOutput(argparse.Action):
+    """--hf-dir / --gguf given once or more (verify judges several outputs in one run): the first stays in
+    args.hf_dir / args.gguf, as every single-output path reads it; all are in args.hf_dirs / args.ggufs."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is None:
+            setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest + "s", [*(getattr(namespace, self.dest + "s", None) or []), values])
+
+
 def _add_pair_args(p: argparse.ArgumentParser, *, meta_required: bool = True, hf_required: bool = True) -> None:
     """--meta-dir/--hf-dir, with the underscore spellings `convert` accepts from transformers' script.
     verify requires neither: --meta-dir defaults to the HF folder's original/, --gguf stands for
@@ -472,7 +503,10 @@ def _add_pair_args(p: argparse.ArgumentParser, *, meta_required: bool = True, hf
                         + ("" if meta_required else "; default: the HF folder's original/ (official repos, HF cache "
                            "snapshots)"))
     p.add_argument("--hf-dir", "--hf_dir", dest="hf_dir", required=hf_required,
-                   help="Hugging Face model folder to judge (config.json, *.safetensors, tokenizer files)")
+                   **({} if hf_required else {"action": _EachOutput}),
+                   help="Hugging Face model folder to judge (config.json, *.safetensors, tokenizer files)"
+                        + ("" if hf_required else "; verify: repeat it (and --gguf) to judge several outputs of one "
+                           "checkpoint in one report"))
     p.add_argument("--variant", help="registry id (see `llama-parity variants`) when params.json and the folder "
                                      "name cannot tell the release, e.g. which RoPE factor it was trained with")
 
@@ -484,7 +518,8 @@ def _add_verify_parser(sub) -> None:
                    help="re-check --hf-dir against the attestation in a verify --json REPORT (one read of the "
                         "folder, no Meta checkpoint): names each file or tensor that changed since; exit 0 same, "
                         "1 changed")
-    p.add_argument("--gguf", metavar="FILE", help="judge a llama.cpp GGUF file instead of an HF folder: metadata, "
+    p.add_argument("--gguf", metavar="FILE", action=_EachOutput,
+                   help="judge a llama.cpp GGUF file instead of an HF folder (repeatable): metadata, "
                    "tokenizer, every weight (bound per quantisation type) and the outputs (needs the gguf extra)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where both models run")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 logits check")

@@ -172,3 +172,70 @@ def test_cli_gguf_report_exit_codes(ggufs, tmp_path, capsys):
     assert main(["verify", "--meta-dir", str(meta), "--gguf", str(bad), "--metadata-only",
                  "--json", str(tmp_path / "r.json")]) == 1
     assert json.loads((tmp_path / "r.json").read_text())["ok"] is False
+
+
+def test_several_outputs_one_report(ggufs, tmp_path, capsys):
+    """Bug class: several outputs of one checkpoint (an HF folder and GGUF files) judged in one run where a
+    failing output is hidden by the others (exit 0, or one JSON verdict for the last output only)."""
+    import json
+
+    from llama_parity.cli import main
+
+    meta, files = ggufs["llama2-chat"]
+    hf = files["f16"].parent / "llama2-chat-hf"
+    bad = write_gguf(_read(files["f16"]), tmp_path / "bad.gguf", fields={"tokenizer.ggml.bos_token_id": 2})
+    base = ["verify", "--meta-dir", str(meta), "--hf-dir", str(hf), "--gguf", str(files["f16"]), "--metadata-only"]
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "=== output 1/2: HF folder" in out and "=== output 2/2: GGUF file" in out and "ALL 2 OUTPUTS OK" in out
+    assert main(base + ["--gguf", str(bad), "--json", str(tmp_path / "r.json")]) == 1
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["ok"] is False and [o["ok"] for o in rep["outputs"]] == [True, True, False], rep["verdict"]
+    assert [o["kind"] for o in rep["outputs"]] == ["hf", "gguf", "gguf"]
+    assert rep["outputs"][2]["report"]["ok"] is False and "bad.gguf" in rep["verdict"]
+
+
+def test_several_outputs_refuse_one_output_options(ggufs, capsys):
+    """Bug class: an option that describes one output (--html, --attestation, --nproc) silently applied to
+    only one of several outputs, or a traceback, instead of one line and exit 2."""
+    from llama_parity.cli import main
+
+    meta, files = ggufs["llama2-chat"]
+    argv = ["verify", "--meta-dir", str(meta), "--gguf", str(files["f16"]), "--gguf", str(files["f16"])]
+    assert main(argv + ["--html", "r.html"]) == 2
+    assert main(argv) == 2  # the same output twice
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("llama-parity: ") for e in err), err
+    assert "--html" in err[0] and "twice" in err[1], err
+
+
+def _runtime_note(ggufs, monkeypatch, available: bool, child: list[str] | None = None):
+    from llama_parity.gguf_judge import _runtime, runtime
+    from llama_parity.verify import VerifyReport
+
+    meta, files = ggufs["llama2-chat"]
+    monkeypatch.setattr(runtime, "available", lambda: available)
+    if child:
+        monkeypatch.setattr(runtime, "CHILD", child)
+    rep = VerifyReport(str(meta), str(files["f16"]), "cpu")
+    assert _runtime(rep, _read(files["f16"]), None, None, [1, 2, 3]) is None
+    assert not rep.checks and len(rep.notes) == 1 and rep.ok
+    return rep.notes[0]
+
+
+def test_runtime_absent_is_said_not_passed(ggufs, monkeypatch):
+    """Bug class: verify --gguf without llama-cpp-python silently reporting the file as judged by llama.cpp
+    (or failing it) instead of one report line saying llama.cpp's rows were not run, with the install hint."""
+    note = _runtime_note(ggufs, monkeypatch, available=False)
+    assert "NOT judged" in note and "pip install 'llama-parity[gguf-runtime]'" in note, note
+
+
+def test_runtime_crash_is_the_runtimes(ggufs, monkeypatch):
+    """Bug class: llama.cpp crashing on a file (0.3.36 segfaults on q8_0 with AMX/repack buffers) taking the
+    judge down or reported as the file's parity failure, instead of the runtime's (file, types, signal)."""
+    import sys
+
+    crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+    note = _runtime_note(ggufs, monkeypatch, available=True, child=crash)
+    assert "killed by SIGSEGV" in note and "llama2-chat-f16.gguf" in note and "F16" in note, note
+    assert "not a verdict on the file" in note, note

@@ -3,7 +3,8 @@
 Steps (each a list of checks in the same report verify prints, --json, --html):
 metadata (meta_checks, weights.file_type_check) -> tokenizer (vocab, chat) -> weights (weights, one
 tensor at a time) -> outputs (outputs: the reference on the dequantised weights) -> llama.cpp itself
-(planned: llama.cpp itself through the llama-cpp-python binding in a child process). Nothing is imported from the
+(runtime: the llama-cpp-python binding in a child process: its encoding of the corpus and chat dialogs, its
+logits against the reference on the file's weights; a note when absent or crashed). Nothing is imported from the
 converter: the judge holds its own name table and reads the GGUF with its own header parser and gguf's
 type tables.
 """
@@ -88,8 +89,32 @@ def verify_gguf(meta_dir: str | Path, gguf_path: str | Path, *, variant_id: str 
     if checks != "quick":
         from .outputs import output_checks
 
-        report.checks += output_checks(gf, meta, ex, model_prompts(meta_dir, ex.vocab).main, progress)
+        prompt = model_prompts(meta_dir, ex.vocab).main
+        logits = _runtime(report, gf, tok, _guard(release, meta), prompt)
+        report.checks += output_checks(gf, meta, ex, prompt, progress, runtime_logits=logits)
     return report
+
+
+def _runtime(report, gf, tok, release, prompt: list[int]):
+    """llama.cpp itself on the file (a child process): its encoding into the tokenizer report, its logits
+    returned for the outputs step. Absent or crashed, the report says so in a note (never a pass, never
+    the file's failure)."""
+    from . import runtime
+
+    if not runtime.available():
+        report.notes.append(f"llama.cpp runtime not run (llama_cpp is not importable): llama.cpp's own encoding and "
+                            f"logits of this file are NOT judged; {runtime.INSTALL_HINT}")
+        return None
+    cases = runtime.token_cases(gf, tok, release) if tok is not None else []
+    types = "/".join(sorted({t.type_name for t in gf.tensors.values()}))
+    run = runtime.evaluate(gf.path, types, [c[:3] for c in cases], [prompt])
+    if run.failure:
+        report.notes.append(f"{run.failure}: the runtime's failure, not a verdict on the file; llama.cpp's "
+                            "encoding and logits NOT judged")
+        return None
+    if cases and report.tokenizer is not None:
+        report.tokenizer.checks.append(runtime.token_check(cases, run.tokens))
+    return run.logits[0]
 
 
 def _guard(release, meta):

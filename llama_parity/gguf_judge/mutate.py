@@ -28,16 +28,17 @@ def _value(vtype: int, etype: int | None, v) -> bytes:
 
 
 def write_gguf(gf: GGUFFile, path: str | Path, *, fields: dict | None = None, drop_fields=(),
-               tensors: dict[str, np.ndarray] | None = None, drop_tensors=()) -> Path:
-    """`fields` replaces or adds values (new keys need a type in gf.types or are strings); `tensors`
-    replaces stored bytes (same shape and type: rows of blocks)."""
+               tensors: dict[str, np.ndarray] | None = None, drop_tensors=(), types: dict | None = None) -> Path:
+    """`fields` replaces or adds values (a new key's (value type, array item type) from `types`, else
+    gf.types, else string); `tensors` replaces stored bytes (same shape and type: rows of blocks)."""
     path = Path(path)
+    known = {**gf.types, **(types or {})}
     values = {k: v for k, v in gf.fields.items() if k not in drop_fields}
     values.update(fields or {})
     align = int(values.get("general.alignment", 32))
     head = b"GGUF" + struct.pack("<IQQ", 3, len(gf.tensors) - len(set(drop_tensors) & set(gf.tensors)), len(values))
     for k, v in values.items():
-        vtype, etype = gf.types.get(k, (_STRING, None))
+        vtype, etype = known.get(k, (_STRING, None))
         stored = None if k in (fields or {}) else gf.raw_value(k)  # unchanged: its bytes as read (fast, exact)
         head += _string(k) + struct.pack("<I", vtype) + (stored if stored is not None else _value(vtype, etype, v))
     datas, offset = [], 0

@@ -14,6 +14,8 @@ The report states each bound and the measured margin (bound / measured)."""
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import torch
 
@@ -25,6 +27,7 @@ from .names import expected_names, merged
 from .weights import DETERMINISTIC, FLOATS, block_bound
 
 FAR_PREFIX, FAR_CHUNK = 8, 4
+HEAD_CHUNK_VALUES = 1 << 24  # output-matrix values per chunk: 64 MB of float32
 
 
 def _honest(t, x: torch.Tensor, seed: int) -> torch.Tensor:
@@ -36,34 +39,75 @@ def _honest(t, x: torch.Tensor, seed: int) -> torch.Tensor:
         g = gguf_module()
         deq = g.quants.dequantize(g.quants.quantize(x2.numpy(), t.qtype), t.qtype)
         return torch.from_numpy(np.ascontiguousarray(deq.reshape(x2.shape), dtype=np.float32)).reshape(x.shape)
-    n = t.block[0]
-    blocks = x2.reshape(-1, n)
+    return _with_noise(x2, block_bound(t.type_name), t.block[0], seed).reshape(x.shape)
+
+
+def activation_rounding(type_name: str) -> float:
+    """Relative RMS of the noise standing for llama.cpp's rounding of a matmul's activations to the vec-dot
+    type it pairs with a weight type (F32: f32 sums; F16: f16, 2^-11; BF16: bf16, 2^-8; every quantised
+    type: 8-bit blocks, Q8_0/Q8_1/Q8_K, whose rounding RMS is below B(8) = 2*sqrt(3)/255 of the block's).
+    Each is at least the largest relative rounding of that type: noise of that size on the weights moves
+    y = W x as much as the rounding of x does, to first order."""
+    return {"F32": 2.0 ** -24, "F16": 2.0 ** -11, "BF16": 2.0 ** -8}.get(type_name, 2 * 3 ** 0.5 / 255)
+
+
+def _with_noise(x: torch.Tensor, rel: float, n: int, seed: int) -> torch.Tensor:
+    """x plus Gaussian noise of RMS `rel` times each n-value block's RMS (x's shape kept)."""
+    blocks = x.float().reshape(-1, n)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(blocks.shape, generator=gen) * blocks.pow(2).mean(1, keepdim=True).sqrt()
-    return (blocks + block_bound(t.type_name) * noise).reshape(x.shape)
+    return (blocks + rel * noise).reshape(x.shape)
 
 
 class _Weights:
-    """Fp32 weights of one variant ('meta', 'gguf', 'honest'), Meta's key names, built per layer."""
+    """Fp32 weights of one variant ('meta', 'gguf', 'honest'; 'act': the GGUF's weights with noise standing
+    for llama.cpp's activation rounding), Meta's key names, built per layer."""
 
     def __init__(self, gf, meta, variant: str):
         self.gf, self.meta, self.variant = gf, meta, variant
         self.names = {k: n for n, k in expected_names(meta).items()}
 
+    def _stored(self, key: str):
+        """(the GGUF tensor, Meta's merged tensor or None for the GGUF variants) of a Meta key."""
+        key = key if key in self.names else "tok_embeddings.weight"  # output.weight of a tied model
+        t = self.gf.tensors[self.names[key]]
+        return t, None if self.variant in ("gguf", "act") else merged(self.meta, key)
+
+    def _rows(self, t, x, a: int, b: int | None, seed: int) -> torch.Tensor:
+        """Rows [a, b) of one variant's fp32 tensor (1-D tensors whole)."""
+        if x is None:
+            y = torch.from_numpy(t.dequantized(a, b))
+            y = y.reshape(-1, t.shape[-1]) if len(t.shape) == 2 else y.reshape(t.shape)
+            if self.variant == "act" and y.dim() == 2:
+                return _with_noise(y, activation_rounding(t.type_name), y.shape[-1], seed + a)
+            return y
+        x = x[a:b] if x.dim() == 2 else x
+        return x.float() if self.variant == "meta" else _honest(t, x, seed + a)
+
     def tensor(self, key: str, seed: int = 0) -> torch.Tensor:
-        name = self.names.get(key)
-        if name is None and key == "output.weight":  # tied
-            return self.tensor("tok_embeddings.weight", seed)
-        t = self.gf.tensors[name]
-        if self.variant == "gguf":
-            return torch.from_numpy(t.dequantized()).reshape(t.shape)
-        x = merged(self.meta, key)
-        return x.float() if self.variant == "meta" else _honest(t, x, seed)
+        t, x = self._stored(key)
+        return self._rows(t, x, 0, t.shape[0] if len(t.shape) == 2 else None, seed)
+
+    def embedding_rows(self, ids: list[int]) -> torch.Tensor:
+        """Only the embedding rows the prompts use (never the whole table: 128k x dim x 4 bytes)."""
+        t, x = self._stored("tok_embeddings.weight")
+        return torch.cat([self._rows(t, x, i, i + 1, 1) for i in ids])
+
+    def head_logits(self, hs: list[torch.Tensor], vocab: int) -> list[torch.Tensor]:
+        """h @ output.T for each h, the output matrix read in row chunks (bounded memory)."""
+        t, x = self._stored("output.weight")
+        step = max(1, HEAD_CHUNK_VALUES // t.shape[-1])
+        parts: list[list[torch.Tensor]] = [[] for _ in hs]
+        for a in range(0, vocab, step):
+            w = self._rows(t, x, a, min(vocab, a + step), 2)
+            for p, h in zip(parts, hs):
+                p.append(h @ w.T)
+        return [torch.cat(p, dim=-1) for p in parts]
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         pre = f"layers.{i}."
         keys = [k for k in self.names if k.startswith(pre)]
-        return {k: self.tensor(k, seed=hash(k) & 0xFFFF) for k in keys}
+        return {k: self.tensor(k, seed=zlib.crc32(k.encode()) & 0xFFFF) for k in keys}
 
 
 def _args(meta, ex) -> ModelArgs:
@@ -91,12 +135,14 @@ def _gguf_args(gf, args: ModelArgs) -> tuple[ModelArgs, torch.Tensor]:
 
 
 @torch.inference_mode()
-def run_all(gf, meta, ex, cases: list[tuple[list[int], torch.Tensor]], progress=None) -> dict[str, list]:
-    """Logits of every case (tokens, positions) for the three variants, one layer in memory at a time.
-    The GGUF variant runs with the file's own RoPE (theta, rope_freqs) and eps, as llama.cpp would."""
+def run_all(gf, meta, ex, cases: list[tuple[list[int], torch.Tensor]], progress=None,
+            variants_run=("meta", "gguf", "honest")) -> dict[str, list]:
+    """Logits of every case (tokens, positions) for each variant, one layer in memory at a time.
+    The GGUF variants run with the file's own RoPE (theta, rope_freqs) and eps, as llama.cpp would."""
     args = _args(meta, ex)
     gargs, gfreqs = _gguf_args(gf, args)
-    setup = {"meta": (args, rope_frequencies(args)), "gguf": (gargs, gfreqs), "honest": (args, rope_frequencies(args))}
+    own = (args, rope_frequencies(args))
+    setup = {v: own if v in ("meta", "honest") else (gargs, gfreqs) for v in variants_run}
     variants = {v: _Weights(gf, meta, v) for v in setup}
     refs = {v: Transformer(a, [{"tok_embeddings.weight": torch.zeros(1, 1)}], embedding_dim=0, dtype=torch.float32)
             for v, (a, _) in setup.items()}
@@ -106,7 +152,7 @@ def run_all(gf, meta, ex, cases: list[tuple[list[int], torch.Tensor]], progress=
     index = {t: i for i, t in enumerate(uniq)}
     state = {}
     for v, w in variants.items():
-        table = w.tensor("tok_embeddings.weight", seed=1)[uniq]
+        table = w.embedding_rows(uniq)
         state[v] = [table[[index[t] for t in toks]][None] for toks, _ in cases]
     masks = [torch.triu(torch.full((len(toks), len(toks)), float("-inf")), 1) for toks, _ in cases]
     layers = range(args.n_layers)
@@ -117,9 +163,8 @@ def run_all(gf, meta, ex, cases: list[tuple[list[int], torch.Tensor]], progress=
             refs[v].w = []
     out = {}
     for v, w in variants.items():
-        norm, head = w.tensor("norm.weight"), w.tensor("output.weight", seed=2)
-        eps = setup[v][0].norm_eps
-        out[v] = [(rms_norm(h, norm, eps) @ head.T)[0].float() for h in state[v]]
+        norm, eps = w.tensor("norm.weight"), setup[v][0].norm_eps
+        out[v] = [y[0].float() for y in w.head_logits([rms_norm(h, norm, eps) for h in state[v]], ex.vocab)]
     return out
 
 
@@ -127,13 +172,22 @@ def _kl_rule(types: set[str]) -> float:
     return 1.0 if types - set(FLOATS) - set(DETERMINISTIC) else 3.0
 
 
-def output_checks(gf, meta, ex, prompt: list[int], progress=None) -> list[Check]:
+def output_checks(gf, meta, ex, prompt: list[int], progress=None, runtime_logits: np.ndarray | None = None
+                  ) -> list[Check]:
+    """The reference on the GGUF's weights against Meta's (module doc); with `runtime_logits` (llama.cpp's
+    own logits for `prompt`) also llama.cpp against the reference on the GGUF's weights."""
     n = len(prompt)
     cases = [(prompt, torch.arange(n))]
     far = far_positions(ex.rope)
     chunk = prompt[:FAR_PREFIX + FAR_CHUNK]
     cases += [(chunk, torch.cat([torch.arange(FAR_PREFIX), torch.arange(s, s + FAR_CHUNK)])) for s in far]
-    logits = run_all(gf, meta, ex, cases, progress)
+    act = runtime_logits is not None
+    logits = run_all(gf, meta, ex, cases, progress, ("meta", "gguf", "honest") + (("act",) if act else ()))
+    extra = runtime_checks(logits["gguf"][0], logits["act"][0], runtime_logits, gf) if act else []
+    return _reference_checks(gf, ex, logits, n, far) + extra
+
+
+def _reference_checks(gf, ex, logits, n: int, far) -> list[Check]:
     k = _kl_rule({t.type_name for name, t in gf.tensors.items() if len(t.shape) == 2})
     m, g, h = (logits[v][0] for v in ("meta", "gguf", "honest"))
     kl, kl_h = next_token_kl(m, g), next_token_kl(m, h)
@@ -159,4 +213,39 @@ def output_checks(gf, meta, ex, prompt: list[int], progress=None) -> list[Check]
     out.append(Check("gguf outputs: far positions (KL)", "RoPE frequency factors or theta llama.cpp reads wrong: "
                      "invisible at short distances", got, lim, all(w[1] <= w[2] for w in worst),
                      "; ".join(f"{p}: {a:.1e} <= {b:.1e}" for p, a, b in worst) + f"; worst at {s}"))
+    return out
+
+
+RUNTIME_K = 3.0  # as the bf16 rule: KL grows with the square of the logit error
+
+
+def runtime_checks(g: torch.Tensor, a: torch.Tensor, r: np.ndarray, gf) -> list[Check]:
+    """llama.cpp's logits (r) against the reference on the GGUF's dequantised weights (g). llama.cpp rounds
+    each matmul's activations to the vec-dot type of the weight's type (activation_rounding); run `a` is
+    the reference on the GGUF's weights with noise of that size, so with K = 3:
+    KL(g || r) <= K^2 * max KL(g || a) + 1e-6 per position, and top-1 equal wherever g's top-2 margin
+    exceeds 2*K*max|g - a|. What llama.cpp users read is stated too: mean and max KL, same-top-1 %."""
+    catches = ("metadata llama.cpp reads that the judge's reference does not (RoPE scaling keys, the vocabulary it "
+               "builds), a tensor llama.cpp maps or dequantises otherwise, a runtime that computes the file wrong")
+    if r.shape != tuple(g.shape):
+        return [Check("llama.cpp: logits (KL vs the reference on the GGUF's weights)", catches, float("inf"), 0.0,
+                      False, f"llama.cpp returned logits of shape {list(r.shape)}, the model's are {list(g.shape)}")]
+    rt = torch.from_numpy(r).float()
+    kl, kl_a = next_token_kl(g, rt), next_token_kl(g, a)
+    bound = RUNTIME_K ** 2 * float(kl_a.max()) + FP32_KL_BOUND
+    types = sorted({t.type_name for t in gf.tensors.values() if len(t.shape) == 2})
+    same = (g.argmax(-1) == rt.argmax(-1))
+    out = [Check("llama.cpp: logits (KL vs the reference on the GGUF's weights)", catches, float(kl.max()), bound,
+                 float(kl.max()) <= bound,
+                 f"{len(kl)} positions, mean KL {float(kl.mean()):.2e} max {float(kl.max()):.2e} nats, same top-1 "
+                 f"{100 * float(same.float().mean()):.1f}%; bound 3^2 x {float(kl_a.max()):.2e} (the GGUF's weights "
+                 f"with noise of llama.cpp's activation rounding for {'/'.join(types)}) + 1e-6; max |logit diff| "
+                 f"{float((g - rt).abs().max()):.2e}; margin {bound / max(float(kl.max()), 1e-30):.3g}x",
+                 series=kl_series(kl))]
+    top = g.topk(2, dim=-1).values
+    decided = (top[:, 0] - top[:, 1]) > 2 * RUNTIME_K * (g - a).abs().amax(-1)
+    flips = [i for i in range(len(g)) if decided[i] and not same[i]]
+    out.append(Check("llama.cpp: top-1 agreement", catches, float(len(flips)), 0.0, not flips,
+                     f"{int(decided.sum())}/{len(g)} positions decided (top-2 margin > 2*3*the noise run's logit "
+                     "error)" + (f"; flipped at {flips[:10]}" if flips else "")))
     return out

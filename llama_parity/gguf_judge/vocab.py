@@ -11,7 +11,7 @@
 - bos/eos/eot/eom/unk ids and add_bos/add_eos as the release implies (eos <|eot_id|> for instruct);
 - the chat template rendered on fixed dialogs against the release's official template (and, for
   Llama 2 / Code Llama / Guard, Meta's own format), through tokenizer_check's steps.
-What llama.cpp itself encodes from the file needs its runtime (not run yet).
+What llama.cpp itself encodes from the file is judged with its runtime (runtime.token_check).
 
 Results are memoised per process by content (`memo`): Meta's side by the tokenizer file's sha256, each
 GGUF-side check by the sha256 of the exact stored bytes of the keys it reads. Several GGUFs of one
