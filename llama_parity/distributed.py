@@ -135,12 +135,12 @@ def model_checks_on(r: Rank):
     bf16, greedy tokens) and the rounding a dtype change implies; rank 0 returns the checks."""
     from .streaming import STREAMED_GREEDY_TOKENS, streaming_model_checks
 
-    def checks(meta_dir: Path, hf_dir: Path, *, rope_scaling, round_to, options) -> list:
+    def checks(meta_dir: Path, hf_dir: Path, *, rope_scaling, round_to, options, round_vectors=True) -> list:
         n_layers = json.loads((Path(meta_dir) / "params.json").read_text())["n_layers"]
         return streaming_model_checks(meta_dir, hf_dir, rope_scaling=rope_scaling, device=r.device,
                                       bf16=options.bf16, round_to=round_to, quick=options.checks == "quick",
                                       greedy_tokens=options.greedy_tokens or STREAMED_GREEDY_TOKENS,
-                                      relay=RankRelay(n_layers, r))
+                                      relay=RankRelay(n_layers, r), round_vectors=round_vectors)
     return checks
 
 

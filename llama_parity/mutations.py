@@ -498,6 +498,9 @@ CATALOG: tuple[Mutation, ...] = (
        _edit_one("model.layers.0.self_attn.q_proj.weight", _swap_rows(lambda c: 0, lambda c: 1)), [_EXACT], [L32]),
     _m("norm_off_by_one_ulp", "one element of the final norm changed by 1 ulp",
        _edit_one("model.norm.weight", _one_ulp), [_EXACT], [L31]),
+    _m("kept_fp32_norm_off_by_one_ulp", "bf16 matrices with float32 norms kept, one norm element 1 ulp off "
+       "(float32's ulp: no model check can see it)",
+       lambda hf: (_bf16_norms_kept_fp32(hf), _edit_one("model.norm.weight", _one_ulp)(hf)), [_EXACT], [L31]),
     # weights at the wrong place: a head, a layer, a matrix's orientation
     _m("kv_heads_exchanged", "kv heads 0 and 1 exchanged in a middle layer's wk and wv (heads regrouped)",
        _kv_heads_swapped, [_LOGITS, _EXACT], [L31]),
@@ -670,6 +673,13 @@ def _norms_fp32(hf: Path) -> None:
     edit_tensors(hf, lambda k, v, c: v.float() if v.dim() == 1 else None)
 
 
+def _bf16_norms_kept_fp32(hf: Path) -> None:
+    """`convert --dtype bfloat16` of a float32 checkpoint keeping the norms in float32 (exactly Meta's),
+    label bf16: exactly stored mixed precision (the reference must not round those norms)."""
+    edit_tensors(hf, lambda k, v, c: v.to(torch.bfloat16) if v.dim() >= 2 else None)
+    edit_config(hf, lambda c: c.__setitem__("torch_dtype", "bfloat16"))
+
+
 def _float16_official(hf: Path) -> None:
     """As Meta's official Llama 2 HF repos: float16 storage and label (bf16 values rounded to float16)."""
     edit_tensors(hf, lambda k, v, c: v.half())
@@ -700,4 +710,6 @@ BENIGN: tuple[Benign, ...] = (
     Benign("float16_official_style", "bf16 weights stored and labelled float16 (as Meta's Llama 2 HF repos)",
            _float16_official, (L32,), torch.bfloat16),
     Benign("read_only", "every file and the folder read-only", _read_only, (L31,)),
+    Benign("fp32_to_bf16_norms_kept_fp32", "a float32 checkpoint converted to bf16 matrices, norms kept float32 "
+           "(exactly Meta's), label bf16", _bf16_norms_kept_fp32, (L31,)),
 )

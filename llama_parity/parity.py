@@ -394,19 +394,20 @@ def check_greedy(ref: Transformer, hf, tokens: list[int], device: str, *, n_new:
 def run_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeScalingArgs | None, device: str = "cpu",
                      n_words: int | None = None, bf16: bool = True, prompt: list[int] | None = None,
                      loader=None, round_to: torch.dtype | None = None, quick: bool = False,
-                     greedy_tokens: int = GREEDY_TOKENS) -> list[Check]:
+                     greedy_tokens: int = GREEDY_TOKENS, round_vectors: bool = True) -> list[Check]:
     """All numerical checks on one Meta/HF pair; models loaded once per dtype.
 
     `loader(dtype) -> (reference, hf model)` replaces the in-process loading: distributed.py passes
     models split across ranks that speak the same interface, so every check runs unchanged.
     `round_to`: the HF weights' dtype when the conversion changed it; the fp32 reference then uses
     Meta's weights rounded to it (what a faithful dtype change computes), so the fp32 bound still
-    applies. `quick`: fp32 logits and far positions only (layout and RoPE bugs; no cache, greedy, bf16)."""
+    applies (norms too unless `round_vectors` is False: kept in float32 beside the rounded matrices). `quick`: fp32 logits and far positions only (layout and RoPE bugs; no cache, greedy, bf16)."""
     def load_here(dtype):
         ref = load_meta_checkpoint(meta_dir, rope_scaling=rope_scaling, tokenizer_n_words=n_words, device=device,
                                    dtype=dtype)
         if round_to is not None and dtype == torch.float32:
-            ref.w = [{k: v.to(round_to).float() for k, v in sd.items()} for sd in ref.w]
+            ref.w = [{k: v.to(round_to).float() if round_vectors or v.dim() >= 2 else v.float() for k, v in sd.items()}
+                     for sd in ref.w]
         return ref, load_hf_model(hf_dir, device=device, dtype=dtype)
 
     load = loader or load_here

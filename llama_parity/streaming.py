@@ -66,10 +66,11 @@ def streaming_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeSc
                            device: str = "cpu", prompt: list[int] | None = None, bf16: bool = True,
                            greedy_tokens: int = STREAMED_GREEDY_TOKENS, round_to: torch.dtype | None = None,
                            quick: bool = False, piece_bytes: int = PIECE_BYTES,
-                           relay: Relay | None = None) -> list[Check]:
+                           relay: Relay | None = None, round_vectors: bool = True) -> list[Check]:
     """Every model check of the full verify, streamed; see the module docstring for what each costs.
     `round_to`: the HF weights' dtype when the conversion changed it (the reference then computes with
-    Meta's weights rounded to it); `quick`: fp32 logits and far positions only; `piece_bytes`: fp32
+    Meta's weights rounded to it; its norms too unless `round_vectors` is False); `quick`: fp32
+    logits and far positions only; `piece_bytes`: fp32
     bytes of weight rows widened per product on both sides (tests make it tiny to cross piece edges);
     `relay`: this process's layers when several share the model (distributed.py); only the one that
     judges returns checks.
@@ -77,7 +78,7 @@ def streaming_model_checks(meta_dir: Path, hf_dir: Path, *, rope_scaling: RopeSc
     Run from the CLI, the process first calls memory.return_freed_memory (a process-wide allocator
     policy: without it, RSS grows by the weight pieces glibc keeps in its heap)."""
     ref32 = load_meta_checkpoint(meta_dir, rope_scaling=rope_scaling, device=device, dtype=torch.float32, lazy=True,
-                                 round_to=round_to, piece_bytes=piece_bytes)
+                                 round_to=round_to, piece_bytes=piece_bytes, round_vectors=round_vectors)
     ref16 = Transformer(ref32.args, [sd.raw for sd in ref32.w], embedding_dim=ref32.embedding_dim, device=device,
                         dtype=torch.bfloat16, lazy=True, piece_bytes=piece_bytes)
     hf = StreamingHF(Path(hf_dir), device, piece_bytes)

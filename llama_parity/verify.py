@@ -321,28 +321,33 @@ def _model_checks(report: VerifyReport, meta_dir: Path, hf_dir: Path, rope, meta
     options=)` runs them elsewhere: distributed.py)."""
     round_to = hf_weights_dtype(hf)
     round_to = round_to if round_to is not None and round_to != meta.dtype else None
+    # norms kept in the checkpoint's dtype beside rounded matrices (exactly stored mixed precision)
+    # are not rounded: the reference computes what the HF folder stores
+    vectors = {d for n, (s, d) in hf.tensors.items() if len(s) < 2 and n.endswith("norm.weight")}
+    rounding = {"round_to": round_to, **({"round_vectors": False} if vectors and round_to not in vectors else {})}
     metadata_failed = not all(c.ok for c in report.checks)
     quick, greedy_tokens = opts.checks == "quick", opts.greedy_tokens
     mode = choose_memory_mode(hf_dir, opts.memory) if model_checks is None else "distributed"
     try:
         greedy = {} if greedy_tokens is None else {"greedy_tokens": greedy_tokens}
         if model_checks is not None:
-            report.checks += model_checks(meta_dir, hf_dir, rope_scaling=rope, round_to=round_to, options=opts)
+            report.checks += model_checks(meta_dir, hf_dir, rope_scaling=rope, options=opts, **rounding)
         elif mode == "streaming":
             from .streaming import STREAMED_GREEDY_TOKENS, streaming_model_checks
 
             report.checks += streaming_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=opts.device,
-                                                    bf16=opts.bf16, round_to=round_to, quick=quick, **greedy)
+                                                    bf16=opts.bf16, quick=quick, **greedy, **rounding)
             report.notes.append("streamed one layer at a time (bounded memory)" + (
                 "" if quick else "; " + _greedy_cost(meta_dir, greedy_tokens or STREAMED_GREEDY_TOKENS)))
         else:
             report.checks += run_model_checks(meta_dir, hf_dir, rope_scaling=rope, device=opts.device, bf16=opts.bf16,
-                                              round_to=round_to, quick=quick, **greedy)
+                                              quick=quick, **greedy, **rounding)
         report.models_run = True
         if round_to is not None:
             report.notes.append(f"HF weights are {str(round_to)[6:]}, the checkpoint {str(meta.dtype)[6:]}: the "
                                 f"reference ran on Meta's weights rounded to {str(round_to)[6:]} (what this dtype "
-                                "change implies)")
+                                "change implies)" + ("; norms as stored, not rounded" if "round_vectors" in rounding
+                                                     else ""))
         if quick:
             report.notes.append("quick: fp32 logits and far positions only (kv-cache, greedy, bf16 not run)")
     except Exception as e:

@@ -174,3 +174,20 @@ def test_model_card_records_the_attestation(tiny, tmp_path):
     assert "**METADATA OK (models not run)**" in card and rep.attestation["digest"] in card
     for name in ("model.safetensors", "config.json"):
         assert f"| {name} | `{hashlib.sha256((hf / name).read_bytes()).hexdigest()}` |" in card
+
+
+@pytest.mark.parametrize("memory", ["full", "streaming"])
+def test_fp32_checkpoint_to_bf16_with_fp32_norms(tiny, tmp_path, memory):
+    """Bug class: exactly stored mixed precision of a float32 checkpoint (bf16 matrices, norms kept
+    float32 as Meta's, label bf16) failed by the model checks because the reference rounded the norms
+    to bf16 too (0.6% off in logits: a false failure); and a kept norm 1 float32 ulp off passing."""
+    from llama_parity.mutations import BENIGN
+
+    kept = next(b for b in BENIGN if b.name == "fp32_to_bf16_norms_kept_fp32")
+    rep = verify(tiny.meta(L31), mutate_copy(tiny.hf(L31), tmp_path / "ok", kept), tokenizer=False, bf16=False,
+                 memory=memory, checks="quick")
+    assert rep.ok and rep.models_run, rep.render()
+    assert any("norms as stored, not rounded" in n for n in rep.notes)
+    broken = mutate_copy(tiny.hf(L31), tmp_path / "b", BY_NAME["kept_fp32_norm_off_by_one_ulp"])
+    rep = verify(tiny.meta(L31), broken, tokenizer=False, bf16=False, memory=memory, checks="quick")
+    assert {c.name for c in rep.checks if not c.ok} == {"weights: exact copies"}, rep.render()

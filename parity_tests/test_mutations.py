@@ -108,10 +108,11 @@ def test_catalog_size():
 
 
 # Judged with the model checks in the 2-rank launch: a weight layout fault, weights at the wrong
-# place, a RoPE config fault, a tying fault. The ranks' model checks are the streamed ones with the
+# place, a RoPE config fault, a tying fault, mixed precision's benign twin. The ranks' model checks are the streamed ones with the
 # hidden states relayed between ranks (number for number the single-process ones:
 # test_verify_paths.py), so the other model-visible faults are judged there --metadata-only.
-WITH_MODELS_ON_RANKS = ("k_permuted_with_n_heads", "kv_heads_exchanged", "rope_factor_8_not_32", "untied_without_lm_head")
+WITH_MODELS_ON_RANKS = ("k_permuted_with_n_heads", "kv_heads_exchanged", "rope_factor_8_not_32", "untied_without_lm_head",
+                        "fp32_to_bf16_norms_kept_fp32")  # a benign twin only the model checks could fail
 
 
 def test_every_fault_with_two_ranks(tiny, bf16_tiny, tmp_path, monkeypatch, capfd):
@@ -134,8 +135,9 @@ def test_every_fault_with_two_ranks(tiny, bf16_tiny, tmp_path, monkeypatch, capf
     for i, b in enumerate(BENIGN):
         v = b.layouts[0]
         meta, hf = bf16_tiny(v) if b.meta_dtype == torch.bfloat16 else (tiny.meta(v), tiny.hf(v))
-        jobs.append((meta, mutate_copy(hf, tmp_path / f"b{i}", b), meta_only))
-        expect.append((b, v, "metadata"))
+        opts = quick if b.name in WITH_MODELS_ON_RANKS else meta_only
+        jobs.append((meta, mutate_copy(hf, tmp_path / f"b{i}", b), opts))
+        expect.append((b, v, opts.checks))
     monkeypatch.setenv(FAULT_EXIT_ENV, "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     got = launch_many(jobs, VerifyOptions(nproc=2, timeout=300))

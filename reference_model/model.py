@@ -169,7 +169,8 @@ class Transformer:
 
     def __init__(self, args: ModelArgs, shards: list[dict[str, torch.Tensor]], *,
                  embedding_dim: int, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 lazy: bool = False, round_to: torch.dtype | None = None, piece_bytes: int = PIECE_BYTES):
+                 lazy: bool = False, round_to: torch.dtype | None = None, piece_bytes: int = PIECE_BYTES,
+                 round_vectors: bool = True):
         self.args = args
         self.mp = len(shards)
         self.embedding_dim = embedding_dim
@@ -186,10 +187,10 @@ class Transformer:
             # file with explicit reads when a layer uses it (or held for one layer, `hold_layer`), in
             # the file's dtype; matrix products widen it chunk by chunk (_Converted.linear). The
             # embedding is read by row, the output matrix in vocab chunks.
-            self.w = [_Converted(sd, self.device, self._dtype, round_to, piece_bytes) for sd in shards]
+            self.w = [_Converted(sd, self.device, self._dtype, round_to, piece_bytes, round_vectors) for sd in shards]
             self._conv = self.w[0].convert
         else:
-            self._conv = _converter(self.device, dtype, round_to)
+            self._conv = _converter(self.device, dtype, round_to, round_vectors)
             self.w = [{k: self._conv(v) for k, v in sd.items() if k != "rope.freqs"} for sd in shards]
 
     @property
@@ -382,11 +383,15 @@ class Transformer:
         return out
 
 
-def _converter(device: torch.device, dtype: torch.dtype | None, round_to: torch.dtype | None):
+def _converter(device: torch.device, dtype: torch.dtype | None, round_to: torch.dtype | None,
+               round_vectors: bool = True):
     """The tensor conversion of a reference: to `device` and `dtype`, first rounded to `round_to`
-    when the HF weights were converted to that dtype (what a faithful dtype change leaves)."""
+    when the HF weights were converted to that dtype (what a faithful dtype change leaves). Vectors
+    (norms) are rounded only with `round_vectors`: a conversion may keep them in the checkpoint's
+    float32, exactly, beside rounded matrices."""
     def conv(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device) if round_to is None else t.to(device).to(round_to)
+        rounded = round_to is not None and (round_vectors or t.dim() >= 2)
+        t = t.to(device).to(round_to) if rounded else t.to(device)
         return t if dtype is None else t.to(dtype)
     return conv
 
@@ -401,10 +406,10 @@ class _Converted:
     4 MB pieces; widening is exact, and each output feature is the same dot product either way."""
 
     def __init__(self, raw: "ShardReader", device: torch.device, dtype: torch.dtype, round_to: torch.dtype | None,
-                 piece_bytes: int = PIECE_BYTES):
+                 piece_bytes: int = PIECE_BYTES, round_vectors: bool = True):
         self.raw, self.device, self.dtype, self.round_to = raw, device, dtype, round_to
         self.piece_bytes = piece_bytes
-        self.convert = _converter(device, dtype, round_to)
+        self.convert = _converter(device, dtype, round_to, round_vectors)
         self.held: dict[str, torch.Tensor] = {}
         self._bufs: dict[str, torch.Tensor] = {}
 
@@ -462,7 +467,7 @@ def load_meta_checkpoint(meta_dir: str | Path, *, rope_scaling: RopeScalingArgs 
                          tokenizer_n_words: int | None = None, embedding_dim: int | None = None,
                          device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                          lazy: bool = False, round_to: torch.dtype | None = None,
-                         piece_bytes: int = PIECE_BYTES) -> Transformer:
+                         piece_bytes: int = PIECE_BYTES, round_vectors: bool = True) -> Transformer:
     """Build the reference from a Meta directory, shards kept apart.
 
     `embedding_dim` (how tok_embeddings is split) is inferred from the shard shapes when not given:
@@ -489,4 +494,4 @@ def load_meta_checkpoint(meta_dir: str | Path, *, rope_scaling: RopeScalingArgs 
         width = shards[0].shape("tok_embeddings.weight")[1] if lazy else shards[0]["tok_embeddings.weight"].shape[1]
         embedding_dim = 1 if (len(shards) > 1 and width != args.dim) else 0
     return Transformer(args, shards, embedding_dim=embedding_dim, device=device, dtype=dtype, lazy=lazy,
-                       round_to=round_to, piece_bytes=piece_bytes)
+                       round_to=round_to, piece_bytes=piece_bytes, round_vectors=round_vectors)
