@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -41,6 +42,9 @@ class ConvertOptions:
     progress: bool | None = None  # None: only when stderr is a terminal
     verify_md5: bool = False
     keep_original: bool = False  # also copy Meta's files into original/, as the official repositories do
+    # A file published with the output or not at all (the CLI's --json report): called with the finished
+    # report before the output's rename, returns a staged file (report_files.StagedFile); staging.py
+    publish_with: Callable[[ConversionReport], object] | None = None
 
 
 @dataclass
@@ -133,12 +137,19 @@ def convert_meta_to_hf(input_dir: str | Path, output_dir: str | Path,
         raise ConversionError(f"tokenizer.model not found in {ckpt.dir} or its parent; it is needed for the HF "
                               "tokenizer files (pass --no-tokenizer to convert the weights alone)")
     n_bytes = sum(e.nbytes for e in plan)
-    files, replicas = write_atomically(
-        output_dir, lambda staging: _write_staging(staging, ckpt, variant, plan, options, warnings),
-        overwrite=options.overwrite, notes=warnings, input_files=ckpt.input_files, input_dirs=[ckpt.dir],
-        needed_bytes=n_bytes)
-    return ConversionReport(variant, output_dir, files, len(plan), n_bytes, time.perf_counter() - t0,
-                            replicas.max_abs_diff, replicas.worst_key, warnings)
+
+    def write(staging: Path) -> ConversionReport:
+        files, replicas = _write_staging(staging, ckpt, variant, plan, options, warnings)
+        return ConversionReport(variant, output_dir, files, len(plan), n_bytes, time.perf_counter() - t0,
+                                replicas.max_abs_diff, replicas.worst_key, warnings)
+
+    def written(report: ConversionReport):  # the output is complete and on disk; only its rename is left
+        report.seconds = time.perf_counter() - t0
+        return options.publish_with(report) if options.publish_with is not None else None
+
+    return write_atomically(output_dir, write, overwrite=options.overwrite, notes=warnings,
+                            input_files=ckpt.input_files, input_dirs=[ckpt.dir], needed_bytes=n_bytes,
+                            companion=written)
 
 
 def _write_staging(staging: Path, ckpt: MetaCheckpoint, variant: Variant, plan: list[TensorPlan],

@@ -235,26 +235,51 @@ def _follow_link(output_dir: Path, notes: list[str]) -> Path:
 
 
 def write_atomically(output_dir: Path, write: Callable[[Path], T], *, overwrite: bool, notes: list[str],
-                     input_files: Iterable[Path] = (), input_dirs: Iterable[Path] = (), needed_bytes: int = 0) -> T:
+                     input_files: Iterable[Path] = (), input_dirs: Iterable[Path] = (), needed_bytes: int = 0,
+                     companion: Callable[[T], object] | None = None) -> T:
     """Run `write(staging)` in a fresh staging folder and rename it into place only when it returns;
     on any failure (a signal included) the staging folder goes and the output is untouched. The
     output's lock is held from the checks to the rename. Notes about leftovers of earlier runs are
-    appended to `notes` before writing starts."""
+    appended to `notes` before writing starts.
+
+    `companion(result)`, when given, stages a file published with the output (convert's --json
+    report): called once the output is complete and flushed, before the rename; it returns an object
+    with publish() and discard() (report_files.StagedFile) or None. If it raises, the output is not
+    published; its publish() (a rename) runs right after the output's, signals deferred."""
     if Path(output_dir).is_symlink():  # named as the user gave it: "X (a link to Y)"
         refuse_replacing_inputs(Path(output_dir), input_files, input_dirs)
     output_dir = _follow_link(Path(output_dir), notes)
-    with output_lock(output_dir):
-        staging, leftovers = prepare_output(output_dir, overwrite, input_files=input_files, input_dirs=input_dirs,
-                                            needed_bytes=needed_bytes)
-        notes += leftovers
-        try:
-            result = write(staging)
-            commit_output(staging, output_dir)
-        except BaseException as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(e, OSError):
-                raise write_error(e, output_dir.parent) from None
-            raise
+    made = [a for a in [output_dir.parent, *output_dir.parent.parents] if not os.path.lexists(a)]  # deepest first
+    try:
+        with output_lock(output_dir):
+            staging, leftovers = prepare_output(output_dir, overwrite, input_files=input_files,
+                                                input_dirs=input_dirs, needed_bytes=needed_bytes)
+            notes += leftovers
+            return _write_and_commit(staging, output_dir, write, companion)
+    except BaseException:
+        for d in made:  # the folders made for the output, unless something else is in them now
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _write_and_commit(staging: Path, output_dir: Path, write: Callable[[Path], T],
+                      companion: Callable[[T], object] | None) -> T:
+    staged = None
+    try:
+        result = write(staging)
+        flush_output(staging)
+        staged = companion(result) if companion is not None else None
+        commit_output(staging, output_dir, then=staged.publish if staged is not None else None)
+    except BaseException as e:
+        if staged is not None:
+            staged.discard()  # a no-op once published
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(e, output_dir.parent) from None
+        raise
     return result
 
 
@@ -299,8 +324,8 @@ def _signals_deferred():
             signal.raise_signal(pending)  # handled now, with the output complete and in place
 
 
-def commit_output(staging: Path, output_dir: Path) -> None:
-    """Flush, then rename the finished staging folder into place (replacing an old output)."""
+def flush_output(staging: Path) -> None:
+    """Ordinary permissions, and every file and folder of the finished output on disk."""
     umask = os.umask(0)
     os.umask(umask)
     (staging / _OWNER).unlink(missing_ok=True)
@@ -314,16 +339,22 @@ def commit_output(staging: Path, output_dir: Path) -> None:
         elif p.is_dir():
             _fsync_path(p, directory=True)
     _fsync_path(staging, directory=True)
-    if output_dir.exists() or output_dir.is_symlink():
-        trash = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        with _signals_deferred():
+
+
+def commit_output(staging: Path, output_dir: Path, then: Callable[[], object] | None = None) -> None:
+    """Rename the flushed staging folder into place (replacing an old output), then `then()` (the
+    companion file's rename), with signals deferred across the renames."""
+    trash = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+    replacing = output_dir.exists() or output_dir.is_symlink()
+    with _signals_deferred():
+        if replacing:
             output_dir.rename(trash)
-            staging.rename(output_dir)
-            _fsync_path(output_dir.parent, directory=True)
+        staging.rename(output_dir)
+        if then is not None:
+            then()
+        _fsync_path(output_dir.parent, directory=True)
+    if replacing:
         if trash.is_symlink():
             trash.unlink()
         else:
             shutil.rmtree(trash, ignore_errors=True)
-    else:
-        staging.rename(output_dir)
-    _fsync_path(output_dir.parent, directory=True)

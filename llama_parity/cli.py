@@ -168,7 +168,8 @@ def cmd_convert(args) -> int:
                           max_shard_bytes=args.max_shard_size if isinstance(args.max_shard_size, int)
                           else _size(args.max_shard_size), overwrite=args.overwrite,
                           write_tokenizer=not args.no_tokenizer, progress=False if args.no_progress else None,
-                          verify_md5=args.verify_md5, keep_original=args.keep_original)
+                          verify_md5=args.verify_md5, keep_original=args.keep_original,
+                          publish_with=_staged_json(args) if args.json not in (None, "-") else None)
     if args.dry_run:
         variant, plan = inspect(args.input_dir, opts)
         notes = _cross_check(args, variant)
@@ -194,9 +195,31 @@ def cmd_convert(args) -> int:
         code, result["verify"] = _verify_and_record(args.input_dir, report.output_dir, args)
     else:
         print(_next_verify(args.input_dir, report.output_dir, _verify_flags(args)))
-    if args.json:
+    if args.json == "-":
         write_json(args, report.to_dict() | result)
+    elif args.json and args.verify:  # the conversion's report is in place: the verify result is added whole
+        try:
+            write_json(args, report.to_dict() | result)
+        except OSError as e:
+            return _err(f"--json {args.json}: cannot add the verify result ({e.strerror or e}); {args.json} holds the "
+                        f"conversion's report, {Path(report.output_dir) / 'README.md'} the verify result")
     return code
+
+
+def _staged_json(args):
+    """convert --json R is all or nothing with the model: R is written whole to a temporary file once
+    the model is complete, before the model folder's rename, and renamed into place right after it. A
+    report that cannot be written (a full disk) keeps the model from being published."""
+    from .report_files import StagedFile
+
+    def stage(report):
+        data = report.to_dict() | {"notes": _cross_check(args, report.variant)}
+        try:
+            return StagedFile(args.json, json.dumps(data, indent=2, default=str) + "\n")
+        except OSError as e:
+            raise InputError(f"--json {args.json}: cannot write the report ({e.strerror or e}); the converted model "
+                             "was not kept either: free some space or choose another --json path") from None
+    return stage
 
 
 def _verify_and_record(meta_dir, hf_dir, args) -> tuple[int, dict]:

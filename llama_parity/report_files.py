@@ -85,31 +85,62 @@ def check_distinct(paths: dict[str, str | None]) -> None:
         seen[key] = flag
 
 
+class StagedFile:
+    """A file's bytes written whole to a temporary sibling and flushed to disk now, put in place later:
+    `publish()` renames it into place (a rename allocates nothing, so it cannot meet a full disk),
+    `discard()` removes it and the folders made for it. `convert --json R` stages R this way before
+    the model folder is renamed into place: a disk too full for the report refuses both."""
+
+    def __init__(self, path: str | Path, data: bytes | str):
+        self.path = Path(path)
+        parent = self.path.parent
+        self._made = [a for a in [parent, *parent.parents] if not os.path.lexists(a)]  # deepest first
+        self.tmp: Path | None = None
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-", dir=parent)
+            self.tmp = Path(tmp)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a report is an ordinary file
+        except BaseException:  # a signal (the CLI raises it as KeyboardInterrupt) or a full disk: no half file
+            self.discard()
+            raise
+
+    def publish(self) -> Path:
+        os.replace(self.tmp, self.path)
+        self.tmp = None
+        dfd = os.open(self.path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return self.path
+
+    def discard(self) -> None:
+        """Remove the temporary file (if not published) and the folders made for it, if still empty."""
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+            self.tmp = None
+        for d in self._made:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
     """Write `data` to `path` whole or not at all: temporary sibling, fsync, rename, fsync the folder."""
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    staged = StagedFile(path, data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:  # a signal (the CLI raises it as KeyboardInterrupt) or a full disk: no half file
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        return staged.publish()
+    except BaseException:
+        staged.discard()
         raise
-    dfd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return path
