@@ -47,10 +47,12 @@ def check_meta_folder(meta_dir: Path) -> None:
 
 def check_params_bounds(ckpt) -> None:
     """Before detection and planning: no params.json size larger than the shards hold (a layer count of
-    10**9 was planned, and grew the process until the OOM killer came)."""
-    from llama_parity.params_bounds import params_problem
+    10**9 was planned, and grew the process until the OOM killer came), none contradicting them."""
+    from llama_parity.params_bounds import params_contradiction, params_problem
 
     shapes = {k: tuple(t.shape) for k, t in ckpt.shards[0].items()}
-    problem = params_problem(ckpt.params, shapes, str(ckpt.params_path))
+    where = str(ckpt.params_path)
+    problem = (params_problem(ckpt.params, shapes, where)
+               or params_contradiction(ckpt.params, shapes, ckpt.num_shards, where))
     if problem:
         raise ConversionError(problem)

@@ -3,8 +3,10 @@
 Planning and the checks iterate over layers and size buffers from params.json: a layer count of
 10**9 grew the process past several GB within seconds (the kernel's OOM killer came). Each size is
 compared with the tensors actually present, whose shapes come from the shards' headers (no data
-read), so an absurd value is one line naming the key and what the files hold. Values that fit the
-shards but are merely wrong are left to detection and the metadata checks, which say more.
+read), so an absurd value is one line naming the key and what the files hold. A value within those
+bounds that contradicts the shards (vocab_size, the FFN size multiple_of and ffn_dim_multiplier give,
+n_kv_heads) is named the same way, with what the shards imply; a wrong dim or a missing shard (every
+split size off by the same factor) is left to detection, which names the shapes.
 
 Neutral code: the converter (before detection) and the judge (in its input checks) both call it.
 """
@@ -60,21 +62,83 @@ def params_problem(params: dict, shapes: dict[str, tuple[int, ...]], where: str)
     return None
 
 
-def meta_dir_problem(meta_dir: Path) -> str | None:
-    """params_problem for a checkpoint folder: params.json and shard 0's header (torch's memory map with
-    weights_only: shapes only, no data, no code run). None also when the files cannot be read: their
-    own checks name that."""
-    import json
+def shard_shapes(shard: Path) -> dict[str, tuple[int, ...]] | None:
+    """A shard's tensor shapes through formats.pth, the project's one .pth reader: its pickle index
+    (no tensor data read, no code run), or its safe memory-mapped load for a file the index cannot
+    place; None when the file cannot be read (its own check names that)."""
+    from .formats.errors import FormatError
+    from .formats.pth import index_pth, load_state_dict
 
-    import torch
+    index = index_pth(shard)
+    if index is not None:
+        return {k: tuple(t.shape) for k, t in index.items()}
+    try:
+        return {k: tuple(t.shape) for k, t in load_state_dict(shard).items()}
+    except FormatError:
+        return None
+
+
+def meta_dir_problem(meta_dir: Path) -> str | None:
+    """params_problem, then params_contradiction, for a checkpoint folder (params.json and shard 0's
+    shapes). None also when the files cannot be read: their own checks name that."""
+    import json
 
     shards = sorted(Path(meta_dir).glob("consolidated.*.pth"))
     try:
         params = json.loads((Path(meta_dir) / "params.json").read_text())
-        sd = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # noqa: BLE001 - unreadable input is reported by the folder checks, by name
+    except (OSError, ValueError):
         return None
-    if not isinstance(params, dict) or not isinstance(sd, dict):
+    shapes = shard_shapes(shards[0]) if shards else None
+    if not isinstance(params, dict) or shapes is None:
         return None
-    shapes = {k: tuple(t.shape) for k, t in sd.items() if isinstance(t, torch.Tensor)}
-    return params_problem(params, shapes, str(Path(meta_dir) / "params.json"))
+    where = str(Path(meta_dir) / "params.json")
+    return params_problem(params, shapes, where) or params_contradiction(params, shapes, len(shards), where)
+
+
+def _shard_sizes(shapes: dict[str, tuple[int, ...]], n: int, dim: int) -> dict[str, int] | None:
+    """What the shards hold, whole (shard 0's part times the shard count), when shard 0 and the count
+    agree with dim (norm.weight replicated, wq's rows split across the shards); None otherwise: a
+    missing shard or a wrong dim, which detection names with the shapes."""
+    norm, wq = shapes.get("norm.weight"), shapes.get("layers.0.attention.wq.weight")
+    if not norm or not wq or norm[0] != dim or wq[0] * n != dim:
+        return None
+    held = {}
+    if (w1 := shapes.get("layers.0.feed_forward.w1.weight")) and len(w1) == 2:
+        held["hidden"] = w1[0] * n  # column-parallel: rows split
+    if (wk := shapes.get("layers.0.attention.wk.weight")) and len(wk) == 2:
+        held["kv_rows"] = wk[0] * n
+    out, emb = shapes.get("output.weight"), shapes.get("tok_embeddings.weight")
+    if out and len(out) == 2:
+        held["vocab"] = out[0] * n  # column-parallel in every release
+    elif emb and len(emb) == 2:  # split along the vocabulary (Llama 3) or the hidden size (Llama 1/2)
+        held["vocab"] = emb[0] * n if emb[1] == dim else emb[0]
+    return held
+
+
+def params_contradiction(params: dict, shapes: dict[str, tuple[int, ...]], n_shards: int, where: str) -> str | None:
+    """A params.json value within the bounds but contradicting the shards (a wrong vocab_size, a
+    multiple_of giving another FFN size, an n_kv_heads that is not wk's rows): one line naming the
+    key and what the shards imply; None when they agree or the shards cannot tell."""
+    from .releases.params import ParamsError, implied_arch
+
+    try:
+        arch = implied_arch(params)
+    except ParamsError:  # named by the folder checks and detection
+        return None
+    held = _shard_sizes(shapes, max(1, n_shards), arch.dim)
+    if held is None:
+        return None
+    fix = "params.json does not describe these shards (fix it, or re-download it with them)"
+    per = f" ({n_shards} shards)" if n_shards > 1 else ""
+    if "vocab" in held and arch.vocab_size is not None and arch.vocab_size != held["vocab"]:
+        return f"{where}: vocab_size is {arch.vocab_size} but the shards hold {held['vocab']} vocabulary rows{per}; {fix}"
+    if "hidden" in held and arch.hidden != held["hidden"]:
+        keys = [k for k in ("multiple_of", "ffn_dim_multiplier") if k in params]
+        said = " and ".join(f"{k} {params[k]}" for k in keys) or "the default multiple_of 256"
+        return (f"{where}: {said} give a feed-forward size of {arch.hidden}, but the shards' feed_forward.w1 holds "
+                f"{held['hidden']} rows{per}; {fix}")
+    if "kv_rows" in held and arch.n_kv_heads * arch.head_dim != held["kv_rows"]:
+        said = f"is {arch.n_kv_heads}" if params.get("n_kv_heads") is not None else f"is absent (so n_heads, {arch.n_heads})"
+        return (f"{where}: n_kv_heads {said} but the shards' attention.wk holds {held['kv_rows']} rows{per}, "
+                f"{held['kv_rows'] / arch.head_dim:g} heads of {arch.head_dim}; {fix}")
+    return None

@@ -610,6 +610,45 @@ def c_params_absurd_dim(tiny, tmp):
     return ["inspect", "--input-dir", _params(tiny, tmp, dim=10**9)], "dim is 1000000000"
 
 
+# Within the bounds, but not what the shards hold (tiny llama3.2-1b: vocab 816, FFN 512, 2 kv heads of 16).
+
+def c_params_wrong_vocab(tiny, tmp):
+    return _convert(_params(tiny, tmp, vocab_size=1024), tmp / "out" / "hf"), "vocab_size is 1024 but the shards hold 816"
+
+
+def c_verify_params_wrong_vocab(tiny, tmp):
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    return _verify(_params(tiny, tmp, vocab_size=1024), hf), "vocab_size is 1024 but the shards hold 816"
+
+
+def c_params_wrong_multiple_of(tiny, tmp):
+    # multiple_of 96 rounds the FFN to 576; the shards' w1 has 512 rows.
+    return (["inspect", "--input-dir", _params(tiny, tmp, multiple_of=96)],
+            "multiple_of 96 and ffn_dim_multiplier 1.5 give a feed-forward size of 576, but the shards' "
+            "feed_forward.w1 holds 512 rows")
+
+
+def c_verify_params_wrong_ffn_multiplier(tiny, tmp):
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    return _verify(_params(tiny, tmp, ffn_dim_multiplier=2.0), hf), "a feed-forward size of 704, but"
+
+
+def c_params_wrong_multiple_of_sharded(tiny, tmp):
+    # Two shards of 13B's tiny layout (dim 64, multiple_of 32: FFN 192): shard 0's 96 rows times two.
+    src = _m(tiny, tmp, SHARDED)
+    edit_json(src / "params.json", multiple_of=128)
+    return _convert(src, tmp / "out" / "hf"), "a feed-forward size of 256, but the shards' feed_forward.w1 holds 192 rows (2 shards)"
+
+
+def c_params_wrong_kv_heads(tiny, tmp):
+    return _convert(_params(tiny, tmp, n_kv_heads=4), tmp / "out" / "hf"), "n_kv_heads is 4 but the shards' attention.wk holds 32 rows"
+
+
+def c_verify_params_wrong_kv_heads(tiny, tmp):
+    hf = copy_hf(tiny, SMALL, tmp / "in")
+    return _verify(_params(tiny, tmp, n_kv_heads=4), hf), "2 heads of 16"
+
+
 def c_verify_empty_tokenizer(tiny, tmp):
     meta, hf = _pair(tiny, tmp)
     (meta / "tokenizer.model").write_bytes(b"")
@@ -663,7 +702,9 @@ CATALOG = [Case(f.__name__[2:], f) for f in [
     c_max_shard_size_zero, c_max_shard_size_unknown_unit, c_to_meta_num_shards_zero, c_to_meta_num_shards_negative,
     c_unknown_flag, c_params_absurd_layers, c_convert_params_absurd_layers, c_verify_params_absurd_layers,
     c_diagnose_params_absurd_layers, c_params_absurd_vocab, c_params_absurd_heads, c_params_absurd_kv_heads,
-    c_params_absurd_multiple_of, c_params_absurd_dim, c_verify_empty_tokenizer, c_verify_other_model_type,
+    c_params_absurd_multiple_of, c_params_absurd_dim, c_params_wrong_vocab, c_verify_params_wrong_vocab,
+    c_params_wrong_multiple_of, c_verify_params_wrong_ffn_multiplier, c_params_wrong_multiple_of_sharded,
+    c_params_wrong_kv_heads, c_verify_params_wrong_kv_heads, c_verify_empty_tokenizer, c_verify_other_model_type,
     c_to_meta_absurd_layers, c_verify_swapped, c_diagnose_swapped, c_to_meta_given_meta,
 ]]
 
