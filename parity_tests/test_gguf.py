@@ -3,6 +3,8 @@ and a mutation catalog of the bugs that shipped in real GGUFs, each failing the 
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -46,13 +48,27 @@ def ggufs(tmp_path_factory):
     return out
 
 
+HAS_RUNTIME = importlib.util.find_spec("llama_cpp") is not None
+needs_runtime = pytest.mark.skipif(not HAS_RUNTIME, reason="llama-cpp-python (the gguf-runtime extra, part of "
+                                   "[test]) is not installed: llama.cpp's own rows cannot run")
+RUNTIME_LOGITS = "llama.cpp: logits (KL vs the reference on the GGUF's weights)"
+RUNTIME_TOKENS = "tokenizer: llama.cpp's own encoding"
+# the files judged in full (outputs, and llama.cpp itself when installed); the others without the model runs
+FULL = {("llama3.1-instruct", "f16"), ("llama3.1-instruct", "q8_0"), ("llama2-13b-mp2", "q8_0")}
+
+
 @pytest.mark.parametrize("case,outtype", [(c, t) for c, (_, _, ts) in CASES.items() for t in ts])
 def test_llamacpp_gguf_passes(ggufs, case, outtype):
     """Bug class: a judge that fails honest GGUFs (llama.cpp's own converter, f16/bf16/q8_0) of any family:
-    sentencepiece and tiktoken vocabularies, GQA, tied output, RoPE factors 8 and 32, MP shards."""
+    sentencepiece and tiktoken vocabularies, GQA, tied output, RoPE factors 8 and 32, MP shards; or, with
+    llama.cpp installed, llama.cpp's own encoding and logits of an honest f16 / q8_0 file judged wrong."""
     meta, files = ggufs[case]
-    rep = verify_gguf(meta, files[outtype], checks="all" if outtype == "q8_0" else "quick")
+    full = (case, outtype) in FULL
+    rep = verify_gguf(meta, files[outtype], checks="all" if full else "quick")
     assert rep.ok, rep.render()
+    names = [n for n, *_ in rep.rows()]
+    if full and HAS_RUNTIME:
+        assert RUNTIME_LOGITS in names and any(n.startswith(RUNTIME_TOKENS) for n in names), names
 
 
 def _permute_q_half_split(gf):
@@ -239,3 +255,68 @@ def test_runtime_crash_is_the_runtimes(ggufs, monkeypatch):
     note = _runtime_note(ggufs, monkeypatch, available=True, child=crash)
     assert "killed by SIGSEGV" in note and "llama2-chat-f16.gguf" in note and "F16" in note, note
     assert "not a verdict on the file" in note, note
+
+
+# name -> (edit, the llama.cpp row that must fail): metadata llama.cpp reads and the judge's own reader does not
+RUNTIME_MUTATIONS = {
+    # no rope.scaling.type: llama.cpp takes "linear" and divides every position by the factor
+    "rope scaling factor 4 (llama.cpp: linear)": ({"llama.rope.scaling.factor": 4.0},
+                                                  {"llama.rope.scaling.factor": (6, None)}, "llama.cpp: "),
+    # sentencepiece's dummy prefix turned off: " jumps" and "jumps" become the same tokens
+    "add_space_prefix false": ({"tokenizer.ggml.add_space_prefix": False},
+                               {"tokenizer.ggml.add_space_prefix": (7, None)}, RUNTIME_TOKENS),
+}
+
+
+@needs_runtime
+@pytest.mark.parametrize("mutation", list(RUNTIME_MUTATIONS))
+def test_runtime_sees_what_the_reader_does_not(ggufs, tmp_path, mutation):
+    """Bug class: a GGUF key llama.cpp obeys but the judge's reader ignores (a RoPE scaling factor without a
+    type, the sentencepiece space prefix): every other check passes, llama.cpp's own row must fail."""
+    fields, types, check = RUNTIME_MUTATIONS[mutation]
+    meta, files = ggufs["llama2-chat"]
+    bad = write_gguf(_read(files["f16"]), tmp_path / "mutant.gguf", fields=fields, types=types)
+    rep = verify_gguf(meta, bad, checks="all")
+    failed = [n for n, _, _, ok in rep.rows() if not ok]
+    assert failed and all(n.startswith(check) for n in failed), (mutation, failed, rep.render())
+
+
+LLAMA_FTYPE_MOSTLY_Q4_K_M = 15  # llama.h's enum llama_ftype
+
+
+@pytest.fixture(scope="module")
+def kquant(tmp_path_factory):
+    """(meta folder, Q4_K_M file): a Llama 2 checkpoint whose rows hold 256 values (a k-quant super-block;
+    the usual tiny rows of 64 would make llama.cpp fall back to other types), converted by us, by llama.cpp's
+    converter to f16, then quantised by llama.cpp's own llama_model_quantize (llama-quantize's code)."""
+    from llama_parity.fixtures import factory
+    from llama_parity.gguf_judge import runtime
+
+    root = tmp_path_factory.mktemp("kquant")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(factory, "HEAD_DIM", 64)  # 4 heads of 64: dim 256
+        meta = make_tiny_checkpoint(get("llama2-7b"), root, tokenizer=real_llama2_tokenizer(), dtype=torch.bfloat16)
+    convert_meta_to_hf(meta, root / "llama2-256-hf")
+    convert_to_gguf([(root / "llama2-256-hf", "f16", root / "f16.gguf")])
+    why = runtime.quantize(root / "f16.gguf", root / "q4_k_m.gguf", LLAMA_FTYPE_MOSTLY_Q4_K_M)
+    assert why is None, why
+    return meta, root / "q4_k_m.gguf"
+
+
+@needs_runtime
+def test_kquant_passes_and_misplaced_row_fails(kquant, tmp_path):
+    """Bug classes: an honest k-quant (llama.cpp's Q4_K_M through its quantize API) failed by the judge, its
+    llama.cpp logits judged wrong; or a row misplaced inside a k-quant tensor passing the per-block bound."""
+    meta, q = kquant
+    gf = read_gguf(q)
+    kinds = {t.type_name for t in gf.tensors.values()}
+    assert {"Q4_K", "Q6_K"} <= kinds, kinds
+    rep = verify_gguf(meta, q, checks="all")
+    assert rep.ok, rep.render()
+    assert RUNTIME_LOGITS in [n for n, *_ in rep.rows()]
+    t = next(t for n, t in gf.tensors.items() if t.type_name == "Q4_K" and n.startswith("blk.1.attn_q"))
+    data = np.asarray(t.data).copy()
+    data[[3, 40]] = data[[40, 3]]
+    bad = write_gguf(gf, tmp_path / "bad.gguf", tensors={t.name: data})
+    failed = [n for n, _, _, ok in verify_gguf(meta, bad, checks="quick").rows() if not ok]
+    assert failed and all(n.startswith("gguf weights: Q4_K") for n in failed), failed
