@@ -13,7 +13,10 @@ from llama_parity.pytest_plugin import devices
 # machine that quadrupled the suite's CPU time (3 model-parity modules beside other work: 177 s wall,
 # 42 s CPU with spinning threads; 50 s wall, 10 s CPU passive). Cap the threads to the cores this
 # process may use and let idle ones sleep, before the test modules import torch.
-os.environ.setdefault("OMP_NUM_THREADS", str(cpu_budget()))
+# Under pytest-xdist (pyproject's addopts run the suite on one worker per core) the cores are split
+# between the workers, so that two workers never run four threads on two cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_budget() // _WORKERS)))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Tests never reach a model hub: everything they load is made locally or shipped by a package.
@@ -30,6 +33,14 @@ try:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repro"))
 except ImportError:  # hypothesis is a test extra
     pass
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core this process may use (affinity and cgroup quota, not the host's
+    core count), at most 4: more workers each build the session fixtures again for little gain.
+    One core: no workers at all (0), the suite runs in this process."""
+    n = min(cpu_budget(), 4)
+    return n if n > 1 else 0
 
 
 def pytest_generate_tests(metafunc):
