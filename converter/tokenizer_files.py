@@ -245,8 +245,12 @@ def _template(bos: str, bos_id: int) -> dict:
     }
 
 
-def _tiktoken_tokenizer_json(path: Path, family: str) -> tuple[dict, dict]:
-    ranks = _read_ranks(path)
+@functools.lru_cache(maxsize=2)
+def _bpe_vocab_and_merges(path: str, mtime_ns: int, size: int) -> tuple[dict[str, int], list[list[str]]]:
+    """tokenizer.json's BPE vocabulary and merges for a tiktoken rank file: a pure function of the file
+    (keyed by path, mtime and size), computed once per version; the releases sharing Llama 3's file
+    differ only in their special tokens. Callers serialise the result and never change it."""
+    ranks = _read_ranks(Path(path))
     spelling = {b: c for b, c in _byte_to_unicode().items()}  # str.translate table: byte value -> character
 
     def u(b: bytes) -> str:
@@ -254,16 +258,22 @@ def _tiktoken_tokenizer_json(path: Path, family: str) -> tuple[dict, dict]:
         return b.decode("latin-1").translate(spelling)
 
     vocab = {u(tok): r for tok, r in ranks.items()}
+    # every split of a token into two tokens is a merge, ordered as tiktoken would apply it: by the
+    # rank of the result, then of its halves
     merges = []
     for tok, r in ranks.items():
-        if len(tok) < 2:
-            continue
         for k in range(1, len(tok)):
             left, right = tok[:k], tok[k:]
             if left in ranks and right in ranks:
-                merges.append((r, ranks[left], ranks[right], u(left), u(right)))
+                merges.append((r, ranks[left], ranks[right], left, right))
     merges.sort()
-    n = len(ranks)
+    return vocab, [[u(m[3]), u(m[4])] for m in merges]
+
+
+def _tiktoken_tokenizer_json(path: Path, family: str) -> tuple[dict, dict]:
+    st = path.stat()
+    vocab, merges = _bpe_vocab_and_merges(str(path.resolve()), st.st_mtime_ns, st.st_size)
+    n = len(vocab)
     names = _llama3_special_names(family)
     added = [_added(name, n + i) for i, name in enumerate(names)]
     bos, eos = names[0], names[1]
@@ -293,7 +303,7 @@ def _tiktoken_tokenizer_json(path: Path, family: str) -> tuple[dict, dict]:
             # tiktoken takes a whole pre-token that is in the vocabulary as one token, merges or not
             "ignore_merges": True,
             "vocab": vocab,
-            "merges": [[m[3], m[4]] for m in merges],
+            "merges": merges,
         },
     }
     facts = {"bos": bos, "eos": eos, "bos_id": n, "eos_id": n + 1, "n": n + N_LLAMA3_SPECIAL, "names": names,
