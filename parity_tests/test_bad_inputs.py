@@ -863,9 +863,10 @@ def test_convert_report_and_model_all_or_nothing(tiny, tmp_path, capsys):
 
 # ---------------------------------------------------------------- signals and SIGKILL
 
-# `llama-parity convert` with a pause before each converted chunk (0.5 s), so that a tiny conversion
-# lasts long enough to be signalled or killed at a deterministic point. The pause is added here, in
-# the test's own process, not by a hook in the product.
+# `llama-parity convert` with a pause before each converted chunk (0.5 s; with _WAIT_FOR, until the
+# test's go-ahead), so that a tiny conversion lasts long enough to be signalled, killed or raced at a
+# deterministic point. The pause runs in the writer's producer thread, which the interrupted writer
+# joins: a short one. It is added here, in the test's own child process, not by a hook in the product.
 _SLOW_CONVERT = """
 import sys, time
 from llama_parity.converter import convert
@@ -898,8 +899,8 @@ def test_signals_clean_up_and_exit_128_plus_signal(tiny, tmp_path, capsys):
     """Bug class: SIGTERM/SIGHUP (timeout, systemd, Kubernetes, Slurm, a closed terminal) killing
     the conversion without cleanup, or Ctrl-C reported as bad input (2) instead of 130.
 
-    Real subprocesses, each signalled as soon as it writes weights (a test hook sleeps 0.5 s per
-    chunk, so a tiny conversion lasts ~10 s). While one is running, a second conversion into its
+    Real subprocesses, each signalled as soon as it writes weights (a test wrapper pauses 0.5 s
+    before each chunk, so a tiny conversion lasts ~10 s). While one is running, a second conversion into its
     output is refused, naming the live pid. A SIGKILLed run's hidden folder is removed by the
     next run, which says so."""
     src = copy_meta(tiny, SMALL, tmp_path / "in")
@@ -1030,8 +1031,7 @@ def test_full_memory_mode_that_cannot_fit_is_refused_up_front(tiny, tmp_path, ca
     monkeypatch.setattr(verify_mod, "available_memory", lambda: 1 << 20)  # 1 MB left on this "machine"
     line = run_refused(capsys, tmp_path, [*_verify(meta, hf), "--memory", "full"], "--memory streaming")
     assert "GB" in line and "available" in line, line
-    assert main([str(a) for a in _verify(meta, hf)] + ["--quick"]) == 0  # auto: streams, never refused
-    capsys.readouterr()
+    assert verify_mod.choose_memory_mode(hf, "auto") == "streaming"  # auto streams, never refused for memory
     line = run_refused(capsys, tmp_path, ["diagnose", "--meta-dir", meta, "--hf-dir", hf], "llama-parity verify")
     assert "hidden states per layer" in line, line
 
@@ -1116,16 +1116,40 @@ def test_one_writer_per_output(tiny, tmp_path, capsys):
             run_refused(capsys, tmp_path, argv, f"pid {os.getpid()}")
     assert os.listdir(tmp_path / "out") == []
 
-    out = tmp_path / "race" / "hf"
-    paced = _SLOW_CONVERT.replace("time.sleep(0.5)", "time.sleep(0.1)")  # the winner is still writing
-    procs = [subprocess.Popen([sys.executable, "-c", paced, *map(str, _convert(meta, out))],
+    # The race: two processes started together. Whichever takes the lock holds it (a test wrapper stops
+    # it after its first chunk until the test lets it go), so the other meets it, wherever it is.
+    out, go = tmp_path / "race" / "hf", tmp_path / "go"
+    held = _SLOW_CONVERT.replace("time.sleep(0.5)", f"_wait_for({str(go)!r})")
+    held = held.replace("chunks = convert.iter_chunks", _WAIT_FOR + "chunks = convert.iter_chunks")
+    procs = [subprocess.Popen([sys.executable, "-c", held, *map(str, _convert(meta, out))],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = sorted((p.wait(timeout=120), p.communicate()[1]) for p in procs)
-    assert [r[0] for r in results] == [0, 2], results
-    err = results[1][1]
-    assert "Traceback" not in err and err.count("\n") == 1, err
-    assert "another llama-parity" in err or "not empty" in err, err  # the loser ran during, or after, the winner
+    loser = _first_to_exit(procs, timeout=120)
+    go.touch()
+    winner = procs[1 - procs.index(loser)]
+    assert winner.wait(timeout=120) == 0, winner.communicate()
+    err = loser.communicate()[1]
+    assert loser.returncode == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert "another llama-parity (pid" in err and f"is writing {out}" in err, err  # its pid, or ? if read before written
+    go.unlink()
     assert sorted(os.listdir(out.parent)) == ["hf"] and (out / "model.safetensors").is_file()
+
+
+_WAIT_FOR = """
+import os
+def _wait_for(path):  # the test's go-ahead; polled, the conversion holds its lock meanwhile
+    while not os.path.exists(path):
+        time.sleep(0.01)
+"""
+
+
+def _first_to_exit(procs: list[subprocess.Popen], timeout: float) -> subprocess.Popen:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        for p in procs:
+            if p.poll() is not None:
+                return p
+        time.sleep(0.01)
+    raise AssertionError("neither conversion ended")
 
 
 def test_symlinked_output_is_written_through(tiny, tmp_path, capsys):
