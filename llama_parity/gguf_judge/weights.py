@@ -9,8 +9,10 @@ llama.cpp keeps Meta's layout, so a GGUF row is compared with the same Meta row,
   step of Meta's: |deq - x| <= d*(1/2 + qmax*2^-11)*(1 + 2^-10) + |m|*2^-11 + 2^-24, d and m the block's
   stored fp16 scale and minimum, qmax the largest level magnitude (127, 8, 15, 16, 31): the half step,
   plus the rounding of the scale and minimum to fp16 (half an ulp, 2^-11 relative) times the level.
-  llama-quantize may search these types' scales as well (values clipped: beyond half a step); such a
-  block is held to the k-quant rule below with b = 8, 4 or 5 bits, which still catches a misplaced row.
+  A block bit-identical to that quantisation passes as exact (the reference code itself clips a Q4_0/Q5_0
+  value opposite the block's extreme at level 7/15: up to a whole step). A block that is neither
+  identical nor within half a step (llama-quantize may search these types' scales, clipping) is held to
+  the k-quant rule below with b = 8, 4 or 5 bits, which still catches a misplaced row.
 - k-quants and i-quants (scales chosen by a search, values clipped, codebooks): per block of the format
   (256 values; 32 for IQ4_NL), the RMS error relative to the block's RMS must stay below
   B(b) = min(0.9, 2*sqrt(3)/(2^b - 1)) for a b-bit format: a b-bit grid over a block's range (about
@@ -114,10 +116,12 @@ def compare_tensor(t, want: torch.Tensor, stats: TypeStats, name: str) -> None:
         if t.type_name in DETERMINISTIC:
             ours = g.quants.quantize(x, t.qtype)
             same = np.all(ours.reshape(-1, t.block[1]) == raw.reshape(-1, t.block[1]), axis=1)
-            ratio = _half_step_ratio(t, raw, deq, x)
+            # a block bit-identical to Meta's weights quantised alike is exact (Q4_0/Q5_0's reference code itself
+            # clips a value opposite the block's extreme at level 7/15: a whole step, not half)
+            ratio = np.where(same, 0.0, _half_step_ratio(t, raw, deq, x))
             stats.identical_blocks += int(same.sum())
             beyond = ratio > 1.0
-            if beyond.any():  # llama-quantize searches these types' scales too (clipping): the k-quant rule
+            if beyond.any():  # llama-quantize may search these types' scales (clipping): the k-quant rule
                 stats.searched += int(beyond.sum())
                 ratio = np.where(beyond, _rel_rms_ratio(t, deq, x), ratio)
         else:
@@ -156,9 +160,9 @@ def _check(cls: str, s: TypeStats) -> Check:
         return Check("gguf weights: F32/F16/BF16 bit for bit", catches, float(len(s.bad) if not ok else 0), 0.0, ok,
                      f"{s.tensors} tensors equal Meta's cast" if ok else "differ from Meta's cast: " + "; ".join(s.bad))
     if cls in DETERMINISTIC:
-        searched = (f"; {s.searched} blocks beyond half a step (a searched scale, as llama-quantize's) held to the "
+        searched = (f"; {s.searched} blocks neither identical nor within half a step (a searched scale) held to the "
                     f"block RMS bound {block_bound(cls):.3g}") if s.searched else ""
-        what = (f"{s.identical_blocks}/{s.blocks} blocks bit-identical to Meta's weights quantised alike; every value "
+        what = (f"{s.identical_blocks}/{s.blocks} blocks bit-identical to Meta's weights quantised alike; the others "
                 f"within half a step{searched}: worst {s.worst:.3g} of the bound at {s.worst_at}")
         return Check(f"gguf weights: {cls} (half a step per value)", catches, s.worst, 1.0, ok,
                      what if ok else "beyond half a step and the block RMS bound: " + "; ".join(s.bad))
