@@ -38,7 +38,10 @@ except ImportError:  # hypothesis is a test extra
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core this process may use (affinity and cgroup quota, not the host's
     core count), at most 4: more workers each build the session fixtures again for little gain.
-    One core: no workers at all (0), the suite runs in this process."""
+    One core, or a real checkpoint given (`--meta-dir`: a few big model checks that want every core and
+    all the memory in one process): no workers at all (0), the suite runs in this process."""
+    if config.getoption("meta_dir", default=None):
+        return 0
     n = min(cpu_budget(), 4)
     return n if n > 1 else 0
 
