@@ -173,9 +173,6 @@ def _answer_signals(r: Rank) -> None:
             signal.signal(sig, handler)
 
 
-Job = tuple  # (meta_dir, hf_dir, VerifyOptions): one folder judged, as `verify` judges it alone
-
-
 def _jobs(meta_dir: str, hf_dir: str, opts) -> list | None:
     """What this rank judges: the launcher's jobs (JOBS_ENV: its options exactly, for one folder or
     several judged in one group), or this command line's under a bare torchrun."""

@@ -108,10 +108,12 @@ def test_catalog_size():
 
 
 # Judged with the model checks in the 2-rank launch: a weight layout fault, weights at the wrong
-# place, a RoPE config fault, a tying fault, mixed precision's benign twin. The ranks' model checks are the streamed ones with the
-# hidden states relayed between ranks (number for number the single-process ones:
-# test_verify_paths.py), so the other model-visible faults are judged there --metadata-only.
-WITH_MODELS_ON_RANKS = ("k_permuted_with_n_heads", "kv_heads_exchanged", "rope_factor_8_not_32", "untied_without_lm_head",
+# place, a RoPE config fault, a tying fault, mixed precision's benign twin. The ranks' model checks
+# are the streamed ones with the hidden states relayed between ranks (number for number the
+# single-process ones: test_verify_paths.py), so the other model-visible faults are judged there
+# --metadata-only.
+WITH_MODELS_ON_RANKS = ("k_permuted_with_n_heads", "kv_heads_exchanged", "rope_factor_8_not_32",
+                        "untied_without_lm_head",
                         "fp32_to_bf16_norms_kept_fp32")  # a benign twin only the model checks could fail
 
 
@@ -126,7 +128,8 @@ def test_every_fault_with_two_ranks(tiny, bf16_tiny, tmp_path, monkeypatch, capf
     from llama_parity.distributed import FAULT_EXIT_ENV, launch_many
     from llama_parity.verify import VerifyOptions
 
-    quick, meta_only = (VerifyOptions(bf16=False, tokenizer=False, checks=c, timeout=300) for c in ("quick", "metadata"))
+    quick, meta_only = (VerifyOptions(bf16=False, tokenizer=False, checks=c, timeout=300)
+                        for c in ("quick", "metadata"))
     jobs, expect = [], []
     for i, (m, v) in enumerate((m, v) for m in CATALOG for v in m.layouts):
         opts = quick if m.name in WITH_MODELS_ON_RANKS else meta_only
