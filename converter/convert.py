@@ -43,8 +43,9 @@ class ConvertOptions:
     verify_md5: bool = False
     keep_original: bool = False  # also copy Meta's files into original/, as the official repositories do
     # A file published with the output or not at all (the CLI's --json report): called with the finished
-    # report before the output's rename, returns a staged file (report_files.StagedFile); staging.py
-    publish_with: Callable[[ConversionReport], object] | None = None
+    # report and the staging folder before the output's rename; returns a staged file
+    # (report_files.StagedFile) or None (written into the staging folder); staging.write_atomically
+    publish_with: Callable[[ConversionReport, Path], object] | None = None
 
 
 @dataclass
@@ -143,9 +144,9 @@ def convert_meta_to_hf(input_dir: str | Path, output_dir: str | Path,
         return ConversionReport(variant, output_dir, files, len(plan), n_bytes, time.perf_counter() - t0,
                                 replicas.max_abs_diff, replicas.worst_key, warnings)
 
-    def written(report: ConversionReport):  # the output is complete and on disk; only its rename is left
+    def written(report: ConversionReport, staging: Path):  # the output is complete and on disk; its rename is left
         report.seconds = time.perf_counter() - t0
-        return options.publish_with(report) if options.publish_with is not None else None
+        return options.publish_with(report, staging) if options.publish_with is not None else None
 
     return write_atomically(output_dir, write, overwrite=options.overwrite, notes=warnings,
                             input_files=ckpt.input_files, input_dirs=[ckpt.dir], needed_bytes=n_bytes,

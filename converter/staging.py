@@ -236,16 +236,17 @@ def _follow_link(output_dir: Path, notes: list[str]) -> Path:
 
 def write_atomically(output_dir: Path, write: Callable[[Path], T], *, overwrite: bool, notes: list[str],
                      input_files: Iterable[Path] = (), input_dirs: Iterable[Path] = (), needed_bytes: int = 0,
-                     companion: Callable[[T], object] | None = None) -> T:
+                     companion: Callable[[T, Path], object] | None = None) -> T:
     """Run `write(staging)` in a fresh staging folder and rename it into place only when it returns;
     on any failure (a signal included) the staging folder goes and the output is untouched. The
     output's lock is held from the checks to the rename. Notes about leftovers of earlier runs are
     appended to `notes` before writing starts.
 
-    `companion(result)`, when given, stages a file published with the output (convert's --json
-    report): called once the output is complete and flushed, before the rename; it returns an object
-    with publish() and discard() (report_files.StagedFile) or None. If it raises, the output is not
-    published; its publish() (a rename) runs right after the output's, signals deferred."""
+    `companion(result, staging)`, when given, stages a file published with the output (convert's
+    --json report): called once the output is complete and flushed, before the rename; it returns an
+    object with publish() and discard() (report_files.StagedFile), or None (it wrote into `staging`,
+    for a file inside the output). If it raises, the output is not published; its publish() (a
+    rename) runs right after the output's, signals deferred."""
     if Path(output_dir).is_symlink():  # named as the user gave it: "X (a link to Y)"
         refuse_replacing_inputs(Path(output_dir), input_files, input_dirs)
     output_dir = _follow_link(Path(output_dir), notes)
@@ -266,12 +267,12 @@ def write_atomically(output_dir: Path, write: Callable[[Path], T], *, overwrite:
 
 
 def _write_and_commit(staging: Path, output_dir: Path, write: Callable[[Path], T],
-                      companion: Callable[[T], object] | None) -> T:
+                      companion: Callable[[T, Path], object] | None) -> T:
     staged = None
     try:
         result = write(staging)
         flush_output(staging)
-        staged = companion(result) if companion is not None else None
+        staged = companion(result, staging) if companion is not None else None
         commit_output(staging, output_dir, then=staged.publish if staged is not None else None)
     except BaseException as e:
         if staged is not None:

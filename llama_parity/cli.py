@@ -208,14 +208,24 @@ def cmd_convert(args) -> int:
 
 def _staged_json(args):
     """convert --json R is all or nothing with the model: R is written whole to a temporary file once
-    the model is complete, before the model folder's rename, and renamed into place right after it. A
+    the model is complete, before the model folder's rename, and renamed into place right after it (R
+    inside the output folder is written into the staging folder: the one rename publishes both). A
     report that cannot be written (a full disk) keeps the model from being published."""
-    from .report_files import StagedFile
+    from .report_files import StagedFile, write_atomic
 
-    def stage(report):
-        data = report.to_dict() | {"notes": _cross_check(args, report.variant)}
+    out, dest = os.path.realpath(args.output_dir), os.path.realpath(args.json)
+
+    def stage(report, staging: Path):
+        data = json.dumps(report.to_dict() | {"notes": _cross_check(args, report.variant)}, indent=2, default=str)
         try:
-            return StagedFile(args.json, json.dumps(data, indent=2, default=str) + "\n")
+            if dest.startswith(out + os.sep):  # R inside the output folder: it is part of what is renamed
+                inside = staging / os.path.relpath(dest, out)
+                if os.path.lexists(inside):
+                    raise InputError(f"--json {args.json} would replace the converted model's own "
+                                     f"{os.path.relpath(dest, out)}; choose another --json path")
+                write_atomic(inside, data + "\n")
+                return None
+            return StagedFile(args.json, data + "\n")
         except OSError as e:
             raise InputError(f"--json {args.json}: cannot write the report ({e.strerror or e}); the converted model "
                              "was not kept either: free some space or choose another --json path") from None

@@ -859,6 +859,13 @@ def test_convert_report_and_model_all_or_nothing(tiny, tmp_path, capsys):
     assert main([str(a) for a in [*_convert(src, out), "--json", tmp_path / "r.json"]]) == 0
     capsys.readouterr()
     assert json.loads((tmp_path / "r.json").read_text())["output_dir"] == str(out) and (out / "config.json").is_file()
+    # R inside the output folder is part of it (it made the folder early, and the rename then failed),
+    # but never one of the model's own files.
+    out2 = tmp_path / "out2" / "hf"
+    run_refused(capsys, tmp_path, [*_convert(src, out2), "--json", out2 / "config.json"], "model's own config.json")
+    assert main([str(a) for a in [*_convert(src, out2), "--json", out2 / "logs" / "r.json"]]) == 0
+    capsys.readouterr()
+    assert json.loads((out2 / "logs" / "r.json").read_text())["output_dir"] == str(out2)
 
 
 # ---------------------------------------------------------------- signals and SIGKILL
