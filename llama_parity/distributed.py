@@ -39,11 +39,8 @@ from pathlib import Path
 import torch
 
 ERRORS_ENV = "LLAMA_PARITY_DIST_ERRORS"  # set by the --nproc launcher: ranks leave their one line there
-# Fault injection for the teardown test: this rank fails after loading, while the others wait in a collective.
-FAULT_ENV = "LLAMA_PARITY_FAIL_RANK"
 # set by the --nproc launcher: [[meta_dir, hf_dir, VerifyOptions as JSON], ...], the folders each rank judges
 JOBS_ENV = "LLAMA_PARITY_VERIFY_JOBS"
-FAULT_EXIT_ENV = "LLAMA_PARITY_ABORT_RANK_AT_EXIT"  # fault injection: this rank aborts as it exits
 EXIT_OK, EXIT_PARITY, EXIT_INPUT = 0, 1, 2
 
 
@@ -107,8 +104,6 @@ class RankRelay:
                 dist.broadcast(t, src=src)
 
     def before(self, tensors: list) -> None:
-        if not self.started and os.environ.get(FAULT_ENV) == str(self.r.rank):
-            raise RuntimeError(f"failure injected by {FAULT_ENV}={self.r.rank}")  # the others wait for us
         self.started = True
         self._broadcast(tensors, range(self.r.rank))
 
@@ -260,8 +255,6 @@ def _leave(r: Rank, code: int):
         pass
     sys.stdout.flush()
     sys.stderr.flush()
-    if os.environ.get(FAULT_EXIT_ENV) == str(r.rank):
-        os.abort()  # fault injection: this rank's exit crashes (tests: the verdict must stand)
     os._exit(code)
 
 

@@ -62,15 +62,16 @@ def test_failing_rank_stops_all_with_one_line(tiny, tmp_path):
     assert "Traceback" not in err and out == ""
 
 
-def test_rank_failing_mid_run_stops_the_others(tiny):
+def test_rank_failing_mid_run_stops_the_others(tiny, tmp_path):
     """Bug class: a rank dying while the others wait for it inside a collective (a GPU fault, an
-    out-of-memory kill on one node) leaving them blocked, or the failure lost (exit 0, no line)."""
-    from llama_parity.distributed import FAULT_ENV
+    out-of-memory kill on one node) leaving them blocked, or the failure lost (exit 0, no line).
+    Rank 1 is made to fail by the test's own sitecustomize (rank_faults.py), not by a product hook."""
+    from llama_parity.parity_tests.rank_faults import FAIL_MESSAGE, rank_fault_env
 
     # --timeout beyond the subprocess timeout: only the launcher stopping rank 0 can end the run in time
     code, out, err = _verify_2ranks(tiny.meta(VARIANT, SHARDS), tiny.hf(VARIANT, SHARDS), "--timeout", str(3 * TIMEOUT),
-                                    "--quick", env={FAULT_ENV: "1"})
+                                    "--quick", env=rank_fault_env(tmp_path / "site", "fail"))
     lines = err.strip().splitlines()
     assert code == 2
-    assert lines == [f"llama-parity: rank 1: RuntimeError: failure injected by {FAULT_ENV}=1"], err
+    assert lines == [f"llama-parity: rank 1: RuntimeError: {FAIL_MESSAGE}"], err
     assert out == ""

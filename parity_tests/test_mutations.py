@@ -125,7 +125,8 @@ def test_every_fault_with_two_ranks(tiny, bf16_tiny, tmp_path, monkeypatch, capf
     (distributed.launch_many: the ranks' code of `verify --nproc 2`, several folders in one process
     group): WITH_MODELS_ON_RANKS with the model checks (--quick), every other entry --metadata-only,
     where each must fail every check its entry names that needs no model. Rank 1 aborts as it exits."""
-    from llama_parity.distributed import FAULT_EXIT_ENV, launch_many
+    from llama_parity.distributed import launch_many
+    from llama_parity.parity_tests.rank_faults import rank_fault_env
     from llama_parity.verify import VerifyOptions
 
     quick, meta_only = (VerifyOptions(bf16=False, tokenizer=False, checks=c, timeout=300)
@@ -141,7 +142,8 @@ def test_every_fault_with_two_ranks(tiny, bf16_tiny, tmp_path, monkeypatch, capf
         opts = quick if b.name in WITH_MODELS_ON_RANKS else meta_only
         jobs.append((meta, mutate_copy(hf, tmp_path / f"b{i}", b), opts))
         expect.append((b, v, opts.checks))
-    monkeypatch.setenv(FAULT_EXIT_ENV, "1")
+    for k, v in rank_fault_env(tmp_path / "site", "abort-at-exit").items():  # the test's own patch of rank 1
+        monkeypatch.setenv(k, v)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     got = launch_many(jobs, VerifyOptions(nproc=2, timeout=300))
     assert isinstance(got, list) and len(got) == len(jobs), capfd.readouterr().err
