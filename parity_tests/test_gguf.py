@@ -24,20 +24,45 @@ from .llamacpp import convert_to_gguf  # noqa: E402
 CASES = {
     "llama3.1-instruct": ("llama3.1-8b-instruct", "llama3", ("f16", "q8_0")),  # rope_freqs, GQA, eot eos
     "llama3.2-tied": ("llama3.2-1b-instruct", "llama3", ("bf16",)),  # tied, factor 32
+    "llama3-instruct": ("llama3-8b-instruct", "llama3", ("f16",)),  # 8k context, no RoPE scaling, no eom
     "llama2-chat": ("llama2-7b-chat", "llama2", ("f16",)),  # sentencepiece scores from tokenizer.model
     "llama2-13b-mp2": ("llama2-13b", "llama2", ("q8_0",)),  # two shards, embedding split on dim 1
+    "codellama": ("codellama-7b", "codellama", ("f16",)),  # rope_theta 1e6, 16k context, infilling ids
+    "llama1": ("llama1-7b", "tiny", ("f16",)),  # norm eps 1e-6, 2k context, vocab_size -1 in params.json
 }
+CODELLAMA_INFILL = {"▁<PRE>": 32007, "▁<SUF>": 32008, "▁<MID>": 32009, "▁<EOT>": 32010}
+
+
+def codellama_tokenizer(path):
+    """A 32016-piece Code Llama-shaped tokenizer.model: Llama 2's 32000 pieces, then ▁<PRE> ▁<SUF> ▁<MID>
+    ▁<EOT> at Code Llama's ids 32007..32010 (the ids llama.cpp's converter writes for a 32016-piece
+    vocabulary) among twelve prefix-chain pieces that make them reachable by merges. No real Code Llama
+    file is available here: only those four ids are the real file's (docs/tokenizers.md)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(real_llama2_tokenizer().read_bytes())
+    top = max(p.score for p in proto.pieces)
+    chain = [m[:k] for m in CODELLAMA_INFILL for k in range(3, len(m))]  # ▁<P ▁<PR ▁<PRE ▁<S ... ▁<EOT
+    extra = chain[:7] + list(CODELLAMA_INFILL) + chain[7:]
+    for piece in extra:  # longer pieces score higher: merges run left to right up to the whole marker
+        proto.pieces.add(piece=piece, score=top + len(piece), type=pb.ModelProto.SentencePiece.NORMAL)
+    path.write_bytes(proto.SerializeToString())
+    return path
 
 
 @pytest.fixture(scope="module")
 def ggufs(tmp_path_factory):
     """(meta folder, {outtype: gguf path}) per case: tiny checkpoints with the real vocabularies (llama.cpp
-    only names the Llama 3 pre-tokenizer for the real one), converted by us, then by llama.cpp."""
+    only names the Llama 3 pre-tokenizer for the real one; Code Llama's from Llama 2's, and Llama 1 with a
+    tiny sentencepiece file: its tokenizer is Llama 2's, proven by the Llama 2 cases), converted by us, then
+    by llama.cpp."""
     root = tmp_path_factory.mktemp("gguf")
-    toks = {"llama3": real_llama3_tokenizer(), "llama2": real_llama2_tokenizer()}
+    toks = {"llama3": real_llama3_tokenizer(), "llama2": real_llama2_tokenizer(), "tiny": None,
+            "codellama": codellama_tokenizer(root / "codellama-tokenizer.model")}
     out, jobs = {}, []
     for case, (vid, tok, types) in CASES.items():
-        if toks[tok] is None:
+        if tok == "llama3" and toks[tok] is None:
             pytest.fail("the real Llama 3 tokenizer (llama-models, a test dependency) is missing")
         meta = make_tiny_checkpoint(get(vid), root / case, tokenizer=toks[tok], dtype=torch.bfloat16)
         hf = root / f"{case}-hf"
@@ -53,10 +78,11 @@ needs_runtime = pytest.mark.skipif(not HAS_RUNTIME, reason="llama-cpp-python (th
                                    "[test]) is not installed: llama.cpp's own rows cannot run")
 RUNTIME_LOGITS = "llama.cpp: logits (KL vs the reference on the GGUF's weights)"
 RUNTIME_TOKENS = "tokenizer: llama.cpp's own encoding"
+RUNTIME_SPECIAL = "tokenizer: llama.cpp's special tokens"
 # the files judged in full (outputs, and llama.cpp itself when installed); the others without the model runs
 # (llama.cpp's rows on an f16 and a q8_0 file; the 3.1 f16 is judged quick: its 128k-vocabulary outputs
 # run would repeat the q8_0 one's)
-FULL = {("llama2-chat", "f16"), ("llama3.1-instruct", "q8_0"), ("llama2-13b-mp2", "q8_0")}
+FULL = {("llama2-chat", "f16"), ("llama3.1-instruct", "q8_0"), ("llama2-13b-mp2", "q8_0"), ("codellama", "f16")}
 
 
 @pytest.mark.parametrize("case,outtype", [(c, t) for c, (_, _, ts) in CASES.items() for t in ts])
@@ -70,7 +96,8 @@ def test_llamacpp_gguf_passes(ggufs, case, outtype):
     assert rep.ok, rep.render()
     names = [n for n, *_ in rep.rows()]
     if full and HAS_RUNTIME:
-        assert RUNTIME_LOGITS in names and any(n.startswith(RUNTIME_TOKENS) for n in names), names
+        assert RUNTIME_LOGITS in names, names
+        assert all(any(n.startswith(r) for n in names) for r in (RUNTIME_TOKENS, RUNTIME_SPECIAL)), names
 
 
 def _permute_q_half_split(gf):
@@ -125,6 +152,19 @@ MUTATIONS = {
                                    lambda gf: {"fields": {"llama.context_length": 8192}}, "gguf: llama.context_length"),
     "file type says q8_0": ("llama2-chat", "f16", lambda gf: {"fields": {"general.file_type": 7}},
                             "gguf: general.file_type"),
+    # the other families' own traits
+    "Llama 3 instruct eos <|end_of_text|>": ("llama3-instruct", "f16", lambda gf: {"fields": {
+        "tokenizer.ggml.eos_token_id": 128001}}, "tokenizer: special token ids"),
+    "Llama 3 given 3.1's 128k context": ("llama3-instruct", "f16", lambda gf: {"fields": {
+        "llama.context_length": 131072}}, "gguf: llama.context_length"),
+    "Code Llama rope_theta 1e4": ("codellama", "f16", lambda gf: {"fields": {"llama.rope.freq_base": 10000.0}},
+                                  "gguf: llama.rope.freq_base"),
+    "Code Llama eot key dropped": ("codellama", "f16", lambda gf: {"drop_fields": ["tokenizer.ggml.eot_token_id"]},
+                                   "tokenizer: special token ids"),
+    "Llama 1 norm eps 1e-5": ("llama1", "f16", lambda gf: {"fields": {
+        "llama.attention.layer_norm_rms_epsilon": 1e-5}}, "gguf: llama.attention.layer_norm_rms_epsilon"),
+    "Llama 1 given Llama 2's 4k context": ("llama1", "f16", lambda gf: {"fields": {"llama.context_length": 4096}},
+                                           "gguf: llama.context_length"),
 }
 
 
@@ -147,7 +187,8 @@ def test_gguf_mutation_fails_named_check(ggufs, tmp_path, mutation):
     meta, files = ggufs[case]
     gf = _read(files[outtype])
     bad = write_gguf(gf, tmp_path / "mutant.gguf", **edit(gf))
-    rep = verify_gguf(meta, bad, checks="quick")
+    # the cheapest run holding the named check: the weights only for a weights check
+    rep = verify_gguf(meta, bad, checks="quick" if check.startswith("gguf weights") else "metadata")
     failed = [n for n, _, _, ok in rep.rows() if not ok]
     assert any(n.startswith(check) for n in failed), (mutation, failed, rep.render())
 
@@ -260,14 +301,20 @@ def test_runtime_crash_is_the_runtimes(ggufs, monkeypatch):
     assert "not a verdict on the file" in note, note
 
 
-# name -> (edit, the llama.cpp row that must fail): metadata llama.cpp reads and the judge's own reader does not
+# name -> (case, write_gguf kwargs, the rows that must fail and no other): what llama.cpp reads that the judge's
+# own reader does not, or reads otherwise
 RUNTIME_MUTATIONS = {
     # no rope.scaling.type: llama.cpp takes "linear" and divides every position by the factor
-    "rope scaling factor 4 (llama.cpp: linear)": ({"llama.rope.scaling.factor": 4.0},
-                                                  {"llama.rope.scaling.factor": (6, None)}, "llama.cpp: "),
+    "rope scaling factor 4 (llama.cpp: linear)": ("llama2-chat", {
+        "fields": {"llama.rope.scaling.factor": 4.0}, "types": {"llama.rope.scaling.factor": (6, None)}},
+        ("llama.cpp: ",)),
     # sentencepiece's dummy prefix turned off: " jumps" and "jumps" become the same tokens
-    "add_space_prefix false": ({"tokenizer.ggml.add_space_prefix": False},
-                               {"tokenizer.ggml.add_space_prefix": (7, None)}, RUNTIME_TOKENS),
+    "add_space_prefix false": ("llama2-chat", {"fields": {"tokenizer.ggml.add_space_prefix": False},
+                                               "types": {"tokenizer.ggml.add_space_prefix": (7, None)}},
+                               (RUNTIME_TOKENS,)),
+    # llama.cpp does not find ▁<EOT> by name: its end-of-generation set loses it, an infill never stops
+    "Code Llama eot key dropped": ("codellama", {"drop_fields": ["tokenizer.ggml.eot_token_id"]},
+                                   ("tokenizer: special token ids", RUNTIME_SPECIAL)),
 }
 
 
@@ -275,13 +322,15 @@ RUNTIME_MUTATIONS = {
 @pytest.mark.parametrize("mutation", list(RUNTIME_MUTATIONS))
 def test_runtime_sees_what_the_reader_does_not(ggufs, tmp_path, mutation):
     """Bug class: a GGUF key llama.cpp obeys but the judge's reader ignores (a RoPE scaling factor without a
-    type, the sentencepiece space prefix): every other check passes, llama.cpp's own row must fail."""
-    fields, types, check = RUNTIME_MUTATIONS[mutation]
-    meta, files = ggufs["llama2-chat"]
-    bad = write_gguf(_read(files["f16"]), tmp_path / "mutant.gguf", fields=fields, types=types)
+    type, the sentencepiece space prefix) or a special token llama.cpp resolves otherwise than Meta (Code
+    Llama's eot): llama.cpp's own row must fail, and nothing but the rows named."""
+    case, edit, checks = RUNTIME_MUTATIONS[mutation]
+    meta, files = ggufs[case]
+    bad = write_gguf(_read(files["f16"]), tmp_path / "mutant.gguf", **edit)
     rep = verify_gguf(meta, bad, checks="all")
     failed = [n for n, _, _, ok in rep.rows() if not ok]
-    assert failed and all(n.startswith(check) for n in failed), (mutation, failed, rep.render())
+    assert failed and all(any(n.startswith(c) for c in checks) for n in failed), (mutation, failed, rep.render())
+    assert all(any(n.startswith(c) for n in failed) for c in checks), (mutation, failed)
 
 
 LLAMA_FTYPE_MOSTLY_Q4_K_M = 15  # llama.h's enum llama_ftype

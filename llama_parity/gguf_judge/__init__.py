@@ -112,8 +112,13 @@ def _runtime(report, gf, tok, release, prompt: list[int]):
         report.notes.append(f"{run.failure}: the runtime's failure, not a verdict on the file; llama.cpp's "
                             "encoding and logits NOT judged")
         return None
-    if cases and report.tokenizer is not None:
-        report.tokenizer.checks.append(runtime.token_check(cases, run.tokens))
+    if tok is not None and report.tokenizer is not None:
+        from .vocab import expected_special_ids
+
+        if cases:
+            report.tokenizer.checks.append(runtime.token_check(cases, run.tokens))
+        eos = expected_special_ids(tok, release.family if release else "", bool(release and release.instruct))["eos"]
+        report.tokenizer.checks.append(runtime.special_check(runtime.expected_special(tok, eos), run.special))
     return run.logits[0]
 
 

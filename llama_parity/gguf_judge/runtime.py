@@ -39,6 +39,7 @@ class RuntimeRun:
     logits: list[np.ndarray] = field(default_factory=list)
     failure: str | None = None
     version: str = ""
+    special: dict = field(default_factory=dict)  # role -> id as llama.cpp resolves it (-1: none), "eog": [ids]
 
 
 def available() -> bool:
@@ -83,7 +84,7 @@ def evaluate(gguf_path: Path, types: str, texts: list[tuple[str, bool, bool]], p
                     f"{gguf_path} (tensor types {types})")
     if "failure" in out:
         return RuntimeRun(failure=out["failure"])
-    return RuntimeRun(out["tokens"], out["logits"], None, out.get("version", ""))
+    return RuntimeRun(out["tokens"], out["logits"], None, out.get("version", ""), out.get("special", {}))
 
 
 def quantize(src: Path, dst: Path, ftype: int) -> str | None:
@@ -113,6 +114,32 @@ def token_cases(gf, meta, release) -> list[tuple[str, bool, bool, list[int]]]:
             continue
         out.append((text, False, True, meta.encode(text, bos=False, eos=False, allowed_special="all")))
     return out
+
+
+def expected_special(meta, eos: int | None) -> dict:
+    """The special tokens as Meta's code uses them: bos, the release's eos (`eos`), eot, the infilling
+    pieces (Code Llama) and the stop set (Meta's stop tokens, plus Code Llama's ▁<EOT> that ends an infill);
+    -1 where Meta has none (llama.cpp's LLAMA_TOKEN_NULL)."""
+    def tid(x):
+        return -1 if x is None else int(x)
+
+    eot = getattr(meta, "eot_id", None)
+    stop = set(getattr(meta, "stop_tokens", (meta.eos_id,))) | ({eot} if eot is not None else set())
+    return {"bos": tid(meta.bos_id), "eos": tid(eos), "eot": tid(eot), "fim_pre": tid(getattr(meta, "prefix_id", None)),
+            "fim_suf": tid(getattr(meta, "suffix_id", None)), "fim_mid": tid(getattr(meta, "middle_id", None)),
+            "eog": sorted(stop)}
+
+
+def special_check(want: dict, got: dict):
+    """llama.cpp's own resolution of the special tokens (keys, or names it searches) against Meta's (bound 0)."""
+    from .vocab import Acc
+
+    acc = Acc("llama.cpp's special tokens (bos, eos, eot, infill, end-of-generation set) = Meta's",
+              note="what llama.cpp itself stops on and infills with: a Code Llama GGUF without its eot key never "
+              "stops an infill (llama.cpp does not find ▁<EOT> by name); -1 is none")
+    for role, ids in want.items():
+        acc.add(f"llama.cpp's {role}", ids, got.get(role))
+    return acc.r
 
 
 def token_check(cases, got: list[list[int]]):
@@ -191,8 +218,12 @@ def _child(req: dict) -> dict:
     vocab = L.llama_model_get_vocab(model)
     tokens = [_tokenize(L, vocab, t, a, p) for t, a, p in req["texts"]]
     logits = _logits(L, model, vocab, req["prompts"], req["tmp"]) if req["prompts"] else []
+    special = {"bos": L.llama_vocab_bos(vocab), "eos": L.llama_vocab_eos(vocab), "eot": L.llama_vocab_eot(vocab),
+               "fim_pre": L.llama_vocab_fim_pre(vocab), "fim_suf": L.llama_vocab_fim_suf(vocab),
+               "fim_mid": L.llama_vocab_fim_mid(vocab),
+               "eog": [i for i in range(L.llama_vocab_n_tokens(vocab)) if L.llama_vocab_is_eog(vocab, i)]}
     L.llama_model_free(model)
-    return {"tokens": tokens, "logits": logits, "version": getattr(L, "__version__", "")}
+    return {"tokens": tokens, "logits": logits, "version": getattr(L, "__version__", ""), "special": special}
 
 
 def _quiet_logs():

@@ -184,16 +184,20 @@ def expected_special_ids(meta, family: str, instruct: bool) -> dict[str, int | N
 
 
 def special_checks(gf, meta, family: str, instruct: bool) -> list[CheckResult]:
-    """Required: bos, eos (the instruct eos bug), add_bos true. Optional keys, when present, must hold
-    Meta's id (eot, eom: llama.cpp also finds them by name; unknown) and add_eos must be false."""
+    """Required: bos, eos (the instruct eos bug), add_bos true, and Code Llama's eot (▁<EOT>). Optional
+    keys, when present, must hold Meta's id (Llama 3's eot, eom: llama.cpp also finds them by name;
+    unknown) and add_eos must be false."""
     acc = Acc("special token ids and add_bos/add_eos", note="eos <|eot_id|> for instruct (Llama 3 GGUFs shipped "
               "<|end_of_text|>: generation never stopped)")
     want = expected_special_ids(meta, family, instruct)
     for key in ("bos", "eos"):
         acc.add(f"tokenizer.ggml.{key}_token_id", want[key], gf.get(f"tokenizer.ggml.{key}_token_id"))
+    # llama.cpp finds Llama 3's <|eot_id|> / <|eom_id|> by name when the keys are absent, but not Code Llama's
+    # ▁<EOT>: without the key its infilling never stops (llama.cpp's own converter writes it for 32016 pieces)
+    required = {"eot"} if getattr(meta, "kind", "") != "tiktoken" and want["eot"] is not None else set()
     for key in ("eot", "eom", "unknown"):
         got = gf.get(f"tokenizer.ggml.{key}_token_id")
-        if got is not None:
+        if got is not None or key in required:
             acc.add(f"tokenizer.ggml.{key}_token_id", want[key], got)
     acc.add("tokenizer.ggml.add_bos_token", True, gf.get("tokenizer.ggml.add_bos_token", True))
     acc.add("tokenizer.ggml.add_eos_token", False, gf.get("tokenizer.ggml.add_eos_token", False))
