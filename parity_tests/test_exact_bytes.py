@@ -60,9 +60,88 @@ def test_small_blocks_and_the_judges_own_permutation(tiny, monkeypatch):
     meta, hf = tiny.meta(L31), tiny.hf(L31)
     monkeypatch.setattr(exact_bytes, "BLOCK_BYTES", 3000)  # a few rows per block, heads of 16 rows
     assert _checks(verify(meta, hf, tokenizer=False, checks="metadata"))["weights: exact copies"].ok
-    monkeypatch.setattr(exact_bytes, "rotary_rows_to_hf", lambda w, heads: w)
+    monkeypatch.setattr(exact_bytes, "rotary_rows_to_hf", lambda w, heads, out=None: w)
     c = _checks(verify(meta, hf, tokenizer=False, checks="metadata"))["weights: exact copies"]
     assert not c.ok and "q_proj" in c.detail and "k_proj" in c.detail
+
+
+def test_pieces_slots_and_last_elements(tiny, tmp_path, monkeypatch):
+    """Bug class: the pipelined reads (exact_bytes.Folder) losing the last block of a tensor or the
+    last shard's columns of a block split across shard files, or a slot reused while its bytes are
+    still in use: with tiny blocks and no slot to spare, a correct MP2 conversion passes and a flip
+    of the very last element of a dim-1-split tensor and of a rotary one is named there."""
+    import shutil
+
+    monkeypatch.setattr(exact_bytes, "BLOCK_BYTES", 3000)  # down_proj: 3 rows of both shards per block
+    monkeypatch.setattr(exact_bytes, "AHEAD", 0)  # as many slots as one block's pieces
+    meta, hf = tiny.meta("llama2-7b", 2), tiny.hf("llama2-7b", 2)
+    assert _checks(verify(meta, hf, tokenizer=False, checks="metadata"))["weights: exact copies"].ok
+    broken = tmp_path / "b"
+    shutil.copytree(hf, broken)
+    last = ("model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight")
+    edit_tensors(broken, lambda k, v, c: torch.cat([v.reshape(-1)[:-1], -v.reshape(-1)[-1:]]).reshape(v.shape)
+                 if k in last else None)
+    detail = _checks(verify(meta, broken, tokenizer=False, checks="metadata"))["weights: exact copies"].detail
+    assert "model.layers.1.mlp.down_proj.weight: 1 of 12,288 elements differ, first at [63, 191]" in detail
+    assert "model.layers.1.self_attn.q_proj.weight: 1 of 4,096 elements differ, first at [63, 63]" in detail
+
+
+def test_a_failing_thread_stops_the_check(tiny, monkeypatch):
+    """Bug class: an error in one of the byte check's threads (a read failing mid-file, a bug in the
+    tensor worker) hanging verify, or lost so that the check reports on what it read so far."""
+    from llama_parity.errors import InputError
+
+    meta, hf = tiny.meta(L31), tiny.hf(L31)
+    monkeypatch.setattr(exact_bytes, "BLOCK_BYTES", 3000)
+    real, calls = exact_bytes.HashedFile.pread, []
+
+    def failing(self, out, offset):
+        calls.append(offset)
+        if len(calls) == 20:
+            raise OSError(5, "Input/output error")
+        return real(self, out, offset)
+    monkeypatch.setattr(exact_bytes.HashedFile, "pread", failing)
+    with pytest.raises(InputError, match="cannot read the weights: OSError"):
+        verify(meta, hf, tokenizer=False, checks="metadata")
+    monkeypatch.setattr(exact_bytes.HashedFile, "pread", real)
+
+    def boom(*a, **k):
+        raise RuntimeError("boom in the worker")
+    monkeypatch.setattr(exact_bytes, "assemble", boom)
+    with pytest.raises(RuntimeError, match="boom in the worker"):
+        verify(meta, hf, tokenizer=False, checks="metadata")
+
+
+def test_file_digest_whatever_the_read_order(tmp_path):
+    """Bug class: a file's digest taken from reads that came out of order or skipped bytes (shards
+    storing tensors in another order, a gap not planned): not the file's sha256."""
+    data = bytes(range(256)) * 40
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    for reads in ([(0, 4000), (4000, 10240)], [(4000, 10240), (0, 4000)], [(0, 3000), (5000, 10240)], []):
+        f = exact_bytes.HashedFile(path)
+        for a, b in reads:
+            f.feed(a, f.pread(torch.empty(b - a, dtype=torch.uint8), a))
+        assert f.digest() == hashlib.sha256(data).hexdigest(), reads
+        f.close()
+    piece = exact_bytes.Piece(0, 100, (10, 10), torch.float32)  # bytes 100..500 of file 0
+    blocks = exact_bytes.with_gaps([exact_bytes.Block("t", 0, [piece])], [10240])
+    spans = [(p.offset, p.offset + p.nbytes) for b in blocks for p in b.pieces]
+    assert spans[0] == (0, 100) and spans[1] == (100, 500) and spans[-1][1] == 10240
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_rotary_permutation_round_trip_and_cast_in_one_copy():
+    """Bug class: the judge's q/k permutation not a permutation of whole heads' rows (its inverse
+    does not undo it), or its one-copy form (permute and cast into a reused buffer) differing from
+    the plain one."""
+    w = torch.randn(64, 8)
+    for heads in (1, 4):
+        moved = exact_bytes.rotary_rows_to_hf(w, heads)
+        assert not torch.equal(moved, w) and torch.equal(exact_bytes.hf_rows_to_rotary(moved, heads), w)
+        assert torch.equal(moved[:32 // heads], w[0:64 // heads:2])  # each head: real parts first
+        out = torch.empty(64, 8, dtype=torch.bfloat16)
+        assert exact_bytes.rotary_rows_to_hf(w, heads, out) is out and torch.equal(out, moved.bfloat16())
 
 
 def test_replicas_that_differ_in_meta_are_named(tiny, tmp_path):
