@@ -683,7 +683,11 @@ def _install_signal_handlers() -> dict:
 def _interrupted(e: KeyboardInterrupt) -> int:
     import signal
 
-    return interrupted(getattr(e, "signum", signal.SIGINT))
+    from .distributed import speaks_on_signal
+
+    signum = getattr(e, "signum", signal.SIGINT)
+    # a torchrun rank stopped before its own handlers (distributed.py): one process speaks, not every rank
+    return interrupted(signum) if speaks_on_signal() else 128 + signum
 
 
 def interrupted(signum: int) -> int:

@@ -1,7 +1,10 @@
 """`verify` across processes, GPUs and nodes: torchrun ranks stream the layers of both models, rank 0 reports.
 
-    torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT ...] -m llama_parity verify ...
+    python -m llama_parity.torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT ...] \
+        -m llama_parity verify ...             (torchrun's arguments and launcher: torchrun_main)
     llama-parity verify --nproc N ...          (launches the same thing on this machine)
+    torchrun ... -m llama_parity verify ...    (works too; torchrun's own process answers signals and
+                                                failures its own way: a traceback, exit 1)
 
 Every rank runs the single-process streamed verify (streaming.py) with the launcher's options
 (verify.VerifyOptions, as JSON): the same streams, checks, criteria, dtype rounding and scope. The
@@ -16,7 +19,8 @@ greedy decoding re-reads stay in each one's page cache where one machine's could
 and each GPU holds one layer. What they do not: the ranges run one after the other (a pipeline of
 one batch), so on one CPU machine --nproc is no faster than one process, and each rank's memory is
 the single-process streamed verify's (one layer as stored plus the streams), not 1/N of it.
-Failures: a rank that fails reports one line naming itself and exits; torchrun's agent stops the
+Signals: each launcher answers them (one line, 128+signal) and tells the ranks to stay silent
+(AGENT_SPEAKS_ENV); under torch's own torchrun rank 0 speaks. Failures: a rank that fails reports one line naming itself and exits; torchrun's agent stops the
 others; every collective has a timeout (`--timeout`). A rank that has done its part waits for rank 0
 to finish (it runs the byte check after the last collective) and ends with os._exit: no teardown
 runs that could abort it and make the agent stop rank 0 (_leave). The launcher keeps a verdict rank 0
@@ -36,7 +40,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
-import torch
+# no torch import here: cli.py asks speaks_on_signal() even when a signal interrupted torch's import
 
 ERRORS_ENV = "LLAMA_PARITY_DIST_ERRORS"  # set by the --nproc launcher: ranks leave their one line there
 # set by the --nproc launcher: [[meta_dir, hf_dir, VerifyOptions as JSON], ...], the folders each rank judges
@@ -111,6 +115,7 @@ class RankRelay:
         self._broadcast(tensors, range(self.r.rank, self.r.world))
 
     def decide(self, f):
+        import torch
         import torch.distributed as dist
 
         box = [f() if self.judges else None]
@@ -150,21 +155,44 @@ def _fail(r: Rank | None, message: str, code: int = EXIT_INPUT) -> int:
     return code
 
 
+# set by a launcher that answers signals itself (--nproc, `python -m llama_parity.torchrun`): ranks stay silent
+AGENT_SPEAKS_ENV = "LLAMA_PARITY_AGENT_SPEAKS"
+_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+_reporting = False  # rank 0 has done every collective and is writing its report (see _answer_signals)
+
+
+def speaks_on_signal() -> bool:
+    """Whether this process says in one line that a signal stopped it: a single process, the
+    launcher, or under a bare torchrun rank 0 (the others are stopped by the same signal)."""
+    if not under_torchrun():
+        return True
+    return os.environ.get("RANK") == "0" and not os.environ.get(AGENT_SPEAKS_ENV)
+
+
 def _answer_signals(r: Rank) -> None:
     """SIGINT/SIGTERM/SIGHUP end a rank at once with 128+signal, rank 0 saying so in one line (the
     other ranks are stopped by the same signal: one line is enough). Immediately, not by raising:
     a rank blocked in a collective would otherwise wait for peers that are gone, and a torn-down
-    gloo group prints C++ noise. Under the --nproc launcher the launcher speaks instead."""
+    gloo group prints C++ noise. Once rank 0 writes its report (no collective left) the signal is
+    raised instead, so that a report file being written is removed, not left half-written. The
+    signal is answered once: Ctrl-C reaches a rank both from the terminal and from torchrun, which
+    forwards it. Under a launcher that answers signals itself (AGENT_SPEAKS_ENV) it speaks instead."""
     import signal
 
+    from .cli import Interrupted
+
+    ours = [getattr(signal, n) for n in _SIGNALS if hasattr(signal, n)]
+
     def handler(signum, frame):
-        if r.rank == 0 and not os.environ.get(ERRORS_ENV):
+        signal.pthread_sigmask(signal.SIG_BLOCK, ours)  # a second signal waits until the process ends
+        if _reporting:
+            raise Interrupted(signum)
+        if speaks_on_signal():
             os.write(2, f"llama-parity: interrupted by {signal.Signals(signum).name}; nothing was left "
                         "half-written, inputs untouched\n".encode())
         os._exit(128 + signum)
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        sig = getattr(signal, name, None)
-        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+    for sig in ours:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, handler)
 
 
@@ -204,6 +232,7 @@ def run_rank(meta_dir: str, hf_dir: str, opts, json_stream=None) -> int:
 def _judge_jobs(r: Rank, jobs: list, json_stream) -> int:
     """Every job judged in one process group, each by verify() with this rank's share of the model
     checks (the same function single-process verify runs); rank 0 reports each, exit code the worst."""
+    import torch
     import torch.distributed as dist
 
     from .verify import InputError, verify
@@ -220,15 +249,25 @@ def _judge_jobs(r: Rank, jobs: list, json_stream) -> int:
         return _fail(r, str(e))
     except Exception as e:  # noqa: BLE001 (a dead peer, a timeout, a damaged file: one line, exit 2)
         return _fail(r, _describe(e, timeout))
-    if r.rank != 0:
-        return EXIT_OK
-    for rep, (m, _, o) in zip(reports, jobs):
-        rep.notes.append(_layout_note(json.loads((Path(m) / "params.json").read_text())["n_layers"], r, o.memory))
-    if os.environ.get(ERRORS_ENV):
-        return _hand_back(reports, [o for _, _, o in jobs], Path(os.environ[ERRORS_ENV]))
-    from .cli import emit_verify_report
+    return EXIT_OK if r.rank != 0 else _report(r, jobs, reports, json_stream)
 
-    return max(emit_verify_report(o, rep, json_stream, measure_layers=False) for rep, (_, _, o) in zip(reports, jobs))
+
+def _report(r: Rank, jobs: list, reports: list, json_stream) -> int:
+    """Rank 0, every collective done: the reports printed and written (or handed back to the --nproc
+    launcher). A signal now is raised (_answer_signals): a report file is written whole or removed."""
+    global _reporting
+    from .cli import emit_verify_report, interrupted
+
+    _reporting = True
+    try:
+        for rep, (m, _, o) in zip(reports, jobs):
+            rep.notes.append(_layout_note(json.loads((Path(m) / "params.json").read_text())["n_layers"], r, o.memory))
+        if os.environ.get(ERRORS_ENV):
+            return _hand_back(reports, [o for _, _, o in jobs], Path(os.environ[ERRORS_ENV]))
+        return max(emit_verify_report(o, rep, json_stream, measure_layers=False)
+                   for rep, (_, _, o) in zip(reports, jobs))
+    except KeyboardInterrupt as e:  # cli.Interrupted, raised by _answer_signals' handler
+        return interrupted(e.signum) if speaks_on_signal() else 128 + e.signum
 
 
 _DONE_KEY = "llama-parity/rank0-done"
@@ -326,17 +365,13 @@ def launch_many(jobs: list, opts) -> list[dict] | int:
 def _run_agent(meta_dir: str, hf_dir: str, opts) -> list[dict] | int:
     """torchrun's elastic agent on this machine (rendezvous on a port the store picks itself:
     localhost:0, no race) running `python -m llama_parity verify` in opts.nproc ranks."""
-    import logging
     import signal
 
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # Failures and signals are reported below, in one line. torch's elastic loggers each set their own
-    # level when created (so the parents' level is not enough): quiet every one that exists by now.
-    for name in [n for n in logging.Logger.manager.loggerDict if n.startswith("torch.distributed")]:
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    _quiet_torch_loggers()  # failures and signals are reported below, in one line
     from .machine import cpu_budget
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_budget() // opts.nproc)))
@@ -351,6 +386,7 @@ def _run_agent(meta_dir: str, hf_dir: str, opts) -> list[dict] | int:
                            rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
                            shutdown_timeout=5)  # a stopped rank gets SIGKILL 5 s after SIGTERM
         os.environ[ERRORS_ENV] = errors
+        os.environ[AGENT_SPEAKS_ENV] = "1"
         report = Path(errors) / "report.json"
         try:
             elastic_launch(cfg, sys.executable)("-m", "llama_parity", "verify", "--meta-dir", str(meta_dir),
@@ -365,6 +401,7 @@ def _run_agent(meta_dir: str, hf_dir: str, opts) -> list[dict] | int:
             return interrupted(e.sigval)
         finally:
             os.environ.pop(ERRORS_ENV, None)
+            os.environ.pop(AGENT_SPEAKS_ENV, None)
             for sig, handler in ours.items():  # torch's handlers raise SignalException: not after the run
                 signal.signal(sig, handler)
         if not report.is_file():
@@ -413,3 +450,68 @@ def _last_stderr_line(logs: Path, rank: int) -> str:
         if lines:
             return lines[-1][:300]
     return ""
+
+
+def _quiet_torch_loggers() -> None:
+    """torch's elastic loggers each set their own level when created (so the parents' level is not
+    enough): quiet every one that exists by now (import the launcher's modules first)."""
+    import logging
+
+    for name in [n for n in logging.Logger.manager.loggerDict if n.startswith("torch.distributed")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+# --- `python -m llama_parity.torchrun ARGS`: torchrun itself, ending as single-process verify --------
+def torchrun_main(argv: list[str]) -> int:
+    """torchrun with torchrun's own arguments (torch's parser: --nnodes, --rdzv-endpoint, Slurm...),
+    run in this process so that it ends as single-process verify does: SIGINT/SIGTERM/SIGHUP stop
+    the ranks and end with one line and 130/143/129 (torchrun's own answer is a traceback and exit
+    1, the "parity failed" code), a failed rank's code (it said why in one line; a rank killed
+    without a word is named), torch's launcher logs quiet. Signals are answered from this
+    function's first line, before torch is imported (an early one would otherwise end the run
+    silently)."""
+    import signal
+
+    from .cli import Interrupted, interrupted
+
+    fired: list[int] = []
+
+    def early(signum, frame):  # until torch's agent installs its own handlers, and after it
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+    previous = {}
+    for name in _SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, early)
+    try:
+        from torch.distributed.elastic.multiprocessing import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.run import parse_args, run
+
+        args = parse_args(argv)
+        _quiet_torch_loggers()
+        os.environ[AGENT_SPEAKS_ENV] = "1"  # the ranks stay silent on a signal: this process speaks
+        try:
+            run(args)
+        except SignalException as e:  # the agent has stopped the ranks with the same signal
+            return interrupted(e.sigval)
+        except ChildFailedError as e:
+            return _rank_failed(e.failures)
+        return EXIT_OK
+    except KeyboardInterrupt as e:  # Interrupted, before or after the agent's own handlers
+        return interrupted(getattr(e, "signum", signal.SIGINT))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _rank_failed(failures: dict) -> int:
+    """The exit code of the rank that failed first: rank 0's 1 (its report says which checks
+    failed) or a rank's 2 (its one line said why); a rank killed without a word is named here."""
+    rank, f = min(failures.items(), key=lambda kv: kv[1].timestamp)
+    if f.exitcode < 0:
+        return _fail(None, f"rank {rank} stopped (killed by signal {-f.exitcode}) without reporting why "
+                           "(out of memory?)")
+    return f.exitcode

@@ -183,19 +183,39 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_launcher_answers_sigterm_like_single_process(folders):
-    """Bug class: `verify --nproc N` stopped by SIGTERM (timeout, systemd, Slurm) answering with
-    torch's traceback and exit 1 (the 'parity failed' code), or leaving ranks running."""
-    p = _launch(folders["meta"], folders["as-stored"], "--no-tokenizer")
+# (launcher, signal, sent to): each signal once, each launcher, the agent alone (kill, timeout,
+# systemd) or the whole process group (Ctrl-C in a terminal, a closed terminal's SIGHUP).
+SIGNAL_CASES = [("--nproc", signal.SIGTERM, "agent"), ("--nproc", signal.SIGHUP, "group"),
+                ("torchrun", signal.SIGINT, "group")]
+
+
+@pytest.mark.parametrize("launcher,sig,target", SIGNAL_CASES, ids=lambda x: getattr(x, "name", x))
+def test_launchers_answer_signals_like_single_process(folders, tmp_path, launcher, sig, target):
+    """Bug class: `verify --nproc N`, or torchrun's launcher as the README runs it
+    (`python -m llama_parity.torchrun ...`, torchrun's own arguments), stopped by a signal and
+    answering with torch's traceback and exit 1 (the "parity failed" code), with one line per rank
+    (each told by the terminal and again by the agent), or leaving ranks running or a report file
+    half-written; instead of single-process verify's one line and 128+signal (130/143/129)."""
+    report = tmp_path / "out" / "r.json"
+    args = ["--meta-dir", str(folders["meta"]), "--hf-dir", str(folders["as-stored"]), "--no-tokenizer",
+            "--timeout", "200", "--json", str(report)]
+    if launcher == "--nproc":
+        p = _launch(folders["meta"], folders["as-stored"], "--no-tokenizer", "--json", str(report))
+    else:
+        cmd = [sys.executable, "-m", "llama_parity.torchrun", "--standalone", "--nproc-per-node", "2",
+               "-m", "llama_parity", "verify", *args]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     deadline, ranks = time.monotonic() + 60, []
     while time.monotonic() < deadline and len(ranks) < 2:  # the agent's ranks are its children
         ranks = [k for k in _children(p.pid) if b"llama_parity" in Path(f"/proc/{k}/cmdline").read_bytes()]
         time.sleep(0.2)
     assert len(ranks) == 2, "the ranks did not start"
-    p.send_signal(signal.SIGTERM)
+    os.killpg(p.pid, sig) if target == "group" else p.send_signal(sig)
     code, out, err = _finish(p)
-    assert code == 143, err
-    assert err.strip().splitlines() == ["llama-parity: interrupted by SIGTERM; nothing was left half-written, "
+    assert code == 128 + sig, err
+    assert err.strip().splitlines() == [f"llama-parity: interrupted by {sig.name}; nothing was left half-written, "
                                         "inputs untouched"], err
     assert out == ""
     assert not any(_alive(r) for r in ranks)
+    assert not report.parent.exists() or not any(report.parent.iterdir())
