@@ -8,7 +8,10 @@ each check's measured value against its bound (the margins).
 
 `llama-parity verify --attestation REPORT.json --hf-dir DIR` re-checks a folder against such a
 report in one read of its files (no Meta checkpoint, no model): after an upload, a download or a
-copy, it names each file and tensor that changed, went missing or was added.
+copy, it names each file and tensor that changed, went missing or was added. The weight files are
+hashed whole first (one sha256 pass, at read speed); only a weight file whose digest changed is
+read again, tensor by tensor, to name its changed tensors (a file unchanged byte for byte holds
+the tensors attested).
 """
 
 from __future__ import annotations
@@ -110,8 +113,9 @@ def load(report: Path) -> dict:
 
 
 def recheck(report: Path, hf_dir: Path) -> Recheck:
-    """Hash the folder's files (weight files tensor by tensor, in one read) and compare."""
+    """Hash the folder's files (one read) and compare; a changed weight file is read again, tensor by tensor."""
     from .exact_bytes import BytesResult, _attested_files, _hf_pass, file_sha256
+    from .formats.safetensors import read_header
 
     att = load(report)
     hf_dir = Path(hf_dir)
@@ -121,7 +125,15 @@ def recheck(report: Path, hf_dir: Path) -> Recheck:
     present = {p.name: p for p in _attested_files(hf_dir)}
     res = BytesResult()
     weights = sorted(n for n in present if n.endswith(".safetensors") and n in att["hf_files"])
-    _hf_pass(hf_dir, weights, res, screen=False)  # NaN/inf were judged by the verify attested
+    _hf_pass(hf_dir, weights, res, tensors=False)
+    changed = [n for n in weights if res.hf_files[n] != att["hf_files"][n]]
+    seen = {t: att["hf_tensors"][t] for n in weights if n not in changed for t in read_header(hf_dir / n).tensors
+            if t in att["hf_tensors"]}  # the same bytes as attested: the same tensors
+    if changed:
+        again = BytesResult()
+        _hf_pass(hf_dir, changed, again, screen=False)  # NaN/inf were judged by the verify attested
+        seen.update(again.hf_tensors)
+        res.bytes_read += again.bytes_read
     for name, p in present.items():
         if name not in res.hf_files and name in att["hf_files"]:
             res.hf_files[name] = file_sha256(p)
@@ -133,7 +145,6 @@ def recheck(report: Path, hf_dir: Path) -> Recheck:
     out.added = sorted(set(present) - set(att["hf_files"]))
     # A tensor counts as changed when its file changed and its own bytes differ (or it is gone):
     # the file digest alone says "this file", the tensor digests say which weight.
-    seen = res.hf_tensors
     for name, digest in att["hf_tensors"].items():
         if name in seen and seen[name] != digest:
             out.changed_tensors.append(name)

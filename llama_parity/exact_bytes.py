@@ -505,15 +505,15 @@ def _run(folders: list[Folder]) -> None:
 
 
 def hf_folder(hf_dir: Path, names: list[str], res: BytesResult, index: dict[str, str] | None = None,
-              screen: bool = True) -> Folder:
-    """The HF side: each file's sha256, each tensor's sha256 and (`screen`) NaN/inf counts into `res`.
-    With `index` (tensor -> file, as transformers loads them), only the tensors it maps to their
-    file are recorded (a copy elsewhere is part of its file's digest only)."""
+              screen: bool = True, tensors: bool = True) -> Folder:
+    """The HF side: each file's sha256, each tensor's sha256 (unless not `tensors`) and (`screen`)
+    NaN/inf counts into `res`. With `index` (tensor -> file, as transformers loads them), only the
+    tensors it maps to their file are recorded (a copy elsewhere is part of its file's digest only)."""
     files: list[HashedFile] = []
     try:
         for n in names:
             files.append(HashedFile(hf_dir / n))
-        blocks = [b for i, f in enumerate(files) for b in hf_plan(safetensors_entries(f), i)]
+        blocks = [b for i, f in enumerate(files) for b in hf_plan(safetensors_entries(f), i)] if tensors else []
     except BaseException:
         for f in files:
             f.close()
@@ -559,9 +559,9 @@ def meta_folder(shards: list[MetaShard], layout: Layout, want: dict[str, tuple[s
 
 
 def _hf_pass(hf_dir: Path, files: list[str], res: BytesResult, index: dict[str, str] | None = None,
-             screen: bool = True) -> None:
-    """The HF side alone (the attestation's re-check): digests of files and tensors into `res`."""
-    side = hf_folder(hf_dir, files, res, index, screen)
+             screen: bool = True, tensors: bool = True) -> None:
+    """The HF side alone (the attestation's re-check): digests of files and (`tensors`) tensors into `res`."""
+    side = hf_folder(hf_dir, files, res, index, screen, tensors)
     try:
         _run([side])
         res.hf_files.update(side.digests())

@@ -212,7 +212,10 @@ def test_mixed_precision_and_float16_storage_are_faithful(tmp_path):
 
 def test_attestation_recheck(tiny, tmp_path, capsys):
     """Bug class: an attestation that cannot tell a changed copy from the verified folder, or names
-    the file but not the tensor; a damaged report crashing instead of one line and exit 2."""
+    the file but not the tensor; a damaged report crashing instead of one line and exit 2; a
+    re-check reading an unchanged folder more than once (only a changed weight file is read again)."""
+    from llama_parity.attestation import recheck
+
     import shutil
 
     meta, hf = tiny.meta(L31), tmp_path / "hf"
@@ -226,8 +229,14 @@ def test_attestation_recheck(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert main(["verify", "--attestation", str(report), "--hf-dir", str(hf)]) == 0
     assert capsys.readouterr().out.strip().endswith("ATTESTATION OK")
+    size = sum((hf / n).stat().st_size for n in att["hf_files"])
+    assert recheck(report, hf).bytes_read == size
     BY_NAME["norm_off_by_one_ulp"].apply(hf)
     (hf / "generation_config.json").write_text("{}")
+    changed = recheck(report, hf)
+    assert changed.bytes_read == sum((hf / n).stat().st_size for n in att["hf_files"]) + \
+        (hf / "model.safetensors").stat().st_size  # the changed weight file, read again to name the tensor
+    assert changed.changed_tensors == ["model.norm.weight"]
     assert main(["verify", "--attestation", str(report), "--hf-dir", str(hf)]) == 1
     out = capsys.readouterr().out
     assert "FAIL changed tensor: model.norm.weight" in out and "FAIL changed file: generation_config.json" in out
