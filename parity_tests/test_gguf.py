@@ -65,6 +65,9 @@ def ggufs(tmp_path_factory):
         if tok == "llama3" and toks[tok] is None:
             pytest.fail("the real Llama 3 tokenizer (llama-models, a test dependency) is missing")
         meta = make_tiny_checkpoint(get(vid), root / case, tokenizer=toks[tok], dtype=torch.bfloat16)
+        if tok == "llama3":  # one file for the three Llama 3 checkpoints (as a Hugging Face cache links its blobs):
+            (meta / "tokenizer.model").unlink()  # our converter then parses its 128k ranks once
+            (meta / "tokenizer.model").symlink_to(toks[tok])
         hf = root / f"{case}-hf"
         convert_meta_to_hf(meta, hf)
         out[case] = (meta, {t: root / f"{case}-{t}.gguf" for t in types})
@@ -79,10 +82,10 @@ needs_runtime = pytest.mark.skipif(not HAS_RUNTIME, reason="llama-cpp-python (th
 RUNTIME_LOGITS = "llama.cpp: logits (KL vs the reference on the GGUF's weights)"
 RUNTIME_TOKENS = "tokenizer: llama.cpp's own encoding"
 RUNTIME_SPECIAL = "tokenizer: llama.cpp's special tokens"
-# the files judged in full (outputs, and llama.cpp itself when installed); the others without the model runs
-# (llama.cpp's rows on an f16 and a q8_0 file; the 3.1 f16 is judged quick: its 128k-vocabulary outputs
-# run would repeat the q8_0 one's)
-FULL = {("llama2-chat", "f16"), ("llama3.1-instruct", "q8_0"), ("llama2-13b-mp2", "q8_0"), ("codellama", "f16")}
+# the files judged in full (outputs, and llama.cpp itself when installed): llama.cpp's rows on an f16 file of
+# each tokenizer kind (Llama 3's tiktoken vocabulary, Llama 2's and Code Llama's sentencepiece) and on a q8_0
+# file; the others are judged quick (a 128k-vocabulary outputs run per file would repeat the same rules)
+FULL = {("llama2-chat", "f16"), ("llama3.1-instruct", "f16"), ("llama2-13b-mp2", "q8_0"), ("codellama", "f16")}
 
 
 @pytest.mark.parametrize("case,outtype", [(c, t) for c, (_, _, ts) in CASES.items() for t in ts])
@@ -136,7 +139,7 @@ MUTATIONS = {
                            "gguf: rope_freqs"),
     "rope factor 32 on 3.1": ("llama3.1-instruct", "f16", lambda gf: _rope_factor(gf, 32.0), "gguf: rope_freqs"),
     "rope factor 8 on 3.2": ("llama3.2-tied", "bf16", lambda gf: _rope_factor(gf, 8.0), "gguf: rope_freqs"),
-    "q rows in half-split layout": ("llama3.1-instruct", "q8_0", _permute_q_half_split, "gguf weights: Q8_0"),
+    "q rows in half-split layout": ("llama2-13b-mp2", "q8_0", _permute_q_half_split, "gguf weights: Q8_0"),
     "kv heads swapped": ("llama3.1-instruct", "f16", _swap_kv_heads, "gguf weights: F32/F16/BF16"),
     "embedding rows shifted": ("llama2-chat", "f16", lambda gf: {"tensors": {"token_embd.weight": np.roll(
         np.asarray(gf.tensors["token_embd.weight"].data), 1, axis=0)}}, "gguf weights: F32/F16/BF16"),
@@ -333,42 +336,66 @@ def test_runtime_sees_what_the_reader_does_not(ggufs, tmp_path, mutation):
     assert all(any(n.startswith(c) for n in failed) for c in checks), (mutation, failed)
 
 
-LLAMA_FTYPE_MOSTLY_Q4_K_M = 15  # llama.h's enum llama_ftype
+# llama.h's enum llama_ftype: the k-quant most GGUFs ship, and the legacy block types (deterministic rounding)
+QUANTS = {"Q4_K_M": 15, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9}
 
 
 @pytest.fixture(scope="module")
-def kquant(tmp_path_factory):
-    """(meta folder, Q4_K_M file): a Llama 2 checkpoint whose rows hold 256 values (a k-quant super-block;
-    the usual tiny rows of 64 would make llama.cpp fall back to other types), converted by us, by llama.cpp's
-    converter to f16, then quantised by llama.cpp's own llama_model_quantize (llama-quantize's code)."""
+def quants(tmp_path_factory):
+    """(meta folder, {type: file}): a Llama 2 checkpoint whose rows hold 256 values (a k-quant super-block;
+    the usual tiny rows of 64 would make llama.cpp fall back to other types) and a tiny sentencepiece
+    vocabulary, converted by us, by llama.cpp's converter to f16, then quantised to each type by llama.cpp's
+    own llama_model_quantize (llama-quantize's code), all in one child process."""
     from llama_parity.fixtures import factory
     from llama_parity.gguf_judge import runtime
 
-    root = tmp_path_factory.mktemp("kquant")
+    root = tmp_path_factory.mktemp("quants")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(factory, "HEAD_DIM", 64)  # 4 heads of 64: dim 256
-        meta = make_tiny_checkpoint(get("llama2-7b"), root, tokenizer=real_llama2_tokenizer(), dtype=torch.bfloat16)
+        meta = make_tiny_checkpoint(get("llama2-7b"), root, dtype=torch.bfloat16)
     convert_meta_to_hf(meta, root / "llama2-256-hf")
     convert_to_gguf([(root / "llama2-256-hf", "f16", root / "f16.gguf")])
-    why = runtime.quantize(root / "f16.gguf", root / "q4_k_m.gguf", LLAMA_FTYPE_MOSTLY_Q4_K_M)
+    files = {name: root / f"{name.lower()}.gguf" for name in QUANTS}
+    why = runtime.quantize(root / "f16.gguf", [(files[n], f) for n, f in QUANTS.items()])
     assert why is None, why
-    return meta, root / "q4_k_m.gguf"
+    return meta, files
+
+
+def _swap_rows(gf, tmp_path, type_name: str):
+    """The file with rows 3 and 40 of blk.1.attn_q swapped (a misplaced row inside a quantised tensor)."""
+    t = gf.tensors["blk.1.attn_q.weight"]
+    assert t.type_name == type_name, t.type_name
+    data = np.asarray(t.data).copy()
+    data[[3, 40]] = data[[40, 3]]
+    return write_gguf(gf, tmp_path / "bad.gguf", tensors={t.name: data})
 
 
 @needs_runtime
-def test_kquant_passes_and_misplaced_row_fails(kquant, tmp_path):
+def test_kquant_passes_and_misplaced_row_fails(quants, tmp_path):
     """Bug classes: an honest k-quant (llama.cpp's Q4_K_M through its quantize API) failed by the judge, its
     llama.cpp logits judged wrong; or a row misplaced inside a k-quant tensor passing the per-block bound."""
-    meta, q = kquant
-    gf = read_gguf(q)
+    meta, files = quants
+    gf = read_gguf(files["Q4_K_M"])
     kinds = {t.type_name for t in gf.tensors.values()}
     assert {"Q4_K", "Q6_K"} <= kinds, kinds
-    rep = verify_gguf(meta, q, checks="all")
+    rep = verify_gguf(meta, files["Q4_K_M"], checks="all")
     assert rep.ok, rep.render()
     assert RUNTIME_LOGITS in [n for n, *_ in rep.rows()]
-    t = next(t for n, t in gf.tensors.items() if t.type_name == "Q4_K" and n.startswith("blk.1.attn_q"))
-    data = np.asarray(t.data).copy()
-    data[[3, 40]] = data[[40, 3]]
-    bad = write_gguf(gf, tmp_path / "bad.gguf", tensors={t.name: data})
-    failed = [n for n, _, _, ok in verify_gguf(meta, bad, checks="quick").rows() if not ok]
+    failed = [n for n, _, _, ok in verify_gguf(meta, _swap_rows(gf, tmp_path, "Q4_K"), checks="quick").rows()
+              if not ok]
     assert failed and all(n.startswith("gguf weights: Q4_K") for n in failed), failed
+
+
+@needs_runtime
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_legacy_quant_passes_and_misplaced_row_fails(quants, tmp_path, qtype):
+    """Bug classes: an honest legacy block quantisation by llama.cpp (its C rounding may differ from gguf's
+    reference code on ties) failed by the half-step rule, or a row misplaced inside such a tensor passing it."""
+    meta, files = quants
+    gf = read_gguf(files[qtype])
+    rep = verify_gguf(meta, files[qtype], checks="quick")
+    assert rep.ok, rep.render()
+    assert any(n.startswith(f"gguf weights: {qtype} (half a step") for n, *_ in rep.rows()), rep.render()
+    failed = [n for n, _, _, ok in verify_gguf(meta, _swap_rows(gf, tmp_path, qtype), checks="quick").rows()
+              if not ok]
+    assert failed and all(n.startswith(f"gguf weights: {qtype}") for n in failed), failed

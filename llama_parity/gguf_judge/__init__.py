@@ -89,10 +89,21 @@ def verify_gguf(meta_dir: str | Path, gguf_path: str | Path, *, variant_id: str 
     if checks != "quick":
         from .outputs import output_checks
 
-        prompt = model_prompts(meta_dir, ex.vocab).main
+        prompt = _prompt(meta_dir, tok_path, ex.vocab, model_prompts)
         logits = _runtime(report, gf, tok, _guard(release, meta), prompt)
         report.checks += output_checks(gf, meta, ex, prompt, progress, runtime_logits=logits)
     return report
+
+
+def _prompt(meta_dir: Path, tok_path, vocab: int, model_prompts) -> list[int]:
+    """verify's prompt for this checkpoint (parity.model_prompts loads Meta's tokenizer to encode it): computed
+    once per tokenizer content and vocabulary size, for several GGUFs of one checkpoint."""
+    from .vocab import memo
+
+    if tok_path is None:
+        return model_prompts(meta_dir, vocab).main
+    key = ("prompt", hashlib.sha256(Path(tok_path).read_bytes()).hexdigest(), vocab)
+    return memo(key, lambda: model_prompts(meta_dir, vocab).main, fresh=False)
 
 
 def _runtime(report, gf, tok, release, prompt: list[int]):

@@ -87,11 +87,14 @@ def evaluate(gguf_path: Path, types: str, texts: list[tuple[str, bool, bool]], p
     return RuntimeRun(out["tokens"], out["logits"], None, out.get("version", ""), out.get("special", {}))
 
 
-def quantize(src: Path, dst: Path, ftype: int) -> str | None:
-    """llama.cpp's llama_model_quantize (what llama-quantize runs): None on success, else why not."""
-    out = run_child({"op": "quantize", "model": str(src), "out": str(dst), "ftype": ftype},
-                    f"quantising {src} to llama_ftype {ftype}")
-    return out.get("failure") or (None if out.get("rc") == 0 else f"llama_model_quantize returned {out.get('rc')}")
+def quantize(src: Path, jobs: list[tuple[Path, int]]) -> str | None:
+    """llama.cpp's llama_model_quantize (what llama-quantize runs) of `src` into each (file, llama_ftype),
+    in one child: None on success, else why not."""
+    out = run_child({"op": "quantize", "model": str(src), "jobs": [[str(d), int(f)] for d, f in jobs]},
+                    f"quantising {src} to llama_ftypes {[f for _, f in jobs]}")
+    bad = [f"{d}: llama_model_quantize returned {rc}" for (d, _), rc in zip(jobs, out.get("rc", []))
+           if rc != 0]
+    return out.get("failure") or ("; ".join(bad) if bad else None)
 
 
 def token_cases(gf, meta, release) -> list[tuple[str, bool, bool, list[int]]]:
@@ -206,9 +209,12 @@ def _child(req: dict) -> dict:
 
     L.llama_backend_init()
     if req["op"] == "quantize":
-        qp = L.llama_model_quantize_default_params()
-        qp.ftype, qp.nthread = int(req["ftype"]), 2
-        return {"rc": int(L.llama_model_quantize(req["model"].encode(), req["out"].encode(), ctypes.byref(qp)))}
+        rcs = []
+        for out, ftype in req["jobs"]:
+            qp = L.llama_model_quantize_default_params()
+            qp.ftype, qp.nthread = ftype, 2
+            rcs.append(int(L.llama_model_quantize(req["model"].encode(), out.encode(), ctypes.byref(qp))))
+        return {"rc": rcs}
     mp = L.llama_model_default_params()
     mp.use_extra_bufts = False  # AMX/repack buffers: 0.3.36 segfaults evaluating q8_0 with them on some CPUs
     mp.n_gpu_layers = 0

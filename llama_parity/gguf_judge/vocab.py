@@ -29,7 +29,7 @@ from llama_parity.tokenizer_check import CheckResult, Mismatch, TokenizerReport,
 from llama_parity.tokenizer_vocab import gpt2_byte_spelling
 
 MAX_EXAMPLES = 5
-MEMO_SIZE = 16
+MEMO_SIZE = 24
 _MEMO: dict[tuple, Any] = {}
 VOCAB_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
               "tokenizer.ggml.merges", "tokenizer.ggml.scores")
@@ -38,7 +38,9 @@ VOCAB_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.toke
 def memo(key: tuple, compute: Callable[[], Any], *, fresh: bool = True):
     """compute() once per key (a few entries kept); `fresh`: each caller gets its own deep copy (reports
     are edited after the fact), else the shared value (read-only tables)."""
-    if key not in _MEMO:
+    if key in _MEMO:
+        _MEMO[key] = _MEMO.pop(key)  # least recently used first: a checkpoint's tokenizer outlives its mutants
+    else:
         if len(_MEMO) >= MEMO_SIZE:
             _MEMO.pop(next(iter(_MEMO)))
         _MEMO[key] = compute()
@@ -129,15 +131,25 @@ def merges_check(gf, texts: list[str], n_ordinary: int, want_rank=None) -> Check
 def vocabulary_checks(gf, meta) -> list[CheckResult]:
     """The checks of the module doc on the vocabulary keys (memoised by their bytes and Meta's file)."""
     digest = tokenizer_digest(meta)
-    return memo(("vocab", gf.digest(VOCAB_KEYS), digest), lambda: _vocabulary_checks(gf, meta, digest))
+    keys = tuple(k for k in VOCAB_KEYS if k != "tokenizer.ggml.merges")
+    out = memo(("vocab", gf.digest(keys), digest), lambda: _vocabulary_checks(gf, meta, digest))
+    if getattr(meta, "kind", "") == "tiktoken":  # the merges depend on the ordinary tokens alone: one proof per
+        def merges():  # file for every Llama 3 version (their special-token names differ, not their merges)
+            texts, _, _, want = _meta_side(meta, digest)
+            return merges_check(gf, texts, len(meta.mergeable_ranks), want)
+        out.append(memo(("merges check", gf.digest(["tokenizer.ggml.merges"]), digest[0]), merges))
+    return out
 
 
 def _meta_side(meta, digest) -> tuple:
     """Meta's tokens, types, scores and (tiktoken) implied merges, computed once per tokenizer file."""
     def compute():
         texts, types, scores = expected_tokens(meta)
-        tiktoken = getattr(meta, "kind", "") == "tiktoken"
-        return texts, types, scores, expected_merges(texts, len(meta.mergeable_ranks)) if tiktoken else None
+        if getattr(meta, "kind", "") != "tiktoken":
+            return texts, types, scores, None
+        # the merges follow from the ordinary tokens alone: one computation per file for every Llama 3 version
+        n = len(meta.mergeable_ranks)
+        return texts, types, scores, memo(("merges", digest[0]), lambda: expected_merges(texts, n), fresh=False)
     return memo(("meta", digest), compute, fresh=False)
 
 
@@ -161,9 +173,7 @@ def _vocabulary_checks(gf, meta, digest) -> list[CheckResult]:
         got = got_types[i] if i < len(got_types) else None
         typ.add(f"id {i} {texts[i]!r}", got if t == UNKNOWN and got == CONTROL else t, got)
     out = [kind.r, size.r, whole.r, typ.r]
-    if tiktoken:
-        out.append(merges_check(gf, texts, len(meta.mergeable_ranks), merges))
-    else:
+    if not tiktoken:
         got_scores = gf.get("tokenizer.ggml.scores") or []
         sc = Acc("sentencepiece scores", note="all -1000 when llama.cpp built the vocabulary without tokenizer.model; "
                  "control and unknown pieces are never merged into, so their scores are not compared")
