@@ -432,6 +432,8 @@ class Folder:
         def read() -> None:
             try:
                 for block in self.blocks:
+                    if stop.is_set():  # another thread failed, or the caller was interrupted
+                        return
                     reads = []
                     for p in block.pieces:
                         slot = _take(pool, stop)
