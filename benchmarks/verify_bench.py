@@ -37,6 +37,7 @@ import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -78,21 +79,48 @@ def matmul_rate(dtype: torch.dtype, n: int, d: int, f: int) -> float:
     return best
 
 
-def floor_seconds(meta: Path, hf: Path, tokens32: int, tokens16: int) -> tuple[float, float, float]:
-    """(read seconds, matmul seconds, total): both models read once cold + both sides' matmuls."""
+@dataclass(frozen=True)
+class Products:
+    """The matrix products a streamed verify runs (llama_parity/streams.py), per side: every stream's
+    steps through each layer at once (one fp32 product per weight per layer for all of them,
+    llama_parity/shared_products.py), the bf16 stream's own, the reference's greedy passes (one
+    token through every layer each) and the output projection of the judged positions."""
+
+    fp32_tokens: int = 171  # near 50, far 3 x 12, kv 50 (8 + 8 x 1 + 34), greedy prompt ~35
+    bf16_tokens: int = 50
+    greedy_passes: int = 7  # reference only (HF is teacher-forced on them within fp32_tokens)
+    logit_rows: int = 120  # near 50 + 50 bf16, far 3 x 4, kv 50 ... (over-counted: a higher floor)
+
+    def rates(self, d: int, f: int) -> dict:
+        # a bf16 product at the faster of torch's bf16 kernels and fp32 on bf16 values (what verify
+        # uses on CPUs: the same sums, rounded to bf16 after)
+        bf16 = max(matmul_rate(torch.bfloat16, self.bf16_tokens, d, f), matmul_rate(torch.float32, self.bf16_tokens, d, f))
+        return {(torch.float32, self.fp32_tokens): matmul_rate(torch.float32, self.fp32_tokens, d, f),
+                (torch.bfloat16, self.bf16_tokens): bf16, (torch.float32, 1): matmul_rate(torch.float32, 1, d, f)}
+
+    def seconds(self, body_params: int, head_params: int, rates: dict) -> float:
+        r32, r16, r1 = (rates[torch.float32, self.fp32_tokens], rates[torch.bfloat16, self.bf16_tokens],
+                        rates[torch.float32, 1])
+        per_side = 2 * body_params * (self.fp32_tokens / r32 + self.bf16_tokens / r16)
+        per_side += 2 * head_params * self.logit_rows / r32
+        greedy = self.greedy_passes * 2 * (body_params + head_params) / r1
+        return 2 * per_side + greedy
+
+
+def floor_seconds(meta: Path, hf: Path, products: Products = Products()) -> tuple[float, float, float, str]:
+    """(read seconds, matmul seconds, total, the rates used): both models read once cold + both sides'
+    products, each priced at this machine's rate for its own shape (a one-token product reads the
+    whole weight for one row: its rate is the memory's, not the matmul units')."""
     cfg = json.loads((hf / "config.json").read_text())
     d, f, v, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     kv = cfg["num_key_value_heads"] * d // cfg["num_attention_heads"]
-    params = L * (2 * d * d + 2 * d * kv + 3 * d * f) + v * d
-    files = [*meta.glob("consolidated.*.pth"), *hf.glob("*.safetensors")]
-    evict(files)
-    t0 = time.perf_counter()
-    for p in files:
-        subprocess.run(["dd", f"if={p}", "of=/dev/null", "bs=16M"], check=True, stderr=subprocess.DEVNULL)
-    read = time.perf_counter() - t0
-    r32, r16 = matmul_rate(torch.float32, 64, d, f), matmul_rate(torch.bfloat16, 64, d, f)
-    mm = 2 * (2 * params * tokens32 / r32 + 2 * params * tokens16 / r16)  # two sides
-    return read, mm, read + mm
+    body_params = L * (2 * d * d + 2 * d * kv + 3 * d * f)
+    read = cold_read([*meta.glob("consolidated.*.pth"), *hf.glob("*.safetensors")])
+    rates = products.rates(d, f)
+    mm = products.seconds(body_params, v * d, rates)
+    said = ", ".join(f"{'bf16' if dt == torch.bfloat16 else 'fp32'} x{n} tokens {r / 1e9:.0f} GFLOP/s"
+                     for (dt, n), r in rates.items())
+    return read, mm, read + mm, said
 
 
 def cold_read(files: list[Path]) -> float:
@@ -173,17 +201,14 @@ def main(argv=None) -> None:
                        str(out)], int(a.min_free * GB), log=a.work / "to-meta.log")
         rows.append(("to-meta (HF -> Meta, incl. sync)", r))
         shutil.rmtree(out, ignore_errors=True)
-    # token counts of the streams (streaming.py): near, kv, 3 far x 12, greedy (prompt ~35 + 7) in fp32
-    # on each side plus the ref's 7 greedy decode steps; near in bf16
-    n = 50
     models = not a.no_streaming or a.full
     if models:
-        read, mm, floor = floor_seconds(meta, hf, tokens32=n + n + 36 + 42 + 7, tokens16=n)
+        read, mm, floor, rates = floor_seconds(meta, hf)
     print(f"machine: {machine()}; load average before/after: {bytes_lines.pop(0)} / {os.getloadavg()[0]:.1f}")
     print(f"case {a.case}{f' ({a.layers} layers)' if a.layers else ''}: model {model_bytes / GB:.2f} GB; "
           f"bare torch+transformers {bare.peak_rss / GB:.2f} GB RSS")
     if models:
-        print(f"floor: read both models {read:.1f} s + matmuls {mm:.1f} s = {floor:.1f} s")
+        print(f"floor: read both models {read:.1f} s + matmuls {mm:.1f} s = {floor:.1f} s (rates: {rates})")
     print("\n".join(bytes_lines))
     for what, r in rows:
         above = r.peak_rss - bare.peak_rss

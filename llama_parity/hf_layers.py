@@ -14,6 +14,7 @@ import torch
 
 from .formats.safetensors import SafetensorsReader
 from .parity import Check
+from .shared_products import product
 
 PIECE_BYTES = 4 << 20  # fp32 bytes of weight rows widened per product (fits the CPU's caches)
 
@@ -22,15 +23,25 @@ def widened_linear(x: torch.Tensor, w: torch.Tensor, buffers: dict, piece_bytes:
     """x @ w^T with w widened (or narrowed) to x's dtype a few rows at a time into one reused buffer:
     a whole fp32 copy of each weight, freshly allocated, costs more than the product itself (page
     faults and memory traffic; the reference does the same, reference_model/model.py _Converted)."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        # A bf16 product as bf16 matrix units compute it (bf16 values, fp32 sums, the result rounded to
+        # bf16), in fp32: CPUs without bf16 units run torch's bf16 kernels at half the fp32 rate.
+        return _widened(x.float(), w, buffers, piece_bytes, through=torch.bfloat16).to(torch.bfloat16)
     if w.dtype == x.dtype:
         return torch.nn.functional.linear(x, w)
+    return _widened(x, w, buffers, piece_bytes)
+
+
+def _widened(x: torch.Tensor, w: torch.Tensor, buffers: dict, piece_bytes: int,
+             through: torch.dtype | None = None) -> torch.Tensor:
+    """x @ w^T, w (rounded to `through` first, when given) widened to x's dtype piece by piece."""
     step = max(1, piece_bytes // (w.shape[1] * 4))
     key = (x.dtype, x.device)
     if key not in buffers or buffers[key].numel() < step * w.shape[1]:
         buffers[key] = torch.empty(step * w.shape[1], dtype=x.dtype, device=x.device)
     outs = []
     for a in range(0, w.shape[0], step):
-        piece = w[a:a + step]
+        piece = w[a:a + step] if through is None else w[a:a + step].to(through)
         buf = buffers[key][:piece.numel()].view(piece.shape).copy_(piece)
         outs.append(torch.nn.functional.linear(x, buf))
     return torch.cat(outs, dim=-1)
@@ -46,7 +57,8 @@ class WidenedLinear(torch.nn.Module):
         self.w, self.b, self.buffers, self.piece_bytes = weight, bias, buffers, piece_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = widened_linear(x, self.w, self.buffers, self.piece_bytes)
+        # shared with the other passes through this layer run together (shared_products.py)
+        out = product(id(self), x, lambda x: widened_linear(x, self.w, self.buffers, self.piece_bytes))
         return out if self.b is None else out + self.b.to(out.dtype)
 
 

@@ -11,6 +11,7 @@ them here, one range per rank in distributed.py (the same passes, hidden states 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -18,6 +19,7 @@ from llama_parity.reference_model.model import Transformer
 
 from .hf_layers import StreamingHF
 from .parity import Prompts, kv_steps, rel_diff
+from .shared_products import order_writes, run_together
 
 
 @dataclass
@@ -66,6 +68,8 @@ def _ref_begin(refs: dict, s: Stream) -> list:
     """Per step (h, rot, mask, start) for the reference; a cached stream gets its own KV cache."""
     ref = refs[s.dtype]
     s.cache = ref.new_cache(1, len(s.tokens) + s.room) if s.cached or s.room else None
+    if s.cache is not None:  # steps run together write a layer's slots in their order
+        order_writes(s.cache, "write", lambda layer, part, *_a, **_k: (layer, part))
     out = []
     for j, (a, b) in enumerate(s.steps):
         toks = torch.tensor([s.tokens[a:b]])
@@ -88,9 +92,13 @@ def run_reference(ref32: Transformer, ref16: Transformer, streams: list[Stream],
         for dtype in (torch.float32, torch.bfloat16):
             if dtype == torch.bfloat16:
                 ref16.hold_layer(i, source=ref32)
-            for s in (s for s in streams if s.dtype == dtype):
-                for st in state[s.name]:
-                    st[0] = refs[dtype].layer(i, st[0], st[1], st[3], st[2], cache=s.cache)
+            # every step of every stream of this dtype through the layer at once: each weight's
+            # product computed once for all of them (shared_products.py)
+            steps = [(s, j, st) for s in streams if s.dtype == dtype for j, st in enumerate(state[s.name])]
+            outs = run_together([(partial(refs[dtype].layer, i, st[0], st[1], st[3], st[2], cache=s.cache), s.cache, j)
+                                 for s, j, st in steps])
+            for (_s, _j, st), h in zip(steps, outs):
+                st[0] = h
         ref32.release_layer()
         ref16.release_layer()
         del tensors
@@ -137,6 +145,8 @@ def run_hf(hf: StreamingHF, streams: list[Stream], ref_hidden: list, progress,
     relay = relay or Relay(hf.config.num_hidden_layers)
     for s in streams:
         s.cache = DynamicCache() if s.cached else None
+        if s.cache is not None:  # steps run together append to a layer's cache in their order
+            order_writes(s.cache, "update", lambda _k, _v, layer_idx, *_a, **_kw: layer_idx)
         s.h = [hf.embed(s.tokens[a:b], s.dtype) for a, b in s.steps]
     diffs = []
     relay.before([h for s in streams for h in s.h])
@@ -147,9 +157,11 @@ def run_hf(hf: StreamingHF, streams: list[Stream], ref_hidden: list, progress,
         for dtype in (torch.float32, torch.bfloat16):
             if dtype == torch.bfloat16:
                 layer = layer.to(torch.bfloat16)
-            for s in (s for s in streams if s.dtype == dtype):
-                for j, (a, _b) in enumerate(s.steps):
-                    s.h[j] = hf.run(layer, s.h[j], s.step_positions(j), a if s.cached else 0, s.cache)
+            steps = [(s, j, a) for s in streams if s.dtype == dtype for j, (a, _b) in enumerate(s.steps)]
+            outs = run_together([(partial(hf.run, layer, s.h[j], s.step_positions(j), a if s.cached else 0, s.cache),
+                                  s.cache, j) for s, j, a in steps])
+            for (s, j, _a), h in zip(steps, outs):
+                s.h[j] = h
         del layer
         near = next(s for s in streams if s.name == "near")
         diffs.append(rel_diff(ref_hidden[k], near.h[0][0]))

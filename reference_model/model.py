@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_parity.formats.pth import PthReader, load_state_dict
+from llama_parity.shared_products import product
 
 
 # fp32 bytes of weight rows widened per product when reading lazily (fits the CPU's caches; see _Converted)
@@ -421,9 +422,20 @@ class _Converted:
         return self[key] if key in self.raw else default
 
     def linear(self, x: torch.Tensor, key: str) -> torch.Tensor:
-        """x @ W^T for weight `key`: the held tensor, else read from the file a piece at a time."""
+        """x @ W^T for weight `key`: the held tensor, else read from the file a piece at a time. Passes
+        through one layer run together (llama_parity/shared_products.py) share one product."""
+        return product((id(self), key), x, lambda x: self._linear(x, key))
+
+    def _linear(self, x: torch.Tensor, key: str) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            # A bf16 product as bf16 matrix units compute it (bf16 values, fp32 sums, the result rounded
+            # to bf16), in fp32: CPUs without bf16 units run torch's bf16 kernels at half the fp32 rate.
+            return self._wide(x.float(), key, torch.float32, through=torch.bfloat16).to(torch.bfloat16)
+        return self._wide(x, key, self.dtype)
+
+    def _wide(self, x: torch.Tensor, key: str, dtype: torch.dtype, through: torch.dtype | None = None) -> torch.Tensor:
         w = self.held.get(key)
-        if w is not None and w.dtype == self.dtype and self.round_to in (None, self.dtype):
+        if w is not None and w.dtype == dtype and self.round_to in (None, dtype) and through in (None, dtype):
             return F.linear(x, w)
         n_out, n_in = w.shape if w is not None else self.raw.shape(key)
         step = max(1, self.piece_bytes // (n_in * 4))
@@ -437,8 +449,10 @@ class _Converted:
                 piece = self.raw.rows(key, a, b, out=read).to(self.device)
             if self.round_to is not None:
                 piece = piece.to(self.round_to)
-            if piece.dtype != self.dtype:
-                piece = self._buffer("wide", b - a, n_in, self.dtype, self.device).copy_(piece)
+            if through is not None:
+                piece = piece.to(through)
+            if piece.dtype != dtype:
+                piece = self._buffer("wide", b - a, n_in, dtype, self.device).copy_(piece)
             outs.append(F.linear(x, piece))
         return torch.cat(outs, dim=-1)
 

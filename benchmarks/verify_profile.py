@@ -1,0 +1,170 @@
+"""Where a streamed verify's time goes: `verify --memory streaming --no-tokenizer` run in this process
+with timers wrapped around its phases, and the floor each phase could reach on this machine.
+
+    python -m benchmarks.verify_profile --case 8b [--work /work/bench-8b]   # prints a markdown table
+
+The checkpoint is verify_bench's (built there if missing). The page cache is evicted first, as in
+verify_bench. Timers (wall seconds in the main thread, which does all the arithmetic; the reader
+thread's reads overlap it and are shown as "waiting for reads"):
+
+- start-up: importing torch, transformers and the CLI; the verify's metadata checks; the byte check
+  (exact_bytes.py) as its own note reports it;
+- per side, per stream kind (recognised by the step's token count and dtype: near 50 fp32, near
+  bf16, far 12, kv prefill 8, kv single 1, kv chunk, greedy prompt): the decoder-layer calls;
+- the reference's greedy passes; the output projections (head, logits);
+- the main thread's waits for the reader thread.
+
+The floor column prices each phase at this machine's rates measured here: matmul FLOP/s at the
+phase's token count (fp32, bf16) and, for reads, the cold `dd` rate of both models.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+T0 = time.perf_counter()
+import torch  # noqa: E402
+
+from benchmarks.run import evict, machine  # noqa: E402
+from benchmarks.verify_bench import CASES, build, matmul_rate  # noqa: E402
+
+TIMES: dict[str, float] = collections.defaultdict(float)
+CALLS: dict[str, int] = collections.defaultdict(int)
+TOKENS: dict[str, int] = {}
+IN_GREEDY = False
+
+
+def _timed(key_of, f):
+    def wrapper(*a, **kw):
+        key = key_of(*a, **kw)
+        t = time.perf_counter()
+        try:
+            return f(*a, **kw)
+        finally:
+            TIMES[key] += time.perf_counter() - t
+            CALLS[key] += 1
+    return wrapper
+
+
+def _group_key(calls) -> str:
+    """A group of passes run together through one layer (streams.run_together): which side, dtype."""
+    fn = calls[0][0]
+    side = "reference" if type(fn.func.__self__).__name__ == "Transformer" else "HF"
+    h = fn.args[1]
+    tokens = sum(c[0].args[1].shape[1] for c in calls)
+    key = f"{side}: {'bf16 stream' if h.dtype == torch.bfloat16 else 'fp32 streams'} ({len(calls)} passes, {tokens} tokens)"
+    TOKENS[key] = tokens
+    return key
+
+
+def install() -> None:
+    from llama_parity import exact_bytes, streams
+    from llama_parity.hf_layers import StreamingHF
+    from llama_parity.reference_model.model import Transformer
+
+    streams.run_together = _timed(lambda calls: _group_key(calls) if calls else "empty", streams.run_together)
+    real_layer = Transformer.layer
+
+    def layer(self, i, h, *a, **kw):  # only the greedy passes call it from the main thread
+        if not IN_GREEDY:
+            return real_layer(self, i, h, *a, **kw)
+        key = "reference: greedy passes (1 token each)"
+        TOKENS[key] = 1
+        return _timed(lambda *a, **k: key, real_layer)(self, i, h, *a, **kw)
+    Transformer.layer = layer
+    Transformer.head = _timed(lambda *a, **k: "reference: output projection" + (" (greedy)" if IN_GREEDY else ""),
+                              Transformer.head)
+    StreamingHF.logits = _timed(lambda *a, **k: "HF: output projection", StreamingHF.logits)
+    StreamingHF.embed = _timed(lambda *a, **k: "HF: embedding rows", StreamingHF.embed)
+    StreamingHF.layer = _timed(lambda *a, **k: "HF: building layers", StreamingHF.layer)
+    exact_bytes.check_exact_bytes = _timed(lambda *a, **k: "byte check (every weight, both folders)",
+                                           exact_bytes.check_exact_bytes)
+    real_greedy = streams.reference_greedy
+
+    def greedy(*a, **kw):
+        global IN_GREEDY
+        IN_GREEDY = True
+        try:
+            return real_greedy(*a, **kw)
+        finally:
+            IN_GREEDY = False
+    import llama_parity.streaming as streaming
+    streaming.reference_greedy = greedy
+
+    real_prefetched = streams.prefetched
+
+    def prefetched(read, layers):
+        it = real_prefetched(read, layers)
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                TIMES["waiting for reads (main thread)"] += time.perf_counter() - t
+            yield item
+    streams.prefetched = prefetched
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", choices=CASES, default="1b")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--work", type=Path, default=Path("/work/bench-stream"))
+    ap.add_argument("--no-evict", action="store_true")
+    a = ap.parse_args(argv)
+    meta, hf = build(a.work, a.case, a.layers)
+    from llama_parity import cli
+
+    TIMES["start-up (imports)"] = time.perf_counter() - T0
+    install()
+    files = [*meta.glob("consolidated.*.pth"), *hf.glob("*.safetensors")]
+    if not a.no_evict:
+        evict(files)
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        rc = cli.main(["verify", "--meta-dir", str(meta), "--hf-dir", str(hf), "--memory", "streaming",
+                       "--no-tokenizer"])
+    wall = time.perf_counter() - t
+    accounted = sum(v for k, v in TIMES.items() if k != "start-up (imports)")
+    cfg = json.loads((hf / "config.json").read_text())
+    d, f, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * d // cfg["num_attention_heads"]
+    layer_params = 2 * d * d + 2 * d * kv + 3 * d * f
+    rates: dict[tuple[torch.dtype, int], float] = {}
+
+    def rate(dtype, n):
+        if (dtype, n) not in rates:
+            rates[dtype, n] = matmul_rate(dtype, n, d, f)
+        return rates[dtype, n]
+
+    print(f"machine: {machine()}")
+    print(f"case {a.case}{f' ({a.layers} layers)' if a.layers else ''}: verify exit {rc}, wall {wall:.1f} s "
+          f"(+ {TIMES['start-up (imports)']:.1f} s imports); timed phases {accounted:.1f} s")
+    print("| phase | calls | seconds | share | floor (products at this token count's rate) |")
+    print("|---|---|---|---|---|")
+    for k, v in sorted(TIMES.items(), key=lambda kv: -kv[1]):
+        floor = ""
+        if k in TOKENS:
+            n = TOKENS[k]
+            # a bf16 product at the faster of the bf16 kernels and fp32 (what verify uses on CPUs)
+            best = max(rate(torch.float32, n), rate(torch.bfloat16, n) if "bf16" in k else 0.0)
+            flops = 2 * layer_params * n * CALLS[k]
+            floor = f"{flops / best:.1f} s ({best / 1e9:.0f} GFLOP/s at n={n})"
+        print(f"| {k} | {CALLS.get(k, 1)} | {v:.1f} | {100 * v / (wall + TIMES['start-up (imports)']):.0f}% | {floor} |")
+    print(f"| (not timed: metadata checks, report, the rest) | | {wall - accounted:.1f} | | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Several passes through one decoder layer that share each weight's matrix product.
+
+The streamed verify runs a dozen token sequences through every layer while it is resident (the
+streams of streams.py: near, far@P, the kv-cache steps, greedy). Run one after another, each pass
+widens every bf16 weight to fp32 again, a few rows at a time, and multiplies it by a handful of
+tokens: on an 8B, fifteen widenings of the layer per side, each as slow as reading it from memory,
+and single-token products far below the matmul rate.
+
+`run_together(calls)` runs each pass (an unchanged call of the layer: Meta's math in
+reference_model/model.py, transformers' own LlamaDecoderLayer) in its own thread. The linear layers
+ask `product(key, x, compute)`: when every pass has asked for the same weight, one thread computes
+it once for all of their rows (one widening, one larger product) and each pass gets its own rows
+back. A linear layer treats rows independently, so each pass computes what it would alone; only
+attention mixes tokens, and it still runs per pass. Passes that share a KV cache (the kv stream's
+steps) write it in their order (`in_turn`), so step j attends exactly to steps 0..j.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+_current = threading.local()  # .group: the Together this thread's pass belongs to; .turns: {id(cache): j}
+
+
+class Aborted(RuntimeError):
+    """Another pass of the group failed: this one stops too (the first error is raised)."""
+
+
+@dataclass
+class _Pending:
+    xs: list = field(default_factory=list)
+    out: list | None = None
+
+
+class Together:
+    """The rendezvous of `n` passes through one layer."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.cond = threading.Condition()
+        self.pending: dict = {}
+        self.turns: dict = {}  # (id(cache), key) -> how many passes have written that slot group
+        self.failed = False
+
+    def _wait(self, ready) -> None:
+        self.cond.wait_for(lambda: self.failed or ready())
+        if self.failed:
+            raise Aborted("another pass through this layer failed")
+
+    def product(self, key, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        with self.cond:
+            p = self.pending.setdefault(key, _Pending())
+            i = len(p.xs)
+            p.xs.append(x)
+            if len(p.xs) < self.n:
+                self._wait(lambda: p.out is not None)
+                return p.out[i]
+            del self.pending[key]  # the last pass to arrive computes
+        sizes = [t.shape[-2] for t in p.xs]
+        out = compute(torch.cat(p.xs, dim=-2)).split(sizes, dim=-2)
+        with self.cond:
+            p.out = out
+            self.cond.notify_all()
+        return out[i]
+
+    def in_turn(self, cache, key, turn: int, write: Callable):
+        """Call `write` (a cache write) once the passes before `turn` on this cache wrote `key`."""
+        slot = (id(cache), key)
+        with self.cond:
+            self._wait(lambda: self.turns.get(slot, 0) == turn)
+        try:
+            return write()
+        finally:
+            with self.cond:
+                self.turns[slot] = turn + 1
+                self.cond.notify_all()
+
+    def abort(self) -> None:
+        with self.cond:
+            self.failed = True
+            self.cond.notify_all()
+
+
+def product(key, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """compute(x), shared with the other passes of this thread's group when there is one."""
+    group = getattr(_current, "group", None)
+    return compute(x) if group is None else group.product(key, x, compute)
+
+
+def in_turn(cache, key, write: Callable):
+    """write() now, or, in a group, after the earlier passes on `cache` wrote `key` (a layer, a part)."""
+    group = getattr(_current, "group", None)
+    turn = None if group is None else getattr(_current, "turns", {}).get(id(cache))
+    return write() if turn is None else group.in_turn(cache, key, turn, write)
+
+
+def order_writes(cache, method: str, key_of: Callable) -> None:
+    """Make `cache.method` (its write) wait its turn when called from a group's pass: key_of(*args)
+    names what one write fills (a layer, a shard's part); passes write it in their turn's order."""
+    write = getattr(cache, method)
+
+    def ordered(*a, **kw):
+        return in_turn(cache, key_of(*a, **kw), lambda: write(*a, **kw))
+    setattr(cache, method, ordered)
+
+
+def run_together(calls: list[tuple[Callable[[], object], object, int]]) -> list:
+    """Run `calls` [(fn, cache or None, turn on that cache)] as one group, each in its own thread;
+    their results in order. Each call is one pass of the same layer (so each asks for the same
+    products in the same order); calls on one cache are its steps, turn 0, 1, ..."""
+    if len(calls) <= 1:
+        return [fn() for fn, _cache, _turn in calls]
+    group = Together(len(calls))
+
+    def run(fn, cache, turn):
+        _current.group = group
+        _current.turns = {} if cache is None else {id(cache): turn}
+        try:
+            with torch.inference_mode():
+                return fn()
+        except BaseException:
+            group.abort()
+            raise
+        finally:
+            _current.group = None
+            _current.turns = {}
+
+    pool = ThreadPoolExecutor(len(calls), thread_name_prefix="llama-parity-pass")  # one thread per pass: all must wait together
+    try:
+        futures = [pool.submit(run, *c) for c in calls]
+        results, first = [], None
+        for f in futures:
+            try:
+                results.append(f.result())
+            except Aborted:
+                results.append(None)
+            except Exception as e:  # the pass that failed first; the others were Aborted
+                first = first or e
+                results.append(None)
+        if first is not None:
+            raise first
+        return results
+    except BaseException:  # a signal in this thread: the passes stop at their next product
+        group.abort()
+        raise
+    finally:
+        pool.shutdown()

@@ -1,0 +1,169 @@
+"""Passes through one layer run together (llama_parity/shared_products.py): the streamed verify's
+way of computing each weight's product once for every stream. What a bug here would do: a pass
+given another pass's rows (a stream judged on another stream's numbers), kv steps attending before
+the earlier steps wrote the cache (decode through the cache silently wrong), a failing pass hanging
+the verify."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from llama_parity.reference_model.model import ModelArgs, Transformer
+from llama_parity.shared_products import Aborted, order_writes, product, run_together
+
+
+def _tiny_reference(seed: int = 0, shards: int = 1) -> Transformer:
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=32)
+    g = torch.Generator().manual_seed(seed)
+    f = args.ffn_hidden_dim
+    sd = {"tok_embeddings.weight": torch.randn(97, 64, generator=g), "norm.weight": torch.rand(64, generator=g) + 0.5,
+          "output.weight": torch.randn(97, 64, generator=g)}
+    kv = args.n_kv_heads * args.head_dim
+    for i in range(2):
+        p = f"layers.{i}."
+        sd |= {p + "attention.wq.weight": torch.randn(64, 64, generator=g) / 8,
+               p + "attention.wk.weight": torch.randn(kv, 64, generator=g) / 8,
+               p + "attention.wv.weight": torch.randn(kv, 64, generator=g) / 8,
+               p + "attention.wo.weight": torch.randn(64, 64, generator=g) / 8,
+               p + "feed_forward.w1.weight": torch.randn(f, 64, generator=g) / 8,
+               p + "feed_forward.w3.weight": torch.randn(f, 64, generator=g) / 8,
+               p + "feed_forward.w2.weight": torch.randn(64, f, generator=g) / 8,
+               p + "attention_norm.weight": torch.rand(64, generator=g) + 0.5,
+               p + "ffn_norm.weight": torch.rand(64, generator=g) + 0.5}
+    return Transformer(args, [sd], embedding_dim=0, dtype=torch.float64)
+
+
+class _Linear:
+    """A linear layer that asks for its product the way the streamed verify's layers do."""
+
+    def __init__(self, w):
+        self.w, self.calls = w, 0
+
+    def __call__(self, x):
+        def compute(x):
+            self.calls += 1
+            return x @ self.w.T
+        return product(id(self), x, compute)
+
+
+def test_each_pass_gets_its_own_rows_from_one_product():
+    """Bug class: rows handed to the wrong pass, or the product computed once per pass (no sharing)."""
+    a, b = _Linear(torch.randn(5, 3, dtype=torch.float64)), _Linear(torch.randn(2, 5, dtype=torch.float64))
+    xs = [torch.randn(1, n, 3, dtype=torch.float64) for n in (1, 4, 2, 7)]
+    outs = run_together([(lambda x=x: b(torch.tanh(a(x))), None, 0) for x in xs])
+    for x, out in zip(xs, outs):
+        torch.testing.assert_close(out, torch.tanh(x @ a.w.T) @ b.w.T, rtol=1e-12, atol=1e-12)
+    assert (a.calls, b.calls) == (1, 1)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_kv_steps_run_together_equal_one_after_another(reverse):
+    """Bug class: decode steps through a shared KV cache attending before the earlier steps wrote it
+    (submitted in reverse, the threads would write in the wrong order without the turns), or a
+    batched product that changes what a step computes. Reference layer, float64: exact order."""
+    ref = _tiny_reference()
+    tokens = torch.tensor([[5, 17, 3, 88, 41, 9, 60, 2, 33, 71]])
+    steps = [(0, 4), (4, 5), (5, 6), (6, 10)]
+
+    def begin(cache):
+        return [ref.begin(tokens[:, a:b], a, cache=cache) for a, b in steps]
+
+    def alone():
+        cache = ref.new_cache(1, 10)
+        hs = [list(x) for x in begin(cache)]
+        for i in range(ref.args.n_layers):
+            for (a, _b), st in zip(steps, hs):
+                st[0] = ref.layer(i, st[0], st[1], a, st[2], cache=cache)
+        return [st[0] for st in hs]
+
+    def together():
+        cache = ref.new_cache(1, 10)
+        order_writes(cache, "write", lambda layer, part, *_a: (layer, part))
+        hs = [list(x) for x in begin(cache)]
+        for i in range(ref.args.n_layers):
+            calls = [(lambda st=st, a=a: ref.layer(i, st[0], st[1], a, st[2], cache=cache), cache, j)
+                     for j, ((a, _b), st) in enumerate(zip(steps, hs))]
+            order = list(reversed(range(len(calls)))) if reverse else list(range(len(calls)))
+            outs = run_together([calls[j] for j in order])
+            for j, out in zip(order, outs):
+                hs[j][0] = out
+        return [st[0] for st in hs]
+
+    for x, y in zip(alone(), together()):
+        torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-12)
+
+
+def test_writes_wait_their_turn():
+    """Bug class: a later step's cache write overtaking an earlier one's (the turn ignored)."""
+    written = []
+
+    class Cache:
+        def write(self, layer, part):
+            written.append(threading.current_thread().name)
+            return layer
+
+    cache, lin = Cache(), _Linear(torch.eye(2))
+    order_writes(cache, "write", lambda layer, part: (layer, part))
+
+    def step(j):
+        def run():
+            lin(torch.ones(1, 1, 2))
+            time.sleep(0.01 * (3 - j))  # the later steps arrive first
+            threading.current_thread().name = f"step {j}"
+            return cache.write(0, 0)
+        return run
+
+    run_together([(step(j), cache, j) for j in (3, 2, 1, 0)])
+    assert written == ["step 0", "step 1", "step 2", "step 3"]
+
+
+def test_a_failing_pass_fails_the_group_without_hanging():
+    """Bug class: one pass raising while the others wait at the next product forever (a hung verify)."""
+    lin = _Linear(torch.eye(2))
+
+    def bad():
+        raise ValueError("shape mismatch in pass 2")
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="pass 2"):
+        run_together([(lambda: lin(torch.ones(1, 1, 2)), None, 0), (bad, None, 0), (lambda: lin(torch.ones(1, 2, 2)), None, 0)])
+    assert time.perf_counter() - t0 < 10
+    assert issubclass(Aborted, RuntimeError)
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "float32"])
+def test_bf16_products_round_like_bf16_kernels(stored):
+    """Bug class: the bf16 stream's products (computed in fp32 on CPUs, streamed verify) not being bf16
+    products: weights stored in fp32 used unrounded, or the result left in fp32 precision. Each output
+    must equal torch's own bf16 kernel to within one bf16 rounding, on both sides (reference piecewise
+    product and the HF layer's), and the weights must be the bf16-rounded ones."""
+    import torch.nn.functional as F
+
+    from llama_parity.hf_layers import widened_linear
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 32, generator=g).to(getattr(torch, stored))
+    x = torch.randn(1, 6, 32, generator=g).to(torch.bfloat16)
+    kernel = F.linear(x, w.to(torch.bfloat16)).float()
+    ulp = kernel.abs() * 2 ** -7 + 1e-30
+    hf = widened_linear(x, w, {}, piece_bytes=4 * 32 * 3)
+    assert hf.dtype == torch.bfloat16 and bool(((hf.float() - kernel).abs() <= ulp).all())
+    unrounded = F.linear(x.float(), w.float())  # weights not rounded: off by far more than the kernel
+    if stored == "float32":
+        assert not torch.equal(hf.float(), unrounded.to(torch.bfloat16).float())
+
+    from llama_parity.reference_model import model
+
+    class Raw:
+        def shape(self, key):
+            return tuple(w.shape)
+
+    conv = model._Converted(Raw(), torch.device("cpu"), torch.bfloat16, None, piece_bytes=4 * 32 * 3)
+    conv.held = {"w": w}
+    ref = conv.linear(x, "w")
+    assert ref.dtype == torch.bfloat16 and bool(((ref.float() - kernel).abs() <= ulp).all())
+    torch.testing.assert_close(ref, hf, rtol=0, atol=0)
