@@ -1,23 +1,31 @@
 """GGUF benchmark: `verify --gguf` (weights, then every check) against a floor measured in the same run.
 
-    python -m benchmarks.gguf_bench --case 8b [--layers N] [--outtype f16|q8_0]   # prints a markdown row
+    python -m benchmarks.gguf_bench --case 8b [--layers N] [--outtype f16|q8_0|bf16]   # prints a markdown row
+    python -m benchmarks.gguf_bench --case 8b --meta-dir /work/bench-8b/meta-8b/Llama3.1-8B \
+        --hf-dir /work/bench-8b/hf-8b --work /work/gguf-bench       # reuse a checkpoint and its conversion
 
 Builds a synthetic bf16 Meta checkpoint of the REAL shape (benchmarks/make_checkpoint.py; `--layers N`
-keeps the real layer shapes and the 128k vocabulary but only N layers), converts it with llama-parity,
-then to GGUF with llama.cpp's own convert_hf_to_gguf.py (the test suite's cached copy from the
-llama-cpp-python sdist), and measures as child processes (peak RSS = ru_maxrss from wait4), page cache
+keeps the real layer shapes and the 128k vocabulary but only N layers) and converts it with llama-parity,
+or reuses ones given (`--meta-dir`, `--hf-dir`: read, never written); then converts to GGUF with
+llama.cpp's own convert_hf_to_gguf.py (the test suite's copy from the llama-cpp-python sdist, its output
+not cached: a 16 GB file) and measures as child processes (peak RSS = ru_maxrss from wait4), page cache
 evicted before each:
 
+- llama.cpp's converter (HF folder -> GGUF), for scale;
 - floor: reading the Meta shard and the GGUF file once from disk (what any judge of the pair must do);
 - `verify --gguf --quick`: metadata, the whole tokenizer, every weight (no model run);
 - `verify --gguf`: the same plus the outputs step (the reference on Meta's, the file's and the honestly
   quantised weights, one tensor at a time) and, when llama-cpp-python is installed, llama.cpp itself.
+
+The GGUF it made is deleted at the end (`--keep-gguf` keeps it); the disk it needs (the GGUF's size, from
+the HF folder's) is checked before converting.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,23 +36,39 @@ from benchmarks.run import GB, evict, machine, run_child
 CASES = {"1b": "llama3.2-1b", "8b": "llama3.1-8b"}
 
 
-def build(work: Path, case: str, layers: int | None, outtype: str) -> tuple[Path, Path]:
+# bytes of GGUF per byte of bf16 HF weights
+GGUF_RATIO = {"f16": 1.0, "bf16": 1.0, "q8_0": 34 / 64}
+
+
+def build(work: Path, case: str, layers: int | None) -> tuple[Path, Path]:
+    """A synthetic Meta checkpoint of the case's shape and our conversion, under `work` (kept for reruns)."""
     from benchmarks.make_checkpoint import make_checkpoint
     from llama_parity import releases as variants
     from llama_parity.fixtures.tokenizers import real_llama3_tokenizer
-    from llama_parity.parity_tests.llamacpp import convert_to_gguf
 
     tag = f"{case}-{layers}l" if layers else case
     meta = work / f"meta-{tag}" / variants.get(CASES[case]).meta_dir_name
-    hf, gguf = work / f"hf-{tag}", work / f"{tag}-{outtype}.gguf"
+    hf = work / f"hf-{tag}"
     if not (meta / "params.json").is_file():
         make_checkpoint(CASES[case], meta, num_shards=1, tokenizer=real_llama3_tokenizer(), n_layers=layers)
     if not (hf / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "llama_parity.cli", "convert", "--input-dir", str(meta),
                         "--output-dir", str(hf), "--variant", CASES[case]], check=True, stdout=subprocess.DEVNULL)
-    if not gguf.is_file():
-        convert_to_gguf([(hf, outtype, gguf)])
-    return meta, gguf
+    return meta, hf
+
+
+def to_gguf(hf: Path, outtype: str, gguf: Path) -> float:
+    """llama.cpp's converter into `gguf` (refused up front when the disk cannot hold it); its seconds."""
+    from llama_parity.parity_tests.llamacpp import convert_to_gguf
+
+    need = int(sum(p.stat().st_size for p in hf.glob("*.safetensors")) * GGUF_RATIO[outtype]) + GB
+    free = shutil.disk_usage(gguf.parent).free
+    if free < need:
+        raise SystemExit(f"gguf_bench: the {outtype} GGUF of {hf} needs ~{need / GB:.1f} GB in {gguf.parent}, "
+                         f"{free / GB:.1f} GB free")
+    t = time.perf_counter()
+    convert_to_gguf([(hf, outtype, gguf)], cache=False)
+    return time.perf_counter() - t
 
 
 def floor(files: list[Path]) -> float:
@@ -62,15 +86,33 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", choices=list(CASES), default="8b")
     ap.add_argument("--layers", type=int, help="real layer shapes, only N layers (the 128k vocabulary kept)")
-    ap.add_argument("--outtype", choices=["f16", "q8_0", "bf16"], default="f16")
+    ap.add_argument("--outtype", choices=list(GGUF_RATIO), default="f16")
+    ap.add_argument("--meta-dir", type=Path, help="reuse this Meta checkpoint (read only; with --hf-dir)")
+    ap.add_argument("--hf-dir", type=Path, help="reuse this conversion of --meta-dir (read only)")
+    ap.add_argument("--keep-gguf", action="store_true", help="keep the GGUF made (deleted by default)")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "llama-parity-gguf-bench")
     a = ap.parse_args(argv)
+    if (a.meta_dir is None) != (a.hf_dir is None) or (a.meta_dir and a.layers):
+        ap.error("--meta-dir and --hf-dir go together (a checkpoint and its conversion), without --layers")
+    if a.meta_dir and not ((a.meta_dir / "params.json").is_file() and (a.hf_dir / "config.json").is_file()):
+        ap.error(f"{a.meta_dir} needs params.json and {a.hf_dir} config.json")
     a.work.mkdir(parents=True, exist_ok=True)
-    meta, gguf = build(a.work, a.case, a.layers, a.outtype)
+    meta, hf = (a.meta_dir, a.hf_dir) if a.meta_dir else build(a.work, a.case, a.layers)
+    gguf = a.work / f"{a.case}{f'-{a.layers}l' if a.layers else ''}-{a.outtype}.gguf"
+    made = not gguf.is_file()
+    try:
+        seconds = to_gguf(hf, a.outtype, gguf) if made else None
+        measure(a, meta, gguf, seconds)
+    finally:
+        if made and not a.keep_gguf:
+            gguf.unlink(missing_ok=True)
+
+
+def measure(a, meta: Path, gguf: Path, convert_seconds: float | None) -> None:
     files = [*meta.glob("*.pth"), gguf]
     size = sum(p.stat().st_size for p in files)
     read = floor(files)
-    rows = []
+    rows = [f"llama.cpp's converter: {convert_seconds:.0f} s" if convert_seconds else "GGUF reused"]
     for label, flags in (("--quick", ["--quick"]), ("all", [])):
         evict(files)
         r = run_child([sys.executable, "-m", "llama_parity.cli", "verify", "--meta-dir", str(meta), "--gguf", str(gguf),

@@ -73,17 +73,18 @@ def _job_key(hf: Path, outtype: str) -> str:
     return h.hexdigest()[:32]
 
 
-def convert_to_gguf(jobs: list[tuple[Path, str, Path]]) -> None:
+def convert_to_gguf(jobs: list[tuple[Path, str, Path]], *, cache: bool = True) -> None:
     """Run llama.cpp's converter on (HF folder, outtype, output file) jobs in one child process.
 
     The converter is a deterministic function of its inputs, so its outputs are kept in the cache keyed by
     _job_key: a job whose HF folder is byte-identical to an earlier run's (same converter and library
-    versions) reuses that run's GGUF; any change in our conversion converts again."""
+    versions) reuses that run's GGUF; any change in our conversion converts again. `cache=False` (big
+    files: the benchmark's 16 GB GGUF) neither reads nor writes the cache; a failed run leaves no output."""
     store = cache_dir() / "gguf-outputs"
     todo = []
     for hf, outtype, out in jobs:
-        hit = store / f"{_job_key(hf, outtype)}.gguf"
-        if hit.is_file():
+        hit = store / f"{_job_key(hf, outtype)}.gguf" if cache else None
+        if hit is not None and hit.is_file():
             shutil.copyfile(hit, out)
         else:
             todo.append((hf, outtype, out, hit))
@@ -93,7 +94,11 @@ def convert_to_gguf(jobs: list[tuple[Path, str, Path]]) -> None:
     r = subprocess.run([sys.executable, "-c", _DRIVER, str(script), *(f"{a}|{t}|{o}" for a, t, o, _ in todo)],
                        capture_output=True, text=True)
     if r.returncode != 0:
+        for _, _, out, _ in todo:
+            Path(out).unlink(missing_ok=True)
         raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed:\n{r.stderr[-3000:]}")
+    if not cache:
+        return
     store.mkdir(parents=True, exist_ok=True)
     for _, _, out, hit in todo:
         tmp = hit.with_suffix(f".partial-{os.getpid()}")
