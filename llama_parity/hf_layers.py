@@ -159,12 +159,16 @@ class StreamingHF:
             norm = self.m.LlamaRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
             norm.weight.data = self._get("model.norm.weight", dtype)
             norms[dtype] = norm.to(self.device)
-        hn = [norms[h.dtype](h) for h in hs]
+        # one product per piece and dtype for every hidden state of that dtype (rows are independent)
+        dtypes = sorted({h.dtype for h in hs}, key=str)
+        hn = {dt: torch.cat([norms[dt](h) for h in hs if h.dtype == dt], dim=-2) for dt in dtypes}
         name, vocab = self.output_name(), self.config.vocab_size
         step = max(1, self.piece_bytes // (self.config.hidden_size * 4))
-        outs = [[] for _ in hs]
+        outs = {dt: [] for dt in dtypes}
         for a in range(0, vocab, step):
             piece = self.files.rows(name, a, min(a + step, vocab)).to(self.device)
-            for x, out in zip(hn, outs):
-                out.append(widened_linear(x, piece, self.buffers, self.piece_bytes).float())
-        return [torch.cat(out, dim=-1) for out in outs]
+            for dt in dtypes:
+                outs[dt].append(widened_linear(hn[dt], piece, self.buffers, self.piece_bytes).float())
+        rows = {dt: iter(torch.cat(outs[dt], dim=-1).split([h.shape[-2] for h in hs if h.dtype == dt], dim=-2))
+                for dt in dtypes}
+        return [next(rows[h.dtype]) for h in hs]
