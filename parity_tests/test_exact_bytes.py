@@ -65,7 +65,8 @@ def test_small_blocks_and_the_judges_own_permutation(tiny, monkeypatch):
     assert not c.ok and "q_proj" in c.detail and "k_proj" in c.detail
 
 
-def test_pieces_slots_and_last_elements(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("direct", [True, False])
+def test_pieces_slots_and_last_elements(tiny, tmp_path, monkeypatch, direct):
     """Bug class: the pipelined reads (exact_bytes.Folder) losing the last block of a tensor or the
     last shard's columns of a block split across shard files, or a slot reused while its bytes are
     still in use: with tiny blocks and no slot to spare, a correct MP2 conversion passes and a flip
@@ -74,6 +75,8 @@ def test_pieces_slots_and_last_elements(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(exact_bytes, "BLOCK_BYTES", 3000)  # down_proj: 3 rows of both shards per block
     monkeypatch.setattr(exact_bytes, "AHEAD", 0)  # as many slots as one block's pieces
+    monkeypatch.setattr(exact_bytes, "DIRECT", direct)  # O_DIRECT reads, or plain ones
+    monkeypatch.setattr(exact_bytes, "DIRECT_MIN_BYTES", 0)
     meta, hf = tiny.meta("llama2-7b", 2), tiny.hf("llama2-7b", 2)
     assert _checks(verify(meta, hf, tokenizer=False, checks="metadata"))["weights: exact copies"].ok
     broken = tmp_path / "b"
@@ -86,6 +89,33 @@ def test_pieces_slots_and_last_elements(tiny, tmp_path, monkeypatch):
     assert "model.layers.1.self_attn.q_proj.weight: 1 of 4,096 elements differ, first at [63, 63]" in detail
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_piece_is_read_in_place_whatever_its_offset(tmp_path, monkeypatch, direct):
+    """Bug class: a piece read with O_DIRECT (the whole pages around it) returned from the wrong place
+    in its pages, cut short or over-read at the end of the file, or an offset its dtype does not
+    divide not falling back to a plain read."""
+    from llama_parity.formats.errors import FormatError
+
+    monkeypatch.setattr(exact_bytes, "DIRECT", direct)
+    monkeypatch.setattr(exact_bytes, "DIRECT_MIN_BYTES", 0)
+    data = torch.arange(5000, dtype=torch.int32)  # 20000 bytes: the file ends inside a page
+    path = tmp_path / "f"
+    path.write_bytes(data.numpy().tobytes())
+    f = exact_bytes.HashedFile(path)
+    if direct and f.direct is None:
+        pytest.skip("the temporary folder's file system refuses O_DIRECT")
+    slot = exact_bytes._aligned(20000 + 2 * 4096)
+    for offset, n in ((0, 5000), (4, 1), (4092, 2), (8000, 3000), (19996, 1)):
+        got = exact_bytes.Piece(0, offset, (n,), torch.int32)
+        assert torch.equal(f.read_piece(slot, got), data[offset // 4:offset // 4 + n]), (offset, n)
+    odd = f.read_piece(slot, exact_bytes.Piece(0, 4097, (2,), torch.int16))
+    assert odd.numpy().tobytes() == path.read_bytes()[4097:4101]
+    with pytest.raises(FormatError, match="unexpected end of file"):
+        f.read_piece(slot, exact_bytes.Piece(0, 19996, (2,), torch.int32))
+    assert f.bytes_read == 4 * (5000 + 1 + 2 + 3000 + 1) + 4
+    f.close()
+
+
 def test_a_failing_thread_stops_the_check(tiny, monkeypatch):
     """Bug class: an error in one of the byte check's threads (a read failing mid-file, a bug in the
     tensor worker) hanging verify, or lost so that the check reports on what it read so far."""
@@ -93,17 +123,17 @@ def test_a_failing_thread_stops_the_check(tiny, monkeypatch):
 
     meta, hf = tiny.meta(L31), tiny.hf(L31)
     monkeypatch.setattr(exact_bytes, "BLOCK_BYTES", 3000)
-    real, calls = exact_bytes.HashedFile.pread, []
+    real, calls = exact_bytes.HashedFile.read_piece, []
 
-    def failing(self, out, offset):
-        calls.append(offset)
+    def failing(self, slot, piece):
+        calls.append(piece)
         if len(calls) == 20:
             raise OSError(5, "Input/output error")
-        return real(self, out, offset)
-    monkeypatch.setattr(exact_bytes.HashedFile, "pread", failing)
+        return real(self, slot, piece)
+    monkeypatch.setattr(exact_bytes.HashedFile, "read_piece", failing)
     with pytest.raises(InputError, match="cannot read the weights: OSError"):
         verify(meta, hf, tokenizer=False, checks="metadata")
-    monkeypatch.setattr(exact_bytes.HashedFile, "pread", real)
+    monkeypatch.setattr(exact_bytes.HashedFile, "read_piece", real)
 
     def boom(*a, **k):
         raise RuntimeError("boom in the worker")
