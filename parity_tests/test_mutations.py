@@ -14,7 +14,8 @@ Cost: single-process, bugs that only metadata checks and the byte check can see 
 checks="metadata" (no model run); the others, and the benign changes, with checks="quick" (every metadata check, the exact-copy
 check of the weights, fp32 logits and far positions): a file-level change that keeps those passes
 leaves the same weights and config, so the cache, greedy and bf16 checks cannot differ.
-With 2 ranks, every entry runs --quick (the model checks included) in one launch.
+With 2 ranks (test_verify_paths.py: test_every_fault_with_two_ranks), every entry runs --quick, the
+model checks included, in the one launch that module makes.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _assert_caught(mutation, variant_id: str, rep: dict) -> None:
 def test_mutation_is_caught(tiny, tmp_path, mutation, variant_id, mode):
     """Bug class: whichever the mutation names (see its `bug` field): the checks must not pass it,
     and the check meant for it must be among the failures (not an unrelated one by luck), in
-    every single-process path (both models in memory, streamed; --nproc: test_every_fault_with_two_ranks)."""
+    every single-process path (both models in memory, streamed; --nproc: test_verify_paths.py)."""
     broken = mutate_copy(tiny.hf(variant_id), tmp_path / "broken", mutation)
     rep = _judge(tiny.meta(variant_id), broken, mutation, mode)
     _assert_caught(mutation, variant_id, rep.to_dict())
@@ -106,42 +107,3 @@ def test_catalog_size():
     assert len(CATALOG) >= 40 and len(BENIGN) >= 12
     assert all(m.layouts for m in CATALOG) and all(b.layouts for b in BENIGN)
     assert len({m.name for m in CATALOG} | {b.name for b in BENIGN}) == len(CATALOG) + len(BENIGN)
-
-
-def test_every_fault_with_two_ranks(tiny, bf16_tiny, tmp_path, monkeypatch, capfd):
-    """Bug class: a fault class that `verify --nproc 2` passes while single-process verify fails it
-    (a check the ranks drop or rename, a mode they ignore, hidden states relayed to the wrong rank), a
-    benign twin the ranks fail; and a rank whose exit crashes after the verdict (gloo teardown:
-    "terminate called without an active exception") turning that verdict into a failed run. One
-    launch of 2 ranks (distributed.launch_many: the ranks' code of `verify --nproc 2`, several folders
-    in one process group, so the rank start-up and torch/transformers imports are paid once) judges
-    every catalog entry on every layout with the model checks running (--quick: the scope the
-    single-process tests use), each failing every check its entry names, and every benign twin,
-    which must pass with the models run. Rank 1 aborts as it exits."""
-    from llama_parity.distributed import launch_many
-    from llama_parity.parity_tests.rank_faults import rank_fault_env
-    from llama_parity.verify import VerifyOptions
-
-    quick = VerifyOptions(bf16=False, tokenizer=False, checks="quick", timeout=300)
-    jobs, expect = [], []
-    for i, (m, v) in enumerate((m, v) for m in CATALOG for v in m.layouts):
-        jobs.append((tiny.meta(v), mutate_copy(tiny.hf(v), tmp_path / f"m{i}", m), quick))
-        expect.append((m, v))
-    for i, b in enumerate(BENIGN):
-        v = b.layouts[0]
-        meta, hf = bf16_tiny(v) if b.meta_dtype == torch.bfloat16 else (tiny.meta(v), tiny.hf(v))
-        jobs.append((meta, mutate_copy(hf, tmp_path / f"b{i}", b), quick))
-        expect.append((b, v))
-    for k, v in rank_fault_env(tmp_path / "site", "abort-at-exit").items():  # the test's own patch of rank 1
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    got = launch_many(jobs, VerifyOptions(nproc=2, timeout=300))
-    assert isinstance(got, list) and len(got) == len(jobs), capfd.readouterr().err
-    assert "rank 1 ended with signal 6 after the report was complete" in capfd.readouterr().err
-    for (entry, v), g in zip(expect, got):
-        assert "distributed over 2 ranks" in g["text"] and g["report"]["scope"] == "quick"
-        if entry in BENIGN:
-            assert g["ok"], f"{entry.name} failed with 2 ranks on {v}\n{g['text']}"
-            assert g["report"]["models_run"], f"{entry.name}: the model checks did not run with 2 ranks"
-            continue
-        _assert_caught(entry, v, g["report"])

@@ -5,26 +5,31 @@ hands it to whichever path runs: both models in memory (--memory full), one laye
 default), or torchrun ranks (--nproc N: the options reach every rank as JSON). Each option set
 below runs through the three paths on one tiny MP2 checkpoint and must give the same rows, the
 same verdict per row and the same exit code, and the two streamed paths (one process, two ranks)
-the same numbers. 2-rank launches cost seconds each (process start, torch import), so the option
-sets are combined: each launch carries several options at once, one of them on a mutant, and the
-single-process runs overlap the launch. Every catalog entry through 2 ranks: test_mutations.py.
-The launcher also answers signals as single-process verify does (one line, 128+signal).
+the same numbers. 2-rank launches cost seconds each (process start, torch and transformers
+imports), so the option sets are combined (each carries several options at once, one of them on a
+mutant) and every 2-rank judgement of this module, every catalog entry and benign twin included,
+shares one launch (the two_ranks fixture). The launchers (`--nproc`, `python -m
+llama_parity.torchrun`) also answer signals as single-process verify does (one line, 128+signal).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from llama_parity.cli import main
+from llama_parity.parity_tests.test_mutations import bf16_tiny  # noqa: F401 (a fixture: tiny bf16 checkpoints)
 
 VARIANT, SHARDS = "llama3.1-70b", 2  # GQA, vocab-parallel embedding, RoPE scaling: one rank per shard
 TIMEOUT = 300  # generous: on a machine shared with other test runs a 2-rank launch took 2 minutes
@@ -92,24 +97,60 @@ def _finish(p: subprocess.Popen) -> tuple[int, str, str]:
     return p.returncode, out, err
 
 
+@pytest.fixture(scope="module")
+def two_ranks(folders, tiny, bf16_tiny, tmp_path_factory) -> dict:
+    """Every folder this module judges with 2 ranks, in one launch (distributed.launch_many: the
+    ranks' code of `verify --nproc 2`, several folders in one process group), so that the rank
+    start-up and the torch and transformers imports are paid once: the option sets (each with the
+    VerifyOptions its command line builds, cli.options_from_args), then every catalog entry and
+    benign twin (test_every_fault_with_two_ranks). Rank 1 aborts as it exits (rank_faults.py)."""
+    from llama_parity.cli import build_parser, options_from_args
+    from llama_parity.distributed import launch_many
+    from llama_parity.parity_tests.rank_faults import rank_fault_env
+    from llama_parity.verify import VerifyOptions
+
+    root = tmp_path_factory.mktemp("ranks")
+    jobs, sets = [], {}
+    for name, (kind, flags) in OPTION_SETS.items():
+        page = root / f"{len(sets)}.html"
+        argv = ["verify", "--meta-dir", str(folders["meta"]), "--hf-dir", str(folders[kind]), "--nproc", "2",
+                *[f.replace("{html}", str(page)) for f in flags]]
+        opts = replace(options_from_args(build_parser().parse_args(argv)), timeout=300)
+        sets[name] = (opts, page)
+        jobs.append((folders["meta"], folders[kind], replace(opts, nproc=None)))
+    catalog = _catalog_jobs(tiny, bf16_tiny, root)
+    jobs += [job for job, _ in catalog]
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(stderr):
+        for k, v in {**rank_fault_env(root / "site", "abort-at-exit"), "OMP_NUM_THREADS": "1"}.items():
+            mp.setenv(k, v)
+        got = launch_many(jobs, VerifyOptions(nproc=2, timeout=300))
+    assert isinstance(got, list) and len(got) == len(jobs), stderr.getvalue()
+    return {"sets": {name: (*sets[name], g) for name, g in zip(sets, got)}, "stderr": stderr.getvalue(),
+            "catalog": [(entry, v, g) for (_, (entry, v)), g in zip(catalog, got[len(sets):])]}
+
+
 @pytest.mark.parametrize("name", list(OPTION_SETS))
-def test_every_path_gives_the_same_verdicts(folders, tmp_path, name):
+def test_every_path_gives_the_same_verdicts(folders, two_ranks, tmp_path, name):
     """Bug class: a path that drops or changes an option (the declared dtype change's rounding,
     --instruct/--base, --quick, --metadata-only, --greedy-tokens, --no-tokenizer, --no-bf16, --html),
     so that one conversion passes in one path and fails in another, or is judged by other rows; the
     distributed path computing something else than the streamed one (a check dropped or renamed, hidden
     states handed to the wrong rank, a layer range lost or run twice: the same operations on the same
-    values give the same numbers); a mutant the ranks pass or fail in another check."""
+    values give the same numbers); a mutant the ranks pass or fail in another check; `--json -` with
+    --nproc losing the table (it goes to stderr, stdout holds the JSON alone)."""
+    from llama_parity.distributed import _emit
+
     kind, flags = OPTION_SETS[name]
     meta, hf = folders["meta"], folders[kind]
-    page = tmp_path / "dist.html"
-    # the ranks start first: the single-process runs overlap their start (process start, torch import)
-    launched = _launch(meta, hf, *[f.replace("{html}", str(page)) for f in flags], "--json", "-")
+    opts, page, got = two_ranks["sets"][name]
     full = _single(meta, hf, flags, "full", tmp_path / "full.json")
     streamed = _single(meta, hf, flags, "streaming", tmp_path / "streamed.json")
-    code, out, err = _finish(launched)
-    assert code in (0, 1), err
-    dist = json.loads(out)  # --json -: stdout holds the JSON alone, the table went to stderr
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(err):  # as cli._run does for `--json -`
+        code = _emit(got, replace(opts, json="-"), out)  # how `verify --nproc 2` ends with this report
+    err = err.getvalue()
+    dist = json.loads(out.getvalue())  # --json -: stdout holds the JSON alone, the table went to stderr
     assert dist["verdict"] in err and "distributed over 2 ranks (gloo)" in err  # e.g. METADATA OK: no model ran
     assert full[1]["verdict"] == streamed[1]["verdict"] == dist["verdict"], name
     assert _rows(full[1]) == _rows(streamed[1]) == _rows(dist), name
@@ -122,6 +163,44 @@ def test_every_path_gives_the_same_verdicts(folders, tmp_path, name):
 
         assert dist["verdict"] == "PARITY FAILED"
         assert {c for c, ok in _rows(dist) if not ok} & set(BY_NAME[MUTANT].caught_by)
+
+
+def _catalog_jobs(tiny, bf16_tiny, root: Path) -> list:
+    """((meta, hf, options), (entry, layout)) for every catalog entry on every layout and every
+    benign twin: --quick (fp32 logits and far positions, every metadata check, the byte check), the
+    scope test_mutations.py judges them in single-process."""
+    from llama_parity.mutations import BENIGN, CATALOG, mutate_copy
+    from llama_parity.verify import VerifyOptions
+
+    quick = VerifyOptions(bf16=False, tokenizer=False, checks="quick", timeout=300)
+    jobs = [((tiny.meta(v), mutate_copy(tiny.hf(v), root / f"m{i}", m), quick), (m, v))
+            for i, (m, v) in enumerate((m, v) for m in CATALOG for v in m.layouts)]
+    for i, b in enumerate(BENIGN):
+        v = b.layouts[0]
+        meta, hf = bf16_tiny(v) if b.meta_dtype == torch.bfloat16 else (tiny.meta(v), tiny.hf(v))
+        jobs.append(((meta, mutate_copy(hf, root / f"b{i}", b), quick), (b, v)))
+    return jobs
+
+
+def test_every_fault_with_two_ranks(two_ranks):
+    """Bug class: a fault class that `verify --nproc 2` passes while single-process verify fails it
+    (a check the ranks drop or rename, a mode they ignore, hidden states relayed to the wrong rank), a
+    benign twin the ranks fail; and a rank whose exit crashes after the verdict (gloo teardown:
+    "terminate called without an active exception") turning that verdict into a failed run. Every
+    catalog entry on every layout is judged with the model checks running (--quick) and must fail
+    every check its entry names; every benign twin must pass with the models run (single-process:
+    test_mutations.py). Rank 1 aborted as it exited: the verdicts stand."""
+    from llama_parity.mutations import BENIGN
+    from llama_parity.parity_tests.test_mutations import _assert_caught
+
+    assert "rank 1 ended with signal 6 after the report was complete" in two_ranks["stderr"]
+    for entry, v, g in two_ranks["catalog"]:
+        assert "distributed over 2 ranks" in g["text"] and g["report"]["scope"] == "quick"
+        if entry in BENIGN:
+            assert g["ok"], f"{entry.name} failed with 2 ranks on {v}\n{g['text']}"
+            assert g["report"]["models_run"], f"{entry.name}: the model checks did not run with 2 ranks"
+            continue
+        _assert_caught(entry, v, g["report"])
 
 
 def _assert_html_report(err: str, page: Path, report: dict) -> None:
