@@ -82,11 +82,13 @@ def bf16_tiny(tmp_path_factory):
 @pytest.mark.parametrize("change,variant_id", [pytest.param(b, v, id=f"{b.name}-{v}") for b in BENIGN for v in b.layouts])
 def test_benign_change_passes(tiny, bf16_tiny, tmp_path, change, variant_id):
     """Bug class: false failures: a re-sharded, reordered, upcast, re-serialised or re-stamped copy
-    of a right release rejected as if it were wrong."""
+    of a right release rejected as if it were wrong. Judged with both models in memory
+    (transformers' from_pretrained reads the changed files its own way); the streamed checks judge
+    every benign twin with 2 ranks (test_verify_paths.py: test_every_fault_with_two_ranks)."""
     meta, hf = bf16_tiny(variant_id) if change.meta_dtype == torch.bfloat16 else (tiny.meta(variant_id),
                                                                                    tiny.hf(variant_id))
     changed = mutate_copy(hf, tmp_path / "changed", change)
-    rep = verify(meta, changed, bf16=False, tokenizer=False, checks="quick")
+    rep = verify(meta, changed, bf16=False, tokenizer=False, checks="quick", memory="full")
     assert rep.ok, f"{change.name} ({change.change}) failed verify on {variant_id}\n{rep.render()}"
     assert any(c.name in MODEL_CHECKS for c in rep.checks), "the model checks did not run"
 
