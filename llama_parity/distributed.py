@@ -245,8 +245,8 @@ def _judge_jobs(r: Rank, jobs: list, json_stream) -> int:
         # --metadata-only runs no collective: rank 0 alone judges (the others would only compete for its cores)
         reports = [verify(m, h, o, tokenizer=o.tokenizer and r.rank == 0, model_checks=model_checks_on(r))
                    for m, h, o in jobs if r.rank == 0 or o.checks != "metadata"]
-    except InputError as e:
-        return _fail(r, str(e))
+    except InputError as e:  # the files' fault: every rank reading the same files meets it alike
+        return EXIT_INPUT if r.rank != 0 and _rank0_ended(r, 30.0) else _fail(r, str(e))
     except Exception as e:  # noqa: BLE001 (a dead peer, a timeout, a damaged file: one line, exit 2)
         return _fail(r, _describe(e, timeout))
     return EXIT_OK if r.rank != 0 else _report(r, jobs, reports, json_stream)
@@ -271,6 +271,24 @@ def _report(r: Rank, jobs: list, reports: list, json_stream) -> int:
 
 
 _DONE_KEY = "llama-parity/rank0-done"
+
+
+def _rank0_ended(r: Rank, seconds: float) -> bool:
+    """Whether rank 0 says it is done within `seconds` (_leave): a rank that met bad input then leaves
+    the one line to rank 0, which read the same files (one line, not one per rank); it speaks itself
+    when rank 0 did not end (a file missing on this node only)."""
+    import torch.distributed as dist
+
+    deadline = time.monotonic() + seconds
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        while time.monotonic() < deadline:
+            if store.check([_DONE_KEY]):
+                return True
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 (the store is gone: rank 0 has ended the run)
+        return True
+    return False
 
 
 def _leave(r: Rank, code: int):

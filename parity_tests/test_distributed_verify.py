@@ -75,3 +75,25 @@ def test_rank_failing_mid_run_stops_the_others(tiny, tmp_path):
     assert code == 2
     assert lines == [f"llama-parity: rank 1: RuntimeError: {FAIL_MESSAGE}"], err
     assert out == ""
+
+
+def test_bad_input_under_torchrun_is_one_line(tiny, tmp_path):
+    """Bug class: under torchrun's launcher (`python -m llama_parity.torchrun`, which cannot check the
+    folders before the ranks start as --nproc does) a damaged file that every rank reads printed one
+    line per rank, or torch's failure summary, or ended with another code than 2 (bad input)."""
+    import shutil
+
+    hf = shutil.copytree(tiny.hf(VARIANT, SHARDS), tmp_path / "hf")
+    (hf / "generation_config.json").write_text("{")  # a truncated download
+    cmd = [sys.executable, "-m", "llama_parity.torchrun", "--standalone", "--nproc-per-node", "2", "-m", "llama_parity",
+           "verify", "--meta-dir", str(tiny.meta(VARIANT, SHARDS)), "--hf-dir", str(hf), "--no-tokenizer"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=TIMEOUT)
+    finally:
+        _gone(p.pid)
+    lines = err.strip().splitlines()
+    assert p.returncode == 2, err
+    assert len(lines) == 1 and lines[0].startswith("llama-parity: ") and "generation_config.json" in lines[0], err
+    assert out == ""
