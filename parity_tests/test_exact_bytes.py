@@ -77,6 +77,7 @@ def test_pieces_slots_and_last_elements(tiny, tmp_path, monkeypatch, direct):
     monkeypatch.setattr(exact_bytes, "AHEAD", 0)  # as many slots as one block's pieces
     monkeypatch.setattr(exact_bytes, "DIRECT", direct)  # O_DIRECT reads, or plain ones
     monkeypatch.setattr(exact_bytes, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(exact_bytes, "_cached", lambda fd, size: False)  # the tiny files were just written
     meta, hf = tiny.meta("llama2-7b", 2), tiny.hf("llama2-7b", 2)
     assert _checks(verify(meta, hf, tokenizer=False, checks="metadata"))["weights: exact copies"].ok
     broken = tmp_path / "b"
@@ -101,6 +102,7 @@ def test_a_piece_is_read_in_place_whatever_its_offset(tmp_path, monkeypatch, dir
     data = torch.arange(5000, dtype=torch.int32)  # 20000 bytes: the file ends inside a page
     path = tmp_path / "f"
     path.write_bytes(data.numpy().tobytes())
+    monkeypatch.setattr(exact_bytes, "_cached", lambda fd, size: False)
     f = exact_bytes.HashedFile(path)
     if direct and f.direct is None:
         pytest.skip("the temporary folder's file system refuses O_DIRECT")
@@ -113,6 +115,31 @@ def test_a_piece_is_read_in_place_whatever_its_offset(tmp_path, monkeypatch, dir
     with pytest.raises(FormatError, match="unexpected end of file"):
         f.read_piece(slot, exact_bytes.Piece(0, 19996, (2,), torch.int32))
     assert f.bytes_read == 4 * (5000 + 1 + 2 + 3000 + 1) + 4
+    f.close()
+
+
+def test_a_cached_file_is_read_from_memory(tmp_path, monkeypatch):
+    """Bug class: O_DIRECT used for a file whose pages are in the page cache (read again from the disk
+    right after the model checks read it), or plain reads for a file that is not cached."""
+    import os
+
+    monkeypatch.setattr(exact_bytes, "DIRECT_MIN_BYTES", 0)
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 1024)
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except (AttributeError, OSError):
+        pytest.skip("O_DIRECT refused here (file system or OS)")
+    fd = os.open(path, os.O_RDONLY)
+    os.fdatasync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache
+    os.close(fd)
+    f = exact_bytes.HashedFile(path)
+    assert f.direct is not None
+    f.close()
+    path.read_bytes()
+    f = exact_bytes.HashedFile(path)
+    assert f.direct is None
     f.close()
 
 
