@@ -25,6 +25,7 @@ CASES = {
     "llama3.1-instruct": ("llama3.1-8b-instruct", "llama3", ("f16", "q8_0")),  # rope_freqs, GQA, eot eos
     "llama3.2-tied": ("llama3.2-1b-instruct", "llama3", ("bf16",)),  # tied, factor 32
     "llama3-instruct": ("llama3-8b-instruct", "llama3", ("f16",)),  # 8k context, no RoPE scaling, no eom
+    "guard3-1b": ("llama-guard-3-1b", "llama3", ("f16",)),  # Llama Guard 3: its own chat template, eos <|eot_id|>
     "llama2-chat": ("llama2-7b-chat", "llama2", ("f16",)),  # sentencepiece scores from tokenizer.model
     "llama2-13b-mp2": ("llama2-13b", "llama2", ("q8_0",)),  # two shards, embedding split on dim 1
     "codellama": ("codellama-7b", "codellama", ("f16",)),  # rope_theta 1e6, 16k context, infilling ids
@@ -164,6 +165,8 @@ MUTATIONS = {
                                   "gguf: llama.rope.freq_base"),
     "Code Llama eot key dropped": ("codellama", "f16", lambda gf: {"drop_fields": ["tokenizer.ggml.eot_token_id"]},
                                    "tokenizer: special token ids"),
+    "Llama Guard 3 chat template dropped": ("guard3-1b", "f16", lambda gf: {"drop_fields": [
+        "tokenizer.chat_template"]}, "tokenizer: chat template present"),
     "Llama 1 norm eps 1e-5": ("llama1", "f16", lambda gf: {"fields": {
         "llama.attention.layer_norm_rms_epsilon": 1e-5}}, "gguf: llama.attention.layer_norm_rms_epsilon"),
     "Llama 1 given Llama 2's 4k context": ("llama1", "f16", lambda gf: {"fields": {"llama.context_length": 4096}},
@@ -221,8 +224,8 @@ def test_cli_bad_gguf_is_exit_2(ggufs, tmp_path, content, capsys):
 
 
 def test_cli_gguf_report_exit_codes(ggufs, tmp_path, capsys):
-    """Bug class: verify --gguf exiting 0 on a failed GGUF (scripts and CI gate on the exit code) or the
-    JSON report missing the verdict."""
+    """Bug class: verify --gguf exiting 0 on a failed GGUF (scripts and CI gate on the exit code), the JSON
+    report missing the verdict, or the HTML report missing the GGUF's checks."""
     import json
 
     from llama_parity.cli import main
@@ -230,7 +233,10 @@ def test_cli_gguf_report_exit_codes(ggufs, tmp_path, capsys):
     meta, files = ggufs["llama2-chat"]
     gf = read_gguf(files["f16"])
     bad = write_gguf(gf, tmp_path / "bad.gguf", fields={"tokenizer.ggml.bos_token_id": 2})
-    assert main(["verify", "--meta-dir", str(meta), "--gguf", str(files["f16"]), "--metadata-only"]) == 0
+    assert main(["verify", "--meta-dir", str(meta), "--gguf", str(files["f16"]), "--metadata-only",
+                 "--html", str(tmp_path / "r.html")]) == 0
+    html = (tmp_path / "r.html").read_text()
+    assert "gguf: llama.rope.freq_base" in html and "special token ids" in html, html[:2000]
     assert main(["verify", "--meta-dir", str(meta), "--gguf", str(bad), "--metadata-only",
                  "--json", str(tmp_path / "r.json")]) == 1
     assert json.loads((tmp_path / "r.json").read_text())["ok"] is False
