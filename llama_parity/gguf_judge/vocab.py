@@ -67,6 +67,14 @@ class Acc:
             if len(self.r.examples) < MAX_EXAMPLES:
                 self.r.examples.append(Mismatch(str(text)[:200], _short(meta), _short(gguf), first_diff(meta, gguf)))
 
+    def add_each(self, label: Callable[[int], str], meta: list, gguf: list) -> None:
+        """One comparison per id (the GGUF's list may be short): equal lists counted at once, else id by id."""
+        if len(gguf) >= len(meta) and meta == gguf[:len(meta)]:
+            self.r.total += len(meta)
+            return
+        for i, m in enumerate(meta):
+            self.add(label(i), m, gguf[i] if i < len(gguf) else None)
+
 
 def _short(x):
     if isinstance(x, list) and len(x) > 40:
@@ -164,22 +172,21 @@ def _vocabulary_checks(gf, meta, digest) -> list[CheckResult]:
     size = Acc("vocabulary size")
     size.add("tokenizer.ggml.tokens", len(texts), len(got_texts))
     whole = Acc("every token's bytes / piece")
-    for i, t in enumerate(texts):
-        whole.add(f"id {i}", t, got_texts[i] if i < len(got_texts) else None)
+    whole.add_each(lambda i: f"id {i}", texts, got_texts)
     got_types = gf.get("tokenizer.ggml.token_type") or []
     typ = Acc("token types", note="normal / control / byte / unknown / user-defined as Meta's file says (<unk> may "
               "be control: llama.cpp finds it by unknown_token_id)")
-    for i, t in enumerate(types):
-        got = got_types[i] if i < len(got_types) else None
-        typ.add(f"id {i} {texts[i]!r}", got if t == UNKNOWN and got == CONTROL else t, got)
+    want_types = [got_types[i] if t == UNKNOWN and i < len(got_types) and got_types[i] == CONTROL else t
+                  for i, t in enumerate(types)]
+    typ.add_each(lambda i: f"id {i} {texts[i]!r}", want_types, got_types)
     out = [kind.r, size.r, whole.r, typ.r]
     if not tiktoken:
         got_scores = gf.get("tokenizer.ggml.scores") or []
         sc = Acc("sentencepiece scores", note="all -1000 when llama.cpp built the vocabulary without tokenizer.model; "
                  "control and unknown pieces are never merged into, so their scores are not compared")
-        for i, s in enumerate(scores):
-            if types[i] not in (CONTROL, UNKNOWN):
-                sc.add(f"id {i} {texts[i]!r}", s, got_scores[i] if i < len(got_scores) else None)
+        ids = [i for i, t in enumerate(types) if t not in (CONTROL, UNKNOWN)]
+        sc.add_each(lambda j: f"id {ids[j]} {texts[ids[j]]!r}", [scores[i] for i in ids],
+                    [got_scores[i] if i < len(got_scores) else None for i in ids])
         out.append(sc.r)
     return out
 
