@@ -868,6 +868,32 @@ def test_convert_report_and_model_all_or_nothing(tiny, tmp_path, capsys):
     assert json.loads((out2 / "logs" / "r.json").read_text())["output_dir"] == str(out2)
 
 
+def test_convert_verify_report_rewrite_failure_says_what_each_file_holds(tiny, tmp_path, capsys, monkeypatch):
+    """Bug class: `convert --verify --json R` whose second write of R (the verify result added) fails,
+    e.g. a disk that filled during the verify, leaving a traceback, a truncated R or a silent exit 0:
+    one line names --json and says that R still holds the conversion's report and the model card the
+    verify result; exit 2; R is the whole conversion report; the model stays (it was converted and
+    verified)."""
+    from llama_parity import cli
+
+    src = copy_meta(tiny, SMALL, tmp_path / "in")
+    out, report = tmp_path / "out" / "hf", tmp_path / "r.json"
+
+    def full_disk(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "write_json", full_disk)  # only the rewrite goes through it (R is staged first)
+    got = main([str(a) for a in [*_convert(src, out), "--verify", "--json", report]])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert got == 2 and "Traceback" not in captured.out + captured.err, (got, captured.err)
+    assert len(lines) == 1 and lines[0].startswith(f"llama-parity: --json {report}: cannot add the verify result"), lines
+    assert "No space left" in lines[0] and "holds the conversion's report" in lines[0] and "README.md" in lines[0]
+    data = json.loads(report.read_text())
+    assert data["output_dir"] == str(out) and "verify" not in data
+    assert (out / "config.json").is_file() and "PARITY OK" in (out / "README.md").read_text()
+
+
 # ---------------------------------------------------------------- signals and SIGKILL
 
 # `llama-parity convert` with a pause before each converted chunk (0.5 s; with _WAIT_FOR, until the
