@@ -22,6 +22,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -726,15 +727,46 @@ def run_refused(capsys, root: Path, argv, culprit: str, code: int = 2) -> str:
     return lines[0]
 
 
+class memory_guard:
+    """Ends this process (exit 86, one line on stderr) when its RSS grows `limit` bytes past where it
+    was: an absurd input that is planned instead of refused grows inside C code (a tensor of 10**9
+    layers' worth), where no signal reaches Python; without the guard it took the machine's memory
+    until the kernel's OOM killer chose a process, possibly another one. The test run then fails
+    (pytest-xdist reports the worker crashed; a single process exits 86)."""
+
+    def __init__(self, limit: int = 2 << 30):
+        self.limit, self.done = limit, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self, start: int) -> None:
+        while not self.done.wait(0.05):
+            if self.rss() - start > self.limit:
+                os.write(2, f"memory_guard: RSS grew past {self.limit >> 20} MB: an absurd input was planned, "
+                            "not refused\n".encode())
+                os._exit(86)
+
+    def __enter__(self):
+        if Path("/proc/self/statm").is_file():
+            threading.Thread(target=self._watch, args=(self.rss(),), daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+
+
 @pytest.mark.parametrize("case", CATALOG, ids=[c.name for c in CATALOG])
 def test_bad_input_catalog(tiny, tmp_path, capsys, case):
     """Bug class: bad input that exits 0 (a silent drop, a deleted checkpoint), exits 1 as if
     parity had failed, prints a traceback or a message naming nothing, leaves partial output,
-    or alters an input."""
+    or alters an input; an absurd size planned instead of refused (memory_guard ends the run)."""
     (tmp_path / "in").mkdir()
     (tmp_path / "out").mkdir()
     argv, culprit = case.setup(tiny, tmp_path)
-    run_refused(capsys, tmp_path, argv, culprit, case.code)
+    with memory_guard():
+        run_refused(capsys, tmp_path, argv, culprit, case.code)
 
 
 # ---------------------------------------------------------------- a malicious pickle
