@@ -933,7 +933,9 @@ def test_convert_verify_report_rewrite_failure_says_what_each_file_holds(tiny, t
 # deterministic point. The pause runs in the writer's producer thread, which the interrupted writer
 # joins: a short one. It is added here, in the test's own child process, not by a hook in the product.
 _SLOW_CONVERT = """
-import sys, time
+import signal, sys, time
+# as from a terminal: a test run under nohup (SIGHUP ignored, a choice the CLI keeps) must not decide it
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 from llama_parity.converter import convert
 chunks = convert.iter_chunks
 def paced(*args, **kwargs):
