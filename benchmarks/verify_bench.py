@@ -115,7 +115,7 @@ def floor_seconds(meta: Path, hf: Path, products: Products = Products()) -> tupl
     d, f, v, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     kv = cfg["num_key_value_heads"] * d // cfg["num_attention_heads"]
     body_params = L * (2 * d * d + 2 * d * kv + 3 * d * f)
-    read = cold_read([*meta.glob("consolidated.*.pth"), *hf.glob("*.safetensors")])
+    read = sum(cold_read([*meta.glob("consolidated.*.pth"), *hf.glob("*.safetensors")]).values())
     rates = products.rates(d, f)
     mm = products.seconds(body_params, v * d, rates)
     said = ", ".join(f"{'bf16' if dt == torch.bfloat16 else 'fp32'} x{n} tokens {r / 1e9:.0f} GFLOP/s"
