@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .formats.safetensors import SafetensorsReader
+from .memory import ReadBuffers
 from .parity import Check
 from .shared_products import product
 
@@ -81,6 +82,7 @@ class StreamingHF:
         params = inspect.signature(modeling_llama.LlamaDecoderLayer.forward).parameters
         self.cache_kw = next(k for k in ("cache", "past_key_values", "past_key_value") if k in params)
         self.buffers: dict = {}  # widened_linear's reused buffers, one per compute dtype
+        self._read_buffers = ReadBuffers()
         self.piece_bytes = piece_bytes
 
     def layout_check(self) -> tuple[Check, bool]:
@@ -119,7 +121,10 @@ class StreamingHF:
         are ignored, as from_pretrained ignores them."""
         with torch.device("meta"):
             names = list(self.m.LlamaDecoderLayer(self.config, i).state_dict())
-        return {k: self.files.read(f"model.layers.{i}.{k}").to(self.device) for k in names}
+        full = {k: f"model.layers.{i}.{k}" for k in names}
+        # into reused buffers, as the reference's read_layer (memory.ReadBuffers says why)
+        bufs = self._read_buffers.tensors([(k, self.files.shape(n), self.files.dtype(n)) for k, n in full.items()])
+        return {k: self.files.read(n, out=bufs[k]).to(self.device) for k, n in full.items()}
 
     def layer(self, i: int, tensors: dict[str, torch.Tensor]):
         """Layer i built from `tensors`: its linear layers keep the file's dtype and widen it per

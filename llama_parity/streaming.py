@@ -33,7 +33,8 @@ torch+transformers process: two layers as stored, the reference's logits of ever
 (benchmarks/RESULTS.md has the measurements).
 
 Time: each side's files are read once (the Meta shards stay in the page cache for greedy's extra
-passes when they fit), reads overlap the products of the layer before.
+passes when they fit), reads overlap the products of the layer before, and go into buffers reused
+from layer to layer (memory.ReadBuffers: a fresh buffer's page faults cost more than the copy).
 """
 
 from __future__ import annotations

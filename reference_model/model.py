@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_parity.formats.pth import PthReader, load_state_dict
+from llama_parity.memory import ReadBuffers
 from llama_parity.shared_products import product
 
 
@@ -180,6 +181,7 @@ class Transformer:
         self.n_local_heads = args.n_heads // self.mp
         self.n_local_kv_heads = args.n_kv_heads // self.mp
         self.device = torch.device(device)
+        self._read_buffers = ReadBuffers()
         first = shards[0].dtype("tok_embeddings.weight") if lazy else shards[0]["tok_embeddings.weight"].dtype
         self._dtype = dtype or first
         self.lazy = lazy
@@ -352,7 +354,13 @@ class Transformer:
     def read_layer(self, layer: int) -> list[dict[str, torch.Tensor]]:
         """Layer `layer`'s tensors of every shard as stored (may run in a reader thread)."""
         pre = f"layers.{layer}."
-        return [{k: sd.raw.read(k).to(self.device) for k in sd.raw.keys() if k.startswith(pre)} for sd in self.w]
+        keys = [(s, k) for s, sd in enumerate(self.w) for k in sd.raw.keys() if k.startswith(pre)]
+        # into reused buffers: greedy decoding reads every layer again per token (ReadBuffers says why)
+        bufs = self._read_buffers.tensors([((s, k), self.w[s].raw.shape(k), self.w[s].raw.dtype(k)) for s, k in keys])
+        out = [{} for _ in self.w]
+        for s, k in keys:
+            out[s][k] = self.w[s].raw.read(k, out=bufs[s, k]).to(self.device)
+        return out
 
     def hold_layer(self, layer: int, source: "Transformer | None" = None,
                    tensors: list[dict[str, torch.Tensor]] | None = None) -> None:

@@ -248,9 +248,14 @@ class PthReader:
     def dtype(self, key: str) -> torch.dtype:
         return self.tensors[key].dtype
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole tensor: a new one, or copied into `out` (contiguous, its shape and dtype)."""
         shape = self.shape(key)
-        return self.rows(key, 0, shape[0]) if shape else self.rows(key, 0, 1).reshape(())
+        if out is not None and tuple(out.shape) != shape:
+            raise ValueError(f"{self.path}: read({key!r}): buffer of shape {tuple(out.shape)}, not {shape}")
+        if not shape:
+            return self.rows(key, 0, 1, out=None if out is None else out.reshape(1)).reshape(())
+        return self.rows(key, 0, shape[0], out=out)
 
     def rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None, *,
              keep_cached: bool | None = None) -> torch.Tensor:

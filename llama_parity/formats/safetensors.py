@@ -175,9 +175,14 @@ class SafetensorsReader:
             raise FormatError(f"{self.dir / f}: {key} is {t.dtype}, which this torch cannot hold")
         return t.torch_dtype
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole tensor: a new one, or copied into `out` (contiguous, its shape and dtype)."""
         shape = self.shape(key)
-        return self.rows(key, 0, shape[0]) if shape else self.rows(key, 0, 1).reshape(())
+        if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != self.dtype(key)):
+            raise ValueError(f"{self.dir}: read({key!r}): buffer of shape {tuple(out.shape)} {out.dtype}, not {shape}")
+        if not shape:
+            return self.rows(key, 0, 1, out=None if out is None else out.reshape(1)).reshape(())
+        return self.rows(key, 0, shape[0], out=out)
 
     def rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, stop) along dim 0 (a 0-d tensor is one row), in the file's dtype."""
