@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from llama_parity import __version__
@@ -310,16 +311,20 @@ def swapped_dirs(meta_dir, hf_dir) -> str | None:
     return None
 
 
-def options_from_args(args):
+def options_from_args(args, *, judging_only: bool = False):
     """The one VerifyOptions of this command line: every path (single-process, streamed, --nproc
-    ranks, bare torchrun ranks) judges with it."""
+    ranks, bare torchrun ranks, the pytest plugin) judges with it. judging_only: the flags of
+    add_judging_args and --variant alone (the pytest plugin offers no report files, ranks or
+    timeout; its namespace may hold other plugins' options of those names, e.g. pytest-timeout's)."""
     from .verify import VerifyOptions
 
-    return VerifyOptions(device=args.device, variant_id=args.variant, instruct=args.instruct, bf16=not args.no_bf16,
+    opts = VerifyOptions(device=args.device, variant_id=args.variant, instruct=args.instruct, bf16=not args.no_bf16,
                          tokenizer=not args.no_tokenizer, memory=args.memory,
                          checks="metadata" if args.metadata_only else "quick" if args.quick else "all",
-                         greedy_tokens=args.greedy_tokens, json=args.json, html=args.html, nproc=args.nproc,
-                         timeout=args.timeout)
+                         greedy_tokens=args.greedy_tokens)
+    if judging_only:
+        return opts
+    return replace(opts, json=args.json, html=args.html, nproc=args.nproc, timeout=args.timeout)
 
 
 def cmd_verify(args) -> int:
@@ -540,8 +545,39 @@ def _add_pair_args(p: argparse.ArgumentParser, *, meta_required: bool = True, hf
                    help="Hugging Face model folder to judge (config.json, *.safetensors, tokenizer files)"
                         + ("" if hf_required else "; verify: repeat it (and --gguf) to judge several outputs of one "
                            "checkpoint in one report"))
-    p.add_argument("--variant", help="registry id (see `llama-parity variants`) when params.json and the folder "
-                                     "name cannot tell the release, e.g. which RoPE factor it was trained with")
+    add_variant_arg(p.add_argument)
+
+
+def add_variant_arg(add) -> None:
+    add("--variant", default=None, help="registry id (see `llama-parity variants`) when params.json and the folder "
+                                        "name cannot tell the release, e.g. which RoPE factor it was trained with")
+
+
+def add_judging_args(add, add_exclusive=None) -> None:
+    """The verify flags that change what is judged (besides --variant), for verify's parser and the
+    pytest plugin alike (`add`: argparse's add_argument or pytest's addoption; `add_exclusive`: a
+    mutually exclusive group's, where the parser has groups). options_from_args reads them."""
+    add_exclusive = add_exclusive or add
+    add("--device", default="cpu", help="cpu (default) or cuda[:N]: where both models run")
+    add("--no-bf16", action="store_true", help="skip the bf16 logits check")
+    add("--memory", choices=["auto", "full", "streaming"], default="auto",
+        help="streaming: one layer of each model at a time, every check (bounded memory, any size); "
+             "full: both whole models in memory (transformers' from_pretrained and generate); "
+             "auto (default): streaming")
+    add("--no-tokenizer", action="store_true", help="skip tokenizer parity")
+    add("--greedy-tokens", type=_positive_int, metavar="N", default=None,
+        help="tokens the greedy generation check compares (default 20 with --memory full, 8 streamed, "
+             "where each token after the first re-reads the Meta weights: from disk when they do not "
+             "fit in memory)")
+    add("--metadata-only", action="store_true",
+        help="no model run: config, generation_config, tensor names/shapes/dtypes and every weight byte "
+             "(one read of both folders at disk speed); ends METADATA OK (models not run)")
+    add("--quick", action="store_true",
+        help="metadata, fp32 logits, far positions and the tokenizer rows (unless --no-tokenizer); "
+             "no kv-cache, greedy or bf16 checks")
+    add_exclusive("--instruct", dest="instruct", action="store_true", default=None,
+                  help="expect instruct/chat metadata (as converted with --instruct)")
+    add_exclusive("--base", dest="instruct", action="store_false", default=None, help="expect base-model metadata")
 
 
 def _add_verify_parser(sub) -> None:
@@ -554,30 +590,10 @@ def _add_verify_parser(sub) -> None:
     p.add_argument("--gguf", metavar="FILE", action=_EachOutput,
                    help="judge a llama.cpp GGUF file instead of an HF folder (repeatable): metadata, "
                    "tokenizer, every weight (bound per quantisation type) and the outputs (needs the gguf extra)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where both models run")
-    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 logits check")
-    p.add_argument("--memory", choices=["auto", "full", "streaming"], default="auto",
-                   help="streaming: one layer of each model at a time, every check (bounded memory, any size); "
-                        "full: both whole models in memory (transformers' from_pretrained and generate); "
-                        "auto (default): streaming")
-    p.add_argument("--no-tokenizer", action="store_true", help="skip tokenizer parity")
-    p.add_argument("--greedy-tokens", type=_positive_int, metavar="N",
-                   help="tokens the greedy generation check compares (default 20 with --memory full, 8 streamed, "
-                        "where each token after the first re-reads the Meta weights: from disk when they do not "
-                        "fit in memory)")
     _add_json_arg(p)
     p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report with charts: measured "
                                                   "vs bound, error per layer and per position (needs the plot extra)")
-    p.add_argument("--metadata-only", action="store_true",
-                   help="no model run: config, generation_config, tensor names/shapes/dtypes and every weight byte "
-                        "(one read of both folders at disk speed); ends METADATA OK (models not run)")
-    p.add_argument("--quick", action="store_true",
-                   help="metadata, fp32 logits, far positions and the tokenizer rows (unless --no-tokenizer); "
-                        "no kv-cache, greedy or bf16 checks")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--instruct", dest="instruct", action="store_true", default=None,
-                   help="expect instruct/chat metadata (as converted with --instruct)")
-    g.add_argument("--base", dest="instruct", action="store_false", help="expect base-model metadata")
+    add_judging_args(p.add_argument, p.add_mutually_exclusive_group().add_argument)
     p.add_argument("--nproc", type=int, metavar="N", help="run across N processes on this machine (torchrun), "
                    "each streaming a range of layers of both models; under torchrun, ranks come from it")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",

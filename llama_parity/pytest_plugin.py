@@ -20,6 +20,12 @@ from pathlib import Path
 
 import pytest
 
+# verify flags the plugin does not take, and why: --json/--html write report files (pytest reports
+# itself); --nproc/--timeout launch and wait for ranks (the plugin judges in its own process, and
+# pytest-timeout owns --timeout); --attestation/--gguf are other judges than an HF folder's verify.
+NOT_OFFERED = ("--json", "--html", "--nproc", "--timeout", "--attestation", "--gguf")
+
+
 def pytest_addoption(parser):
     g = parser.getgroup("llama-parity")
     g.addoption("--meta-dir", action="append", default=[],
@@ -29,10 +35,12 @@ def pytest_addoption(parser):
     g.addoption("--all-tests", action="store_true",
                 help="with --meta-dir: also run the suite's tests on tiny checkpoints (by default only the "
                      "tests about the given checkpoint run)")
-    # verify's options that change what real weights are judged against, spelled as verify spells them
-    g.addoption("--variant", default=None, help="registry id of the real checkpoints' release (as verify --variant)")
-    g.addoption("--greedy-tokens", type=int, default=None, metavar="N",
-                help="tokens the greedy check compares on real weights (as verify --greedy-tokens)")
+    # verify's options that change what real weights are judged by, spelled and built as verify's own
+    # (cli.add_judging_args, cli.options_from_args); the others: NOT_OFFERED
+    from llama_parity.cli import add_judging_args, add_variant_arg
+
+    add_variant_arg(g.addoption)
+    add_judging_args(g.addoption)
 
 
 def _option_problems(metas: list[str], hfs: list[str]) -> list[str]:
@@ -81,30 +89,36 @@ def _keep_cwd_clean(config) -> None:
     except ImportError:
         return
     set_hypothesis_home_dir(Path(tmp) / "hypothesis")
+    config.add_cleanup(lambda: set_hypothesis_home_dir(None))  # a pytest run inside another ends here
 
 
 def pytest_collection_modifyitems(config, items):
-    """With --meta-dir, the tests about that checkpoint (parametrized with it) run; the rest only with
-    --all-tests."""
-    if not config.getoption("--meta-dir", default=[]) or config.getoption("--all-tests", default=False):
-        return
+    """With --meta-dir, the tests about that checkpoint (parametrized with it: `checkpoint` ("real", i)
+    or `real_pair` i) run; the rest only with --all-tests. Without, tests about given checkpoints
+    (`real_pair` None) are deselected: there is none to judge."""
+    real = bool(config.getoption("--meta-dir", default=[]))
     keep, drop = [], []
     for item in items:
         spec = getattr(item, "callspec", None)
-        ckpt = spec.params.get("checkpoint") if spec is not None else None
-        (keep if isinstance(ckpt, tuple) and ckpt[0] == "real" else drop).append(item)
+        params = spec.params if spec is not None else {}
+        ckpt = params.get("checkpoint")
+        if params.get("real_pair", 0) is None:  # a test about given checkpoints, none given
+            drop.append(item)
+        elif not real or config.getoption("--all-tests", default=False):
+            keep.append(item)
+        else:
+            (keep if isinstance(ckpt, tuple) and ckpt[0] == "real" or "real_pair" in params else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
 
 
 def verify_options_of(config):
-    """The VerifyOptions `llama-parity verify` would build from the same flags: the suite judges real
-    weights with the scope, release and token count verify would use (streamed: any size fits)."""
-    from llama_parity.verify import VerifyOptions
+    """The VerifyOptions `llama-parity verify` builds from the same flags (cli.options_from_args, the
+    CLI's own builder): the suite judges real weights with verify's checks, scope, twin and release."""
+    from llama_parity.cli import options_from_args
 
-    return VerifyOptions(variant_id=config.getoption("--variant", default=None),
-                         greedy_tokens=config.getoption("--greedy-tokens", default=None), memory="streaming")
+    return options_from_args(config.option, judging_only=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,13 @@
-"""One verdict whatever the path: every verify option reaches single-process full, streamed and --nproc.
+"""One verdict whatever the path: every verify option reaches single-process full, streamed, --nproc
+and the pytest plugin.
 
 `llama-parity verify` builds one VerifyOptions from its command line (cli.options_from_args) and
 hands it to whichever path runs: both models in memory (--memory full), one layer at a time (the
 default), or torchrun ranks (--nproc N: the options reach every rank as JSON). Each option set
-below runs through the three paths on one tiny MP2 checkpoint and must give the same rows, the
-same verdict per row and the same exit code, and the two streamed paths (one process, two ranks)
-the same numbers. 2-rank launches cost seconds each (process start, torch and transformers
+below runs through the four paths on one tiny MP2 checkpoint and must give the same rows, the
+same verdict per row and the same exit code, and the streamed paths (one process, two ranks, the
+plugin's `pytest --pyargs llama_parity.parity_tests --meta-dir M --hf-dir H FLAGS`, run in this
+process) the same numbers. 2-rank launches cost seconds each (process start, torch and transformers
 imports), so the option sets are combined (each carries several options at once, one of them on a
 mutant) and every 2-rank judgement of this module, every catalog entry and benign twin included,
 shares one launch (the two_ranks fixture). The launchers (`--nproc`, `python -m
@@ -79,6 +81,34 @@ def _single(meta: Path, hf: Path, flags: list[str], memory: str, out: Path) -> t
     return code, json.loads(out.read_text())
 
 
+def _plugin(meta: Path, hf: Path, flags: list[str]) -> tuple[int, dict]:
+    """The pytest plugin's path, as a user runs it (`pytest --pyargs llama_parity.parity_tests
+    --meta-dir M --hf-dir H FLAGS`), in this process: its exit code and the report its verdict test
+    judged by (the flags the plugin does not take dropped: pytest_plugin.NOT_OFFERED says why)."""
+    from llama_parity.parity_tests.test_plugin_verdict import REPORT_PROPERTY
+    from llama_parity.pytest_plugin import NOT_OFFERED
+
+    kept, it = [], iter(flags)
+    for f in it:
+        if f in NOT_OFFERED:
+            next(it)  # its value
+        else:
+            kept.append(f)
+    got = []
+
+    class Reports:
+        def pytest_runtest_logreport(self, report):
+            if report.when == "call":
+                got.extend(v for k, v in report.user_properties if k == REPORT_PROPERTY)
+
+    # addopts off (no xdist workers); modules this process imported already cannot be rewritten: not news
+    code = pytest.main(["--pyargs", "llama_parity.parity_tests.test_plugin_verdict", "-q", "-p", "no:cacheprovider",
+                        "-o", "addopts=", "-W", "ignore::pytest.PytestAssertRewriteWarning",
+                        "--meta-dir", str(meta), "--hf-dir", str(hf), *kept], plugins=[Reports()])
+    assert len(got) == 1, f"the plugin's verdict test ran {len(got)} times (exit {code})"
+    return int(code), got[0]
+
+
 def _launch(meta: Path, hf: Path, *extra: str, **kw) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "llama_parity", "verify", "--nproc", "2", "--meta-dir", str(meta),
            "--hf-dir", str(hf), "--timeout", "200", *extra]
@@ -132,7 +162,8 @@ def two_ranks(folders, tiny, bf16_tiny, tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("name", list(OPTION_SETS))
 def test_every_path_gives_the_same_verdicts(folders, two_ranks, tmp_path, name):
-    """Bug class: a path that drops or changes an option (the declared dtype change's rounding,
+    """Bug class: a path (single-process full or streamed, --nproc 2, the pytest plugin) that drops
+    or changes an option (the declared dtype change's rounding,
     --instruct/--base, --quick, --metadata-only, --greedy-tokens, --no-tokenizer, --no-bf16, --html),
     so that one conversion passes in one path and fails in another, or is judged by other rows; the
     distributed path computing something else than the streamed one (a check dropped or renamed, hidden
@@ -152,10 +183,11 @@ def test_every_path_gives_the_same_verdicts(folders, two_ranks, tmp_path, name):
     err = err.getvalue()
     dist = json.loads(out.getvalue())  # --json -: stdout holds the JSON alone, the table went to stderr
     assert dist["verdict"] in err and "distributed over 2 ranks (gloo)" in err  # e.g. METADATA OK: no model ran
-    assert full[1]["verdict"] == streamed[1]["verdict"] == dist["verdict"], name
-    assert _rows(full[1]) == _rows(streamed[1]) == _rows(dist), name
-    assert full[0] == streamed[0] == code
-    assert _numbers(streamed[1]) == _numbers(dist), name
+    plugin = _plugin(meta, hf, flags)
+    assert full[1]["verdict"] == streamed[1]["verdict"] == dist["verdict"] == plugin[1]["verdict"], name
+    assert _rows(full[1]) == _rows(streamed[1]) == _rows(dist) == _rows(plugin[1]), name
+    assert full[0] == streamed[0] == code == plugin[0]  # pytest: 0 passed, 1 the verdict test failed
+    assert _numbers(streamed[1]) == _numbers(dist) == _numbers(plugin[1]), name
     if "{html}" in flags:
         _assert_html_report(err, page, dist)
     if kind == "mutant":
@@ -241,6 +273,46 @@ def test_every_verify_flag_reaches_the_options():
         opts = options_from_args(parser.parse_args(base + extra))
         assert opts != default, f"{flag} does not reach VerifyOptions"
         assert VerifyOptions.from_json(opts.to_json()) == opts  # what the ranks receive
+
+
+class _PluginParser:
+    """What the plugin's pytest_addoption adds, into a plain argparse parser (pytest's own Parser
+    is not public)."""
+
+    def __init__(self):
+        import argparse
+
+        self.ap = argparse.ArgumentParser(exit_on_error=False)
+
+    def getgroup(self, name):
+        return self
+
+    def addoption(self, *names, **kw):
+        self.ap.add_argument(*names, **kw)
+
+
+def test_the_plugin_takes_every_judging_flag():
+    """Bug class: a verify flag that changes what is judged (--instruct/--base, --quick,
+    --metadata-only, --no-bf16, --memory, ...) that the pytest plugin does not take, or builds into
+    other options than verify's, so that `pytest --pyargs llama_parity.parity_tests --meta-dir M`
+    judges otherwise than `llama-parity verify --meta-dir M` (only NOT_OFFERED may differ)."""
+    from types import SimpleNamespace
+
+    from llama_parity.cli import build_parser, options_from_args
+    from llama_parity.pytest_plugin import NOT_OFFERED, pytest_addoption, verify_options_of
+
+    plugin = _PluginParser()
+    pytest_addoption(plugin)
+    parser = build_parser()
+    base = ["verify", "--meta-dir", "m", "--hf-dir", "h"]
+    for action in parser.parse_args(base).verify_parser._actions:
+        flag = action.option_strings[0] if action.option_strings else None
+        if flag is None or action.dest in ("help", "meta_dir", "hf_dir") or flag in NOT_OFFERED:
+            continue
+        for extra in ([flag] if action.nargs == 0 else [flag, _NON_DEFAULT[flag]]), []:
+            cli = options_from_args(parser.parse_args(base + extra))
+            ours = verify_options_of(SimpleNamespace(option=plugin.ap.parse_args(["--meta-dir", "m", *extra])))
+            assert ours == replace(cli, json=None, html=None, nproc=None, timeout=ours.timeout), flag
 
 
 def _children(pid: int) -> list[int]:

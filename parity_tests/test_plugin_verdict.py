@@ -1,0 +1,41 @@
+"""verify's whole judgement through pytest, on the checkpoints given to it.
+
+    pytest --pyargs llama_parity.parity_tests --meta-dir M [--hf-dir H] [verify's judging flags]
+
+The plugin (llama_parity/pytest_plugin.py) takes the verify flags that change what is judged
+(--variant, --instruct/--base, --quick, --metadata-only, --no-bf16, --no-tokenizer, --memory,
+--device, --greedy-tokens) and builds the VerifyOptions `llama-parity verify` would build from them,
+with verify's own builder (cli.options_from_args). This test runs verify() with them on each given
+pair: the same checks, rows and verdict as the command line, passed when verify says PARITY OK (or
+METADATA OK), failed with verify's table otherwise. The report rides along as the test's
+`llama_parity_report` property (test_verify_paths.py compares it with the other paths'). With no
+--meta-dir there is nothing to judge: the test is deselected, not skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPORT_PROPERTY = "llama_parity_report"
+
+
+def pytest_generate_tests(metafunc):
+    if "real_pair" in metafunc.fixturenames:
+        metas = metafunc.config.getoption("--meta-dir") or []
+        metafunc.parametrize("real_pair", list(range(len(metas))) or [None],
+                             ids=[f"real{i}:{Path(p).name}" for i, p in enumerate(metas)] or ["no-meta-dir"])
+
+
+def test_verify_verdict(real_pairs, real_pair, verify_options, record_property):
+    """Bug class: a checkpoint that the pytest path judges with other checks, another twin, scope or
+    release than `llama-parity verify` given the same flags (an option the plugin drops or builds
+    its own way), so that pytest passes a folder verify fails, or the other way round."""
+    from llama_parity.verify import verify
+
+    meta, hf = real_pairs[real_pair]
+    report = verify(meta, hf, verify_options)
+    record_property(REPORT_PROPERTY, report.to_dict())
+    if not report.ok:
+        pytest.fail("\n" + report.render(), pytrace=False)
