@@ -58,3 +58,27 @@ def pytest_generate_tests(metafunc):
     if "device" in metafunc.fixturenames:
         metafunc.parametrize("device", devices(), scope="module")
 
+
+
+# pytest-xdist (`--dist loadfile`) hands out whole files in collection order, and by default first
+# reorders them by test count: the files with few but long tests (two-rank launches, subprocesses)
+# came last, and one worker idled while the other finished them (a long tail). The slowest files go
+# first instead (longest-processing-time first: the short files at the end fill both workers evenly).
+# Measured per file (CPU seconds of the test process and its children, the suite on 2 workers);
+# files not listed keep their collection order after these.
+_SLOWEST_FIRST = (
+    "test_verify_paths.py", "test_tokenizer_parity.py", "test_gguf.py", "test_bad_inputs.py",
+    "test_model_parity.py", "test_distributed_verify.py", "test_chat_format.py", "test_fairscale_reference.py",
+    "test_detection_and_config.py", "test_tokenizer_files.py", "test_streaming_verify.py",
+    "test_independence.py", "test_cli_ux.py", "test_mutations.py", "test_streaming.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # keep our order (below), not xdist's by test count
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order stays
