@@ -60,9 +60,10 @@ def _group_key(calls) -> str:
     """A group of passes run together through one layer (streams.run_together): which side, dtype."""
     fn = calls[0][0]
     side = "reference" if type(fn.func.__self__).__name__ == "Transformer" else "HF"
-    h = fn.args[1]
+    dtypes = {c[0].args[1].dtype for c in calls}
     tokens = sum(c[0].args[1].shape[1] for c in calls)
-    key = f"{side}: {'bf16 stream' if h.dtype == torch.bfloat16 else 'fp32 streams'} ({len(calls)} passes, {tokens} tokens)"
+    kind = " + ".join(n for d, n in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")) if d in dtypes)
+    key = f"{side}: {kind} streams ({len(calls)} passes, {tokens} tokens)"
     TOKENS[key] = tokens
     return key
 

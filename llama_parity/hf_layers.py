@@ -53,14 +53,23 @@ class WidenedLinear(torch.nn.Module):
     widened_linear); a plain attribute, so `layer.to(torch.bfloat16)` converts only the norms."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, buffers: dict,
-                 piece_bytes: int = PIECE_BYTES):
+                 piece_bytes: int = PIECE_BYTES, key=None):
         super().__init__()
         self.w, self.b, self.buffers, self.piece_bytes = weight, bias, buffers, piece_bytes
+        self.key = id(self) if key is None else key  # the fp32 and bf16 builds of a layer share it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # shared with the other passes through this layer run together (shared_products.py)
-        out = product(id(self), x, lambda x: widened_linear(x, self.w, self.buffers, self.piece_bytes))
+        out = product(self.key, x, lambda x: widened_linear(x, self.w, self.buffers, self.piece_bytes), self._mixed)
         return out if self.b is None else out + self.b.to(out.dtype)
+
+    def _mixed(self, xs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """fp32 and bf16 passes (the latter's products are fp32 sums of bf16 values, widened_linear)
+        through one widening and one product, when the weight is stored bf16 (else None)."""
+        if self.w.dtype != torch.bfloat16 or self.w.device.type != "cpu":
+            return None
+        out = _widened(torch.cat([x.float() for x in xs], dim=-2), self.w, self.buffers, self.piece_bytes)
+        return [o.to(x.dtype) for o, x in zip(out.split([x.shape[-2] for x in xs], dim=-2), xs)]
 
 
 class StreamingHF:
@@ -137,7 +146,7 @@ class StreamingHF:
                 parent, _, attr = name.rpartition(".")
                 setattr(layer.get_submodule(parent) if parent else layer, attr,
                         WidenedLinear(mod.weight.data, None if mod.bias is None else mod.bias.data, self.buffers,
-                                      self.piece_bytes))
+                                      self.piece_bytes, key=("hf", i, name)))
         return layer.float().eval()
 
     def run(self, layer, h: torch.Tensor, positions: torch.Tensor, start: int, cache) -> torch.Tensor:

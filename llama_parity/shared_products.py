@@ -13,6 +13,10 @@ it once for all of their rows (one widening, one larger product) and each pass g
 back. A linear layer treats rows independently, so each pass computes what it would alone; only
 attention mixes tokens, and it still runs per pass. Passes that share a KV cache (the kv stream's
 steps) write it in their order (`in_turn`), so step j attends exactly to steps 0..j.
+
+The bf16 stream joins the fp32 ones: its products are fp32 sums of bf16 values (hf_layers.py,
+reference_model/model.py), so a weight stored in bf16 is widened once and multiplied once for
+every stream of both dtypes (`mixed`), each pass's rows then rounded to its own dtype.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class Aborted(RuntimeError):
 @dataclass
 class _Pending:
     xs: list = field(default_factory=list)
+    computes: list = field(default_factory=list)  # each pass's own compute, for its dtype
     out: list | None = None
 
 
@@ -52,17 +57,25 @@ class Together:
         if self.failed:
             raise Aborted("another pass through this layer failed")
 
-    def product(self, key, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def product(self, key, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor],
+                mixed: Callable[[list], list | None] | None = None) -> torch.Tensor:
         with self.cond:
             p = self.pending.setdefault(key, _Pending())
             i = len(p.xs)
             p.xs.append(x)
+            p.computes.append(compute)
             if len(p.xs) < self.n:
                 self._wait(lambda: p.out is not None)
                 return p.out[i]
             del self.pending[key]  # the last pass to arrive computes
-        sizes = [t.shape[-2] for t in p.xs]
-        out = compute(torch.cat(p.xs, dim=-2)).split(sizes, dim=-2)
+        out = (mixed and mixed(p.xs)) if len({t.dtype for t in p.xs}) > 1 else None
+        if out is None:  # one product per dtype, each with its passes' own compute
+            out = [None] * len(p.xs)
+            for dtype in {t.dtype for t in p.xs}:
+                idx = [k for k, t in enumerate(p.xs) if t.dtype == dtype]
+                parts = p.computes[idx[0]](torch.cat([p.xs[k] for k in idx], dim=-2))
+                for k, part in zip(idx, parts.split([p.xs[k].shape[-2] for k in idx], dim=-2)):
+                    out[k] = part
         with self.cond:
             p.out = out
             self.cond.notify_all()
@@ -86,10 +99,14 @@ class Together:
             self.cond.notify_all()
 
 
-def product(key, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """compute(x), shared with the other passes of this thread's group when there is one."""
+def product(key, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor],
+            mixed: Callable[[list], list | None] | None = None) -> torch.Tensor:
+    """compute(x), shared with the other passes of this thread's group when there is one: the passes
+    of one dtype share one compute(rows of all of them). Passes of several dtypes (the fp32 streams
+    and the bf16 one) share one product through `mixed(xs)` (each x's own product, in order) when
+    it can (it returns None when it cannot: then one product per dtype)."""
     group = getattr(_current, "group", None)
-    return compute(x) if group is None else group.product(key, x, compute)
+    return compute(x) if group is None else group.product(key, x, compute, mixed)
 
 
 def in_turn(cache, key, write: Callable):

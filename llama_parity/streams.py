@@ -84,21 +84,20 @@ def run_reference(ref32: Transformer, ref16: Transformer, streams: list[Stream],
     returns logits per stream (where relay.judges) and the near stream's hidden state after each layer."""
     relay = relay or Relay(ref32.args.n_layers)
     refs = {torch.float32: ref32, torch.bfloat16: ref16}
+    ref16.share_products(ref32)
     state = {s.name: _ref_begin(refs, s) for s in streams}
     hidden = []
     relay.before([st[0] for s in streams for st in state[s.name]])
     for i, tensors in progress(prefetched(ref32.read_layer, relay.layers), "reference layers", len(relay.layers)):
         ref32.hold_layer(i, tensors=tensors)
-        for dtype in (torch.float32, torch.bfloat16):
-            if dtype == torch.bfloat16:
-                ref16.hold_layer(i, source=ref32)
-            # every step of every stream of this dtype through the layer at once: each weight's
-            # product computed once for all of them (shared_products.py)
-            steps = [(s, j, st) for s in streams if s.dtype == dtype for j, st in enumerate(state[s.name])]
-            outs = run_together([(partial(refs[dtype].layer, i, st[0], st[1], st[3], st[2], cache=s.cache), s.cache, j)
-                                 for s, j, st in steps])
-            for (_s, _j, st), h in zip(steps, outs):
-                st[0] = h
+        ref16.hold_layer(i, source=ref32)
+        # every step of every stream through the layer at once: each weight's product computed once
+        # for all of them, fp32 and bf16 alike (shared_products.py)
+        steps = [(s, j, st) for s in streams for j, st in enumerate(state[s.name])]
+        outs = run_together([(partial(refs[s.dtype].layer, i, st[0], st[1], st[3], st[2], cache=s.cache), s.cache, j)
+                             for s, j, st in steps])
+        for (_s, _j, st), h in zip(steps, outs):
+            st[0] = h
         ref32.release_layer()
         ref16.release_layer()
         del tensors
@@ -157,17 +156,18 @@ def run_hf(hf: StreamingHF, streams: list[Stream], ref_hidden: list, progress,
     relay.before([h for s in streams for h in s.h])
     for k, (i, tensors) in enumerate(progress(prefetched(hf.read_layer, relay.layers), "HF layers",
                                               len(relay.layers))):
-        layer = hf.layer(i, tensors)
+        # the fp32 build of the layer and, for the bf16 stream, the bf16 one (its norms in bf16); their
+        # linear layers share each product (WidenedLinear keys), every step of every stream at once
+        layers = {torch.float32: hf.layer(i, tensors)}
+        if any(s.dtype == torch.bfloat16 for s in streams):
+            layers[torch.bfloat16] = hf.layer(i, tensors).to(torch.bfloat16)
         del tensors
-        for dtype in (torch.float32, torch.bfloat16):
-            if dtype == torch.bfloat16:
-                layer = layer.to(torch.bfloat16)
-            steps = [(s, j, a) for s in streams if s.dtype == dtype for j, (a, _b) in enumerate(s.steps)]
-            outs = run_together([(partial(hf.run, layer, s.h[j], s.step_positions(j), a if s.cached else 0, s.cache),
-                                  s.cache, j) for s, j, a in steps])
-            for (s, j, _a), h in zip(steps, outs):
-                s.h[j] = h
-        del layer
+        steps = [(s, j, a) for s in streams for j, (a, _b) in enumerate(s.steps)]
+        outs = run_together([(partial(hf.run, layers[s.dtype], s.h[j], s.step_positions(j), a if s.cached else 0,
+                                      s.cache), s.cache, j) for s, j, a in steps])
+        for (s, j, _a), h in zip(steps, outs):
+            s.h[j] = h
+        del layers
         near = next(s for s in streams if s.name == "near")
         diffs.append(rel_diff(ref_hidden[k], near.h[0][0]))
     relay.after([h for s in streams for h in s.h])

@@ -167,3 +167,78 @@ def test_bf16_products_round_like_bf16_kernels(stored):
     ref = conv.linear(x, "w")
     assert ref.dtype == torch.bfloat16 and bool(((ref.float() - kernel).abs() <= ulp).all())
     torch.testing.assert_close(ref, hf, rtol=0, atol=0)
+
+
+class _MixedLinear:
+    """A weight that fp32 passes and bf16 passes share: `mixed` computes both in one product."""
+
+    def __init__(self, w, can_mix: bool = True):
+        self.w, self.can_mix, self.calls, self.mixed_calls = w, can_mix, [], 0
+
+    def __call__(self, x):
+        def compute(x):
+            self.calls.append(x.dtype)
+            return (x.float() @ self.w.float().T).to(x.dtype)
+
+        def mixed(xs):
+            if not self.can_mix:
+                return None
+            self.mixed_calls += 1
+            out = torch.cat([x.float() for x in xs], dim=-2) @ self.w.float().T
+            return [o.to(x.dtype) for o, x in zip(out.split([x.shape[-2] for x in xs], dim=-2), xs)]
+        return product(id(self), x, compute, mixed)
+
+
+@pytest.mark.parametrize("can_mix", [True, False])
+def test_fp32_and_bf16_passes_share_one_product_each_in_its_dtype(can_mix):
+    """Bug class: the bf16 stream given fp32 rows (or the fp32 streams rounded to bf16) when both
+    dtypes' passes share a weight's product, rows handed to the wrong pass, the weight widened once
+    per dtype although one product serves both, or a group that cannot mix left waiting. Small
+    integers: every product exact in both dtypes, so any mix-up shows."""
+    g = torch.Generator().manual_seed(3)
+    lin = _MixedLinear(torch.randint(-3, 4, (6, 4), generator=g).to(torch.bfloat16), can_mix)
+    xs = [torch.randint(-3, 4, (1, n, 4), generator=g).to(dt)
+          for n, dt in ((3, torch.float32), (1, torch.bfloat16), (2, torch.float32), (4, torch.bfloat16))]
+    outs = run_together([(lambda x=x: lin(x), None, 0) for x in xs])
+    for x, out in zip(xs, outs):
+        assert out.dtype == x.dtype
+        assert torch.equal(out, (x.float() @ lin.w.float().T).to(x.dtype))
+    if can_mix:
+        assert (lin.mixed_calls, lin.calls) == (1, [])
+    else:  # one product per dtype, each by a pass of that dtype
+        assert sorted(map(str, lin.calls)) == ["torch.bfloat16", "torch.float32"]
+
+
+def test_the_streams_bf16_products_through_the_shared_widening_equal_their_own():
+    """Bug class: the reference's shared product (_Converted._mixed: the fp32 streams and the bf16
+    one through one widening of a bf16-stored weight) computing another product than each side's
+    own path: the bf16 stream's must stay fp32 sums of bf16 values rounded to bf16, the fp32
+    streams' the fp32 product, whatever rows ride along."""
+    ref = _tiny_reference()
+    ref16_sd = {k: v.to(torch.bfloat16) for k, v in ref.w[0].items()}
+    from llama_parity.reference_model.model import _Converted
+
+    class _Held:  # a shard reader over tensors in memory
+        def __init__(self, sd):
+            self.sd = sd
+
+        def dtype(self, k):
+            return self.sd[k].dtype
+
+        def shape(self, k):
+            return tuple(self.sd[k].shape)
+
+    raw = _Held(ref16_sd)
+    c32 = _Converted(raw, torch.device("cpu"), torch.float32, None)
+    c16 = _Converted(raw, torch.device("cpu"), torch.bfloat16, None)
+    key = "layers.0.feed_forward.w1.weight"
+    c32.held = c16.held = {key: ref16_sd[key]}
+    c16.shares = c32
+    g = torch.Generator().manual_seed(1)
+    x32, x16 = torch.randn(1, 5, 64, generator=g), torch.randn(1, 3, 64, generator=g).to(torch.bfloat16)
+    alone = [c32._linear(x32, key), c16._linear(x16, key)]
+    together = run_together([(lambda: c32.linear(x32, key), None, 0), (lambda: c16.linear(x16, key), None, 0)])
+    torch.testing.assert_close(together[0], alone[0], rtol=1e-6, atol=1e-6)
+    assert together[1].dtype == torch.bfloat16
+    # one bf16 rounding apart at most (the fp32 sums may be ordered differently in a larger product)
+    torch.testing.assert_close(together[1].float(), alone[1].float(), rtol=2 ** -7, atol=1e-6)

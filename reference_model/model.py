@@ -372,6 +372,12 @@ class Transformer:
         for sd, held in zip(self.w, tensors):
             sd.held = held
 
+    def share_products(self, fp32: "Transformer") -> None:
+        """Run together with `fp32` (the same shards in fp32, this one bf16), each weight's product is
+        computed once for both (_Converted._mixed)."""
+        for mine, theirs in zip(self.w, fp32.w):
+            mine.shares = theirs
+
     def release_layer(self) -> None:
         for sd in self.w:
             sd.held = {}
@@ -421,6 +427,7 @@ class _Converted:
         self.convert = _converter(device, dtype, round_to, round_vectors)
         self.held: dict[str, torch.Tensor] = {}
         self._bufs: dict[str, torch.Tensor] = {}
+        self.shares: _Converted | None = None  # the fp32 view of the same shard whose products this one joins
 
     def __getitem__(self, key: str) -> torch.Tensor:
         t = self.held.get(key)
@@ -432,7 +439,18 @@ class _Converted:
     def linear(self, x: torch.Tensor, key: str) -> torch.Tensor:
         """x @ W^T for weight `key`: the held tensor, else read from the file a piece at a time. Passes
         through one layer run together (llama_parity/shared_products.py) share one product."""
-        return product((id(self), key), x, lambda x: self._linear(x, key))
+        owner = self.shares or self
+        return product((id(owner), key), x, lambda x: self._linear(x, key), lambda xs: owner._mixed(xs, key))
+
+    def _mixed(self, xs: list[torch.Tensor], key: str) -> list[torch.Tensor] | None:
+        """fp32 passes and bf16 ones (whose products are fp32 sums of bf16 values, see _linear) through
+        one widening of the weight and one product, when both widen it to the same values: stored
+        bf16 and not rounded to another dtype (else None: one product per dtype)."""
+        if self.dtype != torch.float32 or self.raw.dtype(key) != torch.bfloat16 \
+                or self.round_to not in (None, torch.bfloat16, torch.float32) or self.device.type != "cpu":
+            return None
+        out = self._wide(torch.cat([x.float() for x in xs], dim=-2), key, torch.float32)
+        return [o.to(x.dtype) for o, x in zip(out.split([x.shape[-2] for x in xs], dim=-2), xs)]
 
     def _linear(self, x: torch.Tensor, key: str) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and x.device.type == "cpu":
