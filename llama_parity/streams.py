@@ -104,13 +104,14 @@ def run_reference(ref32: Transformer, ref16: Transformer, streams: list[Stream],
         hidden.append(state["near"][0][0][0].to("cpu", torch.float32, copy=True))  # after(): received in place
     relay.after([st[0] for s in streams for st in state[s.name]])
     logits = {}
-    # one pass over the output matrix per dtype, every stream at once (where the verdict is made)
-    for dtype, ref in refs.items() if relay.judges else ():
-        group = [s for s in streams if s.dtype == dtype]
-        hs = [torch.cat([st[0] for st in state[s.name]], dim=1)[:, s.logits_from:] for s in group]
-        if group:
-            parts = ref.head(torch.cat(hs, dim=1))[0].split([h.shape[1] for h in hs])
-            logits.update({s.name: part for s, part in zip(group, parts)})
+    # one pass over the output matrix for every stream of both dtypes (where the verdict is made)
+    groups = {dtype: [s for s in streams if s.dtype == dtype] for dtype in refs} if relay.judges else {}
+    groups = {dtype: g for dtype, g in groups.items() if g}
+    hs = {dtype: [torch.cat([st[0] for st in state[s.name]], dim=1)[:, s.logits_from:] for s in g]
+          for dtype, g in groups.items()}
+    outs = run_together([(partial(refs[dtype].head, torch.cat(hs[dtype], dim=1)), None, 0) for dtype in groups])
+    for dtype, out in zip(groups, outs):
+        logits.update(zip((s.name for s in groups[dtype]), out[0].split([h.shape[1] for h in hs[dtype]])))
     return logits, hidden
 
 
