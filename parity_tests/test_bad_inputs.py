@@ -7,8 +7,8 @@ staging folders) is byte-for-byte what it was before: nothing left behind, input
 
 Simulated vs real: the full disk and the read-only parent are real tmpfs mounts when the machine
 allows `mount` (root here; tests run as root, so chmod would not stop a write), otherwise the
-same OSErrors are injected and the test says so in its output. Signals are sent to a real
-`python -m llama_parity.cli convert` subprocess, slowed by a test hook (a sleep per chunk).
+same OSErrors are injected and the test says so in its output. Signals are sent to real child
+processes running the CLI (forked from the test process, see Forked), slowed by a test hook.
 """
 
 from __future__ import annotations
@@ -948,10 +948,82 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _slow_convert(src: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, "convert", "--input-dir", str(src),
-                             "--output-dir", str(out), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class Forked:
+    """`python -c script *argv` as a child forked from this test process: the same fresh-process signal
+    dispositions, stdout/stderr of its own and an exit status as Popen reports it (128+n from the CLI's
+    handlers, -n for a signal that killed it), but torch and llama_parity already imported, which was
+    most of each child's cost (8 children, about 2.5 s of CPU each as real `python -c` processes).
+    The child never returns into pytest: it leaves through os._exit."""
+
+    def __init__(self, script: str, argv: list[str]):
+        import tempfile
+
+        self._out, self._err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        self.returncode: int | None = None
+        self.pid = os.fork()
+        if self.pid == 0:
+            self._child(script, argv)
+
+    def _child(self, script: str, argv: list[str]) -> None:
+        import io
+        import traceback
+
+        code = 1
+        try:
+            os.dup2(self._out.fileno(), 1)
+            os.dup2(self._err.fileno(), 2)
+            sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+            sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter has them
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+                signal.signal(sig, signal.SIG_DFL)
+            torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
+            sys.argv = ["-c", *argv]
+            exec(compile(script, "<string>", "exec"), {"__name__": "__main__"})
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:  # noqa: BLE001 - reported as python would, then the exit below
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(BaseException):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        t0 = time.monotonic()
+        while self.poll() is None:
+            if time.monotonic() - t0 > timeout:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+                raise AssertionError(f"child {self.pid} still running after {timeout} s (killed)")
+            time.sleep(0.01)
+        return self.returncode
+
+    def communicate(self, timeout: float = 60) -> tuple[str, str]:
+        self.wait(timeout)
+        texts = []
+        for f in (self._out, self._err):
+            f.seek(0)
+            texts.append(f.read().decode(errors="replace"))
+        return texts[0], texts[1]
+
+
+def _slow_convert(src: Path, out: Path) -> Forked:
+    return Forked(_SLOW_CONVERT, ["convert", "--input-dir", str(src), "--output-dir", str(out), "--no-progress"])
 
 
 def _staging(out: Path) -> list[Path]:
@@ -966,7 +1038,7 @@ def test_signals_clean_up_and_exit_128_plus_signal(tiny, tmp_path, capsys):
     """Bug class: SIGTERM/SIGHUP (timeout, systemd, Kubernetes, Slurm, a closed terminal) killing
     the conversion without cleanup, or Ctrl-C reported as bad input (2) instead of 130.
 
-    Real subprocesses, each signalled as soon as it writes weights (a test wrapper pauses 0.5 s
+    Real child processes (Forked), each signalled as soon as it writes weights (a test wrapper pauses 0.5 s
     before each chunk, so a tiny conversion lasts ~10 s). While one is running, a second conversion into its
     output is refused, naming the live pid. A SIGKILLed run's hidden folder is removed by the
     next run, which says so."""
@@ -1041,7 +1113,7 @@ sys.exit(main(sys.argv[3:]))
 def test_signal_during_verify_leaves_no_report_or_a_whole_one(tiny, tmp_path):
     """Bug class: SIGTERM (timeout, a scheduler) or Ctrl-C during `verify --json R --html H` leaving an
     empty or truncated report, a temporary file, a traceback, or an exit code that reads as bad input
-    or parity failure. Real subprocesses, each stopped at one point and signalled there: SIGTERM in
+    or parity failure. Real child processes (Forked), each stopped at one point and signalled there: SIGTERM in
     the model checks (143, no report), Ctrl-C while R's bytes sit in their temporary file (130, no R,
     no temporary file, no H). A report is never half there: test_reports_written_whole."""
     meta, hf = tiny.meta(SMALL), tiny.hf(SMALL)
@@ -1053,8 +1125,7 @@ def test_signal_during_verify_leaves_no_report_or_a_whole_one(tiny, tmp_path):
         scope = "--quick" if stop == "model" else "--metadata-only"  # the reports' stops need no model run
         argv = [*map(str, _verify(meta, hf)), scope, "--no-tokenizer", "--json", str(out / "r.json"),
                 "--html", str(out / "r.html")]
-        procs[stop] = (out, subprocess.Popen([sys.executable, "-c", _PAUSED_VERIFY, stop, str(out / "marker"),
-                                              *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs[stop] = (out, Forked(_PAUSED_VERIFY, [stop, str(out / "marker"), *argv]))
     pending = set(procs)
     t0 = time.monotonic()
     while pending:  # signal each as soon as it reaches its stop
@@ -1188,8 +1259,7 @@ def test_one_writer_per_output(tiny, tmp_path, capsys):
     out, go = tmp_path / "race" / "hf", tmp_path / "go"
     held = _SLOW_CONVERT.replace("time.sleep(0.5)", f"_wait_for({str(go)!r})")
     held = held.replace("chunks = convert.iter_chunks", _WAIT_FOR + "chunks = convert.iter_chunks")
-    procs = [subprocess.Popen([sys.executable, "-c", held, *map(str, _convert(meta, out))],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [Forked(held, [*map(str, _convert(meta, out))]) for _ in range(2)]
     loser = _first_to_exit(procs, timeout=120)
     go.touch()
     winner = procs[1 - procs.index(loser)]
@@ -1209,7 +1279,7 @@ def _wait_for(path):  # the test's go-ahead; polled, the conversion holds its lo
 """
 
 
-def _first_to_exit(procs: list[subprocess.Popen], timeout: float) -> subprocess.Popen:
+def _first_to_exit(procs: list[Forked], timeout: float) -> Forked:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         for p in procs:
