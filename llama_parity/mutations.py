@@ -6,8 +6,10 @@ alone but breaks users (context length, dtype label, tie flag, bos/eos ids, gene
 The test suite applies each to a fresh conversion of the layouts where its bug class can show and
 asserts that `verify` fails in every check the entry names. Each entry carries its repair (how
 `diagnose` undoes it, using only facts of the Meta files), so diagnose needs no table of its own.
+Tokenizer faults (a merge at another priority, a token's bytes, an added token's flags, fields that
+change truncation, decoding or padding) are entries too, named by the tokenizer rows that catch them.
 Benign changes (re-sharding, tensor order, an exact upcast, JSON formatting, version stamps, the
-transformers 5 spelling) must pass. Mutations edit the HF output (a copy), never the reference.
+transformers 5 spelling, a pad token Meta reserves for padding, explicit tokenizer defaults) must pass. Mutations edit the HF output (a copy), never the reference.
 """
 
 from __future__ import annotations
@@ -321,6 +323,65 @@ def _greedy_defaults(c: dict) -> None:
 
 # --- repairs: how diagnose undoes a bug, from the Meta files' facts alone -----------------------------
 
+# --- bugs in the tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) ------
+
+def _tokenizer_json(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def run(hf: Path) -> None:
+        t = read_json(hf, "tokenizer.json")
+        change(t)
+        (hf / "tokenizer.json").write_text(json.dumps(t, ensure_ascii=False))
+    return run
+
+
+def _tokenizer_config(**fields) -> Callable[[Path], None]:
+    """tokenizer_config.json fields set (a value None: the field removed)."""
+    def change(c: dict) -> None:
+        for k, v in fields.items():
+            c.pop(k) if v is None else c.__setitem__(k, v)
+    return lambda hf: edit_json(hf, "tokenizer_config.json", change)
+
+
+def _merge_moved(t: dict) -> None:
+    """A merge from the middle of the list (rarely used) moved to the lowest priority: it still
+    exists, so a corpus encodes the same almost everywhere."""
+    merges = t["model"]["merges"]
+    merges.append(merges.pop(len(merges) // 2))
+
+
+def _merge_dropped(t: dict) -> None:
+    """Every merge that forms one token (the middle merge's) removed."""
+    merges = t["model"]["merges"]
+    joined = "".join(merges[len(merges) // 2])
+    merges[:] = [m for m in merges if "".join(m) != joined]
+
+
+def _token_ids_exchanged(t: dict) -> None:
+    """Two ordinary tokens exchange ids: each of the two ids decodes to other bytes."""
+    vocab = t["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+
+
+def _added_flag(content: str, key: str, value: bool, where: str) -> Callable[[Path], None]:
+    """One added token's flag (special, normalized, ...) changed in tokenizer.json's added_tokens
+    ("json") or tokenizer_config.json's added_tokens_decoder ("config")."""
+    def flip(tokens) -> None:
+        for tok in tokens:
+            if tok["content"] == content:
+                tok[key] = value
+    if where == "json":
+        return _tokenizer_json(lambda t: flip(t["added_tokens"]))
+    return lambda hf: edit_json(hf, "tokenizer_config.json", lambda c: flip(c["added_tokens_decoder"].values()))
+
+
+def _pad_token(token: str) -> Callable[[Path], None]:
+    """pad_token set in tokenizer_config.json and special_tokens_map.json alike."""
+    def run(hf: Path) -> None:
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            edit_json(hf, name, lambda c: c.__setitem__("pad_token", token))
+    return run
+
+
 def _meta_params(meta_dir: Path) -> dict:
     return json.loads((Path(meta_dir) / "params.json").read_text())
 
@@ -439,6 +500,16 @@ class Mutation:
         return any(c in MODEL_CHECKS for c in self.caught_by)
 
     @property
+    def tokenizer(self) -> bool:
+        """The fault is in the tokenizer files: judged with the tokenizer check on."""
+        return any(c.startswith(TOKENIZER_PREFIX) for c in self.caught_by)
+
+    @property
+    def in_weights(self) -> bool:
+        """The weight files are changed: their bytes, names or shapes."""
+        return any(c in (_EXACT, "weights: finite", "tensors: names", "tensors: shapes") for c in self.caught_by)
+
+    @property
     def in_metadata(self) -> bool:
         """The weights are Meta's (exact copies would pass): the fault is in what the HF folder says
         about them (config, generation_config, names), which each model path reads its own way
@@ -458,6 +529,13 @@ _LOGITS, _FAR = "logits (fp32)", "far positions"
 _RS = "config: rope scaling factor"
 _EXACT = "weights: exact copies"
 _GEN_EOS, _CFG_EOS = "generation_config: eos_token_id", "config: eos_token_id"
+# tokenizer checks, as verify's table names them (tokenizer_check.py)
+_MERGES, _VOCAB = "tokenizer: every merge at its priority (tokenizer.json merges)", \
+    "tokenizer: whole vocabulary (every id's bytes / piece)"
+_FLAGS, _BOS = "tokenizer: added tokens: special flags", "tokenizer: BOS from tokenizer.json post_processor (exactly once)"
+_SPECIAL = "tokenizer: special tokens in tokenizer_config.json / special_tokens_map.json"
+_FIELDS = "tokenizer: tokenizer_config.json / special_tokens_map.json fields"
+TOKENIZER_PREFIX = "tokenizer: "
 
 CATALOG: tuple[Mutation, ...] = (
     # weights
@@ -566,6 +644,35 @@ CATALOG: tuple[Mutation, ...] = (
     _m("greedy_defaults_on_instruct", "instruct sampling defaults (temperature 0.6, top_p 0.9) dropped",
        lambda hf: edit_json(hf, "generation_config.json", _greedy_defaults),
        ["generation_config: do_sample", "generation_config: temperature", "generation_config: top_p"], [L32]),
+    # the tokenizer (every token, merge, flag and behaviour-changing field against Meta's file and the
+    # official repos' files: tokenizer_check.py); each passes a corpus or most of one
+    _m("tokenizer_rare_merge_moved", "a rarely used BPE merge at another priority (encodes a few strings otherwise)",
+       _tokenizer_json(_merge_moved), [_MERGES], [L31]),
+    _m("tokenizer_merge_dropped", "a BPE merge missing from tokenizer.json", _tokenizer_json(_merge_dropped),
+       [_MERGES], [L32]),
+    _m("tokenizer_token_bytes_changed", "two ordinary tokens' ids exchanged in tokenizer.json (each id's bytes "
+       "changed)", _tokenizer_json(_token_ids_exchanged), [_VOCAB], [L31]),
+    _m("tokenizer_eot_not_special", "<|eot_id|> added as a non-special token (decode keeps it, "
+       "skip_special_tokens does not drop it)", _added_flag("<|eot_id|>", "special", False, "json"), [_FLAGS], [L32]),
+    _m("tokenizer_bos_normalized", "<|begin_of_text|> flagged normalized in tokenizer_config.json",
+       _added_flag("<|begin_of_text|>", "normalized", True, "config"), [_FLAGS], [L31]),
+    _m("tokenizer_bos_dropped", "tokenizer.json without its post_processor (no BOS added on encode)",
+       _tokenizer_json(lambda t: t.__setitem__("post_processor", None)), [_BOS, "tokenizer: encode with bos"],
+       [L31]),
+    _m("tokenizer_base_eos_on_instruct", "an instruct tokenizer_config with the base eos_token <|end_of_text|>",
+       _tokenizer_config(eos_token="<|end_of_text|>"), [_SPECIAL], [L32]),
+    _m("tokenizer_model_max_length_2048", "model_max_length 2048 on a 128k-context model (truncation=True cuts "
+       "prompts)", _tokenizer_config(model_max_length=2048), [_FIELDS], [L31]),
+    _m("tokenizer_clean_up_spaces", "clean_up_tokenization_spaces true (decode drops spaces before punctuation)",
+       _tokenizer_config(clean_up_tokenization_spaces=True), [_FIELDS], [L32]),
+    _m("tokenizer_clean_up_field_missing", "clean_up_tokenization_spaces absent (transformers 4.x then cleans up)",
+       _tokenizer_config(clean_up_tokenization_spaces=None), [_FIELDS], [L31]),
+    _m("tokenizer_padding_left", "padding_side left (batched prompts padded on the other side)",
+       _tokenizer_config(padding_side="left"), [_FIELDS], [L32]),
+    _m("tokenizer_split_special_tokens", "split_special_tokens true (special-token text encoded as plain text)",
+       _tokenizer_config(split_special_tokens=True), [_FIELDS], [L31]),
+    _m("tokenizer_pad_is_eot", "pad_token <|eot_id|> (masked padding hides every end of turn)",
+       _pad_token("<|eot_id|>"), [_SPECIAL], [L32]),
 )
 
 BY_NAME = {m.name: m for m in CATALOG}
@@ -597,6 +704,7 @@ class Benign:
     apply: Callable[[Path], None]
     layouts: tuple[str, ...]
     meta_dtype: torch.dtype = torch.float32  # the tiny Meta checkpoint's dtype this change starts from
+    tokenizer: bool = False  # a change of the tokenizer files: judged with the tokenizer check on
 
 
 def _reshard(per_file: int, reverse: bool = False) -> Callable[[Path], None]:
@@ -712,4 +820,10 @@ BENIGN: tuple[Benign, ...] = (
     Benign("read_only", "every file and the folder read-only", _read_only, (L31,)),
     Benign("fp32_to_bf16_norms_kept_fp32", "a float32 checkpoint converted to bf16 matrices, norms kept float32 "
            "(exactly Meta's), label bf16", _bf16_norms_kept_fp32, (L31,)),
+    Benign("tokenizer_pad_reserved_for_padding", "pad_token <|finetune_right_pad_id|>, the one Meta reserves for "
+           "padding", _pad_token("<|finetune_right_pad_id|>"), (L31,), tokenizer=True),
+    Benign("tokenizer_explicit_defaults", "tokenizer_config with explicit defaults (padding and truncation on the "
+           "right, no length limit) and a field of another tool", _tokenizer_config(
+               padding_side="right", truncation_side="right", model_max_length=10**30, my_tool_version="1.2"),
+           (L32,), tokenizer=True),
 )

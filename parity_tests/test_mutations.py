@@ -10,10 +10,14 @@ fails a right release is not used for long.
 Byte faults no prompt reaches (rows swapped, zeroed or NaN, a flipped bit, a norm 1 ulp off) are
 caught by the byte check alone, which every mode runs (test_exact_bytes.py runs one per mode).
 
-Cost: single-process, bugs that only metadata checks and the byte check can see run verify with
-checks="metadata" (no model run); the others, and the benign changes, with checks="quick" (every metadata check, the exact-copy
-check of the weights, fp32 logits and far positions): a file-level change that keeps those passes
-leaves the same weights and config, so the cache, greedy and bf16 checks cannot differ.
+Tokenizer faults (a merge at another priority, a token's bytes, an added token's flags, fields that
+change truncation, decoding or padding) are entries too, judged with the tokenizer check on.
+
+Cost: single-process, bugs that only metadata and tokenizer checks can see run verify with
+checks="metadata" (no model run); the others, and the benign changes, with checks="quick" (every
+metadata check, the exact-copy check of the weights, fp32 logits and far positions): a file-level
+change that keeps those passes leaves the same weights and config, so the cache, greedy and bf16
+checks cannot differ. Each entry is applied once per layout and judged in each of its modes.
 With 2 ranks (test_verify_paths.py: test_every_fault_with_two_ranks), every entry runs --quick, the
 model checks included, in the one launch that module makes.
 """
@@ -25,38 +29,62 @@ from dataclasses import replace
 import pytest
 import torch
 
-from llama_parity.mutations import BENIGN, CATALOG, MODEL_CHECKS, mutate_copy
+from llama_parity.mutations import BENIGN, CATALOG, MODEL_CHECKS, TOKENIZER_PREFIX, mutate_copy
 from llama_parity.verify import verify
 
-# Model-visible faults in the HF folder's metadata run in both single-process model paths (both
-# models in memory, and streamed), each of which reads config.json its own way; model-visible weight
-# faults, which reach both paths through the same tensor names, run streamed (and fail the exact-copy
-# check in every path); the others are judged with no model run, by code that runs before any path
-# is chosen.
+# Faults in the weight files (bytes, names, shapes) run in both single-process model paths (both
+# models in memory, and streamed): the byte check is the same code in each, the model checks are
+# not, and each path must reach both. So do model-visible faults in the HF folder's metadata (each
+# path reads config.json its own way). The others (metadata no model sees, the tokenizer files) are
+# judged with no model run, by code that runs before any path is chosen and is the same in every
+# path (test_verify_paths.py compares the paths' rows, the tokenizer's included). With 2 ranks
+# (test_verify_paths.py: test_every_fault_with_two_ranks) every entry runs too.
+def _modes(m) -> tuple[str, ...]:
+    return ("streaming", "full") if m.in_weights or m.needs_model else ("metadata",)
+
+
 HARMFUL = [pytest.param(m, v, mode, id=f"{m.name}-{v}-{mode}") for m in CATALOG for v in m.layouts
-           for mode in (("streaming", "full") if m.needs_model and m.in_metadata else ("streaming",)
-                        if m.needs_model else ("metadata",))]
+           for mode in _modes(m)]
 
 
 def _judge(meta, hf, mutation, mode: str):
-    return verify(meta, hf, bf16=False, tokenizer=False, checks="metadata" if mode == "metadata" else "quick",
-                  memory="streaming" if mode == "metadata" else mode)
+    return verify(meta, hf, bf16=False, tokenizer=mutation.tokenizer, checks="metadata" if mode == "metadata"
+                  else "quick", memory="streaming" if mode == "metadata" else mode)
+
+
+def failed_checks(rep: dict) -> set[str]:
+    """Every failed row's name as verify's table prints it (tokenizer rows with their prefix)."""
+    tok = rep.get("tokenizer") or {"checks": []}
+    return {c["name"] for c in rep["checks"] if not c["ok"]} | {
+        f"{TOKENIZER_PREFIX}{c['name']}" for c in tok["checks"] if not c["ok"]}
 
 
 def _assert_caught(mutation, variant_id: str, rep: dict) -> None:
-    failed = {c["name"] for c in rep["checks"] if not c["ok"]}
+    failed = failed_checks(rep)
     assert not rep["ok"], f"{mutation.name} ({mutation.bug}) passed verify on {variant_id}"
     missing = set(mutation.caught_by) - failed
     assert not missing, f"{mutation.name}: {sorted(missing)} did not fail; failed: {sorted(failed)}"
 
 
+@pytest.fixture(scope="module")
+def mutated(tiny, tmp_path_factory):
+    """Each entry applied once per layout and shared by the modes that judge it (verify reads it only)."""
+    made = {}
+
+    def get(mutation, variant_id):
+        key = (mutation.name, variant_id)
+        if key not in made:
+            made[key] = mutate_copy(tiny.hf(variant_id), tmp_path_factory.mktemp("mutant") / "hf", mutation)
+        return made[key]
+    return get
+
+
 @pytest.mark.parametrize("mutation,variant_id,mode", HARMFUL)
-def test_mutation_is_caught(tiny, tmp_path, mutation, variant_id, mode):
+def test_mutation_is_caught(tiny, mutated, mutation, variant_id, mode):
     """Bug class: whichever the mutation names (see its `bug` field): the checks must not pass it,
     and the check meant for it must be among the failures (not an unrelated one by luck), in
     every single-process path (both models in memory, streamed; --nproc: test_verify_paths.py)."""
-    broken = mutate_copy(tiny.hf(variant_id), tmp_path / "broken", mutation)
-    rep = _judge(tiny.meta(variant_id), broken, mutation, mode)
+    rep = _judge(tiny.meta(variant_id), mutated(mutation, variant_id), mutation, mode)
     _assert_caught(mutation, variant_id, rep.to_dict())
 
 
@@ -88,7 +116,7 @@ def test_benign_change_passes(tiny, bf16_tiny, tmp_path, change, variant_id):
     meta, hf = bf16_tiny(variant_id) if change.meta_dtype == torch.bfloat16 else (tiny.meta(variant_id),
                                                                                    tiny.hf(variant_id))
     changed = mutate_copy(hf, tmp_path / "changed", change)
-    rep = verify(meta, changed, bf16=False, tokenizer=False, checks="quick", memory="full")
+    rep = verify(meta, changed, bf16=False, tokenizer=change.tokenizer, checks="quick", memory="full")
     assert rep.ok, f"{change.name} ({change.change}) failed verify on {variant_id}\n{rep.render()}"
     assert any(c.name in MODEL_CHECKS for c in rep.checks), "the model checks did not run"
 
