@@ -129,40 +129,15 @@ def test_the_graph_walk_sees_edges():
     assert _is_judge("llama_parity.reference_model.model") and not _is_judge("llama_parity.converter.keymap")
 
 
-_VERIFY_AND_LIST = """
-import json, sys
+# One fresh process outside the checkout (as a user's, from the wheel or the editable install) for the two
+# tests below: first a real `llama-parity verify`, whose loaded modules are listed before anything else is
+# imported, then every module of the package imported. One interpreter with torch and transformers loaded
+# once instead of two (each start cost seconds of CPU); each test reads its own part of the answer.
+_FRESH_PROCESS = """
+import importlib, json, pkgutil, sys
 from llama_parity.cli import main
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "modules": sorted(m for m in sys.modules if m.startswith("llama_parity."))}))
-"""
-
-
-def _verify_modules(meta: Path, hf: Path, *extra: str) -> tuple[int, set[str]]:
-    r = subprocess.run([sys.executable, "-c", _VERIFY_AND_LIST, "verify", "--meta-dir", str(meta), "--hf-dir", str(hf),
-                        *extra], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    return out["code"], set(out["modules"])
-
-
-def test_verify_run_loads_no_converter_module(tiny):
-    """Bug class: a `verify` run that loads converter code at run time (a lazy import inside a
-    function, the CLI's module-level imports, a neutral module importing the converter): the static
-    walk could miss an import made by name. A real `llama-parity verify` of a tiny conversion, in a
-    fresh process, must pass and end with no `llama_parity.converter` module in sys.modules (beyond
-    KNOWN_LOADED while KNOWN_EDGES is not empty)."""
-    meta, hf = tiny.meta("llama3.2-1b"), tiny.hf("llama3.2-1b")
-    code, loaded = _verify_modules(meta, hf, "--quick")
-    assert code == 0
-    assert "llama_parity.verify" in loaded and "llama_parity.reference_model.model" in loaded
-    converter = {m for m in loaded if m == CONVERTER or m.startswith(CONVERTER + ".")}
-    allowed = KNOWN_LOADED if KNOWN_EDGES else set()
-    assert converter <= allowed, f"verify loaded converter modules: {sorted(converter - allowed)}"
-    assert not allowed - converter, f"no longer loaded by verify: remove from KNOWN_LOADED: {sorted(allowed - converter)}"
-
-
-_NAMESPACE_PROBE = """
-import importlib, json, pkgutil, sys
+verify = {"code": code, "modules": sorted(m for m in sys.modules if m.startswith("llama_parity."))}
 import llama_parity
 stray = {}
 for name in ("llama_parity.llama_parity", "llama_parity.llama_parity.cli", "llama_parity.benchmarks",
@@ -181,22 +156,43 @@ by_file = {}
 for name, mod in list(sys.modules.items()):
     if getattr(mod, "__file__", None) and (name == "llama_parity" or name.startswith("llama_parity.")):
         by_file.setdefault(mod.__file__, []).append(name)
-print(json.dumps({"stray": stray, "subs": subs, "twice": [v for v in by_file.values() if len(v) > 1],
-                  "n": len(sys.modules)}))
+print(json.dumps({"verify": verify, "namespace": {"stray": stray, "subs": subs,
+                                                  "twice": [v for v in by_file.values() if len(v) > 1]}}))
 """
 
 
-def test_one_namespace_without_the_checkout_root(tmp_path):
+@pytest.fixture(scope="module")
+def fresh_process(tiny, tmp_path_factory) -> dict:
+    meta, hf = tiny.meta("llama3.2-1b"), tiny.hf("llama3.2-1b")
+    r = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, "verify", "--meta-dir", str(meta), "--hf-dir", str(hf),
+                        "--quick"], capture_output=True, text=True, timeout=600, cwd=tmp_path_factory.mktemp("away"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_verify_run_loads_no_converter_module(fresh_process):
+    """Bug class: a `verify` run that loads converter code at run time (a lazy import inside a
+    function, the CLI's module-level imports, a neutral module importing the converter): the static
+    walk could miss an import made by name. A real `llama-parity verify` of a tiny conversion, in a
+    fresh process, must pass and end with no `llama_parity.converter` module in sys.modules (beyond
+    KNOWN_LOADED while KNOWN_EDGES is not empty)."""
+    code, loaded = fresh_process["verify"]["code"], set(fresh_process["verify"]["modules"])
+    assert code == 0
+    assert "llama_parity.verify" in loaded and "llama_parity.reference_model.model" in loaded
+    converter = {m for m in loaded if m == CONVERTER or m.startswith(CONVERTER + ".")}
+    allowed = KNOWN_LOADED if KNOWN_EDGES else set()
+    assert converter <= allowed, f"verify loaded converter modules: {sorted(converter - allowed)}"
+    assert not allowed - converter, f"no longer loaded by verify: remove from KNOWN_LOADED: {sorted(allowed - converter)}"
+
+
+def test_one_namespace_without_the_checkout_root(fresh_process):
     """Bug class: the package reaching the checkout through a splice of its root into
     `llama_parity.__path__`, so that any folder there imports (`llama_parity.llama_parity.cli` as a
     second module object of the CLI, `llama_parity.benchmarks`, `llama_parity.conftest`) and module
     state exists twice. In a fresh process outside the checkout (as a user's, from the wheel or the
     editable install): exactly the four mapped folders import under `llama_parity`, nothing else of
     the checkout does, and importing every module of the package loads each file once."""
-    r = subprocess.run([sys.executable, "-c", _NAMESPACE_PROBE], capture_output=True, text=True, cwd=tmp_path,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = fresh_process["namespace"]
     assert not out["stray"], f"not part of the package, yet importable: {out['stray']}"
     assert not out["twice"], f"one file loaded as several modules: {out['twice']}"
     folders = {n: Path(f).parent.name for n, f in out["subs"].items()}
