@@ -209,6 +209,88 @@ def test_spm_conversion_ships_tokenizer_model(ggufs):
     assert len(set(scores)) > 1000
 
 
+def _mapped(path) -> list[str]:
+    """This process's mappings of `path` (/proc/self/maps)."""
+    real = str(path.resolve())
+    with open("/proc/self/maps") as f:
+        return [ln.strip() for ln in f if ln.rstrip().endswith(real)]
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc/self/maps")
+def test_judge_never_maps_the_gguf(ggufs, monkeypatch):
+    """Bug class: the judge reading the GGUF through a memory map (np.memmap, gguf's GGUFReader): mapped pages
+    count in RSS for as long as the map lives, so an 8B f16 file made the judge's peak RSS 23-24 GB. While
+    every weight is compared and every layer is built for the outputs run, no mapping of the file may exist."""
+    from llama_parity.gguf_judge import outputs, weights
+
+    meta, files = ggufs["llama2-chat"]
+    path, seen = files["f16"], []
+    compare, layer = weights.compare_tensor, outputs._Weights.layer
+
+    def compare_and_look(t, *a, **k):
+        compare(t, *a, **k)
+        seen.append((t.name, _mapped(path)))
+
+    def layer_and_look(self, i):
+        out = layer(self, i)
+        seen.append((f"layer {i} ({self.variant})", _mapped(path)))
+        return out
+
+    monkeypatch.setattr(weights, "compare_tensor", compare_and_look)
+    monkeypatch.setattr(outputs._Weights, "layer", layer_and_look)
+    gf = read_gguf(path)
+    assert gf.tensors["token_embd.weight"].dequantized(0, 2).shape == (2, 64)
+    rep = verify_gguf(meta, path, checks="quick")
+    assert rep.ok, rep.render()
+    outputs.run_all(gf, *_meta_and_expected(meta), [([1, 2, 3], torch.arange(3))], None, ("gguf",))
+    assert len(seen) > 10 and not [s for s in seen if s[1]], [s for s in seen if s[1]][:3]
+
+
+def _meta_and_expected(meta_dir):
+    """(meta side, expected values) as verify_gguf builds them, for a direct outputs run."""
+    from llama_parity.gguf_judge.meta_checks import expected_from
+    from llama_parity.metadata import read_meta_side
+    from llama_parity.parity import expected_rope_scaling
+
+    m = read_meta_side(meta_dir)
+    return m, expected_from(m, None, expected_rope_scaling(meta_dir, None))
+
+
+_RSS_CHILD = """
+import sys
+from llama_parity.gguf_judge import read_gguf
+
+def hwm():
+    return int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1]) * 1024
+
+gf = read_gguf(sys.argv[1])
+before = hwm()
+largest = 0
+for t in gf.tensors.values():
+    largest = max(largest, t.raw_rows().nbytes)
+    for a in range(0, t.shape[0] if len(t.shape) == 2 else 1, 4096):
+        int(t.raw_rows(a, a + 4096).sum(dtype="uint64"))  # every byte read, 4096 rows at a time
+print(hwm() - before, largest)
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs Linux /proc/self/status")
+def test_reading_every_tensor_keeps_rss_bounded(ggufs):
+    """Bug class: a GGUF reader whose reads stay resident (a memory map: touched pages count in RSS until
+    unmapped; or a whole-file read): reading every byte of a 74 MB file tensor by tensor must raise the
+    process's peak RSS (VmHWM, in a fresh child) by at most the largest tensor plus 8 MB, not the file."""
+    import subprocess
+    import sys
+
+    path = ggufs["llama3.1-instruct"][1]["f16"]
+    r = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(path)], capture_output=True, text=True, check=True)
+    growth, largest = (int(x) for x in r.stdout.split())
+    size = path.stat().st_size
+    assert largest < size / 2, (largest, size)  # the bound below must stand apart from the file size
+    assert growth <= largest + (8 << 20), f"peak RSS grew {growth / 2**20:.1f} MB reading a {size / 2**20:.1f} MB " \
+        f"file whose largest tensor is {largest / 2**20:.1f} MB"
+
+
 @pytest.mark.parametrize("content", [b"not a gguf file", b"GGUF\x03\x00\x00\x00" + b"\xff" * 16])
 def test_cli_bad_gguf_is_exit_2(ggufs, tmp_path, content, capsys):
     """Bug class: a foreign or truncated file judged as a parity failure or crashing with a traceback,

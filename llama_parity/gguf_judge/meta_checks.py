@@ -128,8 +128,7 @@ def tying_check(gf, ex: Expected) -> Check:
     if not ex.meta.tied:
         return Check("gguf: separate output matrix", catches, 0.0 if has else 1.0, 0.0, has,
                      "output.weight stored" if has else "no output.weight: llama.cpp would use token_embd as output")
-    same = not has or (gf.tensors["output.weight"].type_name == gf.tensors["token_embd.weight"].type_name and
-                       np.array_equal(gf.tensors["output.weight"].data, gf.tensors["token_embd.weight"].data))
+    same = not has or gf.tensors["output.weight"].same_bytes(gf.tensors["token_embd.weight"])
     return Check("gguf: tied output (embedding reused)", catches, 0.0 if same else 1.0, 0.0, same,
                  "no separate output.weight" if not has else
                  "output.weight equals token_embd" if same else "output.weight differs from token_embd")
