@@ -8,8 +8,9 @@ Builds a synthetic bf16 Meta checkpoint of the REAL shape (benchmarks/make_check
 keeps the real layer shapes and the 128k vocabulary but only N layers) and converts it with llama-parity,
 or reuses ones given (`--meta-dir`, `--hf-dir`: read, never written); then converts to GGUF with
 llama.cpp's own convert_hf_to_gguf.py (the test suite's copy from the llama-cpp-python sdist, its output
-not cached: a 16 GB file) and measures as child processes (peak RSS = ru_maxrss from wait4), page cache
-evicted before each:
+not cached: a 16 GB file) and measures as child processes, page cache evicted before each. Peak RSS is
+the judge's own (ru_maxrss of the verify process itself); llama.cpp's runtime, which the full run starts in
+a child and which loads the whole file itself, is reported apart (its peak as the judge's report notes it):
 
 - llama.cpp's converter (HF folder -> GGUF), for scale;
 - floor: reading the Meta shard and the GGUF file once from disk (what any judge of the pair must do);
@@ -108,6 +109,31 @@ def main(argv=None) -> None:
             gguf.unlink(missing_ok=True)
 
 
+# verify in a child that records its OWN peak RSS (ru_maxrss of RUSAGE_SELF): wait4's figure for the child
+# also covers its descendants, and the full run starts llama.cpp's runtime, which loads the whole file itself
+_VERIFY = """
+import resource, sys
+from llama_parity.cli import main
+rc = main(sys.argv[2:])
+open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+sys.exit(rc)
+"""
+
+
+def _runtime_peak(report: Path) -> str:
+    """llama.cpp's runtime child's peak RSS, as the judge's report notes it ("" when it did not run)."""
+    import json
+    import re
+
+    try:
+        notes = json.loads(report.read_text()).get("notes", [])
+    except (OSError, ValueError):
+        return ""
+    found = [m.group(1) for n in notes for m in [re.search(r"runtime loaded the file .* peak RSS ([0-9.]+ GB)", n)]
+             if m]
+    return f", llama.cpp's runtime child (its own load of the file) {found[0]}" if found else ""
+
+
 def measure(a, meta: Path, gguf: Path, convert_seconds: float | None) -> None:
     files = [*meta.glob("*.pth"), gguf]
     size = sum(p.stat().st_size for p in files)
@@ -115,10 +141,13 @@ def measure(a, meta: Path, gguf: Path, convert_seconds: float | None) -> None:
     rows = [f"llama.cpp's converter: {convert_seconds:.0f} s" if convert_seconds else "GGUF reused"]
     for label, flags in (("--quick", ["--quick"]), ("all", [])):
         evict(files)
-        r = run_child([sys.executable, "-m", "llama_parity.cli", "verify", "--meta-dir", str(meta), "--gguf", str(gguf),
-                       *flags], 0, log=a.work / f"verify{label.strip('-')}.log")
-        rows.append(f"verify --gguf {label}: {r.seconds:.0f} s ({r.seconds / read:.1f}x the floor), peak RSS "
-                    f"{r.peak_rss / GB:.2f} GB, {r.status}")
+        own, report = a.work / f"verify{label.strip('-')}.peak", a.work / f"verify{label.strip('-')}.json"
+        r = run_child([sys.executable, "-c", _VERIFY, str(own), "verify", "--meta-dir", str(meta), "--gguf",
+                       str(gguf), "--json", str(report), *flags], 0, log=a.work / f"verify{label.strip('-')}.log")
+        judge = int(own.read_text()) if own.is_file() else r.peak_rss
+        rows.append(f"verify --gguf {label}: {r.seconds:.0f} s ({r.seconds / read:.1f}x the floor), the judge's peak "
+                    f"RSS {judge / GB:.2f} GB{_runtime_peak(report)}, {r.status}")
+        own.unlink(missing_ok=True)
     load = os.getloadavg()[0]
     print(f"| {a.case}{f' ({a.layers} layers)' if a.layers else ''} {a.outtype} | {size / GB:.2f} GB read | floor "
           f"{read:.1f} s | " + " | ".join(rows) + f" | load {load:.1f} |")

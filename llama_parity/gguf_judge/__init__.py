@@ -123,6 +123,9 @@ def _runtime(report, gf, tok, release, prompt: list[int]):
         report.notes.append(f"{run.failure}: the runtime's failure, not a verdict on the file; llama.cpp's "
                             "encoding and logits NOT judged")
         return None
+    if run.peak_rss:
+        report.notes.append(f"llama.cpp's runtime loaded the file itself in a child process: its peak RSS "
+                            f"{run.peak_rss / 1e9:.2f} GB is llama.cpp's memory, not the judge's")
     if tok is not None and report.tokenizer is not None:
         from .vocab import expected_special_ids
 

@@ -40,6 +40,7 @@ class RuntimeRun:
     failure: str | None = None
     version: str = ""
     special: dict = field(default_factory=dict)  # role -> id as llama.cpp resolves it (-1: none), "eog": [ids]
+    peak_rss: int = 0  # the child's own peak RSS in bytes (llama.cpp loads the whole model: its memory, not the judge's)
 
 
 def available() -> bool:
@@ -84,7 +85,8 @@ def evaluate(gguf_path: Path, types: str, texts: list[tuple[str, bool, bool]], p
                     f"{gguf_path} (tensor types {types})")
     if "failure" in out:
         return RuntimeRun(failure=out["failure"])
-    return RuntimeRun(out["tokens"], out["logits"], None, out.get("version", ""), out.get("special", {}))
+    return RuntimeRun(out["tokens"], out["logits"], None, out.get("version", ""), out.get("special", {}),
+                      int(out.get("peak_rss", 0)))
 
 
 def quantize(src: Path, jobs: list[tuple[Path, int]]) -> str | None:
@@ -229,7 +231,16 @@ def _child(req: dict) -> dict:
                "fim_mid": L.llama_vocab_fim_mid(vocab),
                "eog": [i for i in range(L.llama_vocab_n_tokens(vocab)) if L.llama_vocab_is_eog(vocab, i)]}
     L.llama_model_free(model)
-    return {"tokens": tokens, "logits": logits, "version": getattr(L, "__version__", ""), "special": special}
+    return {"tokens": tokens, "logits": logits, "version": getattr(L, "__version__", ""), "special": special,
+            "peak_rss": _peak_rss()}
+
+
+def _peak_rss() -> int:
+    """This process's peak RSS in bytes (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _quiet_logs():
