@@ -4,6 +4,7 @@ and a mutation catalog of the bugs that shipped in real GGUFs, each failing the 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,50 +210,71 @@ def test_spm_conversion_ships_tokenizer_model(ggufs):
     assert len(set(scores)) > 1000
 
 
-def _mapped(path) -> list[str]:
-    """This process's mappings of `path` (/proc/self/maps)."""
-    real = str(path.resolve())
-    with open("/proc/self/maps") as f:
-        return [ln.strip() for ln in f if ln.rstrip().endswith(real)]
+_MAPPING = __import__("re").compile(r"[0-9a-f]+-[0-9a-f]+ ")
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc/self/maps")
-def test_judge_never_maps_the_gguf(ggufs, monkeypatch):
-    """Bug class: the judge reading the GGUF through a memory map (np.memmap, gguf's GGUFReader): mapped pages
-    count in RSS for as long as the map lives, so an 8B f16 file made the judge's peak RSS 23-24 GB. While
-    every weight is compared and every layer is built for the outputs run, no mapping of the file may exist."""
+def _resident(paths) -> dict[tuple[str, str], int]:
+    """(file, address range) -> resident bytes, for this process's mappings of `paths` (/proc/self/smaps)."""
+    real = {str(p.resolve()): str(p) for p in paths}
+    out, current = {}, None
+    with open("/proc/self/smaps") as f:
+        for ln in f:
+            head = ln.split()
+            if _MAPPING.match(ln):  # a mapping's first line (anonymous ones have no path)
+                current = (real[" ".join(head[5:])], head[0]) if " ".join(head[5:]) in real else None
+            elif current is not None and ln.startswith("Rss:"):
+                out[current] = int(head[1]) * 1024
+    return out
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+def test_judge_keeps_no_file_pages_resident(ggufs, monkeypatch):
+    """Bug class: the judge reading the GGUF or Meta's shards through a memory map (np.memmap, gguf's
+    GGUFReader, torch.load(mmap=True) tensors): mapped pages count in RSS for as long as the map lives, so an
+    8B f16 file made the judge's peak RSS 23-24 GB. While every weight is compared and every layer is built
+    for the outputs run, the judge may not map the GGUF at all, and may keep at most a quarter of a Meta
+    shard resident through a mapping it made (torch.load maps a shard for its keys and shapes: the pickle's
+    pages, not the tensors')."""
     from llama_parity.gguf_judge import outputs, weights
 
     meta, files = ggufs["llama2-chat"]
     path, seen = files["f16"], []
+    shards = sorted(meta.glob("consolidated.*.pth"))
+    before = set(_resident([path, *shards]))  # other code's mappings (the fixture's conversion) left aside
     compare, layer = weights.compare_tensor, outputs._Weights.layer
+
+    def look(what):
+        new = {k: v for k, v in _resident([path, *shards]).items() if k not in before}
+        if any(f == str(path) or v > Path(f).stat().st_size // 4 for (f, _), v in new.items()):
+            seen.append((what, new))
 
     def compare_and_look(t, *a, **k):
         compare(t, *a, **k)
-        seen.append((t.name, _mapped(path)))
+        look(t.name)
 
     def layer_and_look(self, i):
         out = layer(self, i)
-        seen.append((f"layer {i} ({self.variant})", _mapped(path)))
+        look(f"layer {i} ({self.variant})")
         return out
 
     monkeypatch.setattr(weights, "compare_tensor", compare_and_look)
     monkeypatch.setattr(outputs._Weights, "layer", layer_and_look)
-    gf = read_gguf(path)
-    assert gf.tensors["token_embd.weight"].dequantized(0, 2).shape == (2, 64)
     rep = verify_gguf(meta, path, checks="quick")
     assert rep.ok, rep.render()
-    outputs.run_all(gf, *_meta_and_expected(meta), [([1, 2, 3], torch.arange(3))], None, ("gguf",))
-    assert len(seen) > 10 and not [s for s in seen if s[1]], [s for s in seen if s[1]][:3]
+    outputs.run_all(read_gguf(path), *_meta_and_expected(meta), [([1, 2, 3], torch.arange(3))], None,
+                    ("meta", "gguf"))
+    look("after the outputs run")
+    assert not seen, seen[:3]
 
 
 def _meta_and_expected(meta_dir):
     """(meta side, expected values) as verify_gguf builds them, for a direct outputs run."""
     from llama_parity.gguf_judge.meta_checks import expected_from
+    from llama_parity.gguf_judge.names import with_pread
     from llama_parity.metadata import read_meta_side
     from llama_parity.parity import expected_rope_scaling
 
-    m = read_meta_side(meta_dir)
+    m = with_pread(read_meta_side(meta_dir), meta_dir)
     return m, expected_from(m, None, expected_rope_scaling(meta_dir, None))
 
 

@@ -54,6 +54,7 @@ def verify_gguf(meta_dir: str | Path, gguf_path: str | Path, *, variant_id: str 
     from llama_parity.tokenizer_check import TokenizerRelease
     from llama_parity.verify import InputError, VerifyReport
 
+    from .names import with_pread
     from .meta_checks import architecture_checks, expected_from, rope_scaling_checks, structure_ok, \
         tensor_table_checks, tying_check
     from .vocab import tokenizer_report
@@ -62,7 +63,7 @@ def verify_gguf(meta_dir: str | Path, gguf_path: str | Path, *, variant_id: str 
     meta_dir = Path(meta_dir)
     try:
         gf = read_gguf(gguf_path)
-        meta = read_meta_side(meta_dir, variant_id=variant_id, instruct=instruct)
+        meta = with_pread(read_meta_side(meta_dir, variant_id=variant_id, instruct=instruct), meta_dir)
         rope = expected_rope_scaling(meta_dir, variant_id)
     except GGUFInputError as e:
         raise InputError(str(e)) from None

@@ -25,7 +25,7 @@ from llama_parity.parity import FP32_KL_BOUND, Check, far_positions, kl_series, 
 from llama_parity.reference_model.model import ModelArgs, Transformer, rms_norm, rope_frequencies
 
 from .gguf_file import gguf_module
-from .names import expected_names, merged
+from .names import expected_names, merged, merged_rows
 from .weights import DETERMINISTIC, FLOATS, block_bound
 
 FAR_PREFIX, FAR_CHUNK = 8, 4
@@ -83,38 +83,37 @@ class _Weights:
         self.names = {k: n for n, k in expected_names(meta).items()}
 
     def _stored(self, key: str):
-        """(the GGUF tensor, Meta's merged tensor or None for the GGUF variants) of a Meta key."""
+        """(the GGUF tensor, Meta's key or None for the GGUF variants) of a Meta key."""
         key = key if key in self.names else "tok_embeddings.weight"  # output.weight of a tied model
-        t = self.gf.tensors[self.names[key]]
-        return t, None if self.variant in ("gguf", "act") else merged(self.meta, key)
+        return self.gf.tensors[self.names[key]], None if self.variant in ("gguf", "act") else key
 
-    def _rows(self, t, x, a: int, b: int | None, seed: int) -> torch.Tensor:
-        """Rows [a, b) of one variant's fp32 tensor (1-D tensors whole)."""
-        if x is None:
+    def _rows(self, t, key, a: int, b: int | None, seed: int) -> torch.Tensor:
+        """Rows [a, b) of one variant's fp32 tensor (1-D tensors whole); only those rows are read."""
+        if key is None:
             y = torch.from_numpy(t.dequantized(a, b))
             y = y.reshape(-1, t.shape[-1]) if len(t.shape) == 2 else y.reshape(t.shape)
             if self.variant == "act" and y.dim() == 2:
                 return _with_noise(y, activation_rounding(t.type_name), y.shape[-1], seed + a)
             return y
-        x = x[a:b] if x.dim() == 2 else x
+        x = merged_rows(self.meta, key, a, b) if len(t.shape) == 2 else merged(self.meta, key)
         return x.float() if self.variant == "meta" else _honest(t, x, seed + a, self.noisy)
 
     def tensor(self, key: str, seed: int = 0) -> torch.Tensor:
-        t, x = self._stored(key)
-        return self._rows(t, x, 0, t.shape[0] if len(t.shape) == 2 else None, seed)
+        t, k = self._stored(key)
+        return self._rows(t, k, 0, t.shape[0] if len(t.shape) == 2 else None, seed)
 
     def embedding_rows(self, ids: list[int]) -> torch.Tensor:
         """Only the embedding rows the prompts use (never the whole table: 128k x dim x 4 bytes)."""
-        t, x = self._stored("tok_embeddings.weight")
-        return torch.cat([self._rows(t, x, i, i + 1, 1) for i in ids])
+        t, k = self._stored("tok_embeddings.weight")
+        return torch.cat([self._rows(t, k, i, i + 1, 1) for i in ids])
 
     def head_logits(self, hs: list[torch.Tensor], vocab: int) -> list[torch.Tensor]:
         """h @ output.T for each h, the output matrix read in row chunks (bounded memory)."""
-        t, x = self._stored("output.weight")
+        t, k = self._stored("output.weight")
         step = max(1, HEAD_CHUNK_VALUES // t.shape[-1])
         parts: list[list[torch.Tensor]] = [[] for _ in hs]
         for a in range(0, vocab, step):
-            w = self._rows(t, x, a, min(vocab, a + step), 2)
+            w = self._rows(t, k, a, min(vocab, a + step), 2)
             for p, h in zip(parts, hs):
                 p.append(h @ w.T)
         return [torch.cat(p, dim=-1) for p in parts]

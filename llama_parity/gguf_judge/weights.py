@@ -31,7 +31,7 @@ import torch
 from llama_parity.parity import Check
 
 from .gguf_file import gguf_module
-from .names import expected_names, merged
+from .names import expected_names, merged, merged_rows
 
 FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # deterministic block types: (largest level magnitude, has a stored minimum)
@@ -66,9 +66,9 @@ class TypeStats:
 
 
 def _float_rows(t, want: torch.Tensor, start: int, stop: int) -> tuple[int, int]:
-    """(values differing bit for bit, values) of rows [start, stop) of a float tensor."""
+    """(values differing bit for bit, values) of rows [start, stop) of a float tensor (`want`: Meta's rows)."""
     dt = FLOATS[t.type_name]
-    ref = want[start:stop].to(dt).contiguous()
+    ref = want.to(dt).contiguous()
     ref_bits = ref.view(torch.int32 if dt == torch.float32 else torch.int16).numpy().view(
         np.uint32 if dt == torch.float32 else np.uint16)
     got = t.bits(start, stop).reshape(ref_bits.shape)
@@ -94,23 +94,27 @@ def _rel_rms_ratio(t, deq: np.ndarray, x: np.ndarray) -> np.ndarray:
     return e / (block_bound(t.type_name) * np.sqrt(np.mean(xb ** 2, axis=1)) + 1e-30)
 
 
-def compare_tensor(t, want: torch.Tensor, stats: TypeStats, name: str) -> None:
-    """Compare one GGUF tensor with Meta's (merged) tensor, row chunk by row chunk, into `stats`."""
+def compare_tensor(t, want, stats: TypeStats, name: str) -> None:
+    """Compare one GGUF tensor with Meta's (merged) tensor, row chunk by row chunk, into `stats`. `want`:
+    Meta's tensor, or a function of (start, stop) giving its rows (only each chunk's rows are read)."""
     g = gguf_module()
-    want = want.reshape(t.shape) if want.dim() == 1 else want
-    rows = want.shape[0] if want.dim() == 2 else 1
-    want2 = want.reshape(rows, -1)
-    step = max(1, CHUNK_VALUES // max(1, want2.shape[1]))
+    if isinstance(want, torch.Tensor):
+        whole = want.reshape(t.shape) if want.dim() == 1 else want
+        whole = whole.reshape(whole.shape[0] if whole.dim() == 2 else 1, -1)
+        want = lambda a, b: whole[a:b]  # noqa: E731
+    rows, cols = (t.shape[0], t.shape[1]) if len(t.shape) == 2 else (1, int(np.prod(t.shape)))
+    step = max(1, CHUNK_VALUES // max(1, cols))
     stats.tensors += 1
     for start in range(0, rows, step):
         stop = min(rows, start + step)
+        w = want(start, stop).reshape(stop - start, -1)
         if t.type_name in FLOATS:
-            bad, total = _float_rows(t, want2, start, stop)
+            bad, total = _float_rows(t, w, start, stop)
             stats.blocks += total
             stats.identical_blocks += total - bad
             stats.see(float(bad > 0) * 2.0, f"{name} ({bad} values differ in rows {start}-{stop - 1})")
             continue
-        x = want2[start:stop].float().numpy()
+        x = w.float().numpy()
         raw = t.raw_rows(start, stop)
         deq = t.dequantized(start, stop)
         if t.type_name in DETERMINISTIC:
@@ -128,7 +132,7 @@ def compare_tensor(t, want: torch.Tensor, stats: TypeStats, name: str) -> None:
             ratio = _rel_rms_ratio(t, deq, x)
         stats.blocks += ratio.size
         worst = int(np.argmax(ratio))
-        row = start + worst * t.block[0] // want2.shape[1]
+        row = start + worst * t.block[0] // cols
         stats.see(float(ratio[worst]), f"{name} row {row} (block error {ratio[worst]:.3g}x its bound)")
 
 
@@ -141,7 +145,8 @@ def weight_checks(gf, meta, progress=None) -> list[Check]:
     for name, key in it:
         t = gf.tensors[name]
         cls = "float" if t.type_name in FLOATS else t.type_name
-        compare_tensor(t, merged(meta, key), stats.setdefault(cls, TypeStats()), name)
+        want = (lambda a, b, key=key: merged_rows(meta, key, a, b)) if len(t.shape) == 2 else merged(meta, key)
+        compare_tensor(t, want, stats.setdefault(cls, TypeStats()), name)
     return [_check(cls, s) for cls, s in sorted(stats.items())]
 
 
