@@ -142,6 +142,8 @@ def measure(a, meta: Path, gguf: Path, convert_seconds: float | None) -> None:
     for label, flags in (("--quick", ["--quick"]), ("all", [])):
         evict(files)
         own, report = a.work / f"verify{label.strip('-')}.peak", a.work / f"verify{label.strip('-')}.json"
+        own.unlink(missing_ok=True)
+        report.unlink(missing_ok=True)  # an earlier run's figures must not stand for this one's
         r = run_child([sys.executable, "-c", _VERIFY, str(own), "verify", "--meta-dir", str(meta), "--gguf",
                        str(gguf), "--json", str(report), *flags], 0, log=a.work / f"verify{label.strip('-')}.log")
         judge = int(own.read_text()) if own.is_file() else r.peak_rss
