@@ -126,6 +126,21 @@ def verify_options(request):
     return verify_options_of(request.config)
 
 
+@pytest.fixture(scope="session")
+def real_reports(real_pairs, verify_options):
+    """verify()'s report on the i-th given pair with the run's options, judged once per session
+    (on real weights a whole verify takes minutes: every test about the pair reads this one)."""
+    from llama_parity.verify import verify
+
+    made: dict[int, object] = {}
+
+    def get(i: int):
+        if i not in made:
+            made[i] = verify(*real_pairs[i], verify_options)
+        return made[i]
+    return get
+
+
 def _cuda_available() -> bool:
     import torch
 

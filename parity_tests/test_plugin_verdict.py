@@ -28,14 +28,11 @@ def pytest_generate_tests(metafunc):
                              ids=[f"real{i}:{Path(p).name}" for i, p in enumerate(metas)] or ["no-meta-dir"])
 
 
-def test_verify_verdict(real_pairs, real_pair, verify_options, record_property):
+def test_verify_verdict(real_reports, real_pair, record_property):
     """Bug class: a checkpoint that the pytest path judges with other checks, another twin, scope or
     release than `llama-parity verify` given the same flags (an option the plugin drops or builds
     its own way), so that pytest passes a folder verify fails, or the other way round."""
-    from llama_parity.verify import verify
-
-    meta, hf = real_pairs[real_pair]
-    report = verify(meta, hf, verify_options)
+    report = real_reports(real_pair)
     record_property(REPORT_PROPERTY, report.to_dict())
     if not report.ok:
         pytest.fail("\n" + report.render(), pytrace=False)
