@@ -974,8 +974,9 @@ class Forked:
             os.dup2(self._err.fileno(), 2)
             sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
             sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter has them
-            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+            # as a fresh interpreter has them (SIGPIPE stays ignored, as python sets it in both)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for sig in (signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
             sys.argv = ["-c", *argv]
