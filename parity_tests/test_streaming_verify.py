@@ -62,13 +62,22 @@ def test_streamed_measures_what_full_measures(tiny, variant_id):
     ("rope_scaling_dropped", "llama3.1-405b-mp16", "far positions"),
     ("norms_swapped", "llama3.2-1b", "logits (fp32)"),
     ("untied_without_lm_head", "llama3.2-1b", "logits (fp32)")])
-def test_each_streamed_check_catches_its_bug(tiny, tmp_path, mutation, variant_id, check):
+def test_each_streamed_check_catches_its_bug(mutant_checks, mutation, variant_id, check):
     """Bug class: a streamed check that cannot fail (the streamed gate passing a broken conversion the
     full checks would fail): the named check itself must fail on the mutant of its class."""
-    meta = tiny.meta(variant_id)
-    broken = mutate_copy(tiny.hf(variant_id), tmp_path / "broken", BY_NAME[mutation])
-    checks = _streamed(meta, broken)
+    checks = mutant_checks(mutation, variant_id)
     assert check in checks and not checks[check].ok, (mutation, check, checks.get(check))
+
+
+@pytest.fixture(scope="module")
+def mutant_checks(tiny, tmp_path_factory):
+    """The streamed checks of each (mutation, variant) once: several tests judge different rows of the
+    same mutant's run (a streamed verify each time before)."""
+    @lru_cache(maxsize=None)
+    def get(mutation: str, variant_id: str):
+        broken = mutate_copy(tiny.hf(variant_id), tmp_path_factory.mktemp("broken"), BY_NAME[mutation])
+        return _streamed(tiny.meta(variant_id), broken)
+    return get
 
 
 def test_streamed_bf16_is_judged_against_meta_noise(tiny, tmp_path):
