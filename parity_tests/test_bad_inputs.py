@@ -33,6 +33,8 @@ import torch
 
 from llama_parity.cli import main
 
+from .forked import Forked
+
 SMALL = "llama3.2-1b"  # one shard, tokenizer beside it
 PARENT_TOK = "llama2-7b"  # tokenizer.model one folder up, as Llama 2 downloads ship it
 SHARDED = "llama2-13b"  # two shards
@@ -946,81 +948,6 @@ convert.iter_chunks = paced
 from llama_parity.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-class Forked:
-    """`python -c script *argv` as a child forked from this test process: the same fresh-process signal
-    dispositions, stdout/stderr of its own and an exit status as Popen reports it (128+n from the CLI's
-    handlers, -n for a signal that killed it), but torch and llama_parity already imported, which was
-    most of each child's cost (8 children, about 2.5 s of CPU each as real `python -c` processes).
-    The child never returns into pytest: it leaves through os._exit."""
-
-    def __init__(self, script: str, argv: list[str]):
-        import tempfile
-
-        self._out, self._err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-        self.returncode: int | None = None
-        self.pid = os.fork()
-        if self.pid == 0:
-            self._child(script, argv)
-
-    def _child(self, script: str, argv: list[str]) -> None:
-        import io
-        import traceback
-
-        code = 1
-        try:
-            os.dup2(self._out.fileno(), 1)
-            os.dup2(self._err.fileno(), 2)
-            sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
-            sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
-            # as a fresh interpreter has them (SIGPIPE stays ignored, as python sets it in both)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            for sig in (signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)
-            torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
-            sys.argv = ["-c", *argv]
-            exec(compile(script, "<string>", "exec"), {"__name__": "__main__"})
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-        except BaseException:  # noqa: BLE001 - reported as python would, then the exit below
-            traceback.print_exc()
-        finally:
-            with contextlib.suppress(BaseException):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(code)
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        os.kill(self.pid, sig)
-
-    def wait(self, timeout: float) -> int:
-        t0 = time.monotonic()
-        while self.poll() is None:
-            if time.monotonic() - t0 > timeout:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-                raise AssertionError(f"child {self.pid} still running after {timeout} s (killed)")
-            time.sleep(0.01)
-        return self.returncode
-
-    def communicate(self, timeout: float = 60) -> tuple[str, str]:
-        self.wait(timeout)
-        texts = []
-        for f in (self._out, self._err):
-            f.seek(0)
-            texts.append(f.read().decode(errors="replace"))
-        return texts[0], texts[1]
 
 
 def _slow_convert(src: Path, out: Path) -> Forked:

@@ -19,6 +19,8 @@ from llama_parity.cli import build_parser, main
 from llama_parity.tokenizer_check import CheckResult, TokenizerReport
 from llama_parity.verify import VerifyReport
 
+from .forked import Forked
+
 VARIANT = "llama3.2-1b"
 
 
@@ -249,8 +251,12 @@ def test_greedy_tokens_sets_the_check_and_says_its_cost(tiny, capsys, monkeypatc
 def test_closed_pipe_stops_quietly(tiny):
     """Bug class: `llama-parity inspect ... | head` printing `llama-parity: Broken pipe` and exiting 2
     (bad input) when the reader simply went away: quiet, exit 141 (128 + SIGPIPE) as shell tools do."""
-    p = subprocess.Popen([sys.executable, "-m", "llama_parity.cli", "inspect", "--input-dir", str(tiny.meta(VARIANT))],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    p.stdout.close()  # the reader is gone before the first line is written
-    err = p.stderr.read()
-    assert p.wait(timeout=120) == 141 and err == b"", err
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    try:  # `python -m llama_parity.cli inspect ...`, forked from here (its imports already done)
+        p = Forked("import sys\nfrom llama_parity.cli import main\nsys.exit(main())",
+                   ["inspect", "--input-dir", str(tiny.meta(VARIANT))], stdout_fd=write)
+    finally:
+        os.close(write)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 141 and err == "", err
