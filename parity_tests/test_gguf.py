@@ -25,6 +25,7 @@ from .llamacpp import convert_to_gguf  # noqa: E402
 CASES = {
     "llama3.1-instruct": ("llama3.1-8b-instruct", "llama3", ("f16", "q8_0")),  # rope_freqs, GQA, eot eos
     "llama3.2-tied": ("llama3.2-1b-instruct", "llama3", ("bf16",)),  # tied, factor 32
+    "llama3.3-instruct": ("llama3.3-70b-instruct", "llama3", ("f16",)),  # the 70B shape: 8 shards, 3.1's template
     "llama3-instruct": ("llama3-8b-instruct", "llama3", ("f16",)),  # 8k context, no RoPE scaling, no eom
     "guard3-1b": ("llama-guard-3-1b", "llama3", ("f16",)),  # Llama Guard 3: its own chat template, eos <|eot_id|>
     "llama2-chat": ("llama2-7b-chat", "llama2", ("f16",)),  # sentencepiece scores from tokenizer.model
@@ -158,6 +159,9 @@ MUTATIONS = {
     "file type says q8_0": ("llama2-chat", "f16", lambda gf: {"fields": {"general.file_type": 7}},
                             "gguf: general.file_type"),
     # the other families' own traits
+    "Llama 3.3 given Llama 3's chat template": ("llama3.3-instruct", "f16", lambda gf: {"fields": {
+        "tokenizer.chat_template": _read(gf.path.parent / "llama3-instruct-f16.gguf").get("tokenizer.chat_template")}},
+        "tokenizer: chat template == official template"),
     "Llama 3 instruct eos <|end_of_text|>": ("llama3-instruct", "f16", lambda gf: {"fields": {
         "tokenizer.ggml.eos_token_id": 128001}}, "tokenizer: special token ids"),
     "Llama 3 given 3.1's 128k context": ("llama3-instruct", "f16", lambda gf: {"fields": {
