@@ -283,13 +283,43 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, options: VerifyOptions | No
                             "(see the failed checks), so transformers would build another model")
     else:
         _model_checks(report, meta_dir, hf_dir, rope, meta, hf, opts, model_checks)
+    # The tokenizer is proven while the byte check reads: that one mostly waits on the disk, this
+    # one is CPU work (seconds on a 128k vocabulary); its checks still follow the byte check's.
+    tokenizer = VerifyReport(report.meta_dir, report.hf_dir, report.device)
+    tokenizer_done = _in_background(_tokenizer_check, tokenizer, meta_dir, hf_dir, ident) \
+        if opts.tokenizer and structure_ok(found) else None
     if structure_ok(found):
         _exact_bytes(report, meta_dir, hf_dir, meta, hf)
     if opts.tokenizer:
-        _tokenizer_check(report, meta_dir, hf_dir, ident)
+        tokenizer_done() if tokenizer_done else _tokenizer_check(tokenizer, meta_dir, hf_dir, ident)
+        report.checks += tokenizer.checks
+        report.notes += tokenizer.notes
+        report.tokenizer = tokenizer.tokenizer
     else:
         report.notes.append("tokenizer not checked (--no-tokenizer)")
     return report
+
+
+def _in_background(fn, *args):
+    """Start fn(*args) in a thread; the returned function waits for it and raises what it raised.
+    A daemon thread: a signal ending verify does not wait for it."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            fn(*args)
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+    t = threading.Thread(target=run, name="llama-parity-tokenizer", daemon=True)
+    t.start()
+
+    def done() -> None:
+        t.join()
+        if "error" in box:
+            raise box["error"]
+    return done
 
 
 def _exact_bytes(report: VerifyReport, meta_dir: Path, hf_dir: Path, meta, hf) -> None:

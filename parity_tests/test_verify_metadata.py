@@ -107,3 +107,21 @@ def test_other_model_is_a_parity_failure(tiny, capsys):
     assert code == 1
     assert "FAIL tensors: shapes: model.layers.0.mlp.down_proj.weight" in out
     assert "model checks not run" in out
+
+
+def test_tokenizer_proven_beside_the_byte_check_keeps_its_result_and_errors(tiny, monkeypatch):
+    """Bug class: the tokenizer check run in a thread beside the byte check (verify.py) losing its
+    result (the report without a tokenizer verdict) or what it raised (a tokenizer file that cannot
+    be read would then pass unjudged)."""
+    from llama_parity import tokenizer_check
+    from llama_parity.errors import InputError
+
+    meta, hf = tiny.meta("llama3.2-1b-instruct"), tiny.hf("llama3.2-1b-instruct")
+    report = verify(meta, hf, checks="metadata")
+    assert report.tokenizer is not None and report.tokenizer.ok and report.ok
+
+    def broken(*_a, **_k):
+        raise InputError("tokenizer.model unreadable")
+    monkeypatch.setattr(tokenizer_check, "check_tokenizer", broken)
+    with pytest.raises(InputError, match="unreadable"):
+        verify(meta, hf, checks="metadata")
