@@ -67,10 +67,10 @@ def pytest_generate_tests(metafunc):
 # Measured per file (CPU seconds of the test process and its children, the suite on 2 workers);
 # files not listed keep their collection order after these.
 _SLOWEST_FIRST = (
-    "test_verify_paths.py", "test_tokenizer_parity.py", "test_gguf.py", "test_bad_inputs.py",
-    "test_model_parity.py", "test_distributed_verify.py", "test_chat_format.py", "test_fairscale_reference.py",
-    "test_detection_and_config.py", "test_tokenizer_files.py", "test_streaming_verify.py",
-    "test_independence.py", "test_cli_ux.py", "test_mutations.py", "test_streaming.py",
+    "test_verify_paths.py", "test_gguf.py", "test_model_parity.py", "test_distributed_verify.py",
+    "test_chat_format.py", "test_tokenizer_parity.py", "test_fairscale_reference.py", "test_detection_and_config.py",
+    "test_tokenizer_files.py", "test_streaming_verify.py", "test_mutations.py", "test_cli_ux.py", "test_streaming.py",
+    "test_guard_format.py", "test_reports.py",
 )
 
 
