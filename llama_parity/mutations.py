@@ -9,7 +9,8 @@ asserts that `verify` fails in every check the entry names. Each entry carries i
 Tokenizer faults (a merge at another priority, a token's bytes, an added token's flags, fields that
 change truncation, decoding or padding) are entries too, named by the tokenizer rows that catch them.
 Benign changes (re-sharding, tensor order, an exact upcast, JSON formatting, version stamps, the
-transformers 5 spelling, a pad token Meta reserves for padding, explicit tokenizer defaults) must pass. Mutations edit the HF output (a copy), never the reference.
+transformers 5 spelling, a pad token Meta reserves for padding, explicit tokenizer defaults) must pass.
+Mutations edit the HF output (a copy), never the reference.
 """
 
 from __future__ import annotations

@@ -95,19 +95,24 @@ def _keep_cwd_clean(config) -> None:
 def pytest_collection_modifyitems(config, items):
     """With --meta-dir, the tests about that checkpoint (parametrized with it: `checkpoint` ("real", i)
     or `real_pair` i) run; the rest only with --all-tests. Without, tests about given checkpoints
-    (`real_pair` None) are deselected: there is none to judge."""
+    (`real_pair` None) are deselected: there is none to judge. A narrower scope than verify's full
+    one (--quick, --metadata-only, --no-bf16) leaves the verdict test alone on the checkpoint: the
+    per-check model tests would run the checks verify was told not to run."""
     real = bool(config.getoption("--meta-dir", default=[]))
+    opts = verify_options_of(config)
+    per_check = opts.checks == "all" and opts.bf16
     keep, drop = [], []
     for item in items:
         spec = getattr(item, "callspec", None)
         params = spec.params if spec is not None else {}
         ckpt = params.get("checkpoint")
-        if params.get("real_pair", 0) is None:  # a test about given checkpoints, none given
+        about_real = isinstance(ckpt, tuple) and ckpt[0] == "real"
+        if params.get("real_pair", 0) is None or (about_real and not per_check):
             drop.append(item)
         elif not real or config.getoption("--all-tests", default=False):
             keep.append(item)
         else:
-            (keep if isinstance(ckpt, tuple) and ckpt[0] == "real" or "real_pair" in params else drop).append(item)
+            (keep if about_real or "real_pair" in params else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

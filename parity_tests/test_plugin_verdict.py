@@ -36,3 +36,29 @@ def test_verify_verdict(real_reports, real_pair, record_property):
     record_property(REPORT_PROPERTY, report.to_dict())
     if not report.ok:
         pytest.fail("\n" + report.render(), pytrace=False)
+
+
+def test_narrower_scope_leaves_the_verdict_alone():
+    """Bug class: `pytest --pyargs llama_parity.parity_tests --meta-dir M --metadata-only` (or --quick,
+    --no-bf16) still running the per-check model tests on M, so pytest runs and judges checks verify
+    was told not to run (its verdict then differs from verify's); or the verdict test dropped."""
+    from types import SimpleNamespace
+
+    from llama_parity.pytest_plugin import pytest_collection_modifyitems
+
+    def run(flags: dict) -> list[str]:
+        option = SimpleNamespace(**{**dict(device="cpu", variant=None, instruct=None, no_bf16=False, no_tokenizer=False,
+                                           memory="auto", metadata_only=False, quick=False, greedy_tokens=None),
+                                    **flags})
+        given = {"--meta-dir": ["M"], "--all-tests": False}
+        config = SimpleNamespace(option=option, getoption=lambda name, default=None: given.get(name, default),
+                                 hook=SimpleNamespace(pytest_deselected=lambda items: None))
+        items = [SimpleNamespace(name=n, callspec=SimpleNamespace(params=p)) for n, p in (
+            ("per-check", {"checkpoint": ("real", 0)}), ("verdict", {"real_pair": 0}),
+            ("tiny", {"checkpoint": ("tiny", "x")}), ("plain", {}))]
+        pytest_collection_modifyitems(config, items)
+        return [i.name for i in items]
+
+    assert run({}) == ["per-check", "verdict"]
+    for narrower in ({"metadata_only": True}, {"quick": True}, {"no_bf16": True}):
+        assert run(narrower) == ["verdict"], narrower
