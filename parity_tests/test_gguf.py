@@ -451,7 +451,7 @@ def test_runtime_sees_what_the_reader_does_not(ggufs, tmp_path, mutation):
 
 
 # llama.h's enum llama_ftype: the k-quant most GGUFs ship, and the legacy block types (deterministic rounding)
-QUANTS = {"Q4_K_M": 15, "IQ4_XS": 30, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9}
+QUANTS = {"Q4_K_M": 15, "IQ4_XS": 30, "IQ4_NL": 25, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9}
 
 
 @pytest.fixture(scope="module")
@@ -485,21 +485,27 @@ def _swap_rows(gf, tmp_path, type_name: str):
 
 
 @needs_runtime
-@pytest.mark.parametrize("ftype,qtype,checks", [("Q4_K_M", "Q4_K", "all"), ("IQ4_XS", "IQ4_XS", "quick")])
-def test_kquant_passes_and_misplaced_row_fails(quants, tmp_path, ftype, qtype, checks):
-    """Bug classes: an honest k-quant or i-quant (llama.cpp's Q4_K_M, IQ4_XS through its quantize API) failed
-    by the judge, its llama.cpp logits judged wrong; or a row misplaced inside such a tensor passing the
-    per-block bound."""
+@pytest.mark.parametrize("ftype,qtype", [("Q4_K_M", "Q4_K"), ("IQ4_XS", "IQ4_XS"), ("IQ4_NL", "IQ4_NL")])
+def test_kquant_passes_and_misplaced_row_fails(quants, tmp_path, ftype, qtype):
+    """Bug classes: an honest k-quant or i-quant (llama.cpp's Q4_K_M, IQ4_XS, IQ4_NL through its quantize API:
+    the i-quants that need no importance matrix) failed by the judge, or its llama.cpp logits judged wrong; a
+    row misplaced inside such a tensor passing the per-block bound; llama.cpp's rows on such a file unable to
+    fail (a RoPE scaling factor without a type, which llama.cpp applies as linear scaling, must fail them)."""
     meta, files = quants
     gf = read_gguf(files[ftype])
-    rep = verify_gguf(meta, files[ftype], checks=checks)
+    rep = verify_gguf(meta, files[ftype], checks="all")
     assert rep.ok, rep.render()
     names = [n for n, *_ in rep.rows()]
     assert any(n.startswith(f"gguf weights: {qtype} (block RMS") for n in names), names
-    assert checks == "quick" or RUNTIME_LOGITS in names, names
+    assert RUNTIME_LOGITS in names, names
     failed = [n for n, _, _, ok in verify_gguf(meta, _swap_rows(gf, tmp_path, qtype), checks="quick").rows()
               if not ok]
     assert failed and all(n.startswith(f"gguf weights: {qtype}") for n in failed), failed
+    if qtype.startswith("IQ"):
+        bad = write_gguf(gf, tmp_path / "linear.gguf", fields={"llama.rope.scaling.factor": 4.0},
+                         types={"llama.rope.scaling.factor": (6, None)})
+        failed = [n for n, _, _, ok in verify_gguf(meta, bad, checks="all").rows() if not ok]
+        assert RUNTIME_LOGITS in failed and all(n.startswith("llama.cpp: ") for n in failed), failed
 
 
 @needs_runtime
