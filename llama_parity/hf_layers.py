@@ -15,7 +15,7 @@ import torch
 from .formats.safetensors import SafetensorsReader
 from .memory import ReadBuffers
 from .parity import Check
-from .shared_products import product
+from .shared_products import piece_rows, product
 
 PIECE_BYTES = 4 << 20  # fp32 bytes of weight rows widened per product (fits the CPU's caches)
 
@@ -36,7 +36,7 @@ def widened_linear(x: torch.Tensor, w: torch.Tensor, buffers: dict, piece_bytes:
 def _widened(x: torch.Tensor, w: torch.Tensor, buffers: dict, piece_bytes: int,
              through: torch.dtype | None = None) -> torch.Tensor:
     """x @ w^T, w (rounded to `through` first, when given) widened to x's dtype piece by piece."""
-    step = max(1, piece_bytes // (w.shape[1] * 4))
+    step = piece_rows(w.shape[1], piece_bytes)
     key = (x.dtype, x.device)
     if key not in buffers or buffers[key].numel() < step * w.shape[1]:
         buffers[key] = torch.empty(step * w.shape[1], dtype=x.dtype, device=x.device)

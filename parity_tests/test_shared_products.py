@@ -242,3 +242,13 @@ def test_the_streams_bf16_products_through_the_shared_widening_equal_their_own()
     assert together[1].dtype == torch.bfloat16
     # one bf16 rounding apart at most (the fp32 sums may be ordered differently in a larger product)
     torch.testing.assert_close(together[1].float(), alone[1].float(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_wide_weights_are_widened_in_pieces_of_as_many_rows_as_the_rest():
+    """Bug class: the 14336-wide down projection widened 73 rows at a time (a product with that few
+    output columns ran at 3/4 of the rate of 128 rows or more), or tiny test pieces no longer
+    crossing row edges (the piece tests would then prove nothing)."""
+    from llama_parity.shared_products import piece_rows
+
+    assert piece_rows(14336, 4 << 20) == piece_rows(4096, 4 << 20) == 256
+    assert piece_rows(128, 4 * 4 * 128) == 4 and piece_rows(384, 4 * 4 * 128) == 1

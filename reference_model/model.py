@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from llama_parity.formats.pth import PthReader, load_state_dict
 from llama_parity.memory import ReadBuffers
-from llama_parity.shared_products import product
+from llama_parity.shared_products import piece_rows, product
 
 
 # fp32 bytes of weight rows widened per product when reading lazily (fits the CPU's caches; see _Converted)
@@ -464,7 +464,7 @@ class _Converted:
         if w is not None and w.dtype == dtype and self.round_to in (None, dtype) and through in (None, dtype):
             return F.linear(x, w)
         n_out, n_in = w.shape if w is not None else self.raw.shape(key)
-        step = max(1, self.piece_bytes // (n_in * 4))
+        step = piece_rows(n_in, self.piece_bytes)
         outs = []
         for a in range(0, n_out, step):
             b = min(a + step, n_out)
