@@ -82,3 +82,19 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(_SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order stays
+
+
+@pytest.fixture(scope="session")
+def tok_cases(tmp_path_factory):
+    """Every tiny and real tokenizer case (llama_parity/fixtures/tokenizers.py), built once per run: the
+    pytest-xdist workers share one folder (beside their own temporary folders), the first builds it under a
+    lock, the others read it (it was built once per worker)."""
+    from filelock import FileLock  # torch's own dependency
+
+    from llama_parity.fixtures.tokenizers import tokenizer_cases
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    with FileLock(str(root / "tokenizers.lock")):
+        return tokenizer_cases(root / "tokenizers")

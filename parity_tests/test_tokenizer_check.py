@@ -7,13 +7,8 @@ import shutil
 
 import pytest
 
-from llama_parity.fixtures.tokenizers import hf_tokenizer, tokenizer_cases
+from llama_parity.fixtures.tokenizers import hf_tokenizer
 from llama_parity.tokenizer_check import TokenizerRelease, TokenizerReport, check_tokenizer, first_diff
-
-
-@pytest.fixture(scope="session")
-def tok_cases(tmp_path_factory):
-    return tokenizer_cases(tmp_path_factory.mktemp("tokenizers"))
 
 
 def test_report_shape_and_classes(tok_cases):

@@ -11,14 +11,9 @@ from pathlib import Path
 import pytest
 
 from llama_parity.converter.tokenizer_files import FAMILIES, HFTokenizerInfo, read_tokenizer_info, write_hf_tokenizer
-from llama_parity.fixtures.tokenizers import hf_tokenizer, meta_tokenizer, tokenizer_cases
+from llama_parity.fixtures.tokenizers import hf_tokenizer, meta_tokenizer
 from llama_parity.tokenizer_check import check_tokenizer
 from llama_parity.reference_model.tokenizer import LLAMA3_SPECIAL_TOKENS, detect_tokenizer_kind
-
-
-@pytest.fixture(scope="session")
-def tok_cases(tmp_path_factory):
-    return tokenizer_cases(tmp_path_factory.mktemp("tokenizers"))
 
 
 def _src(tok_cases, kind):

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llama_parity.fixtures.tokenizers import TINY_CASE_SPECS, hf_tokenizer, meta_tokenizer, tokenizer_cases
+from llama_parity.fixtures.tokenizers import TINY_CASE_SPECS, hf_tokenizer, meta_tokenizer
 from llama_parity.tokenizer_check import CURATED_CORPUS, check_tokenizer, first_diff
 from llama_parity.converter.tokenizer_files import infilling_ids
 from llama_parity.reference_model.tokenizer import SentencePieceTokenizer, infilling_prompt_tokens
@@ -27,11 +27,6 @@ ALL_CASES = [name for name, *_ in TINY_CASE_SPECS] + [
 PIPELINE_CASES = ["tiny-llama2-chat", "tiny-codellama-instruct", "tiny-llama3-instruct", "tiny-llama3.1-instruct",
                   "real-llama2-chat", "real-llama3.1-instruct"]
 HYPO = settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
-
-
-@pytest.fixture(scope="session")
-def tok_cases(tmp_path_factory):
-    return tokenizer_cases(tmp_path_factory.mktemp("tokenizers"))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from llama_parity.fixtures.tokenizers import (
     meta_tokenizer,
     real_llama2_tokenizer,
     real_llama3_tokenizer,
-    tokenizer_cases,
 )
 from llama_parity.reference_model.tokenizer import (
     SentencePieceTokenizer,
@@ -24,11 +23,6 @@ from llama_parity.reference_model.tokenizer import (
 )
 
 HYPO = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
-
-
-@pytest.fixture(scope="session")
-def tok_cases(tmp_path_factory):
-    return tokenizer_cases(tmp_path_factory.mktemp("tokenizers"))
 
 
 def test_tiny_generators_deterministic_fast_llama_settings(tmp_path):
