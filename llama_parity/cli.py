@@ -760,10 +760,11 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     _openmp_threads_sleep()  # before parsing: a --variant argument already loads the registry (and torch)
-    args = build_parser().parse_args(argv)
+    # before parsing too: a signal then (a torchrun rank starting while Ctrl-C stops the run) is answered
+    # as any other, not with a KeyboardInterrupt traceback
     previous = _install_signal_handlers()
     try:
-        return _run(args)
+        return _run(build_parser().parse_args(argv))
     except InputError as e:
         return _err(str(e))
     except KeyError as e:

@@ -377,3 +377,37 @@ def test_launchers_answer_signals_like_single_process(folders, tmp_path, launche
     assert out == ""
     assert not any(_alive(r) for r in ranks)
     assert not report.parent.exists() or not any(report.parent.iterdir())
+
+
+def test_signal_while_the_command_line_is_parsed(tmp_path):
+    """Bug class: a signal reaching `python -m llama_parity verify` while it still parses its command
+    line (a torchrun rank starting up when Ctrl-C stops the run: the suite met it under load), before
+    the handlers are installed: a KeyboardInterrupt traceback on the terminal instead of one line and
+    130. The test's own sitecustomize sends SIGINT from inside build_parser."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import importlib.abc, importlib.util, os, signal, sys\n"
+        "class F(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name != 'llama_parity.cli':\n"
+        "            return None\n"
+        "        sys.meta_path.remove(self)\n"
+        "        spec = importlib.util.find_spec(name)\n"
+        "        run = spec.loader.exec_module\n"
+        "        def exec_module(m):\n"
+        "            run(m)\n"
+        "            build = m.build_parser\n"
+        "            def interrupted_build():\n"
+        "                os.kill(os.getpid(), signal.SIGINT)\n"
+        "                return build()\n"
+        "            m.build_parser = interrupted_build\n"
+        "        spec.loader.exec_module = exec_module\n"
+        "        return spec\n"
+        "sys.meta_path.insert(0, F())\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    p = subprocess.run([sys.executable, "-m", "llama_parity", "verify", "--meta-dir", "m", "--hf-dir", "h"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 130, p.stderr
+    assert p.stderr.strip().splitlines() == ["llama-parity: interrupted by SIGINT; nothing was left half-written, "
+                                             "inputs untouched"], p.stderr
