@@ -59,7 +59,13 @@ def _timed(key_of, f):
 def _group_key(calls) -> str:
     """A group of passes run together through one layer (streams.run_together): which side, dtype."""
     fn = calls[0][0]
-    side = "reference" if type(fn.func.__self__).__name__ == "Transformer" else "HF"
+    owner = type(getattr(fn.func, "__self__", None)).__name__
+    if owner == "StreamingHF":
+        side = "HF"
+    elif len(fn.args) > 1 and isinstance(fn.args[0], int):
+        side = "reference"
+    else:  # the reference's output projections of both dtypes
+        return "reference: output projections (fp32 + bf16, run together)"
     dtypes = {c[0].args[1].dtype for c in calls}
     tokens = sum(c[0].args[1].shape[1] for c in calls)
     kind = " + ".join(n for d, n in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")) if d in dtypes)
