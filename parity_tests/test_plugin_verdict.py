@@ -62,3 +62,23 @@ def test_narrower_scope_leaves_the_verdict_alone():
     assert run({}) == ["per-check", "verdict"]
     for narrower in ({"metadata_only": True}, {"quick": True}, {"no_bf16": True}):
         assert run(narrower) == ["verdict"], narrower
+
+
+def test_other_projects_runs_load_no_torch(tmp_path):
+    """Bug class: the plugin (installed for every pytest run of the environment, pytest11) importing
+    torch or the judge in another project's run (seconds per run, and the judge's side effects on
+    their tests): only a run given --meta-dir may load them. Its hooks run there too: they must not."""
+    import os
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    (tmp_path / "test_theirs.py").write_text(
+        "import sys\n\ndef test_theirs():\n    assert 'torch' not in sys.modules and 'llama_parity.verify' not in "
+        "sys.modules, sorted(m for m in sys.modules if m.startswith(('torch', 'llama_parity')))[:20]\n")
+    plugin = [] if any(ep.value == "llama_parity.pytest_plugin" for ep in entry_points(group="pytest11")) \
+        else ["-p", "llama_parity.pytest_plugin"]  # a source checkout without an install
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "OMP_"))}
+    proc = subprocess.run([sys.executable, "-m", "pytest", *plugin, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                           "test_theirs.py"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
