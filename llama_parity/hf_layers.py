@@ -64,12 +64,17 @@ class WidenedLinear(torch.nn.Module):
         return out if self.b is None else out + self.b.to(out.dtype)
 
     def _mixed(self, xs: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """fp32 and bf16 passes (the latter's products are fp32 sums of bf16 values, widened_linear)
-        through one widening and one product, when the weight is stored bf16 (else None)."""
-        if self.w.dtype != torch.bfloat16 or self.w.device.type != "cpu":
-            return None
-        out = _widened(torch.cat([x.float() for x in xs], dim=-2), self.w, self.buffers, self.piece_bytes)
-        return [o.to(x.dtype) for o, x in zip(out.split([x.shape[-2] for x in xs], dim=-2), xs)]
+        return mixed_widened(xs, self.w, self.buffers, self.piece_bytes)
+
+
+def mixed_widened(xs: list[torch.Tensor], w: torch.Tensor, buffers: dict,
+                  piece_bytes: int = PIECE_BYTES) -> list[torch.Tensor] | None:
+    """Each x @ w^T in x's dtype, fp32 and bf16 inputs (the latter's products are fp32 sums of bf16
+    values, widened_linear) through one widening and one product, when w is stored bf16 (else None)."""
+    if w.dtype != torch.bfloat16 or w.device.type != "cpu":
+        return None
+    out = _widened(torch.cat([x.float() for x in xs], dim=-2), w, buffers, piece_bytes)
+    return [o.to(x.dtype) for o, x in zip(out.split([x.shape[-2] for x in xs], dim=-2), xs)]
 
 
 class StreamingHF:
@@ -179,10 +184,14 @@ class StreamingHF:
         name, vocab = self.output_name(), self.config.vocab_size
         step = max(1, self.piece_bytes // (self.config.hidden_size * 4))
         outs = {dt: [] for dt in dtypes}
-        for a in range(0, vocab, step):
-            piece = self.files.rows(name, a, min(a + step, vocab)).to(self.device)
-            for dt in dtypes:
-                outs[dt].append(widened_linear(hn[dt], piece, self.buffers, self.piece_bytes).float())
+        from .streams import prefetched  # the next piece read while this one multiplies
+
+        for _a, piece in prefetched(lambda a: self.files.rows(name, a, min(a + step, vocab)).to(self.device),
+                                    list(range(0, vocab, step))):
+            xs = [hn[dt] for dt in dtypes]
+            both = mixed_widened(xs, piece, self.buffers, self.piece_bytes) if len(xs) > 1 else None
+            for dt, out in zip(dtypes, both or [widened_linear(x, piece, self.buffers, self.piece_bytes) for x in xs]):
+                outs[dt].append(out.float())
         rows = {dt: iter(torch.cat(outs[dt], dim=-1).split([h.shape[-2] for h in hs if h.dtype == dt], dim=-2))
                 for dt in dtypes}
         return [next(rows[h.dtype]) for h in hs]
