@@ -1,5 +1,6 @@
 """The file formats, read and written in one place: safetensors (header, index, tensor rows), torch.save's
-`.pth` zip (records, pickle metadata), positioned reads, and one table of element types.
+`.pth` zip (records, pickle metadata), llama.cpp's GGUF (header, tensor rows; read only), positioned
+reads, and one table of element types.
 
 Neutral ground: the converter and the judge (verify, streaming, reference_model) both use it, and it
 imports neither. Sharing a reader cannot hide a conversion bug (a reader returns a file's bytes as
