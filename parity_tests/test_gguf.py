@@ -214,6 +214,28 @@ def test_spm_conversion_ships_tokenizer_model(ggufs):
     assert len(set(scores)) > 1000
 
 
+def test_reader_agrees_with_the_gguf_package(ggufs):
+    """Bug class: our GGUF header parser (formats/gguf.py) misreading a file llama.cpp wrote: a value of the
+    wrong type or length, dims in the wrong order, a tensor's data offset or alignment off (bytes of the
+    neighbouring tensor): every key's value and every tensor's type, shape and stored bytes must equal what
+    the gguf package's own GGUFReader (llama.cpp's) reads."""
+    import gguf
+
+    path = ggufs["llama1"][1]["f16"]  # F16 and F32 tensors, a 624-piece vocabulary (gguf reads it fast)
+    ours, theirs = read_gguf(path), gguf.GGUFReader(path)
+    fields = {k: f for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert list(ours.fields) == list(fields)
+    for k, f in fields.items():
+        want = f.contents()
+        got = ours.get(k)
+        assert (got == pytest.approx(want) if isinstance(want, float) else got == want), k
+    assert [t.name for t in theirs.tensors] == list(ours.tensors)
+    for t in theirs.tensors:
+        o = ours.tensors[t.name]
+        assert (o.type_name, o.shape) == (t.tensor_type.name, tuple(int(d) for d in reversed(t.shape))), t.name
+        assert o.raw_rows().tobytes() == np.asarray(t.data).tobytes(), t.name
+
+
 _MAPPING = __import__("re").compile(r"[0-9a-f]+-[0-9a-f]+ ")
 
 
