@@ -116,8 +116,10 @@ def install() -> None:
 
     def prefetched(read, layers):
         it = real_prefetched(read, layers)
-        side = "reference" if type(read.__self__).__name__ == "Transformer" else "HF"
-        key = f"waiting for reads ({'greedy passes' if IN_GREEDY else side + ' pass'})"
+        owner = getattr(read, "__self__", None)  # a layer reader, or the HF output matrix's piece reader
+        side = ("reference pass" if type(owner).__name__ == "Transformer" else "HF pass") if owner is not None \
+            else "HF output matrix"
+        key = f"waiting for reads ({'greedy passes' if IN_GREEDY else side})"
         while True:
             t = time.perf_counter()
             try:

@@ -101,8 +101,8 @@ class Together:
 
 # A piece's rows are counted as if its inputs were at most this wide: a 4 MB fp32 piece of a 4096-wide
 # weight is 256 rows, but of the 14336-wide down projection only 73, and a product with that few
-# output columns ran at 60 GFLOP/s against 80 for 128 rows or more (CPU time, 208 tokens, this
-# machine). Wide weights get pieces of the same row count instead, a few times the bytes.
+# output columns ran at 60 GFLOP/s against 80 for 128 rows or more (CPU time, 208 tokens, a 2-core
+# EPYC). Wide weights get pieces of the same row count instead, a few times the bytes.
 PIECE_WIDTH = 4096
 
 

@@ -28,8 +28,9 @@ from llama_parity.memory import ReadBuffers
 from llama_parity.shared_products import piece_rows, product
 
 
-# fp32 bytes of weight rows widened per product when reading lazily (fits the CPU's caches; see _Converted)
-PIECE_BYTES = 4 << 20
+# fp32 bytes of weight rows widened per product when reading lazily (see _Converted; 16 MB: 4 MB pieces ran
+# the products up to 1.9x slower on an AVX-512 Xeon, measured in llama_parity/hf_layers.py's PIECE_BYTES)
+PIECE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -418,7 +419,7 @@ class _Converted:
     (bf16: half the memory of fp32) and is widened a few rows at a time into one reused buffer, so
     the fp32 copy never leaves the CPU cache. On this 2-core machine a bf16 4096x14336 weight
     times one token took 87 ms widened whole (a fresh 235 MB tensor, page faults) against 9 ms in
-    4 MB pieces; widening is exact, and each output feature is the same dot product either way."""
+    4 MB pieces (16 MB now, in a buffer reused across pieces and layers); widening is exact, and each output feature is the same dot product either way."""
 
     def __init__(self, raw: "ShardReader", device: torch.device, dtype: torch.dtype, round_to: torch.dtype | None,
                  piece_bytes: int = PIECE_BYTES, round_vectors: bool = True):
