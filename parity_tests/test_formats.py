@@ -226,6 +226,37 @@ def test_pth_reader_equals_torch_load(pth_file):
         reader.close()
 
 
+def test_pth_mapped_views_equal_torch_load_and_are_unmapped(pth_file):
+    """Bug class: a mapped tensor (PthReader.mapped: greedy decoding's reads without a copy) viewing the
+    wrong bytes: the map starts on a page boundary below the record (torch.save aligns records to 64
+    bytes only), so a miscounted skip shifts every element; and a map left open after its last view
+    (its pages would stay in RSS for the whole run): every tensor, views sharing one storage included,
+    equals torch.load's, and the file leaves /proc/self/maps once the views are gone."""
+    import gc
+    from pathlib import Path
+
+    path, _ = pth_file
+    want = torch.load(path, weights_only=True)
+    reader = PthReader(path)
+    maps = Path("/proc/self/maps")
+    def mapped() -> int:  # lines of the process's maps naming the file (torch.load's own map among them)
+        return maps.read_text().count(str(path)) if maps.exists() else 0
+
+    try:
+        reader.shape("float32.matrix")  # the state dict loaded (torch's map of the whole file)
+        before = mapped()
+        views = {k: reader.mapped(k) for k in want}
+        for k, t in want.items():
+            assert _same(views[k], t), k
+        if maps.exists():
+            assert mapped() > before
+            del views
+            gc.collect()
+            assert mapped() == before
+    finally:
+        reader.close()
+
+
 def test_strided_pth_falls_back_to_the_map(tmp_path):
     """Bug class: a layout the record index cannot describe (a strided tensor) read as if contiguous:
     the index refuses the file and the reader copies from torch's memory map, with the same values."""

@@ -363,6 +363,14 @@ class Transformer:
             out[s][k] = self.w[s].raw.read(k, out=bufs[s, k]).to(self.device)
         return out
 
+    def map_layer(self, layer: int) -> list[dict[str, torch.Tensor]]:
+        """Layer `layer`'s tensors of every shard as views of the files' pages (PthReader.mapped), for
+        passes that read every layer again from the page cache (greedy decoding): no copy. The read
+        buffers are let go first, so that the mapped layers take their place in memory."""
+        self._read_buffers = ReadBuffers()
+        pre = f"layers.{layer}."
+        return [{k: sd.raw.mapped(k).to(self.device) for k in sd.raw.keys() if k.startswith(pre)} for sd in self.w]
+
     def hold_layer(self, layer: int, source: "Transformer | None" = None,
                    tensors: list[dict[str, torch.Tensor]] | None = None) -> None:
         """Keep layer `layer`'s weights (in the file's dtype) until `release_layer`, so that several
@@ -491,9 +499,10 @@ class _Converted:
         return buf[:rows * cols].view(rows, cols)
 
 
-# A consolidated.NN.pth read with explicit reads (pread), never through a memory map: pages of a mapped
-# file stay in the process's RSS after use (what `top`, schedulers and cgroup limits count; a streamed
-# 8B verify looked like 19.6 GB). The pages stay in the page cache: greedy decoding reads them again.
+# A consolidated.NN.pth read with explicit reads (pread), or one layer's tensors mapped while they are in
+# use (map_layer), never through a map of the whole file: pages of a mapped file stay in the process's
+# RSS while mapped (what `top`, schedulers and cgroup limits count; a streamed 8B verify with the whole
+# shard mapped looked like 19.6 GB). The pages stay in the page cache: greedy decoding reads them again.
 ShardReader = PthReader
 
 
