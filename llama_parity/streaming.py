@@ -58,8 +58,24 @@ STREAMED_GREEDY_TOKENS = 8
 
 def _progress(desc_prefix: str, quiet: bool = False):
     quiet = quiet or not sys.stderr.isatty()
-    return lambda it, desc, total=None, unit="layer": tqdm(it, desc=f"{desc_prefix}{desc}", unit=unit, total=total,
-                                                           disable=quiet)
+    return lambda it, desc, total=None, unit="layer": _counted(
+        iter(it), tqdm(desc=f"{desc_prefix}{desc}", unit=unit, total=total, disable=quiet))
+
+
+def _counted(it, bar):
+    """The items of `it`, each counted on `bar` once the caller is done with it, none held after it is
+    handed over: tqdm's own iterator keeps the last item until the next one has arrived, so a layer
+    read ahead (streams.prefetched) found the one before it still in use, and a third layer's buffer
+    was allocated (8B: peak RSS 1.6 -> 2.0 GB)."""
+    try:
+        while True:
+            try:
+                yield next(it)  # yielded straight from the stack: no name holds it while the caller works
+            except StopIteration:
+                return
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 @torch.inference_mode()

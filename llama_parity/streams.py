@@ -156,8 +156,11 @@ def run_hf(hf: StreamingHF, streams: list[Stream], ref_hidden: list, progress,
         s.h = [hf.embed(s.tokens[a:b], s.dtype) for a, b in s.steps]
     diffs = []
     relay.before([h for s in streams for h in s.h])
-    for k, (i, tensors) in enumerate(progress(prefetched(hf.read_layer, relay.layers), "HF layers",
-                                              len(relay.layers))):
+    # no enumerate(): its reused result tuple would hold each layer's tensors until the next layer has
+    # been read (one more layer resident; _counted in streaming.py says the same of tqdm)
+    k = -1
+    for i, tensors in progress(prefetched(hf.read_layer, relay.layers), "HF layers", len(relay.layers)):
+        k += 1
         # the fp32 build of the layer and, for the bf16 stream, the bf16 one (its norms in bf16); their
         # linear layers share each product (WidenedLinear keys), every step of every stream at once
         layers = {torch.float32: hf.layer(i, tensors)}
