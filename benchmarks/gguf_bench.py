@@ -91,6 +91,8 @@ def main(argv=None) -> None:
     ap.add_argument("--meta-dir", type=Path, help="reuse this Meta checkpoint (read only; with --hf-dir)")
     ap.add_argument("--hf-dir", type=Path, help="reuse this conversion of --meta-dir (read only)")
     ap.add_argument("--keep-gguf", action="store_true", help="keep the GGUF made (deleted by default)")
+    ap.add_argument("--quick-only", action="store_true",
+                    help="only `verify --gguf --quick` (metadata, tokenizer, every weight): minutes less on an 8B")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "llama-parity-gguf-bench")
     a = ap.parse_args(argv)
     if (a.meta_dir is None) != (a.hf_dir is None) or (a.meta_dir and a.layers):
@@ -139,7 +141,7 @@ def measure(a, meta: Path, gguf: Path, convert_seconds: float | None) -> None:
     size = sum(p.stat().st_size for p in files)
     read = floor(files)
     rows = [f"llama.cpp's converter: {convert_seconds:.0f} s" if convert_seconds else "GGUF reused"]
-    for label, flags in (("--quick", ["--quick"]), ("all", [])):
+    for label, flags in (("--quick", ["--quick"]),) + ((("all", []),) if not a.quick_only else ()):
         evict(files)
         own, report = a.work / f"verify{label.strip('-')}.peak", a.work / f"verify{label.strip('-')}.json"
         own.unlink(missing_ok=True)
