@@ -99,7 +99,8 @@ def install() -> None:
     # the reader thread's own time per read (overlapping the main thread's: not part of the wall's sum)
     Transformer.read_layer = _timed(lambda *a, **k: "(reader thread) reading Meta layers" + (" for greedy" if IN_GREEDY else ""),
                                     Transformer.read_layer)
-    Transformer.map_layer = _timed(lambda *a, **k: "(reader thread) mapping Meta layers for greedy", Transformer.map_layer)
+    Transformer.map_layer = _timed(lambda *a, **k: "(reader thread) mapping Meta layers for greedy",
+                                   Transformer.map_layer)
     StreamingHF.read_layer = _timed(lambda *a, **k: "(reader thread) reading HF layers", StreamingHF.read_layer)
     real_greedy = streams.reference_greedy
 

@@ -190,9 +190,9 @@ class StreamingHF:
         outs = {dt: [] for dt in dtypes}
         from .streams import prefetched  # the next piece read while this one multiplies
 
+        xs = [hn[dt] for dt in dtypes]
         for _a, piece in prefetched(lambda a: self.files.rows(name, a, min(a + step, vocab)).to(self.device),
                                     list(range(0, vocab, step))):
-            xs = [hn[dt] for dt in dtypes]
             both = mixed_widened(xs, piece, self.buffers, self.piece_bytes) if len(xs) > 1 else None
             for dt, out in zip(dtypes, both or [widened_linear(x, piece, self.buffers, self.piece_bytes) for x in xs]):
                 outs[dt].append(out.float())

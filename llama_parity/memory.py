@@ -40,7 +40,8 @@ class ReadBuffers:
     Why: with return_freed_memory's policy every large tensor is a fresh mapping, so a layer read
     into new tensors pays a page fault per 4 KB page (and the kernel zeroes each page) before the
     copy: measured on the 1B shape's shard from the page cache, 0.7-1.0 GB/s into fresh tensors
-    against 2.4-3.4 GB/s into reused ones. Greedy decoding reads the Meta weights once per new token.
+    against 2.4-3.4 GB/s into reused ones. (Greedy decoding's extra passes map their layers instead:
+    Transformer.map_layer, no copy at all.)
 
     A buffer is reused only when its storage has no user but this pool (PyTorch's storage use count:
     every tensor viewing it, wherever it went, holds one), so a layer still in use is never

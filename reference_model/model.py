@@ -352,11 +352,14 @@ class Transformer:
         return self._output(h)
 
     # --- bounded memory (lazy) ---------------------------------------------------------------
+    def _layer_keys(self, layer: int) -> list[tuple[int, str]]:
+        pre = f"layers.{layer}."
+        return [(s, k) for s, sd in enumerate(self.w) for k in sd.raw.keys() if k.startswith(pre)]
+
     def read_layer(self, layer: int) -> list[dict[str, torch.Tensor]]:
         """Layer `layer`'s tensors of every shard as stored (may run in a reader thread)."""
-        pre = f"layers.{layer}."
-        keys = [(s, k) for s, sd in enumerate(self.w) for k in sd.raw.keys() if k.startswith(pre)]
-        # into reused buffers: greedy decoding reads every layer again per token (ReadBuffers says why)
+        keys = self._layer_keys(layer)
+        # into reused buffers: a fresh buffer per layer pays a page fault per 4 KB (ReadBuffers says why)
         bufs = self._read_buffers.tensors([((s, k), self.w[s].raw.shape(k), self.w[s].raw.dtype(k)) for s, k in keys])
         out = [{} for _ in self.w]
         for s, k in keys:
@@ -368,8 +371,10 @@ class Transformer:
         passes that read every layer again from the page cache (greedy decoding): no copy. The read
         buffers are let go first, so that the mapped layers take their place in memory."""
         self._read_buffers = ReadBuffers()
-        pre = f"layers.{layer}."
-        return [{k: sd.raw.mapped(k).to(self.device) for k in sd.raw.keys() if k.startswith(pre)} for sd in self.w]
+        out = [{} for _ in self.w]
+        for s, k in self._layer_keys(layer):
+            out[s][k] = self.w[s].raw.mapped(k).to(self.device)
+        return out
 
     def hold_layer(self, layer: int, source: "Transformer | None" = None,
                    tensors: list[dict[str, torch.Tensor]] | None = None) -> None:
@@ -427,7 +432,8 @@ class _Converted:
     (bf16: half the memory of fp32) and is widened a few rows at a time into one reused buffer, so
     the fp32 copy never leaves the CPU cache. On this 2-core machine a bf16 4096x14336 weight
     times one token took 87 ms widened whole (a fresh 235 MB tensor, page faults) against 9 ms in
-    4 MB pieces (16 MB now, in a buffer reused across pieces and layers); widening is exact, and each output feature is the same dot product either way."""
+    4 MB pieces (16 MB now, PIECE_BYTES, in a buffer reused across pieces and layers); widening is
+    exact, and each output feature is the same dot product either way."""
 
     def __init__(self, raw: "ShardReader", device: torch.device, dtype: torch.dtype, round_to: torch.dtype | None,
                  piece_bytes: int = PIECE_BYTES, round_vectors: bool = True):
