@@ -257,6 +257,26 @@ def test_pth_mapped_views_equal_torch_load_and_are_unmapped(pth_file):
         reader.close()
 
 
+def test_pth_mapped_tensor_of_a_file_cut_short_is_one_error_not_a_crash(tmp_path, pth_file):
+    """Bug class: a tensor mapped past the end of a file cut short after it was indexed (a copy still
+    running over it): mmap's ValueError as a traceback (or, cut later, SIGBUS with no message). The
+    reader says what pread says instead: the file, the tensor, "unexpected end of file"."""
+    import shutil
+
+    path = tmp_path / "consolidated.00.pth"
+    shutil.copyfile(pth_file[0], path)
+    reader = PthReader(path)
+    try:
+        last = max(reader.raw, key=lambda k: reader.raw[k].offset)
+        reader.shape(last)  # indexed while whole
+        with open(path, "r+b") as f:
+            f.truncate(reader.raw[last].offset + 2)
+        with pytest.raises(FormatError, match=f"{last}: unexpected end of file"):
+            reader.mapped(last)
+    finally:
+        reader.close()
+
+
 def test_strided_pth_falls_back_to_the_map(tmp_path):
     """Bug class: a layout the record index cannot describe (a strided tensor) read as if contiguous:
     the index refuses the file and the reader copies from torch's memory map, with the same values."""

@@ -13,6 +13,7 @@ memory map instead: correct, but those pages stay in RSS while mapped.
 from __future__ import annotations
 
 import collections
+import errno
 import mmap
 import os
 import pickle
@@ -291,18 +292,26 @@ class PthReader:
         is closed with the tensor's last view. `read` where the tensor cannot be placed or mapped."""
         t, raw = self.tensors[key], self.raw.get(key)
         n = nbytes(t.shape, t.element_size())
+        fd = self._open()
+        # A file cut short since it was indexed (a copy still running over it) is left to `read`, which
+        # says "truncated" in one line: mmap refuses a map past the end (a ValueError traceback), and a
+        # mapped page cut off later would kill the process (SIGBUS).
         if raw is None or raw.shape != tuple(t.shape) or raw.dtype != t.dtype or not n \
-                or not hasattr(mmap, "MAP_PRIVATE"):
+                or not hasattr(mmap, "MAP_PRIVATE") or raw.offset + n > os.fstat(fd).st_size:
             return self.read(key)
         start = raw.offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
         # writable and private: torch views it without a read-only warning; a write would copy the page
         # (never reaching the file), and nothing here writes
-        m = mmap.mmap(self._open(), raw.offset - start + n, flags=mmap.MAP_PRIVATE,
+        m = mmap.mmap(fd, raw.offset - start + n, flags=mmap.MAP_PRIVATE,
                       prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
         try:
             m.madvise(getattr(mmap, "MADV_POPULATE_READ", 22))
-        except (OSError, ValueError):  # kernels before 5.14: the pages are faulted in as they are used
+        except ValueError:  # no such advice here: the pages are faulted in as they are used
             pass
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS):  # EINVAL: kernels before 5.14, same as above
+                m.close()  # EFAULT/EIO: pages that cannot be read (cut short meanwhile, a disk error)
+                return self.read(key)  # which names the file and what went wrong, in one line
         return torch.frombuffer(m, dtype=torch.uint8, count=n, offset=raw.offset - start).view(t.dtype).view(t.shape)
 
     def same_bytes(self, key_a: str, key_b: str, chunk_bytes: int = 64 << 20) -> bool:
