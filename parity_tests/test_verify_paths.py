@@ -342,6 +342,13 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -373,8 +380,13 @@ def test_launchers_answer_signals_like_single_process(folders, tmp_path, launche
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     deadline, ranks = time.monotonic() + 60, []
-    while time.monotonic() < deadline and len(ranks) < 2:  # the agent's ranks are its children
-        ranks = [k for k in _children(p.pid) if b"llama_parity" in Path(f"/proc/{k}/cmdline").read_bytes()]
+    # The agent's ranks are its children, counted once they run their own command line: a child
+    # still between fork and exec has the agent's, and a signal it gets then is lost in the exec (its
+    # handlers are the agent's copy), so that rank would run to its report.
+    launcher = Path(f"/proc/{p.pid}/cmdline").read_bytes()
+    while time.monotonic() < deadline and len(ranks) < 2:
+        ranks = [k for k in _children(p.pid) if _cmdline(k) not in (launcher, b"")
+                 and b"llama_parity" in _cmdline(k)]
         time.sleep(0.2)
     assert len(ranks) == 2, "the ranks did not start"
     os.killpg(p.pid, sig) if target == "group" else p.send_signal(sig)
