@@ -198,6 +198,8 @@ def test_every_path_gives_the_same_verdicts(folders, two_ranks, tmp_path, name):
     assert _numbers(streamed[1]) == _numbers(dist) == _numbers(plugin[1]), name
     if "{html}" in flags:
         _assert_html_report(err, page, dist)
+        for path, (_, rep) in ((tmp_path / "full.html", full), (tmp_path / "streamed.html", streamed)):
+            _assert_page(path, rep)  # the single-process paths' own pages (--html reached them too)
     if kind == "mutant":
         from llama_parity.mutations import BY_NAME
 
@@ -248,6 +250,15 @@ def test_every_fault_with_two_ranks(two_ranks):
             assert g["report"]["models_run"], f"{entry.name}: the model checks did not run with 2 ranks"
             continue
         _assert_caught(entry, v, g["report"])
+
+
+def _assert_page(page: Path, report: dict) -> None:
+    """The HTML page a path wrote holds its verdict and every check it judged."""
+    import html
+
+    assert page.is_file(), f"--html given, no page at {page}"
+    text = page.read_text()
+    assert report["verdict"] in text and all(html.escape(c["name"]) in text for c in report["checks"]), page
 
 
 def _assert_html_report(err: str, page: Path, report: dict) -> None:
