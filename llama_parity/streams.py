@@ -157,10 +157,9 @@ def run_hf(hf: StreamingHF, streams: list[Stream], ref_hidden: list, progress,
     diffs = []
     relay.before([h for s in streams for h in s.h])
     # no enumerate(): its reused result tuple would hold each layer's tensors until the next layer has
-    # been read (one more layer resident; _counted in streaming.py says the same of tqdm)
-    k = -1
+    # been read (one more layer resident; _counted in streaming.py says the same of tqdm). This
+    # process's k-th layer is diffs' next entry.
     for i, tensors in progress(prefetched(hf.read_layer, relay.layers), "HF layers", len(relay.layers)):
-        k += 1
         # the fp32 build of the layer and, for the bf16 stream, the bf16 one (its norms in bf16); their
         # linear layers share each product (WidenedLinear keys), every step of every stream at once
         layers = {torch.float32: hf.layer(i, tensors)}
@@ -174,7 +173,7 @@ def run_hf(hf: StreamingHF, streams: list[Stream], ref_hidden: list, progress,
             s.h[j] = h
         del layers
         near = next(s for s in streams if s.name == "near")
-        diffs.append(rel_diff(ref_hidden[k], near.h[0][0]))
+        diffs.append(rel_diff(ref_hidden[len(diffs)], near.h[0][0]))
     relay.after([h for s in streams for h in s.h])
     diffs = relay.gather(diffs)
     if hf.output_name() is None or not relay.judges:
