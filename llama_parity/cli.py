@@ -668,6 +668,7 @@ class Interrupted(KeyboardInterrupt):
 
 # What `timeout`, systemd, Kubernetes, Slurm and a closed terminal send, besides Ctrl-C.
 _SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+_FIRED: list[int] = []  # the signal main's handlers answered (raised as Interrupted), if one did
 
 
 def _install_signal_handlers() -> dict:
@@ -675,9 +676,10 @@ def _install_signal_handlers() -> dict:
     import signal
     import threading
 
+    fired = _FIRED
+    fired.clear()  # this run's, not an earlier main()'s in the same process
     if threading.current_thread() is not threading.main_thread():
         return {}
-    fired: list[int] = []
 
     def handler(signum, frame):
         # Only a conversion has renames to finish; a command that never loaded the converter (verify)
@@ -764,7 +766,15 @@ def main(argv: list[str] | None = None) -> int:
     # as any other, not with a KeyboardInterrupt traceback
     previous = _install_signal_handlers()
     try:
-        return _run(build_parser().parse_args(argv))
+        try:
+            return _run(build_parser().parse_args(argv))
+        except Exception:
+            # Interrupted raised inside code that turns it into another error: a C extension's import
+            # (numpy's, under torch's: "ImportError: cannot load module more than once per process",
+            # met when Ctrl-C reached a torchrun rank still importing torch) ends as the signal it was
+            if _FIRED:
+                raise Interrupted(_FIRED[0]) from None
+            raise
     except InputError as e:
         return _err(str(e))
     except KeyError as e:

@@ -437,3 +437,41 @@ def test_signal_while_the_command_line_is_parsed(tmp_path):
     assert p.returncode == 130, p.stderr
     assert p.stderr.strip().splitlines() == ["llama-parity: interrupted by SIGINT; nothing was left half-written, "
                                              "inputs untouched"], p.stderr
+
+
+def test_signal_turned_into_another_error_by_an_import(tmp_path):
+    """Bug class: a signal reaching `verify` while it imports torch (a torchrun rank starting when Ctrl-C
+    stops the run: met in the suite): the handler's exception, raised inside a C extension's import,
+    came back as "ImportError: cannot load module more than once per process", a traceback and exit 1
+    instead of one line and 130. The test's sitecustomize sends SIGINT from inside build_parser and
+    turns the interruption into that ImportError, as numpy's import did."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import importlib.abc, importlib.util, os, signal, sys\n"
+        "class F(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name != 'llama_parity.cli':\n"
+        "            return None\n"
+        "        sys.meta_path.remove(self)\n"
+        "        spec = importlib.util.find_spec(name)\n"
+        "        run = spec.loader.exec_module\n"
+        "        def exec_module(m):\n"
+        "            run(m)\n"
+        "            build = m.build_parser\n"
+        "            def interrupted_build():\n"
+        "                try:\n"
+        "                    os.kill(os.getpid(), signal.SIGINT)\n"
+        "                except KeyboardInterrupt:\n"
+        "                    raise ImportError('cannot load module more than once per process') from None\n"
+        "                return build()\n"
+        "            m.build_parser = interrupted_build\n"
+        "        spec.loader.exec_module = exec_module\n"
+        "        return spec\n"
+        "sys.meta_path.insert(0, F())\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    p = subprocess.run([sys.executable, "-m", "llama_parity", "verify", "--meta-dir", "m", "--hf-dir", "h"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 130, p.stderr
+    assert p.stderr.strip().splitlines() == ["llama-parity: interrupted by SIGINT; nothing was left half-written, "
+                                             "inputs untouched"], p.stderr
