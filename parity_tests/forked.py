@@ -15,6 +15,18 @@ import traceback
 import torch
 
 
+def _stop_tqdm_monitor() -> None:
+    """No tqdm monitor thread in this process from now on: it takes tqdm's lock every few seconds, and
+    a fork at that moment hands the child a lock no thread of its own will release (its first progress
+    bar, or the next, then waits forever: a SIGTERM'd verify child once stayed 60 s)."""
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0
+    if tqdm.monitor is not None:
+        tqdm.monitor.exit()  # joins the thread
+        tqdm.monitor = None
+
+
 class Forked:
     """`python -c script *argv` as a child forked from this test process: the same fresh-process signal
     dispositions, stdout/stderr of its own and an exit status as Popen reports it (128+n from the CLI's
@@ -26,6 +38,7 @@ class Forked:
         """`stdout_fd`: the child's stdout (e.g. a pipe's write end); by default a file read by communicate."""
         self._out, self._err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
         self.returncode: int | None = None
+        _stop_tqdm_monitor()
         self.pid = os.fork()
         if self.pid == 0:
             self._child(script, argv, self._out.fileno() if stdout_fd is None else stdout_fd)

@@ -59,7 +59,11 @@ if (os.environ.get("RANK") == {rank!r} or {kind!r}.startswith("stall")) and "LOC
 
         def slow_after(self, tensors):
             Path(marks, "computing").touch()
-            time.sleep(600)  # interruptible, as torch's kernels are between ops
+            # interruptible, as torch's kernels are between ops; short sleeps because a signal taken
+            # by one of the rank's other threads (gloo's, torch's pools) runs its handler only when
+            # the main thread returns to the interpreter, after a whole long sleep
+            for _ in range(12000):
+                time.sleep(0.05)
             return after(self, tensors)
         mod.RankRelay.after = slow_after
         if {kind!r} == "stall-deaf":  # the mutant: the computing rank ignores every signal

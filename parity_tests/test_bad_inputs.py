@@ -1019,7 +1019,12 @@ stop, marker = sys.argv[1], sys.argv[2]
 from llama_parity import report_files, verify
 def pause():
     open(marker, "w").close()
-    time.sleep(120)  # ended by the signal the test sends
+    # ended by the signal the test sends. Short sleeps: the kernel may hand a process's signal to any
+    # of its threads (tqdm's monitor, torch's pools); Python then runs the handler only when the main
+    # thread next returns to the interpreter, which one long sleep delays by its whole length (seen:
+    # the SIGTERM'd child still paused 60 s later, once in a suite run)
+    for _ in range(2400):
+        time.sleep(0.05)
 if stop == "model":
     checks = verify._model_checks
     def paused(*a, **k):
