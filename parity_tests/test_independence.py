@@ -129,15 +129,31 @@ def test_the_graph_walk_sees_edges():
     assert _is_judge("llama_parity.reference_model.model") and not _is_judge("llama_parity.converter.keymap")
 
 
-# One fresh process outside the checkout (as a user's, from the wheel or the editable install) for the two
-# tests below: first a real `llama-parity verify`, whose loaded modules are listed before anything else is
+# One fresh process outside the checkout (as a user's, from the wheel or the editable install) for the
+# tests below: first a verify refused by its identification, then a real `llama-parity verify`, whose loaded
+# modules are listed before anything else is
 # imported, then every module of the package imported. One interpreter with torch and transformers loaded
 # once instead of two (each start cost seconds of CPU); each test reads its own part of the answer.
 _FRESH_PROCESS = """
-import importlib, json, pkgutil, sys
+import importlib, json, pkgutil, sys, threading
+from llama_parity import verify as v
 from llama_parity.cli import main
+from llama_parity.errors import InputError
+from llama_parity.releases import IdentifyError
+identify = v.identify_checkpoint
+def ambiguous(*a, **k):  # as when the files fit two releases and nothing picks one
+    raise IdentifyError("fits llama-a and llama-b")
+v.identify_checkpoint = ambiguous
+try:  # refused while verify's thread imports transformers; then the real run imports it (StreamingHF)
+    v.verify(*sys.argv[3:6:2], tokenizer=False, checks="quick")
+    refused = ""
+except InputError as e:
+    refused = str(e)
+v.identify_checkpoint = identify
+left = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
 code = main(sys.argv[1:])
-verify = {"code": code, "modules": sorted(m for m in sys.modules if m.startswith("llama_parity."))}
+verify = {"code": code, "modules": sorted(m for m in sys.modules if m.startswith("llama_parity.")),
+          "refused": refused, "threads": left}
 import llama_parity
 stray = {}
 for name in ("llama_parity.llama_parity", "llama_parity.llama_parity.cli", "llama_parity.benchmarks",
@@ -183,6 +199,18 @@ def test_verify_run_loads_no_converter_module(fresh_process):
     allowed = KNOWN_LOADED if KNOWN_EDGES else set()
     assert converter <= allowed, f"verify loaded converter modules: {sorted(converter - allowed)}"
     assert not allowed - converter, f"no longer loaded by verify: remove from KNOWN_LOADED: {sorted(allowed - converter)}"
+
+
+def test_refused_verify_leaves_transformers_importable(fresh_process):
+    """Bug class: verify importing transformers in a thread (to overlap the import with the metadata
+    checks) and returning, here refusing its inputs, with that import still running: the caller's
+    own `from transformers import ...` (in the fresh process: the next verify's StreamingHF) then
+    waits for it and gets the half-built module object ("cannot import name 'AutoConfig'"), or the
+    thread is left running into the caller's forks."""
+    got = fresh_process["verify"]
+    assert got["refused"] == "fits llama-a and llama-b", got["refused"]
+    assert "llama-parity-import" not in got["threads"], got["threads"]
+    assert got["code"] == 0
 
 
 def test_one_namespace_without_the_checkout_root(fresh_process):
