@@ -292,7 +292,8 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, options: VerifyOptions | No
     # The tokenizer is proven while the byte check reads: that one mostly waits on the disk, this
     # one is CPU work (seconds on a 128k vocabulary); its checks still follow the byte check's.
     tokenizer = VerifyReport(report.meta_dir, report.hf_dir, report.device)
-    tokenizer_done = _in_background(_tokenizer_check, tokenizer, meta_dir, hf_dir, ident) \
+    tokenizer_done = _in_background(_tokenizer_check, tokenizer, meta_dir, hf_dir, ident,
+                                    thread="llama-parity-tokenizer") \
         if opts.tokenizer and structure_ok(found) else None
     if structure_ok(found):
         _exact_bytes(report, meta_dir, hf_dir, meta, hf)
@@ -317,25 +318,22 @@ def _import_transformers_meanwhile():
     is not reported here: it fails again where the checks import it, with its own error."""
     import importlib
     import sys
-    import threading
 
     name = "transformers.models.llama.modeling_llama"
     if name in sys.modules:  # imported before (by this process's caller): nothing to wait for
         return lambda: None
 
-    def run() -> None:
+    def quietly() -> None:
         try:
             importlib.import_module(name)
         except BaseException:  # noqa: BLE001 (imported again where it is used, which raises it)
             pass
-    t = threading.Thread(target=run, name="llama-parity-import", daemon=True)
-    t.start()
-    return t.join
+    return _in_background(quietly, thread="llama-parity-import")
 
 
-def _in_background(fn, *args):
-    """Start fn(*args) in a thread; the returned function waits for it and raises what it raised.
-    A daemon thread: a signal ending verify does not wait for it."""
+def _in_background(fn, *args, thread: str):
+    """Start fn(*args) in a thread named `thread`; the returned function waits for it and raises
+    what it raised. A daemon thread: a signal ending verify does not wait for it."""
     import threading
 
     box: dict = {}
@@ -345,7 +343,7 @@ def _in_background(fn, *args):
             fn(*args)
         except BaseException as e:  # re-raised in the caller's thread
             box["error"] = e
-    t = threading.Thread(target=run, name="llama-parity-tokenizer", daemon=True)
+    t = threading.Thread(target=run, name=thread, daemon=True)
     t.start()
 
     def done() -> None:

@@ -59,9 +59,9 @@ if (os.environ.get("RANK") == {rank!r} or {kind!r}.startswith("stall")) and "LOC
 
         def slow_after(self, tensors):
             Path(marks, "computing").touch()
-            # interruptible, as torch's kernels are between ops; short sleeps because a signal taken
-            # by one of the rank's other threads (gloo's, torch's pools) runs its handler only when
-            # the main thread returns to the interpreter, after a whole long sleep
+            # interruptible, as torch's kernels are between ops; short sleeps, a guard: should the
+            # signal land on another of the rank's threads (gloo's, torch's pools), its handler runs
+            # only when the main thread returns to the interpreter, after a whole long sleep
             for _ in range(12000):
                 time.sleep(0.05)
             return after(self, tensors)

@@ -1019,10 +1019,10 @@ stop, marker = sys.argv[1], sys.argv[2]
 from llama_parity import report_files, verify
 def pause():
     open(marker, "w").close()
-    # ended by the signal the test sends. Short sleeps: the kernel may hand a process's signal to any
-    # of its threads (tqdm's monitor, torch's pools); Python then runs the handler only when the main
-    # thread next returns to the interpreter, which one long sleep delays by its whole length (seen:
-    # the SIGTERM'd child still paused 60 s later, once in a suite run)
+    # ended by the signal the test sends. Short sleeps, a guard: should the signal land on another of
+    # the child's threads, Python runs the handler only when the main thread returns to the
+    # interpreter, which one long sleep would delay by its whole length (the hang once seen here is
+    # put down to tqdm's lock held across the fork: forked.py)
     for _ in range(2400):
         time.sleep(0.05)
 if stop == "model":
@@ -1261,4 +1261,3 @@ def test_memory_estimate_scales_with_the_model(tiny, monkeypatch):
     one_b = Path(__file__).resolve().parents[1] / "llama_parity" / "releases" / "official" / "llama3.2-1b"
     if (one_b / "config.json").is_file():  # a source checkout: the real 1B config
         assert 12.5e9 < verify_mod.full_memory_need(one_b) < 14.5e9
-

@@ -130,10 +130,10 @@ def test_the_graph_walk_sees_edges():
 
 
 # One fresh process outside the checkout (as a user's, from the wheel or the editable install) for the
-# tests below: first a verify refused by its identification, then a real `llama-parity verify`, whose loaded
-# modules are listed before anything else is
-# imported, then every module of the package imported. One interpreter with torch and transformers loaded
-# once instead of two (each start cost seconds of CPU); each test reads its own part of the answer.
+# tests below: first a verify refused by its identification, then a real `llama-parity verify`, whose
+# loaded modules are listed before anything else is imported, then every module of the package imported.
+# One interpreter with torch and transformers loaded once instead of several (each start cost seconds of
+# CPU); each test reads its own part of the answer.
 _FRESH_PROCESS = """
 import importlib, json, pkgutil, sys, threading
 from llama_parity import verify as v
