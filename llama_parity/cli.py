@@ -720,7 +720,7 @@ def interrupted(signum: int) -> int:
 def _check_outputs(args) -> None:
     """Every path the run will write, checked before it starts: a minutes-long verify must not fail at
     its last step (nor `convert --json` after writing the model). Raises OutputPathError."""
-    from .report_files import check_distinct, check_output_dir, check_output_file
+    from .report_files import check_distinct, check_not_an_input, check_output_dir, check_output_file
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 writes the reports
         return
@@ -728,6 +728,11 @@ def _check_outputs(args) -> None:
     check_distinct(files)
     for flag, path in files.items():
         check_output_file(path, flag)
+    inputs = {"--meta-dir": [getattr(args, "meta_dir", None)], "--input-dir": [getattr(args, "input_dir", None)],
+              "--hf-dir": getattr(args, "hf_dirs", None) or [getattr(args, "hf_dir", None)],
+              "--gguf": getattr(args, "ggufs", None) or [getattr(args, "gguf", None)],
+              "--attestation": [getattr(args, "attestation", None)]}
+    check_not_an_input(files, inputs)
     if args.cmd in ("convert", "to-meta") and not getattr(args, "dry_run", False):
         check_output_dir(args.output_dir)
     if args.cmd == "demo" and isinstance(args.keep, str):

@@ -85,6 +85,26 @@ def check_distinct(paths: dict[str, str | None]) -> None:
         seen[key] = flag
 
 
+def check_not_an_input(reports: dict[str, str | None], inputs: dict[str, list]) -> None:
+    """A report must not land on or among what the run reads: `verify --json HF/model.safetensors`
+    replaced the weights it had just judged with the report, and a new file in the HF folder is one
+    the attestation did not list (`verify --attestation` then names it as added). `inputs`: flag ->
+    its paths (folders or files); symlinks resolved on both sides."""
+    for flag, p in reports.items():
+        if p is None or str(p) == "-":
+            continue
+        real = Path(os.path.realpath(p))
+        for in_flag, paths in inputs.items():
+            for q in paths:
+                if q is None or not os.path.lexists(q):
+                    continue
+                rq = Path(os.path.realpath(q))
+                if real == rq or (rq.is_dir() and rq in real.parents):
+                    where = "is" if real == rq else "is inside"
+                    raise OutputPathError(f"{flag} {p} {where} {in_flag} {q}, which this run reads: the report "
+                                          "would overwrite or add to its files; write it elsewhere")
+
+
 class StagedFile:
     """A file's bytes written whole to a temporary sibling and flushed to disk now, put in place later:
     `publish()` renames it into place (a rename allocates nothing, so it cannot meet a full disk),

@@ -1261,3 +1261,27 @@ def test_memory_estimate_scales_with_the_model(tiny, monkeypatch):
     one_b = Path(__file__).resolve().parents[1] / "llama_parity" / "releases" / "official" / "llama3.2-1b"
     if (one_b / "config.json").is_file():  # a source checkout: the real 1B config
         assert 12.5e9 < verify_mod.full_memory_need(one_b) < 14.5e9
+
+
+def test_reports_never_land_on_or_among_the_inputs(tiny, tmp_path, capsys):
+    """Bug class: a report path inside what the run reads. `verify --json HF/model.safetensors`
+    replaced the weights it had just judged with its JSON (exit 0, PARITY OK on the screen, the model
+    gone); a report in the HF folder is a file the attestation did not list; `--json R --attestation
+    R` overwrote the record being checked. Each refused in the first second, by flag and path, inputs
+    byte for byte as they were (symlinked paths resolved)."""
+    meta, hf = copy_meta(tiny, SMALL, tmp_path / "in"), copy_hf(tiny, SMALL, tmp_path / "in")
+    (tmp_path / "link").symlink_to(hf)
+    cases = [
+        ([*_verify(meta, hf), "--json", hf / "model.safetensors"], "--hf-dir"),
+        ([*_verify(meta, hf), "--html", tmp_path / "link" / "r.html"], "--hf-dir"),  # through a symlink
+        ([*_verify(meta, hf), "--json", meta / "params.json"], "--meta-dir"),
+        (["diagnose", "--meta-dir", meta, "--hf-dir", hf, "--plot", hf / "p.png"], "--hf-dir"),
+        ([*_convert(meta, tmp_path / "out"), "--json", meta / "r.json"], "--input-dir"),
+    ]
+    for argv, flag in cases:
+        line = run_refused(capsys, tmp_path, argv, flag)
+        assert "write it elsewhere" in line, line
+    att = tmp_path / "att.json"
+    assert main([str(a) for a in [*_verify(meta, hf), "--metadata-only", "--no-tokenizer", "--json", att]]) == 0
+    capsys.readouterr()
+    run_refused(capsys, tmp_path, ["verify", "--hf-dir", hf, "--attestation", att, "--json", att], "--attestation")
