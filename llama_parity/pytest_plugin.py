@@ -16,6 +16,8 @@ to a temporary folder (Hypothesis keeps no example database: parity_tests/confte
 
 from __future__ import annotations
 
+import shutil
+
 from pathlib import Path
 
 import pytest
@@ -162,12 +164,29 @@ def devices() -> list:
 
 
 class TinyCheckpoints:
-    """Lazily builds and converts tiny checkpoints; each (variant, shards) once per session."""
+    """Lazily builds and converts tiny checkpoints; each (variant, shards) once per run.
+
+    Under pytest-xdist the workers share one folder (beside their own temporary folders): the first
+    worker to need a checkpoint builds it under a lock and marks it complete, the others read it (each
+    worker built all it used again: 25 of the suite's checkpoints twice, 10-17 s of CPU). Tests copy a
+    checkpoint before changing it, as they always had to: another test of the same worker reads it next."""
 
     def __init__(self, root: Path):
         self.root = root
         self._meta: dict[tuple[str, int | None], Path] = {}
         self._hf: dict[tuple[str, int | None], Path] = {}
+
+    def _once(self, name: str, build) -> None:
+        """Run build() unless a worker of this run completed it already (the marker file says so)."""
+        from filelock import FileLock  # torch's own dependency
+
+        done = self.root / f"{name}.complete"
+        if done.exists():
+            return
+        with FileLock(str(self.root / f"{name}.lock")):
+            if not done.exists():
+                build()
+                done.touch()
 
     def meta(self, variant_id: str, num_shards: int | None = None) -> Path:
         from llama_parity import releases as variants
@@ -176,8 +195,15 @@ class TinyCheckpoints:
         key = (variant_id, num_shards)
         if key not in self._meta:
             spec = variants.get(variant_id)
-            self._meta[key] = make_tiny_checkpoint(spec, self.root / f"{variant_id}-mp{num_shards or spec.num_shards}",
-                                                   num_shards=num_shards)
+            root = self.root / f"{variant_id}-mp{num_shards or spec.num_shards}"
+            folder = root / spec.meta_dir_name
+
+            def build():
+                shutil.rmtree(root, ignore_errors=True)  # a worker's half-built folder (it was stopped)
+                assert make_tiny_checkpoint(spec, root, num_shards=num_shards) == folder
+
+            self._once(root.name, build)
+            self._meta[key] = folder
         return self._meta[key]
 
     def hf(self, variant_id: str, num_shards: int | None = None) -> Path:
@@ -187,13 +213,20 @@ class TinyCheckpoints:
         if key not in self._hf:
             meta = self.meta(variant_id, num_shards)
             out = meta.parent / "hf"
-            convert_meta_to_hf(meta, out, ConvertOptions(progress=False))
+            self._once(f"{meta.parent.name}-hf", lambda: convert_meta_to_hf(meta, out, ConvertOptions(
+                progress=False, overwrite=True)))
             self._hf[key] = out
         return self._hf[key]
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> TinyCheckpoints:
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # shared by the workers (TinyCheckpoints says why)
+        root = tmp_path_factory.getbasetemp().parent / "tiny"
+        root.mkdir(exist_ok=True)
+        return TinyCheckpoints(root)
     return TinyCheckpoints(tmp_path_factory.mktemp("tiny"))
 
 

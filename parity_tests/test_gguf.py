@@ -204,6 +204,17 @@ def test_gguf_mutation_fails_named_check(ggufs, tmp_path, mutation):
     assert any(n.startswith(check) for n in failed), (mutation, failed, rep.render())
 
 
+def test_unedited_rewrite_is_byte_identical(ggufs, tmp_path):
+    """Bug class: the mutants' writer (gguf_judge.mutate.write_gguf) changing bytes besides its edit (a
+    tensor's offset, padding or alignment, a value re-encoded), so that a mutant fails for another reason
+    than the one its test names: rewritten without edits, an f16 and a q8_0 file of llama.cpp's come back
+    byte for byte."""
+    for case, outtype in (("llama1", "f16"), ("llama2-13b-mp2", "q8_0")):
+        src = ggufs[case][1][outtype]
+        out = write_gguf(read_gguf(src), tmp_path / f"{case}.gguf")
+        assert out.read_bytes() == src.read_bytes(), (case, outtype)
+
+
 def test_spm_conversion_ships_tokenizer_model(ggufs):
     """Bug class: our Llama 2 folder without tokenizer.model, so llama.cpp scores every piece -1000 and
     splits ordinary words unlike Meta (the shipped file is Meta's, byte for byte)."""

@@ -82,3 +82,25 @@ def test_other_projects_runs_load_no_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pytest", *plugin, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                            "test_theirs.py"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_tiny_checkpoints_are_built_once_per_run(tmp_path, monkeypatch):
+    """Bug class: the pytest-xdist workers sharing tiny checkpoints (pytest_plugin.TinyCheckpoints) and one
+    of them reading a checkpoint another is still writing, or building each again; and a build that a
+    stopped worker left half-done taken as complete. Two instances on one folder stand for two workers."""
+    from llama_parity.fixtures import factory
+    from llama_parity.pytest_plugin import TinyCheckpoints
+
+    built = []
+    real = factory.make_tiny_checkpoint
+    monkeypatch.setattr(factory, "make_tiny_checkpoint", lambda *a, **k: built.append(a[1]) or real(*a, **k))
+    first, second = TinyCheckpoints(tmp_path), TinyCheckpoints(tmp_path)
+    meta, hf = first.meta("llama3.2-1b"), first.hf("llama3.2-1b")
+    assert (second.meta("llama3.2-1b"), second.hf("llama3.2-1b")) == (meta, hf)
+    assert len(built) == 1 and (hf / "config.json").is_file()
+    # a worker stopped while it built: files but no marker; the next one builds it again, whole
+    (tmp_path / "llama3.1-8b-mp1").mkdir()
+    (tmp_path / "llama3.1-8b-mp1" / "partial").write_text("")
+    meta = TinyCheckpoints(tmp_path).meta("llama3.1-8b")
+    assert len(built) == 2 and not (tmp_path / "llama3.1-8b-mp1" / "partial").exists()
+    assert (meta / "params.json").is_file()

@@ -45,16 +45,19 @@ def write_gguf(gf: GGUFFile, path: str | Path, *, fields: dict | None = None, dr
     for name, t in gf.tensors.items():
         if name in drop_tensors:
             continue
-        data = np.ascontiguousarray((tensors or {}).get(name, t.data)).tobytes()
+        # written as they are (an unchanged tensor straight from the file's mapping): a copy of a
+        # 128k-row matrix per mutant cost more than the judge's run on it
+        data = np.ascontiguousarray((tensors or {}).get(name, t.data)).reshape(-1).view(np.uint8)
         dims = list(reversed(t.shape))
         head += _string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
         head += struct.pack("<IQ", int(t.qtype), offset)
-        pad = -len(data) % align
-        datas.append(data + b"\0" * pad)
-        offset += len(data) + pad
+        pad = -data.nbytes % align
+        datas.append((data, pad))
+        offset += data.nbytes + pad
     head += b"\0" * (-len(head) % align)
     with open(path, "wb") as f:
         f.write(head)
-        for d in datas:
-            f.write(d)
+        for data, pad in datas:
+            f.write(data.data)
+            f.write(b"\0" * pad)
     return path
