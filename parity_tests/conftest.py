@@ -18,8 +18,14 @@ from llama_parity.pytest_plugin import devices
 # process may use and let idle ones sleep, before the test modules import torch.
 # Under pytest-xdist (pyproject's addopts run the suite on one worker per core) the cores are split
 # between the workers, so that two workers never run four threads on two cores.
+# The controller's own default (it runs no tests) is what the workers inherit, so a worker sets its
+# share itself; a count the user set stays theirs. (Workers took the controller's whole-machine default
+# until Dec 2026: two threads each on two cores.)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_budget() // _WORKERS)))
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["_LLAMA_PARITY_OMP_DEFAULT"] = "1"
+if os.environ.get("_LLAMA_PARITY_OMP_DEFAULT"):
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cpu_budget() // _WORKERS))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Bytecode compiled once per run. Where PYTHONDONTWRITEBYTECODE is set (this project's CI machines set
