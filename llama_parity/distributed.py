@@ -179,7 +179,7 @@ def _answer_signals(r: Rank) -> None:
     forwards it. Under a launcher that answers signals itself (AGENT_SPEAKS_ENV) it speaks instead."""
     import signal
 
-    from .cli import Interrupted
+    from .cli import _FIRED, Interrupted
 
     ours = [getattr(signal, n) for n in _SIGNALS if hasattr(signal, n)]
 
@@ -191,6 +191,8 @@ def _answer_signals(r: Rank) -> None:
             os.write(2, f"llama-parity: interrupted by {signal.Signals(signum).name}; nothing was left "
                         "half-written, inputs untouched\n".encode())
         os._exit(128 + signum)
+    if _FIRED:  # the signal came before these handlers, while this rank still imported torch, and an
+        handler(_FIRED[0], None)  # import swallowed main's Interrupted: the run was stopped all the same
     for sig in ours:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, handler)

@@ -475,3 +475,38 @@ def test_signal_turned_into_another_error_by_an_import(tmp_path):
     assert p.returncode == 130, p.stderr
     assert p.stderr.strip().splitlines() == ["llama-parity: interrupted by SIGINT; nothing was left half-written, "
                                              "inputs untouched"], p.stderr
+
+
+_SWALLOWED_AT_RANK_START = """
+import os, signal, sys
+from llama_parity import cli, distributed
+real = distributed.Rank.from_env.__func__
+def starting(cls, device):
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the rank still imports torch ...
+    except KeyboardInterrupt:
+        pass  # ... and an import's catch-all swallowed main's Interrupted
+    return real(cls, device)
+distributed.Rank.from_env = classmethod(starting)
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_signal_swallowed_while_a_rank_starts_still_stops_it(folders, tmp_path):
+    """Bug class: a torchrun rank whose Ctrl-C came while it still imported torch, before its own
+    handlers, and was swallowed by that import (main's handler had recorded it): the rank went on, its
+    verify met the half-imported modules and rank 0 said "ModuleNotFoundError: Could not import module
+    'modeling_llama'" (met in the suite) instead of ending as the signal it was. The child is a rank
+    of a one-rank run: it must end with 130 and the one line, no report, no model run."""
+    from llama_parity.parity_tests.forked import Forked
+
+    report = tmp_path / "out" / "r.json"
+    child = Forked(_SWALLOWED_AT_RANK_START, ["verify", "--meta-dir", str(folders["meta"]), "--hf-dir",
+                                              str(folders["as-stored"]), "--no-tokenizer", "--json", str(report)])
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130, (out, err)
+    assert err.strip().splitlines() == ["llama-parity: interrupted by SIGINT; nothing was left half-written, "
+                                        "inputs untouched"], err
+    assert not report.exists()
+
