@@ -200,7 +200,8 @@ class TinyCheckpoints:
 
             def build():
                 shutil.rmtree(root, ignore_errors=True)  # a worker's half-built folder (it was stopped)
-                assert make_tiny_checkpoint(spec, root, num_shards=num_shards) == folder
+                if make_tiny_checkpoint(spec, root, num_shards=num_shards) != folder:
+                    raise RuntimeError(f"tiny checkpoint of {variant_id} not at {folder}")
 
             self._once(root.name, build)
             self._meta[key] = folder
@@ -219,15 +220,20 @@ class TinyCheckpoints:
         return self._hf[key]
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> TinyCheckpoints:
+def run_folder(tmp_path_factory) -> Path:
+    """This run's temporary folder, shared by its pytest-xdist workers (the parent of each worker's own,
+    which pytest removes as it removes theirs): what every worker would otherwise build again."""
     import os
 
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # shared by the workers (TinyCheckpoints says why)
-        root = tmp_path_factory.getbasetemp().parent / "tiny"
-        root.mkdir(exist_ok=True)
-        return TinyCheckpoints(root)
-    return TinyCheckpoints(tmp_path_factory.mktemp("tiny"))
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> TinyCheckpoints:
+    root = run_folder(tmp_path_factory) / "tiny"  # shared by the workers (TinyCheckpoints says why)
+    root.mkdir(exist_ok=True)
+    return TinyCheckpoints(root)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llama_parity.machine import cpu_budget
-from llama_parity.pytest_plugin import devices
+from llama_parity.pytest_plugin import devices, run_folder
 
 # torch (OpenMP) otherwise starts a thread per core it sees, and its idle threads spin: on a busy
 # machine that quadrupled the suite's CPU time (3 model-parity modules beside other work: 177 s wall,
@@ -142,8 +142,6 @@ def tok_cases(tmp_path_factory):
 
     from llama_parity.fixtures.tokenizers import tokenizer_cases
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
+    root = run_folder(tmp_path_factory)
     with FileLock(str(root / "tokenizers.lock")):
         return tokenizer_cases(root / "tokenizers")

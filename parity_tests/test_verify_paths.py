@@ -509,4 +509,3 @@ def test_signal_swallowed_while_a_rank_starts_still_stops_it(folders, tmp_path):
     assert err.strip().splitlines() == ["llama-parity: interrupted by SIGINT; nothing was left half-written, "
                                         "inputs untouched"], err
     assert not report.exists()
-
