@@ -15,6 +15,7 @@ import torch
 from .formats.safetensors import SafetensorsReader
 from .memory import ReadBuffers
 from .parity import Check
+from . import shared_products
 from .shared_products import piece_rows, product
 
 # fp32 bytes of weight rows widened per product into one reused buffer. 16 MB (1024 rows of a 4096-wide
@@ -28,7 +29,7 @@ def widened_linear(x: torch.Tensor, w: torch.Tensor, buffers: dict, piece_bytes:
     """x @ w^T with w widened (or narrowed) to x's dtype a few rows at a time into one reused buffer:
     a whole fp32 copy of each weight, freshly allocated, costs more than the product itself (page
     faults and memory traffic; the reference does the same, reference_model/model.py _Converted)."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+    if x.dtype == torch.bfloat16 and not shared_products.native_bf16(x):
         # A bf16 product as bf16 matrix units compute it (bf16 values, fp32 sums, the result rounded to
         # bf16), in fp32: CPUs without bf16 units run torch's bf16 kernels at half the fp32 rate.
         return _widened(x.float(), w, buffers, piece_bytes, through=torch.bfloat16).to(torch.bfloat16)
@@ -47,8 +48,9 @@ def _widened(x: torch.Tensor, w: torch.Tensor, buffers: dict, piece_bytes: int,
     outs = []
     for a in range(0, w.shape[0], step):
         piece = w[a:a + step] if through is None else w[a:a + step].to(through)
-        buf = buffers[key][:piece.numel()].view(piece.shape).copy_(piece)
-        outs.append(torch.nn.functional.linear(x, buf))
+        if piece.dtype != x.dtype:
+            piece = buffers[key][:piece.numel()].view(piece.shape).copy_(piece)
+        outs.append(torch.nn.functional.linear(x, piece))
     return torch.cat(outs, dim=-1)
 
 
@@ -75,8 +77,8 @@ def mixed_widened(xs: list[torch.Tensor], w: torch.Tensor, buffers: dict,
                   piece_bytes: int = PIECE_BYTES) -> list[torch.Tensor] | None:
     """Each x @ w^T in x's dtype, fp32 and bf16 inputs (the latter's products are fp32 sums of bf16
     values, widened_linear) through one widening and one product, when w is stored bf16 (else None)."""
-    if w.dtype != torch.bfloat16 or w.device.type != "cpu":
-        return None
+    if w.dtype != torch.bfloat16 or w.device.type != "cpu" or shared_products.NATIVE_BF16:
+        return None  # (with bf16 units the bf16 stream's product is a bf16 kernel's: its own)
     out = _widened(torch.cat([x.float() for x in xs], dim=-2), w, buffers, piece_bytes)
     return [o.to(x.dtype) for o, x in zip(out.split([x.shape[-2] for x in xs], dim=-2), xs)]
 

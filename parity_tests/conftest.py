@@ -145,3 +145,14 @@ def tok_cases(tmp_path_factory):
     root = run_folder(tmp_path_factory)
     with FileLock(str(root / "tokenizers.lock")):
         return tokenizer_cases(root / "tokenizers")
+
+
+@pytest.fixture(params=[False, True], ids=["bf16-in-fp32", "bf16-kernels"])
+def native_bf16(request, monkeypatch):
+    """Both ways a CPU computes the bf16 stream's products (shared_products.NATIVE_BF16): the same
+    sums in fp32 (no bf16 units) and torch's bf16 kernels (bf16 units: AVX512-BF16, AMX). Where the
+    CPU has no bf16 units the kernels are emulated, slowly but with the same values."""
+    from llama_parity import shared_products
+
+    monkeypatch.setattr(shared_products, "NATIVE_BF16", request.param)
+    return request.param

@@ -136,11 +136,12 @@ def test_a_failing_pass_fails_the_group_without_hanging():
 
 
 @pytest.mark.parametrize("stored", ["bfloat16", "float32"])
-def test_bf16_products_round_like_bf16_kernels(stored):
-    """Bug class: the bf16 stream's products (computed in fp32 on CPUs, streamed verify) not being bf16
-    products: weights stored in fp32 used unrounded, or the result left in fp32 precision. Each output
-    must equal torch's own bf16 kernel to within one bf16 rounding, on both sides (reference piecewise
-    product and the HF layer's), and the weights must be the bf16-rounded ones."""
+def test_bf16_products_round_like_bf16_kernels(stored, native_bf16):
+    """Bug class: the bf16 stream's products (computed in fp32 on CPUs without bf16 units, torch's
+    bf16 kernels on the others, streamed verify) not being bf16 products: weights stored in fp32 used
+    unrounded, or the result left in fp32 precision. Each output must equal torch's own bf16 kernel
+    to within one bf16 rounding, on both sides (reference piecewise product and the HF layer's), and
+    the weights must be the bf16-rounded ones."""
     import torch.nn.functional as F
 
     from llama_parity.hf_layers import widened_linear
@@ -167,6 +168,8 @@ def test_bf16_products_round_like_bf16_kernels(stored):
     ref = conv.linear(x, "w")
     assert ref.dtype == torch.bfloat16 and bool(((ref.float() - kernel).abs() <= ulp).all())
     torch.testing.assert_close(ref, hf, rtol=0, atol=0)
+    if native_bf16 and stored == "bfloat16":  # the kernel itself, on the weight as stored
+        assert torch.equal(hf.float(), kernel) and torch.equal(ref.float(), kernel)
 
 
 class _MixedLinear:
@@ -209,11 +212,11 @@ def test_fp32_and_bf16_passes_share_one_product_each_in_its_dtype(can_mix):
         assert sorted(map(str, lin.calls)) == ["torch.bfloat16", "torch.float32"]
 
 
-def test_the_streams_bf16_products_through_the_shared_widening_equal_their_own():
+def test_the_streams_bf16_products_through_the_shared_widening_equal_their_own(native_bf16):
     """Bug class: the reference's shared product (_Converted._mixed: the fp32 streams and the bf16
-    one through one widening of a bf16-stored weight) computing another product than each side's
-    own path: the bf16 stream's must stay fp32 sums of bf16 values rounded to bf16, the fp32
-    streams' the fp32 product, whatever rows ride along."""
+    one through one widening of a bf16-stored weight; with bf16 kernels, one product per dtype)
+    computing another product than each side's own path: the bf16 stream's must stay fp32 sums of
+    bf16 values rounded to bf16, the fp32 streams' the fp32 product, whatever rows ride along."""
     ref = _tiny_reference()
     ref16_sd = {k: v.to(torch.bfloat16) for k, v in ref.w[0].items()}
     from llama_parity.reference_model.model import _Converted

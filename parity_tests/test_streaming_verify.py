@@ -115,12 +115,13 @@ def bf16_pair(tmp_path_factory):
     return meta, root / "hf"
 
 
-def test_streamed_bf16_weights_widened_in_pieces_measure_what_full_measures(bf16_pair):
+def test_streamed_bf16_weights_widened_in_pieces_measure_what_full_measures(bf16_pair, native_bf16):
     """Bug class: the bf16-stored path computing something else than the whole-model pass: weights are
     held as stored and widened to fp32 a few rows at a time (reference and HF side), greedy passes and
     the output matrix read from the files piece by piece. Pieces of a few rows make every weight, the
     output matrix and every shard cross piece boundaries; a piece lost, repeated or misplaced moves
-    the logits far beyond a tenth of the fp32 bound."""
+    the logits far beyond a tenth of the fp32 bound. Both ways of computing the bf16 stream's
+    products (native_bf16: in fp32, or torch's bf16 kernels on CPUs with bf16 units)."""
     meta, hf = bf16_pair
     full = {c.name: c for c in parity.run_model_checks(meta, hf, rope_scaling=parity.expected_rope_scaling(meta))}
     streamed = _streamed(meta, hf, piece_bytes=4 * 4 * 128)  # 4 rows of the 128-wide inputs, 1 of the FFN's

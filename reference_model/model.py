@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from llama_parity.formats.pth import PthReader, load_state_dict
 from llama_parity.memory import ReadBuffers
+from llama_parity import shared_products
 from llama_parity.shared_products import piece_rows, product
 
 
@@ -462,13 +463,14 @@ class _Converted:
         one widening of the weight and one product, when both widen it to the same values: stored
         bf16 and not rounded to another dtype (else None: one product per dtype)."""
         if self.dtype != torch.float32 or self.raw.dtype(key) != torch.bfloat16 \
-                or self.round_to not in (None, torch.bfloat16, torch.float32) or self.device.type != "cpu":
+                or self.round_to not in (None, torch.bfloat16, torch.float32) or self.device.type != "cpu" \
+                or shared_products.NATIVE_BF16:  # with bf16 units the bf16 stream's product is a bf16 kernel's
             return None
         out = self._wide(torch.cat([x.float() for x in xs], dim=-2), key, torch.float32)
         return [o.to(x.dtype) for o, x in zip(out.split([x.shape[-2] for x in xs], dim=-2), xs)]
 
     def _linear(self, x: torch.Tensor, key: str) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        if x.dtype == torch.bfloat16 and not shared_products.native_bf16(x):
             # A bf16 product as bf16 matrix units compute it (bf16 values, fp32 sums, the result rounded
             # to bf16), in fp32: CPUs without bf16 units run torch's bf16 kernels at half the fp32 rate.
             return self._wide(x.float(), key, torch.float32, through=torch.bfloat16).to(torch.bfloat16)
