@@ -124,7 +124,17 @@ def reference_greedy(ref: Transformer, stream: Stream, first_logits: torch.Tenso
     relay = relay or Relay(ref.args.n_layers)
     out, pos = [relay.decide(lambda: int(first_logits[-1].argmax()))], len(stream.tokens)
     steps = range(n_new - 1)
-    for _ in (progress(steps, "greedy passes over the Meta weights", len(steps), "token") if progress else steps):
+    ref.map_reads(True)  # the output matrix too: from the page cache, as the layers
+    try:
+        _greedy_passes(ref, stream, out, pos, relay, progress(steps, "greedy passes over the Meta weights", len(steps),
+                                                              "token") if progress else steps)
+    finally:
+        ref.map_reads(False)
+    return out
+
+
+def _greedy_passes(ref: Transformer, stream: Stream, out: list[int], pos: int, relay: "Relay", steps) -> None:
+    for _ in steps:
         h, rot, mask = ref.begin(torch.tensor([[out[-1]]]), pos, cache=stream.cache)
         relay.before([h])
         # the next layer is mapped in a thread while this one computes: a one-token pass is as fast as
@@ -138,7 +148,6 @@ def reference_greedy(ref: Transformer, stream: Stream, first_logits: torch.Tenso
         relay.after([h])
         out.append(relay.decide(lambda: int(ref.head(h)[0, -1].argmax())))
         pos += 1
-    return out
 
 
 # --- the HF side ------------------------------------------------------------------------------------

@@ -231,7 +231,8 @@ def test_pth_mapped_views_equal_torch_load_and_are_unmapped(pth_file):
     wrong bytes: the map starts on a page boundary below the record (torch.save aligns records to 64
     bytes only), so a miscounted skip shifts every element; and a map left open after its last view
     (its pages would stay in RSS for the whole run): every tensor, views sharing one storage included,
-    equals torch.load's, and the file leaves /proc/self/maps once the views are gone."""
+    equals torch.load's, and the file leaves /proc/self/maps once the views are gone; the same for maps
+    of some rows (a row range's offset miscounted shifts it)."""
     import gc
     from pathlib import Path
 
@@ -248,6 +249,15 @@ def test_pth_mapped_views_equal_torch_load_and_are_unmapped(pth_file):
         views = {k: reader.mapped(k) for k in want}
         for k, t in want.items():
             assert _same(views[k], t), k
+        # rows of a matrix (greedy decoding's output matrix, piece by piece): the same rows as `rows`
+        rows = {k: t for k, t in want.items() if t.dim() == 2 and t.shape[0] > 2}
+        assert rows
+        for k, t in rows.items():
+            for a, b in ((0, 1), (1, t.shape[0] - 1), (t.shape[0] - 1, t.shape[0]), (2, 2)):
+                views[k, a] = reader.mapped(k, a, b)
+                assert _same(views[k, a], t[a:b]) and _same(views[k, a], reader.rows(k, a, b)), (k, a, b)
+            with pytest.raises(ValueError, match="bad range"):
+                reader.mapped(k, 1, t.shape[0] + 1)
         if maps.exists():
             assert mapped() > before
             del views

@@ -32,6 +32,10 @@ from llama_parity.shared_products import piece_rows, product
 # fp32 bytes of weight rows widened per product when reading lazily (see _Converted; 16 MB: 4 MB pieces ran
 # the products up to 1.9x slower on an AVX-512 Xeon, measured in llama_parity/hf_layers.py's PIECE_BYTES)
 PIECE_BYTES = 16 << 20
+# One-row products (greedy decoding's passes) stream the weight through memory once: a piece small
+# enough to stay in the CPU's cache between its widening and its product ran a pass 12-17% faster
+# (2-core EPYC: 1B shape 0.345 s against 0.414 s, 8B shape 2.15-2.30 s against 2.46-2.61 s).
+ONE_ROW_PIECE_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -393,6 +397,14 @@ class Transformer:
         for mine, theirs in zip(self.w, fp32.w):
             mine.shares = theirs
 
+    def map_reads(self, on: bool) -> None:
+        """Weights not held (the output matrix) read as views of the files' pages instead of copied
+        (PthReader.mapped): for passes over shards in the page cache, greedy decoding's. On the 1B
+        shape a one-token output projection took 0.065 s mapped against 0.118 s read."""
+        for sd in self.w:
+            if isinstance(sd, _Converted):  # (a model held in memory reads nothing)
+                sd.map_reads = on
+
     def release_layer(self) -> None:
         for sd in self.w:
             sd.held = {}
@@ -444,6 +456,7 @@ class _Converted:
         self.held: dict[str, torch.Tensor] = {}
         self._bufs: dict[str, torch.Tensor] = {}
         self.shares: _Converted | None = None  # the fp32 view of the same shard whose products this one joins
+        self.map_reads = False  # weights not held are mapped (PthReader.mapped) rather than copied
 
     def __getitem__(self, key: str) -> torch.Tensor:
         t = self.held.get(key)
@@ -481,12 +494,15 @@ class _Converted:
         if w is not None and w.dtype == dtype and self.round_to in (None, dtype) and through in (None, dtype):
             return F.linear(x, w)
         n_out, n_in = w.shape if w is not None else self.raw.shape(key)
-        step = piece_rows(n_in, self.piece_bytes)
+        one_row = x.numel() == x.shape[-1]
+        step = piece_rows(n_in, min(self.piece_bytes, ONE_ROW_PIECE_BYTES) if one_row else self.piece_bytes)
         outs = []
         for a in range(0, n_out, step):
             b = min(a + step, n_out)
             if w is not None:
                 piece = w[a:b]
+            elif self.map_reads:  # from the page cache, no copy (greedy decoding's output matrix)
+                piece = self.raw.mapped(key, a, b).to(self.device)
             else:
                 read = self._buffer("read", b - a, n_in, self.raw.dtype(key), torch.device("cpu"))
                 piece = self.raw.rows(key, a, b, out=read).to(self.device)

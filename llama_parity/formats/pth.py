@@ -283,27 +283,37 @@ class PthReader:
             drop_cache(fd, offset, out.numel() * out.element_size())
         return out
 
-    def mapped(self, key: str) -> torch.Tensor:
-        """The whole tensor as a view of the file's pages, for bytes read again and again from the page
-        cache (greedy decoding reads every layer once per new token): a private map of this tensor's
-        bytes alone, its page tables filled at once (MADV_POPULATE_READ; from the disk when the pages
-        are not cached), nothing copied. pread copied the 8B shape's layers from the page cache at
-        5.7 GB/s; this maps them at 108 GB/s. The pages count in RSS only while a view lives: the map
-        is closed with the tensor's last view. `read` where the tensor cannot be placed or mapped."""
+    def mapped(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The tensor (rows [start, stop) along dim 0 when given) as a view of the file's pages, for
+        bytes read again and again from the page cache (greedy decoding reads every layer and the
+        output matrix once per new token): a private map of these bytes alone, its page tables filled
+        at once (MADV_POPULATE_READ; from the disk when the pages are not cached), nothing copied.
+        pread copied the 8B shape's layers from the page cache at 5.7 GB/s; this maps them at
+        108 GB/s. The pages count in RSS only while a view lives: the map is closed with the last
+        view. `read`/`rows` where the tensor cannot be placed or mapped."""
         t, raw = self.tensors[key], self.raw.get(key)
-        n = nbytes(t.shape, t.element_size())
+        if start is not None or stop is not None:
+            start, stop = start or 0, t.shape[0] if stop is None else stop
+            if raw is None or t.dim() == 0 or not 0 <= start <= stop <= t.shape[0]:
+                return self.rows(key, start, stop)  # which refuses a bad range
+            shape = (stop - start, *t.shape[1:])
+            offset = raw.offset + start * raw.row_bytes
+        else:
+            shape, offset = tuple(t.shape), raw.offset if raw is not None else 0
+        n = nbytes(shape, t.element_size())
         fd = self._open()
         # A file cut short since it was indexed (a copy still running over it) is left to `read`, which
         # says "truncated" in one line: mmap refuses a map past the end (a ValueError traceback), and a
         # mapped page cut off later would kill the process (SIGBUS).
+        fallback = (lambda: self.read(key)) if start is None else (lambda: self.rows(key, start, stop))
         if raw is None or raw.shape != tuple(t.shape) or raw.dtype != t.dtype or not n \
-                or not hasattr(mmap, "MAP_PRIVATE") or raw.offset + n > os.fstat(fd).st_size:
-            return self.read(key)
-        start = raw.offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+                or not hasattr(mmap, "MAP_PRIVATE") or offset + n > os.fstat(fd).st_size:
+            return fallback()
+        page = offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
         # writable and private: torch views it without a read-only warning; a write would copy the page
         # (never reaching the file), and nothing here writes
-        m = mmap.mmap(fd, raw.offset - start + n, flags=mmap.MAP_PRIVATE,
-                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        m = mmap.mmap(fd, offset - page + n, flags=mmap.MAP_PRIVATE,
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=page)
         try:
             m.madvise(getattr(mmap, "MADV_POPULATE_READ", 22))
         except ValueError:  # no such advice here: the pages are faulted in as they are used
@@ -311,8 +321,8 @@ class PthReader:
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.ENOSYS):  # EINVAL: kernels before 5.14, same as above
                 m.close()  # EFAULT/EIO: pages that cannot be read (cut short meanwhile, a disk error)
-                return self.read(key)  # which names the file and what went wrong, in one line
-        return torch.frombuffer(m, dtype=torch.uint8, count=n, offset=raw.offset - start).view(t.dtype).view(t.shape)
+                return fallback()  # which names the file and what went wrong, in one line
+        return torch.frombuffer(m, dtype=torch.uint8, count=n, offset=offset - page).view(t.dtype).view(shape)
 
     def same_bytes(self, key_a: str, key_b: str, chunk_bytes: int = 64 << 20) -> bool:
         """Whether two tensors hold identical bytes (a tied output), compared in row chunks: torch.equal
