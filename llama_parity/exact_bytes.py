@@ -22,6 +22,7 @@ How, in one read of each side at disk speed and bounded memory:
   block by block (same plan, same `assemble`) to name the first differing element (flat and
   multi-index), both values and bit patterns, and the count of differing elements.
 The digests are also the attestation (attestation.py): what a later copy or upload is checked against.
+In a streamed verify the Meta side runs beside the model checks (`MetaAhead`), the HF side after them.
 """
 
 from __future__ import annotations
@@ -108,14 +109,14 @@ class HashedFile:
     reads came out of order (shards storing tensors in different orders, overlapping tensors) is
     hashed by one more sequential pass at the end."""
 
-    def __init__(self, path: Path, hashing: bool = True):
+    def __init__(self, path: Path, hashing: bool = True, direct: bool = True):
         self.path = Path(path)
         self.fd = open_for_reading(self.path, sequential=True)
         self.size = os.fstat(self.fd).st_size
         self.sha = hashlib.sha256() if hashing else None
         self.pos, self.in_order, self.bytes_read = 0, True, 0
         self.direct = None
-        if DIRECT and hashing and self.size >= DIRECT_MIN_BYTES and not _cached(self.fd, self.size):
+        if DIRECT and direct and hashing and self.size >= DIRECT_MIN_BYTES and not _cached(self.fd, self.size):
             try:
                 self.direct = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
             except OSError:  # tmpfs and others refuse O_DIRECT: plain reads
@@ -227,7 +228,7 @@ class MetaShard:
     tensors: dict  # key -> (offset, dtype, shape)
 
     @classmethod
-    def open(cls, path: Path, hashing: bool) -> "MetaShard":
+    def open(cls, path: Path, hashing: bool, direct: bool = True) -> "MetaShard":
         from .formats.errors import FormatError
         from .formats.pth import index_pth
 
@@ -235,7 +236,7 @@ class MetaShard:
         if raw is None:
             raise FormatError(f"{path}: not a plain torch.save zip of contiguous tensors (as Meta's shards are): "
                               "its bytes cannot be compared in place")
-        return cls(Path(path), HashedFile(path, hashing), {k: (r.offset, r.dtype, r.shape) for k, r in raw.items()})
+        return cls(Path(path), HashedFile(path, hashing, direct), {k: (r.offset, r.dtype, r.shape) for k, r in raw.items()})
 
 
 @dataclass
@@ -465,6 +466,7 @@ class Folder:
     blocks: list[Block]
     work: object  # (Block, list[torch.Tensor]) -> None
     advance: object = None  # (bytes read) -> None: the progress bar
+    ahead: int = AHEAD  # slots beyond one block's
 
     @property
     def nbytes(self) -> int:
@@ -474,7 +476,7 @@ class Folder:
         """Reader, file hasher and tensor worker: three functions for three threads."""
         size = max((p.nbytes for b in self.blocks for p in b.pieces), default=1)
         pool: queue.Queue = queue.Queue()
-        for _ in range(max((len(b.pieces) for b in self.blocks), default=1) + AHEAD):
+        for _ in range(max((len(b.pieces) for b in self.blocks), default=1) + self.ahead):
             pool.put(_aligned(size + 2 * _PAGE))
         to_hash: queue.Queue = queue.Queue()
         to_work: queue.Queue = queue.Queue()
@@ -541,10 +543,10 @@ def _take(pool: queue.Queue, stop: threading.Event) -> torch.Tensor | None:
     return None
 
 
-def _run(folders: list[Folder]) -> None:
+def _run(folders: list[Folder], stop: threading.Event | None = None) -> None:
     """Every folder's jobs, each in its own thread, all at once; the first exception is raised here
-    after every thread has stopped."""
-    stop, errors = threading.Event(), []
+    after every thread has stopped (`stop`, set from elsewhere, ends them early)."""
+    stop, errors = stop or threading.Event(), []
 
     def guard(job) -> None:
         try:
@@ -683,25 +685,61 @@ def file_sha256(path: Path) -> str:
     return sha.hexdigest()
 
 
-def check_exact_bytes(meta_dir: Path, hf_dir: Path, meta, hf) -> BytesResult:
-    """Every HF tensor against Meta's shards, bit for bit (metadata.MetaSide / HFSide give the
-    layout and the stored dtypes; run only when the shapes agree). Both folders are read once, at
-    the same time (Folder: three threads each)."""
-    from llama_parity.releases import find_tokenizer
+class MetaAhead:
+    """The byte check's Meta side run while the models are checked (verify: a streamed run in one
+    process), so that only the HF side is left for the end. The model checks leave a core idle
+    while they wait on reads, imports and one-token greedy products; this fills it: the Meta side
+    is half of the check's hashing (the shards' digests and the digests of the tensors they imply).
+    Its reads go through the page cache, where the reference side reads the same shards (O_DIRECT
+    would read them from the disk twice), with one read slot ahead instead of AHEAD: 2 x 16 MB
+    beside the model checks' layers. `finish()` waits and raises what it raised; `cancel()` stops it."""
+
+    def __init__(self, meta_dir: Path, meta, hf):
+        self.t0 = time.perf_counter()
+        self.res = BytesResult()
+        self.shards, self.want, self.layout, self.side = _meta_side(Path(meta_dir), meta, hf, self.res, direct=False,
+                                                                    ahead=1)
+        self.stop, self.error, self.seconds, self.cancelled = threading.Event(), None, 0.0, False
+        self.thread = threading.Thread(target=self._run, name="bytes-meta-ahead", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            _run([self.side], self.stop)
+        except BaseException as e:  # noqa: BLE001 (raised by finish(), in the caller's thread)
+            self.error = e
+        finally:
+            self.seconds = time.perf_counter() - self.t0
+
+    def finish(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        if self.cancelled:
+            raise RuntimeError("the byte check's Meta side was cancelled")
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.stop.set()
+        self.thread.join()
+        for sh in self.shards:
+            sh.file.close()
+
+
+def _meta_side(meta_dir: Path, meta, hf, res: BytesResult, direct: bool = True,
+               ahead: int = AHEAD) -> tuple[list, dict, "Layout", Folder]:
+    """The shards opened, the HF tensors they imply (`want`: Meta key -> (HF name, stored dtype)), the
+    layout to rebuild them and the Meta folder's pass (results into `res`)."""
     from llama_parity.reference_model.model import find_shards
 
     from .metadata import hf_key
 
-    meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
-    t0 = time.perf_counter()
     p = meta.params
     layout = Layout(int(p["dim"]) // int(p["n_heads"]), meta.kv_replication, meta.embedding_split_dim() == 1)
     shards: list[MetaShard] = []
-    res, hf_res = BytesResult(), BytesResult()
-    sides: list[Folder] = []
     try:
         for s in find_shards(meta_dir):
-            shards.append(MetaShard.open(s, hashing=True))
+            shards.append(MetaShard.open(s, hashing=True, direct=direct))
         want = {}
         for key in shards[0].tensors:
             name = hf_key(key)
@@ -710,14 +748,47 @@ def check_exact_bytes(meta_dir: Path, hf_dir: Path, meta, hf) -> BytesResult:
             dtype = hf.tensors[name][1]
             if isinstance(dtype, torch.dtype):
                 want[key] = (name, dtype)
+        side = meta_folder(shards, layout, want, res)
+    except BaseException:
+        for sh in shards:
+            sh.file.close()
+        raise
+    side.ahead = ahead
+    return shards, want, layout, side
+
+
+def check_exact_bytes(meta_dir: Path, hf_dir: Path, meta, hf, ahead: MetaAhead | None = None) -> BytesResult:
+    """Every HF tensor against Meta's shards, bit for bit (metadata.MetaSide / HFSide give the
+    layout and the stored dtypes; run only when the shapes agree). Both folders are read once, at
+    the same time (Folder: three threads each); with `ahead`, the Meta side already runs (MetaAhead)
+    and the HF side is read now."""
+    from llama_parity.releases import find_tokenizer
+
+    meta_dir, hf_dir = Path(meta_dir), Path(hf_dir)
+    t0 = time.perf_counter()
+    hf_res = BytesResult()
+    sides: list[Folder] = []
+    shards: list[MetaShard] = []
+    try:
+        if ahead is None:
+            res = BytesResult()
+            shards, want, layout, meta_side = _meta_side(meta_dir, meta, hf, res)
+        else:
+            res, shards, want, layout, meta_side = ahead.res, ahead.shards, ahead.want, ahead.layout, ahead.side
         weight_files = sorted(p.name for p in _attested_files(hf_dir) if p.name.endswith(".safetensors"))
-        sides = [meta_folder(shards, layout, want, res), hf_folder(hf_dir, weight_files, hf_res, hf.files)]
-        with _progress(sum(side.nbytes for side in sides)) as bar:
-            for side in sides:
+        sides = [meta_side, hf_folder(hf_dir, weight_files, hf_res, hf.files)]
+        with _progress(sum(side.nbytes for side in sides[ahead is not None:])) as bar:
+            for side in sides[ahead is not None:]:
                 side.advance = bar.update
-            _run(sides)
+            _run(sides[ahead is not None:])
+        if ahead is not None:
+            ahead.finish()
         res.meta_files, res.hf_files = sides[0].digests(), sides[1].digests()
         res.bytes_read = sum(f.bytes_read for side in sides for f in side.files)
+    except BaseException:
+        if ahead is not None:
+            ahead.cancel()
+        raise
     finally:
         for s in shards:
             s.file.close()

@@ -267,6 +267,7 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, options: VerifyOptions | No
     # here imports it (a second thread's import of it would get its half-built module object)
     imported = _import_transformers_meanwhile() if opts.checks != "metadata" or opts.tokenizer else None
     report = VerifyReport(str(meta_dir), str(hf_dir), opts.device, scope=opts.checks, models_run=False)
+    ahead = None
     try:
         # One identification (release, twin, why) for every check below; an ambiguity is bad input.
         ident = identify_checkpoint(meta_dir, variant_id=opts.variant_id, instruct=opts.instruct,
@@ -288,7 +289,13 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, options: VerifyOptions | No
         report.notes.append("model checks not run: the HF folder's shapes or dims are not the Meta checkpoint's "
                             "(see the failed checks), so transformers would build another model")
     else:
-        _model_checks(report, meta_dir, hf_dir, rope, meta, hf, opts, model_checks)
+        ahead = _meta_bytes_ahead(meta_dir, hf_dir, meta, hf, opts, model_checks)
+        try:
+            _model_checks(report, meta_dir, hf_dir, rope, meta, hf, opts, model_checks)
+        except BaseException:
+            if ahead is not None:
+                ahead.cancel()
+            raise
     # The tokenizer is proven while the byte check reads: that one mostly waits on the disk, this
     # one is CPU work (seconds on a 128k vocabulary); its checks still follow the byte check's.
     tokenizer = VerifyReport(report.meta_dir, report.hf_dir, report.device)
@@ -296,7 +303,7 @@ def verify(meta_dir: str | Path, hf_dir: str | Path, options: VerifyOptions | No
                                     thread="llama-parity-tokenizer") \
         if opts.tokenizer and structure_ok(found) else None
     if structure_ok(found):
-        _exact_bytes(report, meta_dir, hf_dir, meta, hf)
+        _exact_bytes(report, meta_dir, hf_dir, meta, hf, ahead)
     if opts.tokenizer:
         tokenizer_done() if tokenizer_done else _tokenizer_check(tokenizer, meta_dir, hf_dir, ident)
         report.checks += tokenizer.checks
@@ -353,10 +360,25 @@ def _in_background(fn, *args, thread: str):
     return done
 
 
-def _exact_bytes(report: VerifyReport, meta_dir: Path, hf_dir: Path, meta, hf) -> None:
+def _meta_bytes_ahead(meta_dir: Path, hf_dir: Path, meta, hf, opts: VerifyOptions, model_checks):
+    """The byte check's Meta side started beside a streamed verify's model checks (exact_bytes.MetaAhead:
+    it fills the CPU they leave idle), or None: other modes hold whole models (memory), a distributed
+    run's rank 0 reads the folders after the model checks, and shards it cannot open are left to the
+    check itself, which names them."""
+    if model_checks is not None or opts.memory not in ("auto", "streaming"):  # (choose_memory_mode: auto streams)
+        return None
+    from .exact_bytes import MetaAhead
+
+    try:
+        return MetaAhead(meta_dir, meta, hf)
+    except Exception:  # noqa: BLE001 (check_exact_bytes opens them again and says why it cannot)
+        return None
+
+
+def _exact_bytes(report: VerifyReport, meta_dir: Path, hf_dir: Path, meta, hf, ahead=None) -> None:
     """Every weight byte against Meta's shards (exact_bytes.py), in every mode: no model needed. In a
     distributed run rank 0 alone reads the folders (after the model checks, so that no rank waits
-    on it in a collective)."""
+    on it in a collective). `ahead`: the Meta side, already running (MetaAhead)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
@@ -365,12 +387,14 @@ def _exact_bytes(report: VerifyReport, meta_dir: Path, hf_dir: Path, meta, hf) -
     from .exact_bytes import check_exact_bytes
 
     try:
-        res = check_exact_bytes(meta_dir, hf_dir, meta, hf)
+        res = check_exact_bytes(meta_dir, hf_dir, meta, hf, ahead)
     except (OSError, KeyError, ValueError) as e:
         raise InputError(f"cannot read the weights: {type(e).__name__}: {e}") from None
     report.checks += res.checks()
     report.attestation = build(res, meta)
-    report.notes.append(f"weights compared bit for bit: {res.bytes_read / 1e9:.2f} GB read in {res.seconds:.1f} s")
+    when = "" if ahead is None else f" (Meta's shards beside the model checks: {ahead.seconds:.1f} s)"
+    report.notes.append(f"weights compared bit for bit: {res.bytes_read / 1e9:.2f} GB read in {res.seconds:.1f} s"
+                        + when)
 
 
 def _model_checks(report: VerifyReport, meta_dir: Path, hf_dir: Path, rope, meta, hf, opts: VerifyOptions,

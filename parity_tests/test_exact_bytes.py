@@ -341,3 +341,76 @@ def test_fp32_checkpoint_to_bf16_with_fp32_norms(tiny, tmp_path, memory):
     broken = mutate_copy(tiny.hf(L31), tmp_path / "b", BY_NAME["kept_fp32_norm_off_by_one_ulp"])
     rep = verify(tiny.meta(L31), broken, tokenizer=False, bf16=False, memory=memory, checks="quick")
     assert {c.name for c in rep.checks if not c.ok} == {"weights: exact copies"}, rep.render()
+
+
+def _alive_byte_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("bytes-")]
+
+
+def test_the_meta_side_run_ahead_gives_the_same_digests_and_faults(tiny, tmp_path, monkeypatch):
+    """Bug class: the byte check split in two (a streamed verify reads Meta's shards beside the model
+    checks, exact_bytes.MetaAhead, and the HF folder after them) computing another result than the
+    check in one go: a digest missing or another, a fault lost or named differently. Small blocks,
+    so both halves cross many of them; one flipped element must be named the same way."""
+    from llama_parity.metadata import metadata_checks
+    from llama_parity.parity import expected_rope_scaling
+
+    monkeypatch.setattr(exact_bytes, "BLOCK_BYTES", 3000)
+    meta = tiny.meta(L31)
+    for hf in (tiny.hf(L31), mutate_copy(tiny.hf(L31), tmp_path / "b", BY_NAME["bit_flipped_in_down_proj"])):
+        _, m, h = metadata_checks(meta, hf, expected_rope_scaling(meta))
+        whole = exact_bytes.check_exact_bytes(meta, hf, m, h)
+        ahead = exact_bytes.MetaAhead(meta, m, h)
+        split = exact_bytes.check_exact_bytes(meta, hf, m, h, ahead)
+        for field in ("expected", "hf_tensors", "meta_files", "hf_files", "nonfinite", "replica_faults", "bytes_read",
+                      "compared_elements"):
+            assert getattr(split, field) == getattr(whole, field), field
+        assert [str(f) for f in split.faults] == [str(f) for f in whole.faults]
+        assert [c.ok for c in split.checks()] == [c.ok for c in whole.checks()]
+    assert len(whole.faults) == 1  # the flipped element, named by both
+    assert not _alive_byte_threads()
+
+
+def test_the_meta_side_run_ahead_stops_with_the_verify(tiny, monkeypatch):
+    """Bug class: the Meta side of the byte check, started beside a streamed verify's model checks,
+    left reading after verify failed or was interrupted (threads still hashing in a process that
+    reported), or its own read error lost: it is cancelled when the model checks raise, and an
+    error of its own is the byte check's usual one line at the end."""
+    from llama_parity import verify as verify_mod
+    from llama_parity.errors import InputError
+
+    meta, hf = tiny.meta(L31), tiny.hf(L31)
+    started = []
+    real_ahead = exact_bytes.MetaAhead
+
+    def recorded(*a, **k):
+        started.append(real_ahead(*a, **k))
+        return started[-1]
+    monkeypatch.setattr(exact_bytes, "MetaAhead", recorded)
+    monkeypatch.setattr(exact_bytes, "BLOCK_BYTES", 3000)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    real_checks = verify_mod._model_checks
+    monkeypatch.setattr(verify_mod, "_model_checks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        verify(meta, hf, tokenizer=False, memory="streaming", checks="quick")
+    assert len(started) == 1 and started[0].cancelled and not _alive_byte_threads()
+    monkeypatch.setattr(verify_mod, "_model_checks", real_checks)
+
+    real_read, calls = exact_bytes.HashedFile.read_piece, []
+
+    def failing(self, slot, piece):  # the Meta side's reads fail mid-file; the HF side's pass
+        if self.path.suffix == ".pth":
+            calls.append(piece)
+            if len(calls) == 5:
+                raise OSError(5, "Input/output error")
+        return real_read(self, slot, piece)
+    monkeypatch.setattr(exact_bytes.HashedFile, "read_piece", failing)
+    with pytest.raises(InputError, match="cannot read the weights: OSError"):
+        verify(meta, hf, tokenizer=False, memory="streaming", checks="quick")
+    assert len(started) == 2 and not _alive_byte_threads()
+    assert verify(meta, hf, tokenizer=False, memory="full", checks="quick").verdict == "PARITY OK"
+    assert len(started) == 2  # other modes hold whole models: the check runs after them, in one go
