@@ -40,7 +40,7 @@ from benchmarks.verify_bench import CASES, build, matmul_rate  # noqa: E402
 
 TIMES: dict[str, float] = collections.defaultdict(float)
 CALLS: dict[str, int] = collections.defaultdict(int)
-TOKENS: dict[str, int] = {}
+TOKENS: dict[str, dict] = {}  # phase -> {dtype: tokens}
 IN_GREEDY = False
 
 
@@ -67,9 +67,9 @@ def _group_key(calls) -> str:
     else:  # the reference's output projections of both dtypes
         return "reference: output projections (fp32 + bf16, run together)"
     dtypes = {c[0].args[1].dtype for c in calls}
-    tokens = sum(c[0].args[1].shape[1] for c in calls)
+    tokens = {d: sum(c[0].args[1].shape[1] for c in calls if c[0].args[1].dtype == d) for d in dtypes}
     kind = " + ".join(n for d, n in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")) if d in dtypes)
-    key = f"{side}: {kind} streams ({len(calls)} passes, {tokens} tokens)"
+    key = f"{side}: {kind} streams ({len(calls)} passes, {sum(tokens.values())} tokens)"
     TOKENS[key] = tokens
     return key
 
@@ -86,7 +86,7 @@ def install() -> None:
         if not IN_GREEDY:
             return real_layer(self, i, h, *a, **kw)
         key = "reference: greedy passes (1 token each)"
-        TOKENS[key] = 1
+        TOKENS[key] = {torch.float32: 1}
         return _timed(lambda *a, **k: key, real_layer)(self, i, h, *a, **kw)
     Transformer.layer = layer
     Transformer.head = _timed(lambda *a, **k: "reference: output projection" + (" (greedy)" if IN_GREEDY else ""),
@@ -174,11 +174,14 @@ def main(argv=None) -> None:
     for k, v in sorted(TIMES.items(), key=lambda kv: -kv[1]):
         floor = ""
         if k in TOKENS:
-            n = TOKENS[k]
-            # a bf16 product at the faster of the bf16 kernels and fp32 (what verify uses on CPUs)
-            best = max(rate(torch.float32, n), rate(torch.bfloat16, n) if "bf16" in k else 0.0)
-            flops = 2 * layer_params * n * CALLS[k]
-            floor = f"{flops / best:.1f} s ({best / 1e9:.0f} GFLOP/s at n={n})"
+            # each dtype's tokens at its own rate; a bf16 product at the faster of the bf16 kernels and
+            # fp32 (verify uses the first on CPUs with bf16 units, the second elsewhere)
+            seconds, said = 0.0, []
+            for dtype, n in sorted(TOKENS[k].items(), key=lambda dn: str(dn[0])):
+                best = max(rate(torch.float32, n), rate(torch.bfloat16, n) if dtype == torch.bfloat16 else 0.0)
+                seconds += 2 * layer_params * n * CALLS[k] / best
+                said.append(f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} {best / 1e9:.0f} GFLOP/s at n={n}")
+            floor = f"{seconds:.1f} s ({', '.join(said)})"
         print(f"| {k} | {CALLS.get(k, 1)} | {v:.1f} | {100 * v / (wall + TIMES['start-up (imports)']):.0f}% | {floor} |")
     print(f"| (not timed: metadata checks, report, the rest) | | {wall - accounted:.1f} | | |")
 
