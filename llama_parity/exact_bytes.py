@@ -700,10 +700,10 @@ class MetaAhead:
         self.shards, self.want, self.layout, self.side = _meta_side(Path(meta_dir), meta, hf, self.res, direct=False,
                                                                     ahead=1)
         self.stop, self.error, self.seconds, self.cancelled = threading.Event(), None, 0.0, False
-        self.thread = threading.Thread(target=self._run, name="bytes-meta-ahead", daemon=True)
+        self.thread = threading.Thread(target=self._read, name="bytes-meta-ahead", daemon=True)
         self.thread.start()
 
-    def _run(self) -> None:
+    def _read(self) -> None:
         try:
             _run([self.side], self.stop)
         except BaseException as e:  # noqa: BLE001 (raised by finish(), in the caller's thread)
