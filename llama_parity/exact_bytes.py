@@ -777,10 +777,11 @@ def check_exact_bytes(meta_dir: Path, hf_dir: Path, meta, hf, ahead: MetaAhead |
             res, shards, want, layout, meta_side = ahead.res, ahead.shards, ahead.want, ahead.layout, ahead.side
         weight_files = sorted(p.name for p in _attested_files(hf_dir) if p.name.endswith(".safetensors"))
         sides = [meta_side, hf_folder(hf_dir, weight_files, hf_res, hf.files)]
-        with _progress(sum(side.nbytes for side in sides[ahead is not None:])) as bar:
-            for side in sides[ahead is not None:]:
+        now = sides if ahead is None else sides[1:]
+        with _progress(sum(side.nbytes for side in now)) as bar:
+            for side in now:
                 side.advance = bar.update
-            _run(sides[ahead is not None:])
+            _run(now)
         if ahead is not None:
             ahead.finish()
         res.meta_files, res.hf_files = sides[0].digests(), sides[1].digests()

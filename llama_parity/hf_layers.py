@@ -48,9 +48,8 @@ def _widened(x: torch.Tensor, w: torch.Tensor, buffers: dict, piece_bytes: int,
     outs = []
     for a in range(0, w.shape[0], step):
         piece = w[a:a + step] if through is None else w[a:a + step].to(through)
-        if piece.dtype != x.dtype:
-            piece = buffers[key][:piece.numel()].view(piece.shape).copy_(piece)
-        outs.append(torch.nn.functional.linear(x, piece))
+        buf = buffers[key][:piece.numel()].view(piece.shape).copy_(piece)
+        outs.append(torch.nn.functional.linear(x, buf))
     return torch.cat(outs, dim=-1)
 
 

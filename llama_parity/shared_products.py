@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-_current = threading.local()
+_current = threading.local()  # .group: the Together this thread's pass belongs to; .turns: {id(cache): j}
 
 
 def _has_bf16_units() -> bool:
@@ -53,7 +53,7 @@ NATIVE_BF16 = _has_bf16_units()
 
 def native_bf16(x: torch.Tensor) -> bool:
     """x's products in bf16 run as torch's own bf16 kernels (GPUs; CPUs with bf16 units)."""
-    return x.dtype == torch.bfloat16 and (x.device.type != "cpu" or NATIVE_BF16)  # .group: the Together this thread's pass belongs to; .turns: {id(cache): j}
+    return x.dtype == torch.bfloat16 and (x.device.type != "cpu" or NATIVE_BF16)
 
 
 class Aborted(RuntimeError):

@@ -148,6 +148,21 @@ def test_a_cached_file_is_read_from_memory(tmp_path, monkeypatch):
     f.close()
 
 
+def _failing_reads(monkeypatch, at: int, suffix: str | None = None):
+    """The byte check's `at`-th read (of files ending in `suffix`, when given) fails with EIO; returns
+    the real read_piece."""
+    real, calls = exact_bytes.HashedFile.read_piece, []
+
+    def failing(self, slot, piece):
+        if suffix is None or self.path.suffix == suffix:
+            calls.append(piece)
+            if len(calls) == at:
+                raise OSError(5, "Input/output error")
+        return real(self, slot, piece)
+    monkeypatch.setattr(exact_bytes.HashedFile, "read_piece", failing)
+    return real
+
+
 def test_a_failing_thread_stops_the_check(tiny, monkeypatch):
     """Bug class: an error in one of the byte check's threads (a read failing mid-file, a bug in the
     tensor worker) hanging verify, or lost so that the check reports on what it read so far."""
@@ -155,14 +170,7 @@ def test_a_failing_thread_stops_the_check(tiny, monkeypatch):
 
     meta, hf = tiny.meta(L31), tiny.hf(L31)
     monkeypatch.setattr(exact_bytes, "BLOCK_BYTES", 3000)
-    real, calls = exact_bytes.HashedFile.read_piece, []
-
-    def failing(self, slot, piece):
-        calls.append(piece)
-        if len(calls) == 20:
-            raise OSError(5, "Input/output error")
-        return real(self, slot, piece)
-    monkeypatch.setattr(exact_bytes.HashedFile, "read_piece", failing)
+    real = _failing_reads(monkeypatch, at=20)
     with pytest.raises(InputError, match="cannot read the weights: OSError"):
         verify(meta, hf, tokenizer=False, checks="metadata")
     monkeypatch.setattr(exact_bytes.HashedFile, "read_piece", real)
@@ -400,15 +408,7 @@ def test_the_meta_side_run_ahead_stops_with_the_verify(tiny, monkeypatch):
     assert len(started) == 1 and started[0].cancelled and not _alive_byte_threads()
     monkeypatch.setattr(verify_mod, "_model_checks", real_checks)
 
-    real_read, calls = exact_bytes.HashedFile.read_piece, []
-
-    def failing(self, slot, piece):  # the Meta side's reads fail mid-file; the HF side's pass
-        if self.path.suffix == ".pth":
-            calls.append(piece)
-            if len(calls) == 5:
-                raise OSError(5, "Input/output error")
-        return real_read(self, slot, piece)
-    monkeypatch.setattr(exact_bytes.HashedFile, "read_piece", failing)
+    _failing_reads(monkeypatch, at=5, suffix=".pth")  # the Meta side's reads fail mid-file; the HF side's pass
     with pytest.raises(InputError, match="cannot read the weights: OSError"):
         verify(meta, hf, tokenizer=False, memory="streaming", checks="quick")
     assert len(started) == 2 and not _alive_byte_threads()
